@@ -1,0 +1,61 @@
+"""Fixes for megatron-core 0.16.1's DistributedOptimizer checkpoints (measured: ../shared/notes/megatron-cpu.md).
+
+Each fix is one function, applied once by ``apply()``, and each has a test (tests/distributed) that fails if
+upstream behaviour changes under it:
+
+1. ``fresh_step``: a fresh torch Adam has no ``step`` in its per-parameter state, and loading a saved state
+   whose per-parameter tensors lack ``step`` raises ``KeyError: 'step'`` in
+   ``_set_main_param_and_optimizer_states``: pop ``step`` around the call and put it back.
+2. ``shared_step``: ``load_state_dict`` gives every parameter ONE shared ``step`` tensor, which torch Adam then
+   increments once per parameter per step: the resumed run silently diverges. Clone ``step`` per parameter.
+3. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
+   metadata by ``distributed/checkpoint.py``, not patched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_APPLIED: set[str] = set()
+
+
+def _fix_fresh_step() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def patched(self, model_param, tensors):
+        group_index, order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][order]]
+        step = state.pop("step", None)
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = patched
+
+
+def _fix_shared_step() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.load_state_dict
+
+    def patched(self, state_dict):
+        original(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].detach().clone()
+
+    DistributedOptimizer.load_state_dict = patched
+
+
+FIXES = {"fresh_step": _fix_fresh_step, "shared_step": _fix_shared_step}
+
+
+def apply(names: tuple[str, ...] = tuple(FIXES)) -> None:
+    for name in names:
+        if name not in _APPLIED:
+            FIXES[name]()
+            _APPLIED.add(name)

@@ -1,0 +1,121 @@
+"""Megatron distributed checkpoints: atomic, resumable, reshardable across TP/PP.
+
+Layout of a run's checkpoint folder::
+
+    iter_0000100/            dist_checkpointing (torch_dist) model + optimizer shards, common.pt, rank_*.pt
+    latest                   text file naming the newest complete iter_* folder
+
+A save writes ``iter_N.tmp`` and renames it only after every rank finished, then rewrites ``latest`` with an
+atomic replace: a job killed mid-save leaves the previous checkpoint as the latest. ``rank_XXXXX.pt`` holds
+per-rank state (RNG, data position) used when the world layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}  # the only format that changes TP on load
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def find_latest(root: str | Path) -> Path | None:
+    pointer = Path(root) / "latest"
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _sharded_state(chunks, optimizer, loading: bool) -> dict:
+    model_sd = {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(chunks)}
+    state = dict(model_sd)
+    if optimizer is not None:
+        merged = {k: v for sd in model_sd.values() for k, v in sd.items()}
+        state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=loading, metadata=_OPT_META)
+    return state
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(root: str | Path, step: int, chunks, optimizer, common: dict[str, Any],
+                    per_rank: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
+    """Save model (+optimizer) shards and ``common`` (rank 0) / ``per_rank`` state for ``step``."""
+    root = Path(root)
+    final, tmp = root / f"iter_{step:07d}", root / f"iter_{step:07d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, loading=False), str(tmp))
+    torch.save({**(per_rank or {}), "rng": rng_state()}, tmp / f"rank_{_rank():05d}.pt")
+    if _rank() == 0:
+        torch.save({**common, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1},
+                   tmp / "common.pt")
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+        if keep_last:
+            _rotate(root, keep_last)
+    _barrier()
+    return final
+
+
+def _rotate(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, chunks, optimizer=None, restore_rng: bool = True) -> dict[str, Any]:
+    """Load shards into ``chunks`` (+``optimizer``) at this run's layout; returns common + this rank's state."""
+    path = Path(path)
+    if not (path / "common.pt").exists():
+        raise FileNotFoundError(f"{path} is not a complete ualm_nemo checkpoint (no common.pt)")
+    state = dist_checkpointing.load(_sharded_state(chunks, optimizer, loading=True), str(path))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"model{i}"])
+    if optimizer is not None:
+        with torch.no_grad():  # fp32 main params are leaves: copy_ into them needs no_grad
+            optimizer.load_state_dict(state["optimizer"])
+    common = torch.load(path / "common.pt", weights_only=False)
+    rank_file = path / f"rank_{_rank():05d}.pt"
+    same_layout = common.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
+    per_rank = torch.load(rank_file, weights_only=False) if same_layout and rank_file.exists() else {}
+    if restore_rng and "rng" in per_rank:
+        set_rng_state(per_rank["rng"])
+    return {**common, "per_rank": per_rank}

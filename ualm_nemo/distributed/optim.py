@@ -1,0 +1,64 @@
+"""Megatron DDP, the (distributed) Megatron optimizer and the warmup-cosine schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from ualm_nemo.compat import mcore_patches
+from ualm_nemo.model.config import ConfigError, UALMConfig
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with warmup-cosine (paper: lr 1e-4, betas (0.9, 0.95), clip 1.0)."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+
+    def validate(self) -> "OptimConfig":
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+        return self
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], model_cfg: UALMConfig) -> list[DistributedDataParallel]:
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=model_cfg.parallel.use_distributed_optimizer)
+    wrapped = [DistributedDataParallel(chunk.config, ddp_cfg, chunk) for chunk in chunks]
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = wrapped[0].no_sync if len(wrapped) == 1 else [w.no_sync for w in wrapped]
+    return wrapped
+
+
+def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, model_cfg: UALMConfig):
+    mcore_patches.apply()
+    bf16 = model_cfg.params_dtype == "bf16"
+    cfg = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=optim.clip_grad,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=model_cfg.parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(cfg, chunks)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, max_steps: int) -> OptimizerParamScheduler:
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(max_steps, optim.warmup_steps + 1),
+        lr_decay_style="cosine", start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(max_steps, 1), wd_incr_style="constant",
+    )

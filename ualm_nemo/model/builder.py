@@ -1,0 +1,65 @@
+"""Builds the Megatron TransformerConfig, the layer spec and the model chunk of this pipeline stage."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ualm_nemo.model.config import ConfigError, UALMConfig
+from ualm_nemo.model.ualm import UALMLanguageModel
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def transformer_config(cfg: UALMConfig) -> TransformerConfig:
+    """Qwen2 block in Megatron terms: GQA, QKV bias, no other biases, SwiGLU, RMSNorm."""
+    b, p = cfg.backbone, cfg.parallel
+    dtype = _DTYPES[cfg.params_dtype]
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=b.num_layers, hidden_size=b.hidden_size, ffn_hidden_size=b.ffn_hidden_size,
+        num_attention_heads=b.num_attention_heads, num_query_groups=b.num_query_groups, kv_channels=b.kv_channels,
+        add_qkv_bias=True, add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
+        normalization="RMSNorm", layernorm_epsilon=b.norm_eps, init_method_std=cfg.init_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size, sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=cfg.params_dtype == "bf16",
+        hidden_dropout=0.0, attention_dropout=0.0, calculate_per_token_loss=True, variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # no MoE; the default dispatcher rejects variable_seq_lengths
+        # CPU-initialised master weights: the same seed gives the same weights at every TP size
+        use_cpu_initialization=True,
+        bias_dropout_fusion=on_gpu, apply_rope_fusion=False, masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+    )
+
+
+def layer_spec(cfg: UALMConfig) -> ModuleSpec:
+    """Local (pure torch) spec on CPU, Transformer Engine spec on GPU when configured and installed."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if cfg.parallel.transformer_impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("model.parallel.transformer_impl=transformer_engine but transformer_engine is not "
+                              "installed (pip install '.[gpu]' or use the NGC container)") from err
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(cfg: UALMConfig, pre_process: bool | None = None,
+                post_process: bool | None = None) -> UALMLanguageModel:
+    """The model chunk of this rank's pipeline stage (parallel_state must be initialised)."""
+    cfg.validate(parallel_state.get_tensor_model_parallel_world_size()
+                 * parallel_state.get_pipeline_model_parallel_world_size())
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = UALMLanguageModel(transformer_config(cfg), cfg, layer_spec(cfg), pre_process, post_process)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,133 @@
+"""Output heads and the UALM loss, vocab-parallel under TP.
+
+Stream 0 (text and codebook 0) is scored over the whole unified vocabulary: the local shards of the text and
+audio heads are concatenated, which is a fixed permutation of the global vocabulary, so megatron's
+``vocab_parallel_cross_entropy`` applies once targets are permuted the same way (softmax does not care about
+column order). Streams 1..N-1 are scored over their own codebook only (1024 codes + pad):
+
+* ``shared``: the audio head's rows of codebook n applied to ``h + e_n`` (a learned per-stream embedding,
+  none for stream 0). Each rank scores the rows it holds and one all-reduce assembles the codebook's logits.
+* ``per_codebook``: MusicGen-style separate heads [N-1, 1025, h], replicated across TP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ualm_nemo.model.config import UALMConfig, padded
+from ualm_nemo.model.vocab import IGNORE_INDEX
+
+_MASKED = -1.0e30  # logit for padded vocabulary columns (finite: avoids inf - inf in the softmax)
+
+
+class StreamHeads(MegatronModule):
+    def __init__(self, config: TransformerConfig, ualm: UALMConfig) -> None:
+        super().__init__(config=config)
+        vocab = ualm.vocab
+        self.kind = ualm.audio_out.head
+        self.num_streams = vocab.num_codebooks
+        self.span = vocab.codebook_span
+        self.audio_offset = vocab.audio_offset
+        self.num_text_rows, self.num_audio_rows = ualm.num_text_rows, ualm.num_audio_rows
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        linear = dict(config=config, init_method=config.init_method, bias=False, gather_output=False,
+                      skip_bias_add=True)
+        self.text_head = tensor_parallel.ColumnParallelLinear(config.hidden_size, padded(self.num_text_rows), **linear)
+        self.audio_head = tensor_parallel.ColumnParallelLinear(config.hidden_size, padded(self.num_audio_rows), **linear)
+        self.text_part = padded(self.num_text_rows) // self.tp
+        self.audio_part = padded(self.num_audio_rows) // self.tp
+        extra = self.num_streams - 1
+        if self.kind == "shared":
+            self.stream_embedding = torch.nn.Parameter(torch.zeros(extra, config.hidden_size))
+            config.init_method(self.stream_embedding)
+            self.stream_embedding.sequence_parallel = config.sequence_parallel  # grads reduced over TP when SP
+        else:
+            self.codebook_heads = torch.nn.Parameter(torch.empty(extra, self.span, config.hidden_size))
+            config.init_method(self.codebook_heads)
+        self.register_buffer("padded_columns", self._padded_column_mask(), persistent=False)
+
+    # --- index bookkeeping --------------------------------------------------------------------
+    def _padded_column_mask(self) -> torch.Tensor:
+        """[text_part + audio_part] True where this rank's local column is vocabulary padding."""
+        text_cols = torch.arange(self.text_part) + self.tp_rank * self.text_part
+        audio_cols = torch.arange(self.audio_part) + self.tp_rank * self.audio_part
+        return torch.cat([text_cols >= self.num_text_rows, audio_cols >= self.num_audio_rows])
+
+    def _permuted_target(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global unified ids -> column index in the rank-concatenated [text_r | audio_r] layout."""
+        width = self.text_part + self.audio_part
+        is_text = ids < self.audio_offset
+        audio = (ids - self.audio_offset).clamp(min=0)
+        text_col = (ids // self.text_part) * width + ids % self.text_part
+        audio_col = (audio // self.audio_part) * width + self.text_part + audio % self.audio_part
+        return torch.where(is_text, text_col, audio_col)
+
+    def _unpermute(self, gathered: torch.Tensor) -> torch.Tensor:
+        """[..., tp * (text_part + audio_part)] -> [..., vocab size] in unified-id order."""
+        chunks = gathered.split(self.text_part + self.audio_part, dim=-1)
+        text = torch.cat([c[..., : self.text_part] for c in chunks], dim=-1)[..., : self.num_text_rows]
+        audio = torch.cat([c[..., self.text_part:] for c in chunks], dim=-1)[..., : self.num_audio_rows]
+        return torch.cat([text, audio], dim=-1)
+
+    # --- logits ---------------------------------------------------------------------------------
+    def _stream0_local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [s, b, h] -> this rank's stream-0 logits [s_full, b, text_part + audio_part]."""
+        text, _ = self.text_head(hidden)
+        audio, _ = self.audio_head(hidden)
+        logits = torch.cat([text, audio], dim=-1)
+        return logits.masked_fill(self.padded_columns, _MASKED)
+
+    def _codebook_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [s, b, h] -> logits of streams 1..N-1 over their codebook, [N-1, s_full, b, span] (full)."""
+        sp = self.config.sequence_parallel
+        if self.kind == "per_codebook":
+            full = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False) \
+                if sp else hidden
+            return torch.einsum("sbh,nch->nsbc", full, self.codebook_heads)
+        per_stream = hidden.unsqueeze(0) + self.stream_embedding[:, None, None, :]  # [N-1, s, b, h]
+        if sp:
+            per_stream = torch.stack([tensor_parallel.gather_from_sequence_parallel_region(x) for x in per_stream])
+        else:
+            per_stream = tensor_parallel.copy_to_tensor_model_parallel_region(per_stream)
+        # rows of codebook n held by this rank: audio row n*span + c lives at local row (that - rank*audio_part)
+        rows = torch.arange(1, self.num_streams, device=hidden.device)[:, None] * self.span \
+            + torch.arange(self.span, device=hidden.device) - self.tp_rank * self.audio_part
+        here = (rows >= 0) & (rows < self.audio_part)  # [N-1, span]
+        weight = self.audio_head.weight[rows.clamp(0, self.audio_part - 1)] * here.unsqueeze(-1).to(hidden.dtype)
+        partial = torch.einsum("nsbh,nch->nsbc", per_stream, weight)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(partial)
+
+    def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For inference. Returns (stream-0 logits [b, s, vocab], codebook logits [b, s, N-1, span])."""
+        local = self._stream0_local_logits(hidden)
+        stream0 = self._unpermute(tensor_parallel.gather_from_tensor_model_parallel_region(local))
+        codebooks = self._codebook_logits(hidden)
+        return stream0.transpose(0, 1), codebooks.permute(2, 1, 0, 3)
+
+    # --- loss -------------------------------------------------------------------------------------
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted per-position loss summed over streams.
+
+        hidden [s, b, h]; labels, weights [b, s, N] (labels in unified ids, IGNORE_INDEX where no loss)
+        -> [b, s]. Normalisation (by counted stream-0 frames) is the caller's: it spans micro-batches and DP.
+        """
+        labels = labels.transpose(0, 1)  # [s, b, N]
+        weights = weights.transpose(0, 1).float()
+        target0 = labels[..., 0]
+        valid0 = target0 != IGNORE_INDEX
+        ce0 = tensor_parallel.vocab_parallel_cross_entropy(
+            self._stream0_local_logits(hidden).float(), self._permuted_target(target0.masked_fill(~valid0, 0)))
+        total = ce0 * weights[..., 0] * valid0
+        cb_logits = self._codebook_logits(hidden).float()  # [N-1, s, b, span]
+        starts = self.audio_offset + torch.arange(1, self.num_streams, device=labels.device) * self.span
+        target = labels[..., 1:].permute(2, 0, 1)  # [N-1, s, b]
+        valid = target != IGNORE_INDEX
+        local_target = torch.where(valid, target - starts[:, None, None], torch.zeros_like(target))
+        ce = F.cross_entropy(cb_logits.reshape(-1, self.span), local_target.reshape(-1), reduction="none")
+        ce = ce.view_as(target) * valid * weights[..., 1:].permute(2, 0, 1)
+        return (total + ce.sum(0)).transpose(0, 1).contiguous()

@@ -1,0 +1,51 @@
+"""Hand-built model batches that follow the data contract (ualm_nemo/data/formatting.py) without the loader."""
+
+from __future__ import annotations
+
+import torch
+
+from ualm_nemo.model.delay_pattern import apply_delay
+from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
+
+
+def random_sample(vocab: UnifiedVocab, text_len: int, audio_frames: int, generator: torch.Generator,
+                  text_weight: float = 1.0, audio_weight: float = 0.125) -> dict[str, torch.Tensor]:
+    """A text prompt then a delayed audio grid; every target after the prompt's first half carries loss."""
+    text = torch.randint(0, vocab.text_vocab_size, (text_len,), generator=generator)
+    rows = [vocab.text_position_streams(int(t)) for t in text]
+    rows.append(vocab.text_position_streams(vocab.audio_start_id))
+    codes = torch.randint(0, vocab.codebook_size, (audio_frames, vocab.num_codebooks), generator=generator)
+    grid = vocab.codes_to_ids(apply_delay(codes, vocab.codebook_size))
+    tokens = torch.cat([torch.tensor(rows), grid, torch.tensor([vocab.text_position_streams(vocab.audio_end_id)])])
+    length = tokens.shape[0]
+    labels = torch.full_like(tokens, IGNORE_INDEX)
+    weights = torch.zeros(tokens.shape, dtype=torch.float32)
+    labels[:-1] = tokens[1:]
+    is_audio_target = torch.zeros(length, dtype=torch.bool)
+    is_audio_target[text_len:text_len + grid.shape[0]] = True  # positions whose next token is an audio frame
+    weights[is_audio_target] = audio_weight
+    weights[~is_audio_target, 0] = text_weight
+    labels[~is_audio_target, 1:] = IGNORE_INDEX
+    no_loss = torch.arange(length) < text_len // 2
+    no_loss[-1] = True
+    labels[no_loss] = IGNORE_INDEX
+    weights[no_loss] = 0.0
+    return {"tokens": tokens, "labels": labels, "loss_weights": weights}
+
+
+def random_batch(vocab: UnifiedVocab, batch_size: int, seed: int, max_text: int = 12,
+                 max_frames: int = 10) -> dict[str, torch.Tensor]:
+    """Right-padded batch of ``random_sample``s of varied lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = [random_sample(vocab, int(torch.randint(2, max_text, (1,), generator=gen)),
+                             int(torch.randint(1, max_frames, (1,), generator=gen)), gen) for _ in range(batch_size)]
+    length = max(s["tokens"].shape[0] for s in samples)
+    pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id))
+    out = {"tokens": pad_row.repeat(batch_size, length, 1),
+           "labels": torch.full((batch_size, length, vocab.num_codebooks), IGNORE_INDEX),
+           "loss_weights": torch.zeros(batch_size, length, vocab.num_codebooks)}
+    for i, s in enumerate(samples):
+        n = s["tokens"].shape[0]
+        for key in out:
+            out[key][i, :n] = s[key]
+    return out

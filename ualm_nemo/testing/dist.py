@@ -1,0 +1,60 @@
+"""Run a function on W real processes over gloo (CPU) or NCCL (GPU): the harness of the parallel tests.
+
+Each process initialises torch.distributed and Megatron's parallel_state for the given layout, runs ``fn`` and
+sends its (picklable) result back. Process start costs ~5 s on CPU, so tests group their checks per launch.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, timeout: int) -> None:
+    faulthandler.dump_traceback_later(timeout, exit=True)  # a hung collective fails the test, not CI
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    from ualm_nemo.distributed.parallel import init_distributed, teardown
+
+    init_distributed()
+    try:
+        queue.put((rank, "ok", fn(*args)))
+    except BaseException:  # report every failure to the parent, then re-raise for the exit code
+        queue.put((rank, "error", traceback.format_exc()))
+        raise
+    finally:
+        teardown()
+
+
+def run_distributed(world: int, fn: Callable, *args: Any, timeout: int = 240) -> dict[int, Any]:
+    """Run ``fn(*args)`` on ``world`` processes; returns {rank: result}. Raises with the first rank's traceback."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    try:
+        mp.spawn(_worker, args=(world, _free_port(), fn, args, queue, timeout), nprocs=world, join=True)
+    except Exception as err:
+        errors = []
+        while not queue.empty():
+            rank, status, payload = queue.get()
+            if status == "error":
+                errors.append(f"--- rank {rank} ---\n{payload}")
+        raise RuntimeError("distributed run failed:\n" + "\n".join(errors or [str(err)])) from err
+    results = {}
+    while not queue.empty():
+        rank, status, payload = queue.get()
+        results[rank] = payload
+    return results

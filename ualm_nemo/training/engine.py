@@ -1,0 +1,156 @@
+"""MegatronEngine: model chunks + Megatron DDP + optimizer + schedule, and one training step.
+
+The engine is the single place where a batch meets the pipeline schedule. The NeMo model class and the CPU
+test harness both drive it, so the same code path is tested on CPU (gloo) and run on GPUs (NCCL).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ualm_nemo.distributed import checkpoint
+from ualm_nemo.distributed.optim import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from ualm_nemo.model.builder import build_model
+from ualm_nemo.model.config import UALMConfig
+from ualm_nemo.model.vocab import IGNORE_INDEX
+from ualm_nemo.training.stages import apply_stage
+
+MODEL_KEYS = ("tokens", "labels", "loss_weights", "audio_features", "audio_feature_lens")
+
+
+@dataclass
+class StepResult:
+    loss: float  # weighted loss per counted stream-0 frame, over all micro-batches and DP ranks
+    num_tokens: int
+    grad_norm: float | None
+    lr: float
+    skipped: bool
+
+
+def _loss_func(labels: torch.Tensor, output: torch.Tensor):
+    """Sum of per-position losses and the count of stream-0 targets (the normaliser, summed by Megatron)."""
+    num = (labels[..., 0] != IGNORE_INDEX).sum()
+    loss = output.float().sum()
+    return loss, num.to(torch.int), {"lm loss": torch.stack([loss.detach(), num.detach().float()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    inputs = {k: batch.get(k) for k in MODEL_KEYS}
+    output = model(**inputs)
+    return output, partial(_loss_func, batch["labels"])
+
+
+class MegatronEngine:
+    def __init__(self, model_cfg: UALMConfig, optim_cfg: OptimConfig | None, max_steps: int, stage: str = "pretrain",
+                 train: bool = True) -> None:
+        self.cfg = model_cfg
+        self.chunks = [build_model(model_cfg)]
+        for chunk in self.chunks:
+            apply_stage(chunk, stage)
+        self.optimizer = self.scheduler = None
+        self.ddp = None
+        if train:
+            self.ddp = wrap_ddp(self.chunks, model_cfg)
+            self.optimizer = build_optimizer(self.ddp, optim_cfg.validate(), model_cfg)
+            self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
+        self.step = 0
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return self.ddp if self.ddp is not None else self.chunks
+
+    def _run_schedule(self, microbatches: list[dict[str, Any]], forward_only: bool):
+        first = microbatches[0]["tokens"]
+        return get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(microbatches), model=self.modules,
+            num_microbatches=len(microbatches), seq_length=first.shape[1], micro_batch_size=first.shape[0],
+            forward_only=forward_only)
+
+    def _reduce_loss(self, reports: list[dict]) -> tuple[float, int]:
+        """Sum (loss, count) over micro-batches and DP on the last stage, then share it with every rank."""
+        total = torch.zeros(2, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage():
+            for report in reports:
+                total += report["lm loss"].double().cpu()
+            group = parallel_state.get_data_parallel_group()
+            dist.all_reduce(total, group=group)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+        return total[0].item() / max(total[1].item(), 1.0), int(total[1].item())
+
+    def train_step(self, microbatches: list[dict[str, Any]]) -> StepResult:
+        for module in self.ddp:
+            module.train()
+            module.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run_schedule(microbatches, forward_only=False)
+        loss, num = self._reduce_loss(reports)
+        if not math.isfinite(loss):
+            return StepResult(loss, num, None, self.optimizer.param_groups[0]["lr"], skipped=True)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+            self.step += 1
+        return StepResult(loss, num, grad_norm, self.optimizer.param_groups[0]["lr"], skipped=not updated)
+
+    @torch.no_grad()
+    def eval_loss(self, microbatches: list[dict[str, Any]]) -> float:
+        for module in self.modules:
+            module.eval()
+        return self._reduce_loss(self._run_schedule(microbatches, forward_only=True))[0]
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self, root: str, extra: dict[str, Any] | None = None, per_rank: dict[str, Any] | None = None,
+             keep_last: int | None = None):
+        common = {"scheduler": self.scheduler.state_dict() if self.scheduler else None, **(extra or {})}
+        return checkpoint.save_checkpoint(root, self.step, self.chunks, self.optimizer, common, per_rank, keep_last)
+
+    def load(self, path: str, load_optimizer: bool = True) -> dict[str, Any]:
+        state = checkpoint.load_checkpoint(path, self.chunks, self.optimizer if load_optimizer else None)
+        if load_optimizer and self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        return state
+
+
+def clips_per_sample(tokens: torch.Tensor, audio_in_id: int) -> torch.Tensor:
+    """tokens [b, s, N] -> [b] number of placeholder runs (one run per audio clip) in each sample."""
+    here = tokens[..., 0] == audio_in_id
+    starts = here & ~torch.nn.functional.pad(here, (1, 0))[:, :-1]
+    return starts.sum(dim=1)
+
+
+def split_microbatches(batch: dict[str, Any], num_microbatches: int, audio_in_id: int) -> list[dict[str, Any]]:
+    """Split a collated batch along the batch dim; audio clips (numbered batch-major) follow their samples."""
+    size = batch["tokens"].shape[0]
+    if size % num_microbatches:
+        raise ValueError(f"batch of {size} does not split into {num_microbatches} micro-batches")
+    step = size // num_microbatches
+    audio = batch.get("audio_features")
+    counts = clips_per_sample(batch["tokens"], audio_in_id) if audio is not None else None
+    out, first_clip = [], 0
+    for i in range(num_microbatches):
+        rows = slice(i * step, (i + 1) * step)
+        part = {k: batch[k][rows] for k in ("tokens", "labels", "loss_weights")}
+        if counts is not None and int(counts[rows].sum()):
+            n = int(counts[rows].sum())
+            part["audio_features"] = audio[first_clip:first_clip + n]
+            part["audio_feature_lens"] = batch["audio_feature_lens"][first_clip:first_clip + n]
+            first_clip += n
+        out.append(part)
+    return out
+
+
+def iterate_forever(batches: Iterable) -> Iterable:
+    while True:
+        yield from batches
