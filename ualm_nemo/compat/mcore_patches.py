@@ -8,7 +8,10 @@ upstream behaviour changes under it:
    ``_set_main_param_and_optimizer_states``: pop ``step`` around the call and put it back.
 2. ``shared_step``: ``load_state_dict`` gives every parameter ONE shared ``step`` tensor, which torch Adam then
    increments once per parameter per step: the resumed run silently diverges. Clone ``step`` per parameter.
-3. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
+3. ``fresh_state``: ``state_dict()`` of a fresh optimizer (no step taken; the state a resume loads into)
+   asserts one ``step`` value across parameters and finds none. Give each parameter the state torch Adam
+   would create on its first step (zero moments, ``step`` 0): identical behaviour, and loading works.
+4. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
    metadata by ``distributed/checkpoint.py``, not patched.
 """
 
@@ -51,7 +54,27 @@ def _fix_shared_step() -> None:
     DistributedOptimizer.load_state_dict = patched
 
 
-FIXES = {"fresh_step": _fix_fresh_step, "shared_step": _fix_shared_step}
+def _fix_fresh_state() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:  # TE/apex FusedAdam keep ``step`` in param_groups instead
+        return
+    original = distrib_optimizer.DistributedOptimizer.state_dict
+
+    def patched(self):
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                state = self.optimizer.state[param]
+                if "step" not in state:
+                    state.setdefault("exp_avg", torch.zeros_like(param, memory_format=torch.preserve_format))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param, memory_format=torch.preserve_format))
+                    state["step"] = torch.tensor(0.0)
+        return original(self)
+
+    distrib_optimizer.DistributedOptimizer.state_dict = patched
+
+
+FIXES = {"fresh_step": _fix_fresh_step, "shared_step": _fix_shared_step, "fresh_state": _fix_fresh_state}
 
 
 def apply(names: tuple[str, ...] = tuple(FIXES)) -> None:

@@ -2,7 +2,7 @@
 
 Layout of a run's checkpoint folder::
 
-    iter_0000100/            dist_checkpointing (torch_dist) model + optimizer shards, common.pt, rank_*.pt
+    iter_0000100/            dist_checkpointing (torch_dist) model + optimizer shards, ualm_common.pt, rank_*.pt
     latest                   text file naming the newest complete iter_* folder
 
 A save writes ``iter_N.tmp`` and renames it only after every rank finished, then rewrites ``latest`` with an
@@ -81,7 +81,7 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, common: dict
     torch.save({**(per_rank or {}), "rng": rng_state()}, tmp / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
         torch.save({**common, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1},
-                   tmp / "common.pt")
+                   tmp / "ualm_common.pt")
     _barrier()
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -104,15 +104,15 @@ def _rotate(root: Path, keep_last: int) -> None:
 def load_checkpoint(path: str | Path, chunks, optimizer=None, restore_rng: bool = True) -> dict[str, Any]:
     """Load shards into ``chunks`` (+``optimizer``) at this run's layout; returns common + this rank's state."""
     path = Path(path)
-    if not (path / "common.pt").exists():
-        raise FileNotFoundError(f"{path} is not a complete ualm_nemo checkpoint (no common.pt)")
+    if not (path / "ualm_common.pt").exists():
+        raise FileNotFoundError(f"{path} is not a complete ualm_nemo checkpoint (no ualm_common.pt)")
     state = dist_checkpointing.load(_sharded_state(chunks, optimizer, loading=True), str(path))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"])
     if optimizer is not None:
         with torch.no_grad():  # fp32 main params are leaves: copy_ into them needs no_grad
             optimizer.load_state_dict(state["optimizer"])
-    common = torch.load(path / "common.pt", weights_only=False)
+    common = torch.load(path / "ualm_common.pt", weights_only=False)
     rank_file = path / f"rank_{_rank():05d}.pt"
     same_layout = common.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
     per_rank = torch.load(rank_file, weights_only=False) if same_layout and rank_file.exists() else {}

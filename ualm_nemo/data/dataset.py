@@ -1,0 +1,167 @@
+"""Map-style dataset over raw records, and the batch collator (the demo/foundation data path; Shar comes later).
+
+Codec tokens of TTA records are computed once, batched, when the dataset is built (and optionally cached to a
+file); understanding audio is read and turned into log-mel per item. CFG dropout draws from a
+``random.Random`` seeded by (seed, epoch, index), so an item is the same whichever worker builds it.
+
+Batch (``collate``)::
+
+    tokens            LongTensor  [B, S, 8]  right-padded with text-position pads (<|pad|> + codebook pads)
+    labels            LongTensor  [B, S, 8]  padded with IGNORE_INDEX
+    loss_weights      FloatTensor [B, S, 8]  padded with 0
+    position_ids      LongTensor  [B, S]     0..S-1 per row
+    lengths           LongTensor  [B]        unpadded length of each row
+    audio_features    FloatTensor [N_audio, n_mel, F_max] zero-padded, clips batch-major, or None
+    audio_feature_lens LongTensor [N_audio], or None
+    tasks             list[str]   [B]
+S is the longest row rounded up to ``pad_to_multiple``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ualm_nemo.codec.xcodec import CodecTokenizer
+from ualm_nemo.data.formatting import Sample, SampleFormatter
+from ualm_nemo.data.raw import (Record, Reject, TTARecord, UnderstandingRecord, load_audio, read_text_manifest,
+                                read_tta_manifest, read_understanding_manifest)
+from ualm_nemo.data.tokenizer import TextTokenizer
+from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
+from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
+
+
+def encode_tta_codes(records: Sequence[TTARecord], codec: CodecTokenizer,
+                     cache_path: str | Path | None = None) -> list[torch.Tensor]:
+    """Codec tokens [F, 8] per record (input order); reuses ``cache_path`` if it was written for these records."""
+    keys = [(str(r.audio_path), r.start, r.end) for r in records]
+    if cache_path is not None and Path(cache_path).is_file():
+        cached = torch.load(cache_path, weights_only=True)
+        if cached.get("keys") == keys:
+            return [c.long() for c in cached["codes"]]
+    codes = codec.encode([load_audio(r.audio_path, r.start, r.end) for r in records])
+    if cache_path is not None:
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"keys": keys, "codes": [c.to(torch.int16) for c in codes]}, cache_path)  # 1024 < 2**15
+    return codes
+
+
+class UALMDataset(Dataset):
+    """Records -> formatted samples. ``codes[i]`` is the codec tokens of ``records[i]`` when it is a TTA record."""
+
+    def __init__(self, records: Sequence[Record], formatter: SampleFormatter,
+                 codes: Sequence[torch.Tensor | None] | None = None, seed: int = 0):
+        self.records = list(records)
+        self.codes = list(codes) if codes is not None else [None] * len(self.records)
+        if len(self.codes) != len(self.records):
+            raise ValueError(f"{len(self.codes)} code tensors for {len(self.records)} records")
+        missing = [i for i, r in enumerate(self.records) if isinstance(r, TTARecord) and self.codes[i] is None]
+        if missing:
+            raise ValueError(f"TTA records {missing[:5]} have no codec tokens (see encode_tta_codes)")
+        self.formatter = formatter
+        self.seed = seed
+        self.epoch = 0
+
+    @classmethod
+    def from_records(cls, records: Sequence[Record], formatter: SampleFormatter, codec: CodecTokenizer | None,
+                     seed: int = 0, cache_path: str | Path | None = None) -> "UALMDataset":
+        """Encodes the TTA records' audio once with ``codec`` (needed only if there are TTA records)."""
+        tta_idx = [i for i, r in enumerate(records) if isinstance(r, TTARecord)]
+        codes: list[torch.Tensor | None] = [None] * len(records)
+        if tta_idx:
+            if codec is None:
+                raise ValueError("TTA records need a CodecTokenizer to compute their codec tokens")
+            for i, c in zip(tta_idx, encode_tta_codes([records[i] for i in tta_idx], codec, cache_path)):
+                codes[i] = c
+        return cls(records, formatter, codes, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """New CFG dropout draws per epoch; call from the training loop (like DistributedSampler.set_epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")  # str seeds hash deterministically (sha512)
+        waveform = load_audio(record.audio_path) if isinstance(record, UnderstandingRecord) else None
+        return self.formatter.format(record, rng, codes=self.codes[index], waveform=waveform)
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Picklable ``collate_fn`` for a DataLoader: ``Collator(vocab)`` == ``partial(collate, vocab=vocab)``."""
+
+    vocab: UnifiedVocab
+    pad_to_multiple: int = 8
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return collate(samples, self.vocab, self.pad_to_multiple)
+
+
+def collate(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8) -> dict[str, Any]:
+    """Right-pad samples into a batch (see the module docstring for the keys and shapes)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    lengths = torch.tensor([s["tokens"].shape[0] for s in samples], dtype=torch.long)
+    seq = -(-int(lengths.max()) // pad_to_multiple) * pad_to_multiple
+    b, streams = len(samples), samples[0]["tokens"].shape[1]
+    pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id), dtype=torch.long)  # [8]
+    tokens = pad_row.expand(b, seq, streams).clone()  # [B, S, 8]
+    labels = torch.full((b, seq, streams), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros(b, seq, streams, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        n = s["tokens"].shape[0]
+        tokens[i, :n], labels[i, :n], weights[i, :n] = s["tokens"], s["labels"], s["loss_weights"]
+
+    feats = [s["audio_features"] for s in samples if s.get("audio_features") is not None]
+    audio_features = audio_feature_lens = None
+    if feats:
+        audio_feature_lens = torch.tensor([f.shape[1] for f in feats], dtype=torch.long)
+        audio_features = torch.zeros(len(feats), feats[0].shape[0], int(audio_feature_lens.max()))
+        for i, f in enumerate(feats):
+            audio_features[i, :, : f.shape[1]] = f
+    # the model writes one encoder frame per placeholder: a mismatch here would be a silent misalignment there
+    placeholders = int((tokens[..., 0] == vocab.audio_in_id).sum())
+    frames = sum(num_encoder_frames_from_mel(int(n)) for n in (audio_feature_lens if feats else []))
+    if placeholders != frames:
+        raise ValueError(f"batch has {placeholders} <|audio_in|> positions but its features give {frames} frames")
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_weights": weights,
+        "position_ids": torch.arange(seq).expand(b, seq).clone(),
+        "lengths": lengths,
+        "audio_features": audio_features,
+        "audio_feature_lens": audio_feature_lens,
+        "tasks": [s["task"] for s in samples],
+    }
+
+
+def build_demo_dataset(manifests: Mapping[str, str | Path], tokenizer: TextTokenizer, codec: CodecTokenizer | None,
+                       vocab: UnifiedVocab, seed: int = 0, cache_path: str | Path | None = None,
+                       **formatter_kw: Any) -> tuple[UALMDataset, list[Reject]]:
+    """Read the manifests ({"tta"|"understanding"|"text": path}, any subset), encode, and wrap them.
+
+    Records keep manifest order, tasks in the order tta, understanding, text; a sampler does the shuffling.
+    Returns the dataset and every rejected entry (log them: nothing is dropped silently).
+    """
+    unknown = set(manifests) - {"tta", "understanding", "text"}
+    if unknown:
+        raise ValueError(f"unknown manifest kinds {sorted(unknown)}; expected tta / understanding / text")
+    readers = {"tta": read_tta_manifest, "understanding": read_understanding_manifest, "text": read_text_manifest}
+    records: list[Record] = []
+    rejects: list[Reject] = []
+    for kind in ("tta", "understanding", "text"):
+        if kind in manifests:
+            result = readers[kind](manifests[kind])
+            records += result.records
+            rejects += result.rejects
+    formatter = SampleFormatter(tokenizer, vocab, **formatter_kw)
+    return UALMDataset.from_records(records, formatter, codec, seed, cache_path), rejects

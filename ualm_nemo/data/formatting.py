@@ -1,0 +1,246 @@
+"""Records -> model samples: ChatML layout over 8 streams, next-token labels and per-stream loss weights.
+
+A sample (``Sample``) holds, for a sequence of L positions:
+
+    tokens        LongTensor  [L, 8]   unified-vocab ids (model/vocab.py)
+    labels        LongTensor  [L, 8]   labels[t] = tokens[t + 1]; IGNORE_INDEX where nothing is learned
+    loss_weights  FloatTensor [L, 8]   0 wherever labels is IGNORE_INDEX
+    audio_features FloatTensor [128, mel_frames] Whisper log-mel (understanding samples only, else None)
+    task          "tta" | "understanding" | "text"
+
+Position kinds (stream 0 | streams 1..7):
+
+    text position          text/special id | codebook pads         vocab.text_position_streams(id)
+    audio-in placeholder   <|audio_in|>    | codebook pads         one per 25 Hz encoder frame
+    generated-audio grid   codebook 0..7 ids of apply_delay(codes) [F + 7 rows], between <|audio_start|>/<|audio_end|>
+
+Targets: only the content of assistant turns and their ``<|im_end|>`` are learned. A text target is learned on
+stream 0 (weight ``text_weight``; streams 1..7 IGNORE); a grid target on all 8 streams (``audio_stream_weight``
+each, delay pads included). Text-to-audio example (``.`` = IGNORE, ``a`` = audio weight, ``1`` = text weight)::
+
+    tokens:  <|im_start|> user \\n a hum <|im_end|> \\n <|im_start|> assistant \\n <|audio_start|> g0 .. g{F+6} <|audio_end|> <|im_end|> \\n
+    weight:   .            .    .  . .    .          .  .            .          1 (for <|audio_start|>), then a.. on the
+              rows whose target is a grid row, 1 on the rows whose target is <|audio_end|> / <|im_end|>, . at the end
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence, TypedDict
+
+import numpy as np
+import torch
+
+from ualm_nemo.data.raw import AUDIO_TAG, Record, TextRecord, TTARecord, Turn, UnderstandingRecord
+from ualm_nemo.data.tokenizer import TextTokenizer
+from ualm_nemo.model.audio_frames import SAMPLE_RATE, num_encoder_frames, num_mel_frames
+from ualm_nemo.model.delay_pattern import apply_delay
+from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
+
+N_FFT = 400
+
+# what a position is as a *target* (what predicting it costs)
+_NO_LOSS, _TEXT, _AUDIO = 0, 1, 2
+
+
+class Sample(TypedDict):
+    tokens: torch.Tensor  # [L, 8] long
+    labels: torch.Tensor  # [L, 8] long
+    loss_weights: torch.Tensor  # [L, 8] float32
+    audio_features: torch.Tensor | None  # [n_mel, mel_frames] float32
+    task: str
+
+
+class LogMel:
+    """Whisper log-mel at 100 Hz, not padded to 30 s; frame count = audio_frames.num_mel_frames(samples)."""
+
+    def __init__(self, n_mels: int = 128):
+        from transformers import WhisperFeatureExtractor  # heavy import, only when audio input is used
+
+        self.n_mels = n_mels
+        self._fe = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=SAMPLE_RATE, hop_length=160,
+                                           n_fft=N_FFT)
+
+    def __call__(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [samples] at 16 kHz -> [n_mels, num_mel_frames(samples)] float32."""
+        n = int(wav.shape[0])
+        x = wav.float().cpu().numpy()
+        if n <= N_FFT:  # the STFT's reflect padding needs more than n_fft / 2 samples
+            x = np.pad(x, (0, N_FFT + 1 - n))
+        feats = self._fe(x, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="do_not_pad",
+                         return_attention_mask=False).input_features[0]  # [n_mels, max(n, 401) // 160]
+        feats = torch.from_numpy(np.ascontiguousarray(feats)).float()
+        want = num_mel_frames(n)
+        if feats.shape[1] < want:  # never hit for the current extractor; kept so the count is a guarantee
+            feats = torch.cat([feats, feats[:, -1:].expand(-1, want - feats.shape[1])], dim=1)
+        return feats[:, :want]
+
+
+class _Builder:
+    """Accumulates [k, 8] token rows with a target kind per row, then derives labels and weights."""
+
+    def __init__(self, vocab: UnifiedVocab):
+        self.vocab = vocab
+        self._pads = vocab.audio_pad_ids()  # [8]
+        self._rows: list[torch.Tensor] = []
+        self._kinds: list[torch.Tensor] = []
+        self.length = 0
+
+    def _add(self, rows: torch.Tensor, kind: int) -> None:
+        self._rows.append(rows)
+        self._kinds.append(torch.full((rows.shape[0],), kind, dtype=torch.int8))
+        self.length += rows.shape[0]
+
+    def text(self, ids: Sequence[int], kind: int = _NO_LOSS) -> None:
+        rows = self._pads.expand(len(ids), -1).clone()  # [k, 8]
+        rows[:, 0] = torch.as_tensor(list(ids), dtype=torch.long)
+        self._add(rows, kind)
+
+    def audio_in(self, num_frames: int) -> None:
+        self.text([self.vocab.audio_in_id] * num_frames)
+
+    def audio_grid(self, codes: torch.Tensor) -> None:
+        """codes [F, 8] -> delayed grid [F + 7, 8] in unified ids, learned on every stream."""
+        delayed = apply_delay(codes.long(), pad=self.vocab.codebook_size)  # [F + 7, 8], pad = code value 1024
+        self._add(self.vocab.codes_to_ids(delayed), _AUDIO)
+
+    def build(self, text_weight: float, audio_stream_weight: float) -> tuple[torch.Tensor, ...]:
+        tokens = torch.cat(self._rows)  # [L, 8]
+        target_kind = torch.cat(self._kinds)[1:]  # [L - 1]: kind of tokens[t + 1]
+        labels = torch.full_like(tokens, IGNORE_INDEX)
+        weights = torch.zeros(tokens.shape, dtype=torch.float32)
+        labels[:-1] = tokens[1:]
+        labels[:-1][target_kind == _NO_LOSS] = IGNORE_INDEX
+        labels[:-1][target_kind == _TEXT, 1:] = IGNORE_INDEX
+        weights[:-1][target_kind == _TEXT, 0] = text_weight
+        weights[:-1][target_kind == _AUDIO] = audio_stream_weight
+        return tokens, labels, weights
+
+
+class SampleFormatter:
+    """Builds the samples of every task in one ChatML layout; holds the tokenizer, vocab and loss weights."""
+
+    def __init__(self, tokenizer: TextTokenizer, vocab: UnifiedVocab, *, text_weight: float = 1.0,
+                 audio_stream_weight: float = 0.125, cfg_dropout: float = 0.05, system_prompt: str | None = None,
+                 n_mels: int = 128):
+        if tokenizer.vocab_size > vocab.text_vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.backbone.text_vocab_size is "
+                             f"{vocab.text_vocab_size}: pick a larger backbone or a smaller tokenizer")
+        if not 0.0 <= cfg_dropout <= 1.0:
+            raise ValueError(f"cfg_dropout={cfg_dropout} must lie in [0, 1]")
+        self.tokenizer, self.vocab = tokenizer, vocab
+        self.text_weight, self.audio_stream_weight = text_weight, audio_stream_weight
+        self.cfg_dropout = cfg_dropout
+        self.system_prompt = system_prompt
+        self.n_mels = n_mels
+        self._log_mel: LogMel | None = None  # built on first understanding sample
+        self._newline = tokenizer.encode("\n")
+
+    # --- ChatML pieces -------------------------------------------------------------------------
+    def _open(self, b: _Builder, role: str) -> None:
+        b.text([self.tokenizer.im_start_id, *self.tokenizer.encode(f"{role}\n")])
+
+    def _close(self, b: _Builder, learned: bool) -> None:
+        b.text([self.tokenizer.im_end_id], _TEXT if learned else _NO_LOSS)
+        b.text(self._newline)
+
+    def _turn(self, b: _Builder, role: str, content: str, num_audio_frames: int = 0) -> None:
+        """``<|im_start|>{role}\\n{content}<|im_end|>\\n``; AUDIO_TAG in content becomes the placeholder run."""
+        learned = role == "assistant"
+        self._open(b, role)
+        parts = content.split(AUDIO_TAG)
+        for k, part in enumerate(parts):
+            if k:
+                b.audio_in(num_audio_frames)
+            b.text(self.tokenizer.encode(part), _TEXT if learned else _NO_LOSS)
+        self._close(b, learned)
+
+    def _new(self) -> _Builder:
+        b = _Builder(self.vocab)
+        if self.system_prompt is not None:
+            self._turn(b, "system", self.system_prompt)
+        return b
+
+    def _finish(self, b: _Builder, task: str, audio_features: torch.Tensor | None = None) -> Sample:
+        tokens, labels, weights = b.build(self.text_weight, self.audio_stream_weight)
+        return Sample(tokens=tokens, labels=labels, loss_weights=weights, audio_features=audio_features, task=task)
+
+    # --- text to audio -------------------------------------------------------------------------
+    def _tta_prefix(self, caption: str) -> _Builder:
+        """Everything before <|audio_start|>: the user turn and the assistant header."""
+        b = self._new()
+        self._turn(b, "user", caption)
+        self._open(b, "assistant")
+        return b
+
+    def tta_prompt(self, caption: str) -> torch.Tensor:
+        """Conditional generation prompt [P, 8], ending with <|audio_start|> (same rows as in training)."""
+        b = self._tta_prefix(caption)
+        b.text([self.vocab.audio_start_id])
+        return b.build(self.text_weight, self.audio_stream_weight)[0]
+
+    def unconditional_prompt(self, length: int) -> torch.Tensor:
+        """CFG's unconditional prompt [length, 8]: length - 1 pad text positions, then <|audio_start|>.
+
+        ``unconditional_prompt(len(tta_prompt(c)))`` equals the first rows of a condition-dropped sample.
+        """
+        if length < 1:
+            raise ValueError(f"length={length} must hold at least <|audio_start|>")
+        b = _Builder(self.vocab)
+        b.text([self.vocab.pad_id] * (length - 1) + [self.vocab.audio_start_id])
+        return b.build(self.text_weight, self.audio_stream_weight)[0]
+
+    def format_tta(self, caption: str, codes: torch.Tensor, rng: random.Random) -> Sample:
+        """caption + codes [F, 8] -> sample; with probability cfg_dropout the prompt becomes pads (CFG)."""
+        v = self.vocab
+        if codes.dim() != 2 or codes.shape[1] != v.num_codebooks or codes.shape[0] == 0:
+            raise ValueError(f"codes must be [F >= 1, {v.num_codebooks}], got {tuple(codes.shape)}")
+        if int(codes.min()) < 0 or int(codes.max()) >= v.codebook_size:
+            raise ValueError(f"codes must lie in [0, {v.codebook_size})")
+        b = self._tta_prefix(caption)
+        prompt_len = b.length
+        b.text([v.audio_start_id], _TEXT)  # the first assistant token picks the modality: learned
+        b.audio_grid(codes)
+        b.text([v.audio_end_id, self.tokenizer.im_end_id], _TEXT)
+        b.text(self._newline)
+        sample = self._finish(b, "tta")
+        if rng.random() < self.cfg_dropout:  # drawn for every sample so the stream does not depend on outcomes
+            # labels of these rows are IGNORE already (their targets are prompt tokens), so only tokens change
+            sample["tokens"][:prompt_len] = self.unconditional_prompt(prompt_len + 1)[:prompt_len]
+        return sample
+
+    # --- understanding and text ----------------------------------------------------------------
+    def format_understanding(self, turns: Sequence[Turn], waveform: torch.Tensor) -> Sample:
+        """turns (one user turn holds AUDIO_TAG) + waveform [samples] at 16 kHz -> sample with log-mel."""
+        if sum(text.count(AUDIO_TAG) for _, text in turns) != 1:
+            raise ValueError(f"an understanding sample needs exactly one {AUDIO_TAG} tag")
+        if self._log_mel is None:
+            self._log_mel = LogMel(self.n_mels)
+        num_samples = int(waveform.shape[0])
+        b = self._new()
+        for role, text in turns:
+            self._turn(b, role, text, num_audio_frames=num_encoder_frames(num_samples))
+        return self._finish(b, "understanding", self._log_mel(waveform))
+
+    def format_text(self, turns: Sequence[Turn]) -> Sample:
+        if any(AUDIO_TAG in text for _, text in turns):
+            raise ValueError(f"a text sample must not hold {AUDIO_TAG}")
+        b = self._new()
+        for role, text in turns:
+            self._turn(b, role, text)
+        return self._finish(b, "text")
+
+    def format(self, record: Record, rng: random.Random, *, codes: torch.Tensor | None = None,
+               waveform: torch.Tensor | None = None) -> Sample:
+        """Dispatch on the record type; TTA needs its ``codes`` [F, 8], understanding its ``waveform``."""
+        if isinstance(record, TTARecord):
+            if codes is None:
+                raise ValueError("a TTA record needs its codec tokens (codes=[F, 8])")
+            return self.format_tta(record.caption, codes, rng)
+        if isinstance(record, UnderstandingRecord):
+            if waveform is None:
+                raise ValueError("an understanding record needs its waveform")
+            return self.format_understanding(record.turns, waveform)
+        if isinstance(record, TextRecord):
+            return self.format_text(record.turns)
+        raise TypeError(f"unknown record type {type(record).__name__}")
