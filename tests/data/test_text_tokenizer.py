@@ -58,6 +58,19 @@ def test_hf_tokenizer_from_local_folder(tmp_path):
     assert tok.vocab_size <= 300
 
 
+def test_formatter_builds_chatml_from_hf_ids(tmp_path):
+    from ualm_nemo.data.formatting import SampleFormatter
+    from ualm_nemo.model.vocab import UnifiedVocab
+
+    _tiny_hf_folder(tmp_path)
+    tok = HFTokenizer(tmp_path)
+    sample = SampleFormatter(tok, UnifiedVocab(384)).format_text((("user", "what do you hear?"),
+                                                                 ("assistant", "a low hum")))
+    ids = sample["tokens"][:, 0].tolist()
+    assert ids[0] == tok.im_start_id and ids.count(tok.im_end_id) == 2
+    assert tok.decode(ids) == f"{IM_START}user\nwhat do you hear?{IM_END}\n{IM_START}assistant\na low hum{IM_END}\n"
+
+
 def test_hf_tokenizer_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer folder"):
         build_tokenizer(str(tmp_path / "nope"))

@@ -1,4 +1,4 @@
-"""Records -> model samples: ChatML layout over 8 streams, next-token labels and per-stream loss weights.
+r"""Records -> model samples: ChatML layout over 8 streams, next-token labels and per-stream loss weights.
 
 A sample (``Sample``) holds, for a sequence of L positions:
 
@@ -12,15 +12,21 @@ Position kinds (stream 0 | streams 1..7):
 
     text position          text/special id | codebook pads         vocab.text_position_streams(id)
     audio-in placeholder   <|audio_in|>    | codebook pads         one per 25 Hz encoder frame
-    generated-audio grid   codebook 0..7 ids of apply_delay(codes) [F + 7 rows], between <|audio_start|>/<|audio_end|>
+    generated-audio grid   codebook n's ids of apply_delay(codes) on stream n: F + 7 rows between
+                           <|audio_start|> and <|audio_end|>
 
 Targets: only the content of assistant turns and their ``<|im_end|>`` are learned. A text target is learned on
 stream 0 (weight ``text_weight``; streams 1..7 IGNORE); a grid target on all 8 streams (``audio_stream_weight``
-each, delay pads included). Text-to-audio example (``.`` = IGNORE, ``a`` = audio weight, ``1`` = text weight)::
+each, delay pads included). Text to audio, F codec frames (row t's label is row t + 1's tokens)::
 
-    tokens:  <|im_start|> user \\n a hum <|im_end|> \\n <|im_start|> assistant \\n <|audio_start|> g0 .. g{F+6} <|audio_end|> <|im_end|> \\n
-    weight:   .            .    .  . .    .          .  .            .          1 (for <|audio_start|>), then a.. on the
-              rows whose target is a grid row, 1 on the rows whose target is <|audio_end|> / <|im_end|>, . at the end
+    row(s)                                   label                 weight
+    <|im_start|>user\n{caption}<|im_end|>\n   IGNORE                0
+    <|im_start|>assistant                    IGNORE                0
+    \n                                       <|audio_start|>       text_weight on stream 0
+    <|audio_start|>, grid rows 0..F+5        grid rows 0..F+6      audio_stream_weight x 8
+    grid row F+6                             <|audio_end|>         text_weight on stream 0
+    <|audio_end|>                            <|im_end|>            text_weight on stream 0
+    <|im_end|>, \n                           IGNORE                0
 """
 
 from __future__ import annotations
@@ -217,9 +223,12 @@ class SampleFormatter:
         if self._log_mel is None:
             self._log_mel = LogMel(self.n_mels)
         num_samples = int(waveform.shape[0])
+        num_frames = num_encoder_frames(num_samples)
+        if num_frames < 1:
+            raise ValueError(f"a clip of {num_samples} samples gives no audio encoder frame")
         b = self._new()
         for role, text in turns:
-            self._turn(b, role, text, num_audio_frames=num_encoder_frames(num_samples))
+            self._turn(b, role, text, num_audio_frames=num_frames)
         return self._finish(b, "understanding", self._log_mel(waveform))
 
     def format_text(self, turns: Sequence[Turn]) -> Sample:

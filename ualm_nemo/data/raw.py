@@ -22,7 +22,8 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
-SAMPLE_RATE = 16000
+from ualm_nemo.model.audio_frames import SAMPLE_RATE, num_encoder_frames
+
 AUDIO_TAG = "<sound>"  # AF3's marker for where the clip goes in a human turn
 _AF3_ROLES = {"human": "user", "gpt": "assistant"}
 _TEXT_ROLES = ("system", "user", "assistant")
@@ -94,8 +95,8 @@ def load_audio(path: str | Path, start: float = 0.0, end: float | None = None,
 
 
 def _probe_audio(path: Path, start: float = 0.0, end: float | None = None,
-                 expected_sr: int | None = None) -> None:
-    """Raise _Bad unless ``path`` is a readable, non-empty clip that covers [start, end)."""
+                 expected_sr: int | None = None) -> float:
+    """Duration (s) of ``path``; raises _Bad unless it is a readable, non-empty clip that covers [start, end)."""
     if not path.is_file():
         raise _Bad(f"audio file not found: {path}")
     try:
@@ -111,6 +112,7 @@ def _probe_audio(path: Path, start: float = 0.0, end: float | None = None,
         raise _Bad(f"empty or inverted segment [{start}, {end}) of {path}")
     if start >= file_dur or (end is not None and end > file_dur + 0.01):  # 10 ms slack for rounded manifests
         raise _Bad(f"segment [{start}, {end}) lies outside {path} ({file_dur:.3f} s)")
+    return file_dur
 
 
 def _resolve(root: Path, location: str) -> Path:
@@ -222,7 +224,9 @@ def read_understanding_manifest(path: str | Path, check_audio: bool = True) -> R
         audio = _resolve(path.parent, _text(entry, "sound"))
         turns = _af3_turns(_field(entry, "conversations", list))
         if check_audio:
-            _probe_audio(audio)
+            seconds = _probe_audio(audio)
+            if num_encoder_frames(round(seconds * SAMPLE_RATE)) < 1:  # nothing for the placeholders to hold
+                raise _Bad(f"audio too short for the audio encoder ({seconds * 1000:.0f} ms): {audio}")
         return UnderstandingRecord(audio, turns, str(entry.get("id", "")))
 
     return _collect(((f"{path.name}[{i}]", e) for i, e in enumerate(data)), parse)

@@ -87,10 +87,16 @@ def _write_wav(path: Path, wav: np.ndarray) -> None:
     sf.write(str(path), wav, SAMPLE_RATE, subtype="PCM_16")
 
 
+def _balanced_classes(n: int, pyrng: random.Random) -> list[str]:
+    """n class names, each class n // 5 or n // 5 + 1 times, in a seeded random order."""
+    classes = [list(SOUND_CLASSES)[i % len(SOUND_CLASSES)] for i in range(n)]
+    pyrng.shuffle(classes)
+    return classes
+
+
 def _tta_entries(out_dir: Path, n: int, rng: np.random.Generator, pyrng: random.Random) -> list[dict]:
     entries = []
-    for i in range(n):
-        caption = pyrng.choice(list(SOUND_CLASSES))
+    for i, caption in enumerate(_balanced_classes(n, pyrng)):
         duration = round(pyrng.uniform(1.0, 3.0), 2)
         sound = synthesize_sound(caption, duration, rng)
         margin = 0.5 if i % 3 == 2 else 0.0  # every third file: the captioned sound sits between quiet margins
@@ -104,8 +110,7 @@ def _tta_entries(out_dir: Path, n: int, rng: np.random.Generator, pyrng: random.
 
 def _understanding_entries(out_dir: Path, n: int, rng: np.random.Generator, pyrng: random.Random) -> list[dict]:
     entries = []
-    for i in range(n):
-        label = pyrng.choice(list(SOUND_CLASSES))
+    for i, label in enumerate(_balanced_classes(n, pyrng)):
         duration = round(pyrng.uniform(1.0, 3.0), 2)
         rel = f"audio/und_{i:04d}.wav"
         _write_wav(out_dir / rel, synthesize_sound(label, duration, rng))

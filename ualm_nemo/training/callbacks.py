@@ -1,0 +1,52 @@
+"""Lightning callbacks: periodic distributed checkpoints and a progress bar that knows max_steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from tqdm.auto import tqdm
+
+
+class PeriodicCheckpoint(Callback):
+    """Save every ``every_n_steps`` optimizer steps and at the end of training (all ranks take part)."""
+
+    def __init__(self, root: str | Path, every_n_steps: int) -> None:
+        self.root, self.every_n_steps = Path(root), every_n_steps
+        self.last_saved_step = -1
+
+    def _save(self, trainer: Trainer) -> None:
+        if trainer.global_step != self.last_saved_step:
+            trainer.save_checkpoint(self.root)
+            self.last_saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer)
+
+
+class StepProgressBar(Callback):
+    """tqdm over optimizer steps (resumed runs start at their step), with loss and lr; rank 0 only."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if self.bar is None:
+            return
+        result = getattr(pl_module, "last_result", None)
+        if result is not None:
+            self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
+        self.bar.update(trainer.global_step - self.bar.n)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,60 @@
+"""cfg.data -> training dataset: tokenizer, codec, (demo) synthesis, manifests read with every reject counted."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ualm_nemo.model.config import ConfigError, UALMConfig
+from ualm_nemo.training.run_config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_codec(data: DataConfig, output_dir: Path):
+    """The X-Codec tokenizer: a user-supplied local folder, or the tiny random codec (saved for generation)."""
+    from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec, load_xcodec
+
+    if data.codec_path and Path(data.codec_path).exists():
+        return CodecTokenizer(load_xcodec(data.codec_path))
+    if data.codec_path:
+        raise ConfigError(f"data.codec_path={data.codec_path!r} does not exist")
+    model = build_tiny_xcodec(seed=data.seed)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(output_dir / "codec")  # generation decodes with exactly this codec
+    return CodecTokenizer(model)
+
+
+def build_train_dataset(data: DataConfig, model: UALMConfig, output_dir: str | Path):
+    from ualm_nemo.data.dataset import build_demo_dataset
+    from ualm_nemo.data.synthetic import synthesize_demo_data
+    from ualm_nemo.data.tokenizer import build_tokenizer
+
+    output_dir = Path(output_dir)
+    manifests = {"tta": data.tta_manifest, "understanding": data.understanding_manifest, "text": data.text_manifest}
+    manifests = {k: v for k, v in manifests.items() if v}
+    if data.synthesize:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            synthesize_demo_data(output_dir / "data", seed=data.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        manifests = {k: output_dir / "data" / name for k, name in
+                     (("tta", "tta.jsonl"), ("understanding", "understanding.json"), ("text", "text.jsonl"))}
+    if not manifests:
+        raise ConfigError("no training data: set data.tta_manifest / understanding_manifest / text_manifest "
+                          "or data.synthesize=true")
+    tokenizer = build_tokenizer(data.tokenizer)
+    if tokenizer.vocab_size > model.backbone.text_vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.backbone.text_vocab_size is "
+                          f"{model.backbone.text_vocab_size}")
+    codec = build_codec(data, output_dir) if "tta" in manifests else None
+    dataset, rejects = build_demo_dataset(manifests, tokenizer, codec, model.vocab, seed=data.seed,
+                                          cfg_dropout=data.cfg_dropout,
+                                          text_weight=model.audio_out.text_weight,
+                                          audio_stream_weight=model.audio_out.audio_stream_weight)
+    for reject in rejects:
+        log.warning("rejected %s", reject)
+    log.info("training data: %d samples, %d rejected records", len(dataset), len(rejects))
+    return dataset, rejects

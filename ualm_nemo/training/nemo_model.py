@@ -1,0 +1,133 @@
+"""UALMModel: the NeMo model class. Orchestration only: the engine owns the math, the strategy the groups."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from megatron.core import parallel_state
+from omegaconf import DictConfig, OmegaConf
+
+from nemo.core.classes import ModelPT
+from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
+from ualm_nemo.training.engine import MegatronEngine, split_microbatches
+from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run stops instead of burning cluster time."""
+
+
+class _SteppedByEngine(torch.optim.Optimizer):
+    """Lightning's handle on the Megatron optimizer. ``step`` only advances Lightning's step counter: the
+    Megatron optimizer already stepped inside ``MegatronEngine.train_step``; its state is checkpointed by the
+    strategy, so this handle has none of its own."""
+
+    def __init__(self, engine: MegatronEngine) -> None:  # no super().__init__: there are no params to own here
+        self.engine, self.defaults, self.state = engine, {}, {}
+
+    @property
+    def param_groups(self):
+        return self.engine.optimizer.param_groups
+
+    def step(self, closure=None):
+        return closure() if closure is not None else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+class UALMModel(ModelPT):
+    """cfg keys: ``ualm`` (model section; NeMo forbids a key named ``model``), ``optim``, ``train``, ``data``."""
+
+    def __init__(self, cfg: DictConfig, trainer: Trainer | None = None) -> None:
+        super().__init__(cfg=cfg, trainer=trainer)
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain["model"] = plain.pop("ualm")
+        plain = {k: v for k, v in plain.items() if k in ("model", "optim", "train", "data", "output_dir")}
+        self.run: RunConfig = run_config_from_dict(plain)
+        self.automatic_optimization = False
+        self.engine: MegatronEngine | None = None
+        self.position = DataPosition()  # the loader's cursor (runs a batch ahead: Lightning prefetches)
+        self.trained_samples = 0  # samples consumed by finished steps: what a resume continues from
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self.train_dataset = None  # set by the caller (examples/train.py) before fit
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Runs on every rank once torch.distributed is up (data synthesis/caching coordinate through it)."""
+        if stage == "fit" and self.train_dataset is None:
+            from ualm_nemo.training.data_setup import build_train_dataset
+
+            self.train_dataset, self.rejects = build_train_dataset(self.run.data, self.run.model, self.run.output_dir)
+        super().setup(stage)
+
+    def configure_model(self) -> None:
+        if self.engine is None:
+            self.engine = MegatronEngine(self.run.model, self.run.optim, self.run.train.max_steps,
+                                         stage=self.run.train.stage)
+            self.chunks = torch.nn.ModuleList(self.engine.chunks)  # visible to Lightning (summary, device moves)
+
+    def configure_optimizers(self):
+        return _SteppedByEngine(self.engine)
+
+    def train_dataloader(self):
+        if self.train_dataset is None:
+            raise RuntimeError("UALMModel.train_dataset is not set (examples/train.py builds it from cfg.data)")
+        from ualm_nemo.data.dataset import Collator
+
+        stream = GlobalBatchStream(self.train_dataset, Collator(self.run.model.vocab),
+                                   self.run.train.global_batch_size, parallel_state.get_data_parallel_rank(),
+                                   parallel_state.get_data_parallel_world_size(), self.run.data.seed, self.position)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
+
+    def setup_training_data(self, train_data_config) -> None:
+        pass  # the data path is built from cfg.data by the entry script (see train_dataloader)
+
+    def setup_validation_data(self, val_data_config) -> None:
+        pass
+
+    @classmethod
+    def list_available_models(cls) -> list:
+        return []  # no hub: weights are always local paths
+
+    # --- training -------------------------------------------------------------------------------
+    def num_microbatches(self) -> int:
+        t = self.run.train
+        return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        microbatches = split_microbatches(batch, self.num_microbatches(), self.run.model.vocab.audio_in_id)
+        result = self.engine.train_step(microbatches)
+        self.trained_samples += self.run.train.global_batch_size
+        if math.isfinite(result.loss):
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= self.run.train.max_consecutive_nonfinite:
+                raise NonFiniteLossError(f"{self.nonfinite_in_a_row} non-finite losses in a row at step "
+                                         f"{self.engine.step} (train.max_consecutive_nonfinite)")
+        self.skipped_steps += int(result.skipped)
+        self.optimizers().step()  # Lightning's step counter (see _SteppedByEngine)
+        self.last_result = result
+        self.log_dict({"train/loss": result.loss, "train/lr": result.lr, "train/skipped_steps": self.skipped_steps,
+                       "train/grad_norm": result.grad_norm if result.grad_norm is not None else float("nan")},
+                      batch_size=batch["tokens"].shape[0], rank_zero_only=True)
+
+    # --- checkpoint extras ----------------------------------------------------------------------
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps}
+
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        self.trained_samples = int(state.get("consumed_samples", 0))
+        self.position.consumed_samples = self.trained_samples
+        self.skipped_steps = int(state.get("skipped_steps", 0))

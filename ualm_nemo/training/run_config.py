@@ -1,0 +1,112 @@
+"""The run configuration: Hydra/OmegaConf YAML in, validated dataclasses out.
+
+YAML (conf/) stays the user's interface (``python examples/train.py model=qwen2.5-7b stage=align ...``); this
+module turns each section into its dataclass, rejecting unknown keys with the full dotted key, and validates the
+whole run before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ualm_nemo.distributed.optim import OptimConfig
+from ualm_nemo.model.config import (BACKBONES, AudioInputConfig, AudioOutputConfig, BackboneConfig, ConfigError,
+                                    ParallelConfig, UALMConfig)
+from ualm_nemo.training.stages import STAGES
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    stage: str = "pretrain"
+    max_steps: int = 300
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100
+    keep_last_checkpoints: int = 3
+    max_consecutive_nonfinite: int = 5
+    seed: int = 1234
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    tokenizer: str = "byte"  # "byte" (tiny demo) or a local Qwen tokenizer folder
+    codec_path: str | None = None  # local X-Codec folder; None builds the tiny random codec (demo/tests)
+    tta_manifest: str | None = None
+    understanding_manifest: str | None = None
+    text_manifest: str | None = None
+    synthesize: bool = False  # write the demo data set first (make demo)
+    cfg_dropout: float = 0.05
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: UALMConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "outputs/ualm"
+
+    def validate(self, world_size: int | None = None) -> "RunConfig":
+        self.model.validate(world_size)
+        self.optim.validate()
+        t, p = self.train, self.model.parallel
+        if t.stage not in STAGES:
+            raise ConfigError(f"train.stage={t.stage!r}: choose one of {STAGES}")
+        if t.max_steps < 1:
+            raise ConfigError("train.max_steps must be >= 1")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size={t.micro_batch_size}")
+        if world_size is not None:
+            dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
+                                  f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        if not 0.0 <= self.data.cfg_dropout < 1.0:
+            raise ConfigError(f"data.cfg_dropout={self.data.cfg_dropout} must lie in [0, 1)")
+        return self
+
+
+def _build(cls, values: Mapping[str, Any] | None, where: str):
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return cls(**values)
+
+
+def model_config_from_dict(section: Mapping[str, Any]) -> UALMConfig:
+    section = dict(section)
+    backbone = section.pop("backbone", "tiny")
+    if isinstance(backbone, str):
+        if backbone not in BACKBONES:
+            raise ConfigError(f"model.backbone={backbone!r}: choose one of {sorted(BACKBONES)} or give the fields")
+        backbone_cfg = BACKBONES[backbone]
+    else:
+        backbone = dict(backbone)
+        base = backbone.pop("base", None)
+        backbone_cfg = _build(BackboneConfig, {**(dataclasses.asdict(BACKBONES[base]) if base else {}), **backbone},
+                              "model.backbone")
+    parts = {"audio_in": AudioInputConfig, "audio_out": AudioOutputConfig, "parallel": ParallelConfig}
+    built = {name: _build(cls, section.pop(name, None), f"model.{name}") for name, cls in parts.items()}
+    return _build(UALMConfig, {"backbone": backbone_cfg, **built, **section}, "model")
+
+
+def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
+    cfg = dict(cfg)
+    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "output_dir", "stage", "name"})
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}")
+    return RunConfig(model=model_config_from_dict(cfg.get("model") or {}),
+                     optim=_build(OptimConfig, cfg.get("optim"), "optim"),
+                     train=_build(TrainConfig, cfg.get("train"), "train"),
+                     data=_build(DataConfig, cfg.get("data"), "data"),
+                     output_dir=cfg.get("output_dir", "outputs/ualm"))

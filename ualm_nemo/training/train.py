@@ -1,0 +1,62 @@
+"""Build the Lightning Trainer around the Megatron strategy and run (or resume) a training stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
+
+from ualm_nemo.distributed.checkpoint import find_latest
+from ualm_nemo.training.callbacks import PeriodicCheckpoint, StepProgressBar
+from ualm_nemo.training.nemo_model import UALMModel
+from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
+from ualm_nemo.training.strategy import MegatronStrategy
+
+log = logging.getLogger(__name__)
+
+
+def _world() -> tuple[int, int, int]:
+    """(world size, processes per node, nodes) from torchrun / Slurm / a plain single process."""
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", str(world))))
+    return world, per_node, max(world // per_node, 1)
+
+
+def checkpoint_dir(run: RunConfig) -> Path:
+    return Path(run.output_dir) / "checkpoints"
+
+
+def build_trainer(run: RunConfig) -> Trainer:
+    world, per_node, nodes = _world()
+    run.validate(world)
+    strategy = MegatronStrategy(run.model.parallel, run.train.seed, keep_last=run.train.keep_last_checkpoints)
+    return Trainer(
+        accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=per_node, num_nodes=nodes,
+        strategy=strategy, max_steps=run.train.max_steps, max_epochs=-1,
+        logger=TensorBoardLogger(run.output_dir, name="tensorboard", version=""),
+        callbacks=[PeriodicCheckpoint(checkpoint_dir(run), run.train.checkpoint_every_n_steps), StepProgressBar()],
+        log_every_n_steps=run.train.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+        limit_val_batches=0)
+
+
+def train(cfg: Mapping[str, Any]) -> UALMModel:
+    """Train (or resume from the run's latest checkpoint) the stage described by a run config dict."""
+    cfg = dict(cfg)
+    run = run_config_from_dict(cfg)
+    trainer = build_trainer(run)
+    model_cfg = OmegaConf.create({"ualm": cfg.get("model") or {}, "optim": cfg.get("optim") or {},
+                                  "train": cfg.get("train") or {}, "data": cfg.get("data") or {},
+                                  "output_dir": run.output_dir})
+    model = UALMModel(model_cfg, trainer=trainer)
+    latest = find_latest(checkpoint_dir(run))
+    if latest is not None:
+        log.info("resuming from %s", latest)
+    trainer.fit(model, ckpt_path=str(checkpoint_dir(run)) if latest is not None else None)
+    return model
