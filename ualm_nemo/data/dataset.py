@@ -36,15 +36,17 @@ from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
 
 
-def encode_tta_codes(records: Sequence[TTARecord], codec: CodecTokenizer,
-                     cache_path: str | Path | None = None) -> list[torch.Tensor]:
+def encode_tta_codes(records: Sequence[TTARecord], codec: CodecTokenizer, cache_path: str | Path | None = None,
+                     chunk: int = 256) -> list[torch.Tensor]:
     """Codec tokens [F, 8] per record (input order); reuses ``cache_path`` if it was written for these records."""
     keys = [(str(r.audio_path), r.start, r.end) for r in records]
     if cache_path is not None and Path(cache_path).is_file():
         cached = torch.load(cache_path, weights_only=True)
         if cached.get("keys") == keys:
             return [c.long() for c in cached["codes"]]
-    codes = codec.encode([load_audio(r.audio_path, r.start, r.end) for r in records])
+    codes: list[torch.Tensor] = []
+    for k in range(0, len(records), chunk):  # bounded memory: only ``chunk`` waveforms loaded at a time
+        codes += codec.encode([load_audio(r.audio_path, r.start, r.end) for r in records[k:k + chunk]])
     if cache_path is not None:
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"keys": keys, "codes": [c.to(torch.int16) for c in codes]}, cache_path)  # 1024 < 2**15

@@ -40,6 +40,7 @@ import torch
 from ualm_nemo.data.raw import AUDIO_TAG, Record, TextRecord, TTARecord, Turn, UnderstandingRecord
 from ualm_nemo.data.tokenizer import TextTokenizer
 from ualm_nemo.model.audio_frames import SAMPLE_RATE, num_encoder_frames, num_mel_frames
+from ualm_nemo.model.config import UALMConfig
 from ualm_nemo.model.delay_pattern import apply_delay
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
 
@@ -141,6 +142,12 @@ class SampleFormatter:
         self.n_mels = n_mels
         self._log_mel: LogMel | None = None  # built on first understanding sample
         self._newline = tokenizer.encode("\n")
+
+    @classmethod
+    def from_config(cls, tokenizer: TextTokenizer, config: UALMConfig, **kw) -> "SampleFormatter":
+        """Vocabulary, loss weights and mel bins taken from the model config (``kw``: cfg_dropout, system_prompt)."""
+        return cls(tokenizer, config.vocab, text_weight=config.audio_out.text_weight,
+                   audio_stream_weight=config.audio_out.audio_stream_weight, n_mels=config.audio_in.num_mel_bins, **kw)
 
     # --- ChatML pieces -------------------------------------------------------------------------
     def _open(self, b: _Builder, role: str) -> None:
