@@ -180,7 +180,7 @@ def test_multi_turn_learns_every_assistant_turn():
 
 def test_understanding_refuses_clip_without_encoder_frames():
     with pytest.raises(ValueError, match="no audio encoder frame"):
-        _fmt().format_understanding((("user", "<sound>"), ("assistant", "x")), torch.zeros(479))
+        _fmt().format_understanding((("user", "<sound>"), ("assistant", "x")), torch.zeros(320))  # ceil(320/160)=2 mel frames -> 0 encoder frames
 
 
 @pytest.mark.parametrize("num_samples", [1, 150, 200, 401, 16000, 23456, 48000])

@@ -12,8 +12,9 @@ MEL_HOP = 160
 
 
 def num_mel_frames(num_samples: int) -> int:
-    """Log-mel frames for ``num_samples`` at 16 kHz (hop 160, no centre padding beyond one frame)."""
-    return max(num_samples // MEL_HOP, 1)
+    """Valid log-mel frames for ``num_samples`` at 16 kHz: ceil(n / 160), as the Qwen2.5-Omni processor counts
+    them (it pads to 30 s and reads the attention mask every hop)."""
+    return max(-(-num_samples // MEL_HOP), 1)
 
 
 def num_encoder_frames_from_mel(mel_frames: int) -> int:

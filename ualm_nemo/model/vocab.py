@@ -84,6 +84,8 @@ class UnifiedVocab:
 
     def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [..., num_codebooks] in [0, codebook_size] (codebook_size = pad) -> unified ids."""
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}] ({self.codebook_size} = pad)")
         starts = torch.arange(self.num_codebooks, device=codes.device) * self.codebook_span + self.audio_offset
         return codes.long() + starts
 

@@ -1,0 +1,23 @@
+"""Train (or resume) a UALM stage: python examples/train.py [model=...] [stage=...] [key=value ...].
+
+Single process: run it directly. Several processes: torchrun --nproc_per_node=N examples/train.py ..., or srun
+under Slurm (one task per GPU; ranks come from SLURM_*). A run resumes from <output_dir>/checkpoints/latest.
+"""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ualm_nemo.training.train import train
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = train(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    logging.info("finished at step %d, loss %.4f", model.engine.step, model.last_result.loss)
+
+
+if __name__ == "__main__":  # required: checkpoint writers start helper processes that re-import this module
+    main()
