@@ -24,7 +24,9 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, timeout: int) -> None:
     faulthandler.dump_traceback_later(timeout, exit=True)  # a hung collective fails the test, not CI
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                      # what torchrun sets: Lightning detects its TorchElastic environment from these
+                      TORCHELASTIC_RUN_ID="ualm-test", LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0")
     import torch
 
     torch.set_num_threads(1)

@@ -37,7 +37,8 @@ def build_train_dataset(data: DataConfig, model: UALMConfig, output_dir: str | P
     manifests = {k: v for k, v in manifests.items() if v}
     if data.synthesize:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            synthesize_demo_data(output_dir / "data", seed=data.seed)
+            n = data.synthetic_samples_per_task
+            synthesize_demo_data(output_dir / "data", num_tta=n, num_understanding=n, num_text=n, seed=data.seed)
         if dist.is_initialized():
             dist.barrier()
         manifests = {k: output_dir / "data" / name for k, name in

@@ -60,6 +60,7 @@ class UALMModel(ModelPT):
         self.trained_samples = 0  # samples consumed by finished steps: what a resume continues from
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+        self.loss_history: list[tuple[int, float]] = []  # (step, loss) of this process's run, for logs and tests
         self.train_dataset = None  # set by the caller (examples/train.py) before fit
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class UALMModel(ModelPT):
         self.skipped_steps += int(result.skipped)
         self.optimizers().step()  # Lightning's step counter (see _SteppedByEngine)
         self.last_result = result
+        self.loss_history.append((self.engine.step, result.loss))
         self.log_dict({"train/loss": result.loss, "train/lr": result.lr, "train/skipped_steps": self.skipped_steps,
                        "train/grad_norm": result.grad_norm if result.grad_norm is not None else float("nan")},
                       batch_size=batch["tokens"].shape[0], rank_zero_only=True)

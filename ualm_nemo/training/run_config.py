@@ -38,6 +38,7 @@ class DataConfig:
     understanding_manifest: str | None = None
     text_manifest: str | None = None
     synthesize: bool = False  # write the demo data set first (make demo)
+    synthetic_samples_per_task: int = 40
     cfg_dropout: float = 0.05
     seed: int = 0
 
