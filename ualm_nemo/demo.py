@@ -65,7 +65,8 @@ def _answer_demo_question(ualm, model, formatter: SampleFormatter, tokenizer) ->
     tokens, labels = sample["tokens"], sample["labels"]
     first_answer = int((labels[:, 0] != -100).nonzero()[0])  # the prompt ends where the answer's loss starts
     features = sample["audio_features"]
-    ids = generate_text(ualm, formatter.vocab, tokens[: first_answer + 1], {tokenizer.im_end_id}, max_new_tokens=40,
+    ids = generate_text(ualm, formatter.vocab, tokens[: first_answer + 1], {tokenizer.im_end_id}, tokenizer.vocab_size,
+                        max_new_tokens=40,
                         audio_features=features[None], audio_feature_lens=torch.tensor([features.shape[-1]]))
     question = [t for role, t in record.turns if role == "user"][0].replace("<sound>", "").strip()
     expected = [t for role, t in record.turns if role == "assistant"][0]

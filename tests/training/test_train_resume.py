@@ -9,19 +9,19 @@ from ualm_nemo.testing.dist import run_distributed
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
-def _config(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3) -> dict:
+def _config(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_at: int | None = None) -> dict:
     return {"model": {"backbone": "tiny", "parallel": {"tensor_model_parallel_size": tp}},
             "optim": {"lr": lr, "min_lr": lr / 10, "warmup_steps": 2, "weight_decay": 0.01},
             "train": {"max_steps": max_steps, "global_batch_size": 4, "micro_batch_size": 2,
-                      "checkpoint_every_n_steps": 3, "log_every_n_steps": 1},
+                      "checkpoint_every_n_steps": 4, "log_every_n_steps": 1, "stop_at_step": stop_at},
             "data": {"synthesize": True, "synthetic_samples_per_task": 8},
             "output_dir": output_dir}
 
 
-def _train(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3) -> dict:
+def _train(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_at: int | None = None) -> dict:
     from ualm_nemo.training.train import train
 
-    model = train(_config(output_dir, max_steps, tp, lr))
+    model = train(_config(output_dir, max_steps, tp, lr, stop_at))
     return {"history": model.loss_history, "step": model.engine.step, "consumed": model.trained_samples,
             "rejects": len(model.rejects)}
 
@@ -35,9 +35,12 @@ def test_training_lowers_the_loss(tmp_path):
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
-    """TP2 over 2 processes: 6 steps straight == 3 steps, stop, new processes resume to 6 (bit for bit)."""
+    """TP2 over 2 processes: 6 steps straight == a job that ends at step 3 + a new job resuming to 6 (bit for bit).
+
+    The first job ends between periodic checkpoints (every 4 steps), like a job reaching its time limit.
+    """
     straight = run_distributed(2, _train, str(tmp_path / "straight"), 6, 2)[0]
-    first = run_distributed(2, _train, str(tmp_path / "resumed"), 3, 2)[0]
+    first = run_distributed(2, _train, str(tmp_path / "resumed"), 6, 2, 2e-3, 3)[0]
     second = run_distributed(2, _train, str(tmp_path / "resumed"), 6, 2)[0]
     assert [s for s, _ in first["history"]] == [1, 2, 3]
     assert [s for s, _ in second["history"]] == [4, 5, 6]  # the step count continues

@@ -82,17 +82,19 @@ def generate_audio_codes(model, vocab: UnifiedVocab, prompt: torch.Tensor, uncon
 
 
 @torch.no_grad()
-def generate_text(model, vocab: UnifiedVocab, prompt: torch.Tensor, stop_ids: set[int], max_new_tokens: int = 64,
-                  audio_features: torch.Tensor | None = None,
+def generate_text(model, vocab: UnifiedVocab, prompt: torch.Tensor, stop_ids: set[int], num_text_ids: int,
+                  max_new_tokens: int = 64, audio_features: torch.Tensor | None = None,
                   audio_feature_lens: torch.Tensor | None = None) -> list[int]:
-    """Greedy text decoding (the paper decodes text greedily). prompt [L, N] -> new text ids (stop id excluded)."""
+    """Greedy text decoding (the paper decodes text greedily). prompt [L, N] -> new text ids (stop id excluded).
+
+    Only the tokenizer's ``num_text_ids`` ids are candidates: the embedding's padding rows are not text.
+    """
     model.eval()
     seq = prompt.unsqueeze(0)
     out: list[int] = []
-    text_ids = vocab.audio_offset  # text + specials: audio ids are not text
     for _ in range(max_new_tokens):
         stream0, _ = model(seq, audio_features=audio_features, audio_feature_lens=audio_feature_lens)
-        next_id = int(stream0[0, -1, :text_ids].argmax())
+        next_id = int(stream0[0, -1, :num_text_ids].argmax())
         if next_id in stop_ids:
             break
         out.append(next_id)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import faulthandler
 import os
 import socket
+import tempfile
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -21,22 +24,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, timeout: int) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: str, timeout: int) -> None:
     faulthandler.dump_traceback_later(timeout, exit=True)  # a hung collective fails the test, not CI
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
                       # what torchrun sets: Lightning detects its TorchElastic environment from these
                       TORCHELASTIC_RUN_ID="ualm-test", LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0")
-    import torch
-
     torch.set_num_threads(1)
     from ualm_nemo.distributed.parallel import init_distributed, teardown
 
     init_distributed()
+    out = Path(results) / f"rank{rank}.pt"
     try:
-        queue.put((rank, "ok", fn(*args)))
+        torch.save(("ok", fn(*args)), out)  # a file, not a pipe: any size, tensors included
     except BaseException:  # report every failure to the parent, then re-raise for the exit code
-        queue.put((rank, "error", traceback.format_exc()))
+        torch.save(("error", traceback.format_exc()), out)
         raise
     finally:
         teardown()
@@ -44,19 +46,16 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, 
 
 def run_distributed(world: int, fn: Callable, *args: Any, timeout: int = 240) -> dict[int, Any]:
     """Run ``fn(*args)`` on ``world`` processes; returns {rank: result}. Raises with the first rank's traceback."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    try:
-        mp.spawn(_worker, args=(world, _free_port(), fn, args, queue, timeout), nprocs=world, join=True)
-    except Exception as err:
-        errors = []
-        while not queue.empty():
-            rank, status, payload = queue.get()
-            if status == "error":
-                errors.append(f"--- rank {rank} ---\n{payload}")
-        raise RuntimeError("distributed run failed:\n" + "\n".join(errors or [str(err)])) from err
-    results = {}
-    while not queue.empty():
-        rank, status, payload = queue.get()
-        results[rank] = payload
-    return results
+    with tempfile.TemporaryDirectory(prefix="ualm_dist_") as results:
+        try:
+            mp.spawn(_worker, args=(world, _free_port(), fn, args, results, timeout), nprocs=world, join=True)
+        except Exception as err:
+            errors = []
+            for rank in range(world):
+                path = Path(results) / f"rank{rank}.pt"
+                if path.exists():
+                    status, payload = torch.load(path, weights_only=False)
+                    if status == "error":
+                        errors.append(f"--- rank {rank} ---\n{payload}")
+            raise RuntimeError("distributed run failed:\n" + "\n".join(errors or [str(err)])) from err
+        return {rank: torch.load(Path(results) / f"rank{rank}.pt", weights_only=False)[1] for rank in range(world)}

@@ -9,10 +9,11 @@ from tqdm.auto import tqdm
 
 
 class PeriodicCheckpoint(Callback):
-    """Save every ``every_n_steps`` optimizer steps and at the end of training (all ranks take part)."""
+    """Save every ``every_n_steps`` optimizer steps and at the end of training (all ranks take part);
+    optionally end the job early at ``stop_at_step`` (the schedule still runs to max_steps)."""
 
-    def __init__(self, root: str | Path, every_n_steps: int) -> None:
-        self.root, self.every_n_steps = Path(root), every_n_steps
+    def __init__(self, root: str | Path, every_n_steps: int, stop_at_step: int | None = None) -> None:
+        self.root, self.every_n_steps, self.stop_at_step = Path(root), every_n_steps, stop_at_step
         self.last_saved_step = -1
 
     def _save(self, trainer: Trainer) -> None:
@@ -23,6 +24,9 @@ class PeriodicCheckpoint(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self._save(trainer)
+        if self.stop_at_step is not None and trainer.global_step >= self.stop_at_step:
+            self._save(trainer)  # the schedule still targets max_steps: the next job resumes from here
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save(trainer)

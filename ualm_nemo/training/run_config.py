@@ -27,6 +27,7 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 100
     keep_last_checkpoints: int = 3
     max_consecutive_nonfinite: int = 5
+    stop_at_step: int | None = None  # end this job here (checkpoint first), as a time-limited job would
     seed: int = 1234
 
 

@@ -40,7 +40,8 @@ def build_trainer(run: RunConfig) -> Trainer:
         accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=per_node, num_nodes=nodes,
         strategy=strategy, max_steps=run.train.max_steps, max_epochs=-1,
         logger=TensorBoardLogger(run.output_dir, name="tensorboard", version=""),
-        callbacks=[PeriodicCheckpoint(checkpoint_dir(run), run.train.checkpoint_every_n_steps), StepProgressBar()],
+        callbacks=[PeriodicCheckpoint(checkpoint_dir(run), run.train.checkpoint_every_n_steps,
+                                      run.train.stop_at_step), StepProgressBar()],
         log_every_n_steps=run.train.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
         limit_val_batches=0)

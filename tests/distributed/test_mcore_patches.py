@@ -1,0 +1,126 @@
+"""Each megatron-core fix in ualm_nemo.compat.mcore_patches guards against an upstream behaviour that still exists.
+
+Every check first reproduces the upstream failure without the fix (so this test fails, and the fix can go, the
+day megatron-core changes), then shows the fixed behaviour. One process, world size 1, distributed optimizer.
+"""
+
+from __future__ import annotations
+
+from ualm_nemo.testing.dist import run_distributed
+
+
+def _optimizer(seed: int):
+    import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from ualm_nemo.distributed.optim import wrap_ddp
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.model.builder import build_model
+    from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
+
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(enabled=False))
+    init_model_parallel(cfg.parallel, seed=seed)
+    model = build_model(cfg)
+    ddp = wrap_ddp([model], cfg)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True,
+                                                 params_dtype=torch.float32), ddp)
+    return cfg, model, ddp, opt
+
+
+def _step(cfg, ddp, opt) -> None:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ualm_nemo.testing.batches import random_batch
+    from ualm_nemo.training.engine import _forward_step
+
+    ddp[0].zero_grad_buffer()
+    opt.zero_grad()
+    batch = random_batch(cfg.vocab, 2, 0)
+    get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter([batch]), model=ddp,
+                                num_microbatches=1, seq_length=batch["tokens"].shape[1], micro_batch_size=2)
+    opt.step()
+
+
+def _check_upstream_and_fixes(root: str) -> dict:
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from ualm_nemo.compat import mcore_patches
+
+    found = {}
+    cfg, model, ddp, opt = _optimizer(1)
+    try:  # 1. a fresh optimizer cannot produce its state dict (the state a resume loads into)
+        opt.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+                               metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        found["fresh_state_upstream_fails"] = False
+    except AssertionError:
+        found["fresh_state_upstream_fails"] = True
+    _step(cfg, ddp, opt)
+    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
+    sd = {"model": model.sharded_state_dict(prefix="")}
+    sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=False, metadata=meta)
+    dist_checkpointing.save(sd, root)
+
+    cfg, model, ddp, opt = _optimizer(2)
+    _step(cfg, ddp, opt)  # work around #1 without the fix, to reach the load
+    sd = {"model": model.sharded_state_dict(prefix="")}
+    sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=True, metadata=meta)
+    state = dist_checkpointing.load(sd, root)
+    try:  # 2. loading per-parameter states without 'step' raises KeyError
+        with torch.no_grad():
+            opt.load_state_dict(state["optimizer"])
+        found["fresh_step_upstream_fails"] = False
+    except KeyError:
+        found["fresh_step_upstream_fails"] = True
+
+    mcore_patches.apply()
+    cfg, model, ddp, opt = _optimizer(2)
+    sd = {"model": model.sharded_state_dict(prefix="")}
+    sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=True, metadata=meta)  # fixed: no assert
+    state = dist_checkpointing.load(sd, root)
+    with torch.no_grad():
+        opt.load_state_dict(state["optimizer"])  # fixed: no KeyError
+    inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
+    steps = [s["step"] for s in inner.state.values()]
+    found["distinct_step_tensors"] = len({id(s) for s in steps})
+    found["num_params"] = len(steps)
+    found["step_values"] = sorted({float(s) for s in steps})
+    return found
+
+
+def _shared_step_upstream() -> bool:
+    """3. Without the fix, load_state_dict leaves one `step` tensor shared by every parameter."""
+    import tempfile
+
+    import torch
+    from megatron.core import dist_checkpointing
+
+    with tempfile.TemporaryDirectory() as root:
+        cfg, model, ddp, opt = _optimizer(1)
+        _step(cfg, ddp, opt)
+        meta = {"distrib_optim_sharding_type": "fully_reshardable"}
+        sd = {"model": model.sharded_state_dict(prefix="")}
+        sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=False, metadata=meta)
+        dist_checkpointing.save(sd, root)
+        from ualm_nemo.compat import mcore_patches
+
+        mcore_patches.apply(("fresh_step", "fresh_state"))  # everything but the fix under test
+        cfg, model, ddp, opt = _optimizer(2)
+        sd = {"model": model.sharded_state_dict(prefix="")}
+        sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=True, metadata=meta)
+        with torch.no_grad():
+            opt.load_state_dict(dist_checkpointing.load(sd, root)["optimizer"])
+        inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
+        return len({id(s["step"]) for s in inner.state.values()}) == 1 < len(inner.state)
+
+
+def test_upstream_failures_still_exist_and_fixes_work(tmp_path):
+    found = run_distributed(1, _check_upstream_and_fixes, str(tmp_path))[0]
+    assert found["fresh_state_upstream_fails"], "megatron-core fixed fresh-optimizer state_dict: drop fresh_state"
+    assert found["fresh_step_upstream_fails"], "megatron-core fixed the missing 'step' KeyError: drop fresh_step"
+    assert found["distinct_step_tensors"] == found["num_params"] > 1  # shared_step fix: one tensor per param
+    assert found["step_values"] == [1.0]
+
+
+def test_shared_step_upstream_still_shares():
+    assert run_distributed(1, _shared_step_upstream)[0], "megatron-core no longer shares 'step': drop shared_step"

@@ -1,0 +1,64 @@
+"""Bad configurations fail before any work starts, with the key to change in the message."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ualm_nemo.model.config import BACKBONES, ConfigError, UALMConfig
+from ualm_nemo.training.run_config import run_config_from_dict
+
+
+def _cfg(**parallel) -> UALMConfig:
+    return UALMConfig(backbone=BACKBONES["tiny"]).with_parallel(**parallel)
+
+
+@pytest.mark.parametrize("parallel,world,message", [
+    ({"tensor_model_parallel_size": 3}, None, "tensor_model_parallel_size=3 does not divide num_attention_heads"),
+    ({"tensor_model_parallel_size": 4}, None, "does not divide the 2 KV groups"),
+    ({"pipeline_model_parallel_size": 3}, None, "pipeline_model_parallel_size=3 does not divide num_layers=4"),
+    ({"tensor_model_parallel_size": 2}, 3, "world size 3 is not divisible"),
+    ({"sequence_parallel": True}, None, "sequence_parallel=true needs tensor_model_parallel_size > 1"),
+])
+def test_parallel_layout_errors(parallel, world, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**parallel).validate(world)
+
+
+def test_valid_layouts_pass():
+    _cfg(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).validate(8)
+    UALMConfig(backbone=BACKBONES["qwen2.5-7b"]).with_parallel(tensor_model_parallel_size=4).validate(64)
+
+
+def test_backbone_shape_errors():
+    bad = dataclasses.replace(BACKBONES["tiny"], num_query_groups=3)
+    with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible by num_query_groups=3"):
+        UALMConfig(backbone=bad).validate()
+
+
+def test_run_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown key.*model.parallel.tensor_parallel"):
+        run_config_from_dict({"model": {"parallel": {"tensor_parallel": 2}}})
+    with pytest.raises(ConfigError, match="model.backbone='qwen3'"):
+        run_config_from_dict({"model": {"backbone": "qwen3"}})
+    with pytest.raises(ConfigError, match="train.stage='dpo'"):
+        run_config_from_dict({"train": {"stage": "dpo"}}).validate(1)
+    with pytest.raises(ConfigError, match="global_batch_size=8 must be divisible by micro_batch_size x data-parallel"):
+        run_config_from_dict({"train": {"global_batch_size": 8, "micro_batch_size": 4}}).validate(4)
+    with pytest.raises(ConfigError, match="optim.min_lr"):
+        run_config_from_dict({"optim": {"lr": 1e-4, "min_lr": 1e-3}}).validate(1)
+
+
+def test_backbone_overrides_from_a_base():
+    cfg = run_config_from_dict({"model": {"backbone": {"base": "tiny", "num_layers": 2}}})
+    assert cfg.model.backbone.num_layers == 2 and cfg.model.backbone.hidden_size == 64
+
+
+def test_train_fails_before_training_on_a_bad_layout(tmp_path):
+    """The entry point validates against the world size before any process group or model exists."""
+    from ualm_nemo.training.train import train
+
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=3"):
+        train({"model": {"parallel": {"pipeline_model_parallel_size": 3}}, "output_dir": str(tmp_path)})
+    assert not any(tmp_path.iterdir())  # nothing was written
