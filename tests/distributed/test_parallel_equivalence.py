@@ -16,12 +16,19 @@ pytestmark = pytest.mark.timeout(600)
 GLOBAL_BATCHES = [(0, 1), (2, 3)]  # per step: micro-batch seeds of the global batch (2 samples each)
 
 
-def _tiny(tp: int = 1, pp: int = 1, head: str = "shared"):
+def _tiny(tp: int = 1, pp: int = 1, head: str = "shared", sp: bool = False):
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, AudioOutputConfig, UALMConfig
 
-    return UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(enabled=False),
+    return UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(adapter="mlp"),
                       audio_out=AudioOutputConfig(head=head)).with_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
+
+
+def _batch(vocab, seed: int):
+    """Two samples: an audio-understanding one (encoder + adapter + splice) and a text-to-audio one."""
+    from ualm_nemo.testing.batches import random_batch
+
+    return random_batch(vocab, 2, seed, with_audio_input=True)
 
 
 def _save_reference(root: str, head: str) -> None:
@@ -34,15 +41,14 @@ def _save_reference(root: str, head: str) -> None:
     checkpoint.save_checkpoint(root, 0, [build_model(cfg)], None, common={})
 
 
-def _train_from_reference(root: str, tp: int, pp: int, head: str) -> dict:
+def _train_from_reference(root: str, tp: int, pp: int, head: str, sp: bool = False) -> dict:
     from megatron.core import parallel_state as ps
 
     from ualm_nemo.distributed.optim import OptimConfig
     from ualm_nemo.distributed.parallel import init_model_parallel
-    from ualm_nemo.testing.batches import random_batch
     from ualm_nemo.training.engine import MegatronEngine
 
-    cfg = _tiny(tp, pp, head)
+    cfg = _tiny(tp, pp, head, sp)
     init_model_parallel(cfg.parallel, seed=99)  # a different init on purpose: the weights come from the checkpoint
     engine = MegatronEngine(cfg, OptimConfig(lr=3e-3, min_lr=3e-3, weight_decay=0.0), max_steps=10)
     engine.load(f"{root}/iter_0000000", load_optimizer=False)
@@ -51,10 +57,10 @@ def _train_from_reference(root: str, tp: int, pp: int, head: str) -> dict:
     out = {"loss": [], "grad_norm": []}
     for seeds in GLOBAL_BATCHES:
         mine = seeds[dp_rank::dp]  # data parallel ranks split the global batch
-        result = engine.train_step([random_batch(vocab, 2, seed) for seed in mine])
+        result = engine.train_step([_batch(vocab, seed) for seed in mine])
         out["loss"].append(result.loss)
         out["grad_norm"].append(result.grad_norm)
-    out["after"] = engine.eval_loss([random_batch(vocab, 2, seed) for seed in (10, 11)[dp_rank::dp]])
+    out["after"] = engine.eval_loss([_batch(vocab, seed) for seed in (10, 11)[dp_rank::dp]])
     return out
 
 
@@ -66,10 +72,11 @@ def reference(request, tmp_path_factory):
     return root, request.param, single
 
 
-@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (1, 1, 2)], ids=["tp2", "pp2", "dp2"])
-def test_layout_matches_single_process(reference, tp, pp, world):
+@pytest.mark.parametrize("tp,pp,world,sp", [(2, 1, 2, False), (1, 2, 2, False), (1, 1, 2, False), (2, 1, 2, True)],
+                         ids=["tp2", "pp2", "dp2", "tp2-sp"])
+def test_layout_matches_single_process(reference, tp, pp, world, sp):
     root, head, single = reference
-    results = run_distributed(world, _train_from_reference, root, tp, pp, head)
+    results = run_distributed(world, _train_from_reference, root, tp, pp, head, sp)
     assert single["loss"][0] > 1.0  # a real loss, not an empty mask
     for rank, got in results.items():
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-5), f"rank {rank}"

@@ -28,7 +28,11 @@ def _local_lookup(table: VocabParallelEmbedding, ids: torch.Tensor, first_id: in
 
 
 class MultiStreamEmbedding(MegatronModule):
-    """tokens [b, s, N] (unified ids) -> hidden [s, b, h] (or [s/tp, b, h] under sequence parallel)."""
+    """tokens [b, s, N] (unified ids) -> hidden [s, b, h], complete on every TP rank.
+
+    The sequence-parallel scatter is left to the caller, which first writes audio embeddings over the
+    placeholder positions (they index the full sequence).
+    """
 
     def __init__(self, config: TransformerConfig, ualm: UALMConfig) -> None:
         super().__init__(config=config)
@@ -48,6 +52,4 @@ class MultiStreamEmbedding(MegatronModule):
             emb = _local_lookup(self.text, ids, 0, k) + _local_lookup(self.audio, ids, self.audio_offset, k)
             hidden = emb if hidden is None else hidden + emb
         hidden = hidden.transpose(0, 1).contiguous()  # [s, b, h]
-        if self.config.sequence_parallel:
-            return tensor_parallel.reduce_scatter_to_sequence_parallel_region(hidden)
         return tensor_parallel.reduce_from_tensor_model_parallel_region(hidden)

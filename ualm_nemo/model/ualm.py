@@ -7,6 +7,7 @@ the audio input path, the last owns the heads; absent parts are ``None`` and for
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -48,18 +49,18 @@ class UALMLanguageModel(MegatronModule):
 
     def embed(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None,
               audio_feature_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [b, s, N] -> [s, b, h]; encoder outputs written over the ``<|audio_in|>`` positions."""
+        """tokens [b, s, N] -> [s, b, h] ([s/tp, b, h] under SP); encoder outputs over ``<|audio_in|>``."""
         hidden = self.embedding(tokens)
-        if audio_features is None:
-            return hidden
-        if self.audio_input is None:
-            raise ValueError("batch carries audio features but model.audio_in.enabled is false")
-        if self.config.sequence_parallel:
-            raise NotImplementedError("audio input with sequence parallel: splice before the scatter (todo)")
-        from ualm_nemo.model.audio_input import splice_audio_embeddings
+        if audio_features is not None:
+            if self.audio_input is None:
+                raise ValueError("batch carries audio features but model.audio_in.enabled is false")
+            from ualm_nemo.model.audio_input import splice_audio_embeddings
 
-        audio = self.audio_input(audio_features, audio_feature_lens).to(hidden.dtype)
-        return splice_audio_embeddings(hidden, tokens[..., 0] == self.audio_in_id, audio)
+            audio = self.audio_input(audio_features, audio_feature_lens).to(hidden.dtype)
+            hidden = splice_audio_embeddings(hidden, tokens[..., 0] == self.audio_in_id, audio)
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # [s/tp, b, h]
+        return hidden
 
     def forward(self, tokens: torch.Tensor | None, labels: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
