@@ -37,14 +37,18 @@ def demo_config(output_dir: str, max_steps: int = 300) -> dict[str, Any]:
 
 def generate_demo_outputs(model, run_output_dir: Path, caption: str = DEMO_CAPTION,
                           max_frames: int = 150) -> dict[str, Any]:
-    """Generate audio for ``caption`` with CFG and answer one understanding question greedily."""
+    """Generate audio for ``caption`` with CFG and answer one understanding question greedily.
+
+    ``min_frames=50`` (1 s, the shortest synthetic clip): a briefly trained model ends the audio early, since
+    codebook 0's pad fills the last frames of every training clip.
+    """
     ualm = model.engine.chunks[0]
     vocab = model.run.model.vocab
     tokenizer = build_tokenizer(model.run.data.tokenizer)
     formatter = SampleFormatter(tokenizer, vocab, cfg_dropout=0.0)
     prompt = formatter.tta_prompt(caption)
     codes = generate_audio_codes(ualm, vocab, prompt, formatter.unconditional_prompt(prompt.shape[0]),
-                                 AudioGenerationConfig(max_frames=max_frames, seed=0))
+                                 AudioGenerationConfig(min_frames=50, max_frames=max_frames, seed=0))
     codec = CodecTokenizer.from_pretrained(run_output_dir / "codec")
     wav = codec.decode(codes)
     wav_path = run_output_dir / "generated.wav"

@@ -6,6 +6,7 @@ test harness both drive it, so the same code path is tested on CPU (gloo) and ru
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -112,7 +113,8 @@ class MegatronEngine:
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, root: str, extra: dict[str, Any] | None = None, per_rank: dict[str, Any] | None = None,
              keep_last: int | None = None):
-        common = {"scheduler": self.scheduler.state_dict() if self.scheduler else None, **(extra or {})}
+        common = {"scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                  "ualm_config": dataclasses.asdict(self.cfg), **(extra or {})}
         return checkpoint.save_checkpoint(root, self.step, self.chunks, self.optimizer, common, per_rank, keep_last)
 
     def load(self, path: str, load_optimizer: bool = True) -> dict[str, Any]:
