@@ -81,5 +81,5 @@ def run_demo(output_dir: str = "demo_out", max_steps: int = 300) -> dict[str, An
     model = train(demo_config(output_dir, max_steps))
     result = generate_demo_outputs(model, Path(output_dir))
     result.update(checkpoints=checkpoint_dir(model.run), tensorboard=Path(output_dir) / "tensorboard",
-                  data=Path(output_dir) / "data", final_loss=model.last_result.loss)
+                  data=Path(output_dir) / "data", final_loss=model.last_result.loss, model=model)
     return result

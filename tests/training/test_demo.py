@@ -11,9 +11,20 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 def _demo(output_dir: str) -> dict:
+    import torch
+
     from ualm_nemo.demo import run_demo
+    from ualm_nemo.inference.load import load_for_inference
 
     result = run_demo(output_dir, max_steps=4)
+    trained = result.pop("model").engine.chunks[0].eval()
+    tokens = torch.tensor([trained.ualm.vocab.text_position_streams(i) for i in (257, 65, 66, 67)])[None]
+    with torch.no_grad():
+        expected = trained(tokens)
+        loaded, cfg, step = load_for_inference(f"{output_dir}/checkpoints")
+        got = loaded(tokens)
+    result["reload"] = {"step": step, "same_config": cfg.backbone == trained.ualm.backbone,
+                        "max_diff": max(float((a - b).abs().max()) for a, b in zip(expected, got))}
     return {k: str(v) if not isinstance(v, (int, float, dict)) else v for k, v in result.items()}
 
 
@@ -24,3 +35,5 @@ def test_demo_writes_audio_and_checkpoints(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
     assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert out["answer"] is not None and out["answer"]["question"]
+    # the checkpoint alone (config included) rebuilds the trained model for generation
+    assert out["reload"] == {"step": 4, "same_config": True, "max_diff": 0.0}
