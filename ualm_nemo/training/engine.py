@@ -96,12 +96,12 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         reports = self._run_schedule(microbatches, forward_only=False)
         loss, num = self._reduce_loss(reports)
-        if not math.isfinite(loss):
+        self.step += 1  # iterations count skipped updates too (as Megatron-LM's), so step == trainer.global_step
+        if not math.isfinite(loss):  # every rank sees the same reduced loss: all skip together
             return StepResult(loss, num, None, self.optimizer.param_groups[0]["lr"], skipped=True)
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
-            self.step += 1
         return StepResult(loss, num, grad_norm, self.optimizer.param_groups[0]["lr"], skipped=not updated)
 
     @torch.no_grad()
