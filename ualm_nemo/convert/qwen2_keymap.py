@@ -23,7 +23,7 @@ input path, the 4 UALM specials and vocabulary padding) is left as it is in the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -181,19 +181,19 @@ def expected_hf_shapes(cfg: UALMConfig) -> dict[str, Shape]:
     return out
 
 
-def hf_to_ualm(hf_state: Mapping[str, Tensor], cfg: UALMConfig, base: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` (an initialised TP1/PP1 UALM state dict) with the backbone taken from ``hf_state``.
+def resolve_hf_sources(hf_shapes: Mapping[str, Shape], cfg: UALMConfig) -> dict[str, str]:
+    """Check an HF checkpoint's keys and shapes against the backbone config, before any tensor is read.
 
-    Tensors are cast to the dtype of the base entry they replace. Raises ValueError naming the key on a missing
-    or unexpected HF key and on any shape mismatch (HF tensor vs config, or base tensor vs config).
+    Returns {expected HF key: the key to read it from} (a tied source reads ``lm_head.weight`` from
+    ``model.embed_tokens.weight``). Raises ValueError naming the keys on missing / unexpected keys and shapes.
     """
-    d = Dims.of(cfg)
-    hf_state = dict(hf_state)
-    if "lm_head.weight" not in hf_state and cfg.backbone.tie_word_embeddings_in_source:
-        hf_state["lm_head.weight"] = hf_state.get("model.embed_tokens.weight")  # tied source: head = embedding
+    sources = {k: k for k in hf_shapes}
+    if "lm_head.weight" not in hf_shapes and cfg.backbone.tie_word_embeddings_in_source \
+            and "model.embed_tokens.weight" in hf_shapes:
+        sources["lm_head.weight"] = "model.embed_tokens.weight"  # tied source: head = embedding
     want = expected_hf_shapes(cfg)
-    missing = sorted(k for k in want if hf_state.get(k) is None)
-    unexpected = sorted(k for k in hf_state if k not in want and not k.endswith(IGNORED_HF_SUFFIXES))
+    missing = sorted(k for k in want if k not in sources)
+    unexpected = sorted(k for k in hf_shapes if k not in want and not k.endswith(IGNORED_HF_SUFFIXES))
     if missing or unexpected:
         hint = " (a tied-embedding checkpoint needs model.backbone.tie_word_embeddings_in_source=true)" \
             if missing == ["lm_head.weight"] else ""
@@ -201,16 +201,54 @@ def hf_to_ualm(hf_state: Mapping[str, Tensor], cfg: UALMConfig, base: Mapping[st
                          f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}{hint}")
     for key, shape in want.items():
-        _check_shape(key, hf_state[key].shape, shape, "HF tensor")
-    out = dict(base)
+        _check_shape(key, hf_shapes[sources[key]], shape, "HF tensor")
+    return {k: sources[k] for k in want}
+
+
+def iter_hf_to_ualm(read: Callable[[str], Tensor], sources: Mapping[str, str], cfg: UALMConfig,
+                    base: Mapping[str, Any]) -> Iterator[tuple[str, Tensor]]:
+    """Yield (Megatron key, tensor) one at a time, reading HF tensors through ``read`` only when needed.
+
+    ``sources`` comes from :func:`resolve_hf_sources`; ``base`` is an initialised full TP1/PP1 UALM state dict
+    (its entries give dtype, and the rows HF does not have). Streaming: at most one rule's HF tensors are alive.
+    """
+    d = Dims.of(cfg)
     for rule in KEY_MAP:
         for hf_keys, mkey in _expand(rule, cfg.backbone.num_layers):
             if mkey not in base:
                 raise ValueError(f"base UALM state dict has no {mkey!r} (expected a full TP1/PP1 state dict)")
             _check_shape(mkey, base[mkey].shape, rule.megatron_shape(d), "base UALM tensor")
-            parts = tuple(hf_state[k].to(base[mkey].dtype) for k in hf_keys)
-            out[mkey] = rule.to_megatron(parts, base[mkey], d).contiguous()
+            parts = tuple(read(sources[k]).to(base[mkey].dtype) for k in hf_keys)
+            yield mkey, rule.to_megatron(parts, base[mkey], d).contiguous()
+
+
+def num_mapped_tensors(cfg: UALMConfig) -> int:
+    """How many Megatron tensors the backbone map produces (for progress bars)."""
+    return sum(cfg.backbone.num_layers if rule.per_layer else 1 for rule in KEY_MAP)
+
+
+def hf_to_ualm(hf_state: Mapping[str, Tensor], cfg: UALMConfig, base: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` (an initialised TP1/PP1 UALM state dict) with the backbone taken from ``hf_state``.
+
+    Tensors are cast to the dtype of the base entry they replace. Raises ValueError naming the key on a missing
+    or unexpected HF key and on any shape mismatch (HF tensor vs config, or base tensor vs config).
+    """
+    hf_state = {k: v for k, v in hf_state.items() if v is not None}
+    sources = resolve_hf_sources({k: tuple(v.shape) for k, v in hf_state.items()}, cfg)
+    out = dict(base)
+    out.update(iter_hf_to_ualm(hf_state.__getitem__, sources, cfg, base))
     return out
+
+
+def iter_ualm_to_hf(ualm_state: Mapping[str, Any], cfg: UALMConfig) -> Iterator[tuple[str, Tensor]]:
+    """Yield (HF key, tensor) of the backbone one at a time from a full TP1/PP1 UALM state dict."""
+    d = Dims.of(cfg)
+    for rule in KEY_MAP:
+        for hf_keys, mkey in _expand(rule, cfg.backbone.num_layers):
+            if mkey not in ualm_state:
+                raise ValueError(f"UALM state dict has no {mkey!r} (expected a full TP1/PP1 state dict)")
+            _check_shape(mkey, ualm_state[mkey].shape, rule.megatron_shape(d), "UALM tensor")
+            yield from zip(hf_keys, rule.to_hf(ualm_state[mkey], d))
 
 
 def ualm_to_hf(ualm_state: Mapping[str, Any], cfg: UALMConfig) -> dict[str, Tensor]:
@@ -218,15 +256,7 @@ def ualm_to_hf(ualm_state: Mapping[str, Any], cfg: UALMConfig) -> dict[str, Tens
 
     Only the backbone is exported; audio parts and the UALM specials' rows are not HF Qwen2 weights.
     """
-    d = Dims.of(cfg)
-    out: dict[str, Tensor] = {}
-    for rule in KEY_MAP:
-        for hf_keys, mkey in _expand(rule, cfg.backbone.num_layers):
-            if mkey not in ualm_state:
-                raise ValueError(f"UALM state dict has no {mkey!r} (expected a full TP1/PP1 state dict)")
-            _check_shape(mkey, ualm_state[mkey].shape, rule.megatron_shape(d), "UALM tensor")
-            out.update(zip(hf_keys, rule.to_hf(ualm_state[mkey], d)))
-    return out
+    return dict(iter_ualm_to_hf(ualm_state, cfg))
 
 
 # --- configs -----------------------------------------------------------------------------------------------

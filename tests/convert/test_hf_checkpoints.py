@@ -1,0 +1,306 @@
+"""HF folders <-> UALM dist checkpoints through the CLIs: import, reshard, train, export, load with transformers.
+
+One 2-process launch (process start-up dominates) runs every Megatron phase, each guarded so one failure
+does not hide the others' results:
+
+1. ``examples/convert_hf_to_ualm.py`` imports a random tiny HF Qwen2 folder (sharded safetensors) with the
+   audio input on (tiny random encoder), then ``examples/convert_ualm_to_hf.py`` exports it again;
+2. ``load_initial_weights`` puts the import into engines at (TP2, PP1) and (TP1, PP2): text logits vs HF;
+3. the TP2 engine trains 2 steps and saves (optimizer included, no config recorded); its logits on a text
+   batch and on an audio batch (audio input + audio tokens) are kept;
+4. that TP2 checkpoint is exported (resharding load to TP1) -- and once more with a wrong config, and once
+   with a writer that fails mid-way.
+
+The parent process then checks everything with transformers alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from ualm_nemo.testing.dist import run_distributed
+
+from hf_fixtures import make_hf_folder, tiny_cfg as _cfg
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[2]
+V = 384  # tiny text vocab
+SEQ = 16
+
+
+def _cli(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stream_tokens(vocab, ids: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([[vocab.text_position_streams(int(t)) for t in row] for row in ids])
+
+
+def _logits(chunk, batch: dict):
+    """(stream0 [b, s, vocab], codebooks [b, s, 7, 1025]) on the last pipeline stage, None elsewhere."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def step(data_iterator, model):
+        return model(**next(data_iterator)), None
+
+    chunk.eval()
+    with torch.no_grad():
+        store = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=[chunk],
+                                            num_microbatches=1, seq_length=batch["tokens"].shape[1],
+                                            micro_batch_size=batch["tokens"].shape[0], forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return tuple(t.detach().clone() for t in store[0])
+
+
+def _engine(tp: int, pp: int):
+    from ualm_nemo.distributed.optim import OptimConfig
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.training.engine import MegatronEngine
+
+    cfg = _cfg(tp, pp)
+    init_model_parallel(cfg.parallel, seed=99)  # not the import's seed: weights must come from the checkpoint
+    return MegatronEngine(cfg, OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.0), max_steps=4)
+
+
+def _phase(out: dict, name: str, fn) -> None:
+    try:
+        out[name] = fn()
+    except Exception:
+        out[name] = "FAILED\n" + traceback.format_exc()
+
+
+def _worker(root: str) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from ualm_nemo.convert.importer import load_initial_weights
+    from ualm_nemo.testing.batches import random_batch
+
+    r = Path(root)
+    inputs = torch.load(r / "inputs.pt")
+    out: dict = {}
+    hf2u, u2hf = _cli("convert_hf_to_ualm"), _cli("convert_ualm_to_hf")
+    _phase(out, "import", lambda: hf2u.main([str(r / "hf"), str(r / "imported"), "--model", "tiny",
+                                              "--tensor-parallel", "2", "--new-rows-init", "normal", "--no-progress"]))
+    _phase(out, "export_import", lambda: u2hf.main([str(r / "imported"), str(r / "hf_round_trip"), "--no-progress"]))
+
+    def layout(tp, pp):
+        engine = _engine(tp, pp)
+        load_initial_weights(engine, r / "imported")
+        return engine, _logits(engine.chunks[0], {"tokens": inputs["text_tokens"]})
+
+    _phase(out, "pp2", lambda: layout(1, 2)[1])
+
+    def train_tp2():
+        engine, logits = layout(2, 1)
+        vocab = engine.cfg.vocab
+        batch = random_batch(vocab, 2, 5, with_audio_input=True)  # the same batch: the loss must drop
+        losses = [engine.train_step([batch]).loss for _ in range(3)]  # (step 1 runs at warm-up lr 0)
+        engine.save(str(r / "trained"))
+        return {"imported_logits": logits, "losses": losses,
+                "text": _logits(engine.chunks[0], {"tokens": inputs["text_tokens"]}),
+                "audio": _logits(engine.chunks[0], inputs["audio_batch"])}
+
+    _phase(out, "tp2", train_tp2)
+    _phase(out, "export_trained", lambda: u2hf.main([str(r / "trained"), str(r / "hf_trained"), "--model", "tiny",
+                                                     "--tokenizer", str(r / "hf"), "--max-shard-size", "300KB",
+                                                     "--no-progress"]))
+
+    def wrong_config():
+        """One mismatch the recorded config catches up front, one only the checkpoint load can find."""
+        from ualm_nemo.convert.configs import load_model_config
+        from ualm_nemo.convert.exporter import export_hf_checkpoint
+
+        errors = []
+        for override in ("audio_out.head=per_codebook", "audio_in.encoder_dim=32"):
+            try:
+                export_hf_checkpoint(r / "trained", r / "hf_wrong", load_model_config("tiny", [override]),
+                                     progress=False)
+                errors.append("no error")
+            except ValueError as err:
+                errors.append(str(err))
+        return errors
+
+    _phase(out, "wrong_config", wrong_config)
+
+    def interrupted():
+        """Collective load at TP1 (both ranks), then rank 0 writes with a writer that fails at its 3rd shard."""
+        from ualm_nemo.convert import hf_folder
+        from ualm_nemo.convert.exporter import write_hf_folder
+        from ualm_nemo.distributed import checkpoint
+        from ualm_nemo.distributed.parallel import init_model_parallel
+        from ualm_nemo.model.builder import build_model
+
+        cfg = _cfg()
+        init_model_parallel(cfg.parallel, seed=1)
+        model = build_model(cfg)
+        checkpoint.load_checkpoint(checkpoint.find_latest(r / "trained"), [model], restore_rng=False)
+        if dist.get_rank() != 0:
+            return None
+        real_flush, calls = hf_folder.ShardedWriter.flush, []
+
+        def failing_flush(self):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt("simulated interrupt")
+            real_flush(self)
+
+        hf_folder.ShardedWriter.flush = failing_flush
+        try:
+            write_hf_folder(model.state_dict(), cfg, r / "hf_interrupted", progress=False, max_shard_bytes=100_000,
+                            encoder_config=model.audio_input.encoder.tower.config)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            hf_folder.ShardedWriter.flush = real_flush
+        return {"calls": len(calls), "left": sorted(p.name for p in r.iterdir() if "interrupted" in p.name)}
+
+    _phase(out, "interrupted", interrupted)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from ualm_nemo.testing.batches import random_batch
+
+    root = tmp_path_factory.mktemp("hf_ckpt")
+    make_hf_folder(root / "hf")
+    vocab = _cfg().vocab
+    ids = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    audio_batch = {k: v for k, v in random_batch(vocab, 2, 42, with_audio_input=True).items()
+                   if k in ("tokens", "audio_features", "audio_feature_lens")}
+    torch.save({"text_tokens": _stream_tokens(vocab, ids), "audio_batch": audio_batch}, root / "inputs.pt")
+    results = run_distributed(2, _worker, str(root), timeout=280)
+    torch.save(results, root / "results.pt")  # for debugging a failure
+    hf = AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        hf_logits = hf(input_ids=ids).logits
+    return {"root": root, "ranks": results, "ids": ids, "hf_logits": hf_logits, "audio_batch": audio_batch}
+
+
+def _ok(world, phase: str, rank: int = 0):
+    got = world["ranks"][rank][phase]
+    assert not (isinstance(got, str) and got.startswith("FAILED")), f"{phase} rank {rank}:\n{got}"
+    return got
+
+
+def test_cli_import_loads_at_tp2_and_pp2_with_hf_logits(world):
+    assert _ok(world, "import") == 0
+    assert (world["root"] / "imported" / "latest").read_text() == "iter_0000000"
+    assert world["hf_logits"].std() > 0.3
+    for rank in range(2):
+        tp2 = _ok(world, "tp2", rank)["imported_logits"][0][..., :V]
+        torch.testing.assert_close(tp2, world["hf_logits"], atol=1e-5, rtol=1e-5, msg=f"TP2 rank {rank}")
+    assert _ok(world, "pp2", 0) is None  # first stage
+    torch.testing.assert_close(_ok(world, "pp2", 1)[0][..., :V], world["hf_logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_ualm_hf_round_trip_is_bit_identical(world):
+    from safetensors.torch import load_file
+
+    from ualm_nemo.convert.hf_folder import HFFolder
+
+    assert _ok(world, "export_import") == 0
+    src, back = HFFolder(world["root"] / "hf"), HFFolder(world["root"] / "hf_round_trip")
+    assert sorted(src.keys()) == sorted(back.keys())
+    for key in src.keys():
+        a, b = src.get(key), back.get(key)
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    for name in ("tokenizer.json", "tokenizer_config.json", "ualm_config.json", "audio.safetensors",
+                 "audio_encoder/config.json", "audio_encoder/model.safetensors"):
+        assert (world["root"] / "hf_round_trip" / name).is_file(), name
+    config = json.loads((world["root"] / "hf_round_trip" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"] is False
+
+
+def test_trained_export_text_logits_match_megatron(world):
+    from transformers import AutoModelForCausalLM
+
+    tp2 = _ok(world, "tp2")
+    assert _ok(world, "export_trained") == 0
+    assert tp2["losses"][2] < tp2["losses"][0]
+    folder = world["root"] / "hf_trained"
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1 and (folder / "tokenizer.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = hf(input_ids=world["ids"]).logits
+    megatron = tp2["text"][0][..., :V]
+    assert not torch.allclose(megatron, tp2["imported_logits"][0][..., :V], atol=1e-3)  # training changed it
+    torch.testing.assert_close(logits, megatron, atol=1e-5, rtol=1e-5)
+    generated = hf.generate(world["ids"][:1], max_new_tokens=6, do_sample=False)
+    assert generated.shape == (1, SEQ + 6)
+
+
+def test_exported_ualm_class_reproduces_audio_logits_and_generates(world):
+    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.generate import AudioGenerationConfig
+
+    tp2 = _ok(world, "tp2")
+    model = UALMForConditionalGeneration.from_pretrained(world["root"] / "hf_trained", attn_implementation="eager")
+    batch = world["audio_batch"]
+    with torch.no_grad():
+        stream0, codebooks = model(**batch)
+    torch.testing.assert_close(stream0, tp2["audio"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(codebooks, tp2["audio"][1], atol=1e-5, rtol=1e-5)
+    assert codebooks.shape[-2:] == (7, 1025)
+    assert float(codebooks[..., :1024].std(-1).min()) > 0.05  # codes are told apart: a wrong row would show
+    vocab = model.vocab
+    prompt = _stream_tokens(vocab, torch.tensor([[5, 9, 11, vocab.audio_start_id]]))[0]
+    uncond = _stream_tokens(vocab, torch.tensor([[vocab.pad_id] * 3 + [vocab.audio_start_id]]))[0]
+    codes = model.generate_audio(prompt, uncond, AudioGenerationConfig(max_frames=6, seed=3))
+    assert codes.shape[1] == 8 and 1 <= codes.shape[0] <= 7 and int(codes.max()) < vocab.codebook_size
+    text = model.generate_text(_stream_tokens(vocab, world["ids"][:1])[0], stop_ids=set(), max_new_tokens=6)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(world["root"] / "hf_trained", attn_implementation="eager")
+    assert text == hf.generate(world["ids"][:1], max_new_tokens=6, do_sample=False)[0, SEQ:].tolist()
+
+
+def test_failed_exports_leave_nothing(world):
+    recorded, by_load = _ok(world, "wrong_config")
+    assert "model.audio_out.head: checkpoint 'shared' != given 'per_codebook'" in recorded
+    assert "could not load" in by_load and "does the config match" in by_load
+    interrupted = _ok(world, "interrupted")
+    assert interrupted == {"calls": 3, "left": []}
+    assert not (world["root"] / "hf_wrong").exists()
+
+
+def test_new_rows_init():
+    from ualm_nemo.convert.importer import init_new_rows
+    from ualm_nemo.model.config import ConfigError, padded
+
+    cfg = _cfg()
+    t, a = cfg.num_text_rows, cfg.num_audio_rows
+    shapes = {"embedding.text.weight": padded(t), "heads.text_head.weight": padded(t),
+              "embedding.audio.weight": padded(a), "heads.audio_head.weight": padded(a)}
+    for how in ("mean", "normal"):
+        state = {k: torch.randn(rows, 64) for k, rows in shapes.items()}
+        before = {k: v.clone() for k, v in state.items()}
+        init_new_rows(state, cfg, how)
+        for text_key, audio_key in (("embedding.text.weight", "embedding.audio.weight"),
+                                    ("heads.text_head.weight", "heads.audio_head.weight")):
+            assert torch.equal(state[text_key][:V], before[text_key][:V])  # HF rows untouched
+            assert not state[text_key][t:].any() and not state[audio_key][a:].any()  # padding rows zero
+            if how == "mean":
+                mean = before[text_key][:V].mean(0)
+                for rows in (state[text_key][V:t], state[audio_key][:a]):
+                    torch.testing.assert_close(rows, mean.expand_as(rows))
+            else:
+                assert torch.equal(state[text_key][V:t], before[text_key][V:t])
+                assert torch.equal(state[audio_key][:a], before[audio_key][:a])
+    with pytest.raises(ConfigError, match="new_rows_init='zeros'"):
+        init_new_rows(state, cfg, "zeros")

@@ -1,0 +1,194 @@
+"""Hugging Face folders on disk: lazy safetensors reading, sharded streaming writing, atomic output folders.
+
+Reading never loads a tensor before it is asked for (shapes come from the safetensors headers), and only one
+shard file is open at a time, so a conversion holds one tensor of the source at once, not the model.
+Writing collects tensors until a shard reaches ``max_shard_bytes``, writes it and lets go of it.
+
+An output folder is written as ``<out>.tmp-<pid>`` and renamed to ``<out>`` only once complete: a killed or
+failed conversion never leaves a folder at ``<out>`` that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# copied from the tokenizer folder into an exported HF folder when present
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class HFFolder:
+    """A local HF model folder (config.json + safetensors, sharded with an index or not), read lazily."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"HF folder {self.path} does not exist")
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"HF folder {self.path} has no config.json")
+        self.config = json.loads(config_file.read_text())
+        self._file_of = self._weight_map()
+        self._open_name: str | None = None
+        self._open = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index} has no weight_map")
+            for name in sorted(set(weight_map.values())):
+                if not (self.path / name).is_file():
+                    raise FileNotFoundError(f"{index} lists the shard {name}, which is missing from {self.path}")
+            return dict(weight_map)
+        # transformers' rule: the index, else model.safetensors (audio.safetensors beside it is not the model's)
+        files = [SINGLE_FILE] if (self.path / SINGLE_FILE).is_file() else \
+            sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"HF folder {self.path} holds no *.safetensors (and no {INDEX_FILE}); "
+                                    "convert .bin checkpoints with transformers' save_pretrained first")
+        from safetensors import safe_open
+
+        out = {}
+        for name in files:
+            with safe_open(str(self.path / name), framework="pt") as f:
+                out.update({k: name for k in f.keys()})
+        return out
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def _handle(self, key: str):
+        from safetensors import safe_open
+
+        if key not in self._file_of:
+            raise KeyError(f"{self.path}: no tensor {key!r} in its safetensors")
+        name = self._file_of[key]
+        if name != self._open_name:  # one open shard at a time: its mapped pages are released on switching
+            self.close()
+            self._open = safe_open(str(self.path / name), framework="pt", device="cpu")
+            self._open_name = name
+        return self._open
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the safetensors headers (no tensor is read)."""
+        if self._shapes is None:
+            from safetensors import safe_open
+
+            self._shapes = {}
+            for name in sorted(set(self._file_of.values())):
+                with safe_open(str(self.path / name), framework="pt") as f:
+                    for key in f.keys():
+                        if self._file_of.get(key) == name:
+                            self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            missing = sorted(set(self._file_of) - set(self._shapes))
+            if missing:
+                raise ValueError(f"{self.path}: {INDEX_FILE} names tensors its shards do not hold, e.g. {missing[:3]}")
+        return self._shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        handle = self._handle(key)
+        if key not in handle.keys():
+            raise KeyError(f"{self.path / self._file_of[key]} does not hold {key!r} (the index says it does)")
+        return handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._open, self._open_name = None, None
+
+
+class ShardedWriter:
+    """Writes tensors to ``model-0000i-of-0000N.safetensors`` (+ index) or ``model.safetensors`` if one shard.
+
+    ``add`` buffers a tensor; once the buffer would exceed ``max_shard_bytes`` the buffer is written first.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int, prefix: str = "model") -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max shard size must be positive, got {max_shard_bytes}")
+        self.folder, self.max_bytes, self.prefix = folder, max_shard_bytes, prefix
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._buffer or any(key in keys for _, keys in self._written):
+            raise ValueError(f"tensor {key!r} written twice")
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + size > self.max_bytes:
+            self.flush()
+        self._buffer[key] = tensor.contiguous()
+        self._buffer_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        from safetensors.torch import save_file
+
+        name = f"{self.prefix}-part{len(self._written):05d}.safetensors"
+        save_file(self._buffer, str(self.folder / name), metadata={"format": "pt"})
+        self._written.append((name, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Write the last shard, give the shards their final names and write the index. Returns file names."""
+        self.flush()
+        n = len(self._written)
+        if n == 1:
+            os.replace(self.folder / self._written[0][0], self.folder / f"{self.prefix}.safetensors")
+            return [f"{self.prefix}.safetensors"]
+        weight_map, names = {}, []
+        for i, (tmp_name, keys) in enumerate(self._written):
+            name = f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / tmp_name, self.folder / name)
+            weight_map.update({k: name for k in keys})
+            names.append(name)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out``, on any error it is removed."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists (pass overwrite / --overwrite to replace it)")
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def copy_tokenizer_files(src: str | Path, dst: Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files found in ``src``; returns the names copied."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {src} does not exist")
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if not copied:
+        raise FileNotFoundError(f"tokenizer folder {src} holds none of {TOKENIZER_FILES}")
+    for name in copied:
+        shutil.copy2(src / name, dst / name)
+    return copied

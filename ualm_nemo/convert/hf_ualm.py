@@ -1,0 +1,157 @@
+"""UALM on plain transformers, loaded from an exported HF folder alone (no Megatron, no process groups).
+
+``UALMForConditionalGeneration`` = ``transformers.Qwen2ForCausalLM`` (the folder's config.json + safetensors)
++ the parts in ``audio.safetensors`` (see audio_parts.py) + the audio encoder folder. Its math is that of
+ualm_nemo/model (embedding.py, heads.py) at TP1, written single-device:
+
+* input: tokens [b, s, N] -> sum over streams of the stream's row (pads embed to zero) -> [b, s, h];
+  ``<|audio_in|>`` positions overwritten by encoder + adapter outputs;
+* stream 0: h @ [lm_head | head.specials | head.audio]^T -> [b, s, vocab] (unified-id order);
+* streams 1..N-1: (h + e_n) @ head.audio[codebook n]^T (shared) or h @ codebook_heads[n] (per_codebook)
+  -> [b, s, N-1, 1025].
+
+``generate_audio`` / ``generate_text`` reuse ualm_nemo/inference/generate.py, which takes any model that maps
+tokens to (stream-0 logits, codebook logits).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ualm_nemo.convert.audio_parts import AUDIO_FILE, UALM_CONFIG_FILE, expected_audio_shapes
+from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes, generate_text
+from ualm_nemo.model.config import UALMConfig
+
+
+class UALMForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: UALMConfig, lm: nn.Module, parts: dict[str, torch.Tensor],
+                 audio_input: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg, self.vocab = cfg, cfg.vocab
+        self.lm = lm  # transformers Qwen2ForCausalLM: .model (decoder), .lm_head (text rows of the head)
+        self.embedding_specials = nn.Parameter(parts["embedding.specials"], requires_grad=False)
+        self.embedding_audio = nn.Parameter(parts["embedding.audio"], requires_grad=False)
+        self.head_specials = nn.Parameter(parts["head.specials"], requires_grad=False)
+        self.head_audio = nn.Parameter(parts["head.audio"], requires_grad=False)
+        self.stream_embedding = self.codebook_heads = None
+        if cfg.audio_out.head == "shared":
+            self.stream_embedding = nn.Parameter(parts["head.stream_embedding"], requires_grad=False)
+        else:
+            self.codebook_heads = nn.Parameter(parts["head.codebook_heads"], requires_grad=False)
+        self.audio_input = audio_input
+        self.register_buffer("audio_pad_ids", self.vocab.audio_pad_ids(), persistent=False)
+
+    # --- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
+                        attn_implementation: str = "sdpa") -> "UALMForConditionalGeneration":
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        from ualm_nemo.convert.configs import model_config_from_dict
+        from ualm_nemo.convert.qwen2_keymap import check_compatible
+
+        folder = Path(folder)
+        config_file = folder / UALM_CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{folder} is not a UALM export: no {UALM_CONFIG_FILE} "
+                                    "(write one with examples/convert_ualm_to_hf.py)")
+        cfg = model_config_from_dict(json.loads(config_file.read_text()))
+        if not (folder / AUDIO_FILE).is_file():
+            raise FileNotFoundError(f"{folder} has no {AUDIO_FILE} (the audio rows, heads and adapter)")
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+        check_compatible(lm.config, cfg)
+        parts = load_file(str(folder / AUDIO_FILE))
+        for key, shape in expected_audio_shapes(cfg).items():
+            if key not in parts:
+                raise ValueError(f"{folder / AUDIO_FILE} lacks {key!r} (model.audio_out.head={cfg.audio_out.head!r})")
+            if tuple(parts[key].shape) != shape:
+                raise ValueError(f"{folder / AUDIO_FILE} {key!r}: shape {tuple(parts[key].shape)} does not match "
+                                 f"the expected {shape} from {UALM_CONFIG_FILE}")
+        dtype = dtype or lm.model.embed_tokens.weight.dtype
+        parts = {k: v.to(dtype) for k, v in parts.items()}
+        audio_input = _audio_input(folder, cfg, parts, dtype) if cfg.audio_in.enabled else None
+        return cls(cfg, lm, parts, audio_input).eval()
+
+    # --- math -------------------------------------------------------------------------------------
+    def _rows(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """ids, keep [b, s] -> [b, s, h]: each id's row from the text, specials or audio table (pads: zero)."""
+        tables = ((self.lm.model.embed_tokens.weight, 0), (self.embedding_specials, self.vocab.text_vocab_size),
+                  (self.embedding_audio, self.vocab.audio_offset))
+        out = None
+        for table, start in tables:
+            local = ids - start
+            here = keep & (local >= 0) & (local < table.shape[0])
+            rows = F.embedding(local.masked_fill(~here, 0), table) * here.unsqueeze(-1).to(table.dtype)
+            out = rows if out is None else out + rows
+        return out
+
+    def embed(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None,
+              audio_feature_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s, N] -> [b, s, h] (stream sum in stream order, as the Megatron embedding adds them)."""
+        keep = ~torch.isin(tokens, self.audio_pad_ids)
+        hidden = None
+        for n in range(tokens.shape[-1]):
+            emb = self._rows(tokens[..., n], keep[..., n])
+            hidden = emb if hidden is None else hidden + emb
+        if audio_features is None:
+            return hidden
+        if self.audio_input is None:
+            raise ValueError("audio features given but this UALM has no audio input (audio_in.enabled=false)")
+        from ualm_nemo.model.audio_input import splice_audio_embeddings
+
+        audio = self.audio_input(audio_features, audio_feature_lens).to(hidden.dtype)
+        mask = tokens[..., 0] == self.vocab.audio_in_id
+        return splice_audio_embeddings(hidden.transpose(0, 1), mask, audio).transpose(0, 1)
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [b, s, h] -> (stream-0 logits [b, s, vocab], codebook logits [b, s, N-1, span])."""
+        stream0 = torch.cat([self.lm.lm_head(hidden), hidden @ self.head_specials.T, hidden @ self.head_audio.T], -1)
+        span = self.vocab.codebook_span
+        if self.codebook_heads is not None:
+            return stream0, torch.einsum("bsh,nch->bsnc", hidden, self.codebook_heads)
+        n_extra = self.vocab.num_codebooks - 1
+        rows = self.head_audio[span: (n_extra + 1) * span].view(n_extra, span, -1)  # codebooks 1..N-1
+        per_stream = hidden.unsqueeze(2) + self.stream_embedding  # [b, s, N-1, h]
+        return stream0, torch.einsum("bsnh,nch->bsnc", per_stream, rows)
+
+    def forward(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None,
+                audio_feature_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [b, s, N] (unified ids; causal, right padding) -> (stream0 [b, s, V], codebooks [b, s, N-1, span])."""
+        embeds = self.embed(tokens, audio_features, audio_feature_lens)
+        hidden = self.lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return self.heads(hidden)
+
+    # --- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_audio(self, prompt: torch.Tensor, uncond_prompt: torch.Tensor,
+                       gen: AudioGenerationConfig | None = None) -> torch.Tensor:
+        """prompt / uncond_prompt [L, N] ending in ``<|audio_start|>`` -> codes [F, N] (CFG, delay pattern)."""
+        return generate_audio_codes(self, self.vocab, prompt, uncond_prompt, gen or AudioGenerationConfig())
+
+    @torch.no_grad()
+    def generate_text(self, prompt: torch.Tensor, stop_ids: set[int], max_new_tokens: int = 64,
+                      **audio) -> list[int]:
+        """Greedy text continuation of prompt [L, N] (``audio_features``/``audio_feature_lens`` optional)."""
+        return generate_text(self, self.vocab, prompt, stop_ids, self.vocab.text_vocab_size, max_new_tokens, **audio)
+
+
+def _audio_input(folder: Path, cfg: UALMConfig, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    from ualm_nemo.model.audio_input import AudioInput, FrozenAudioEncoder, load_audio_tower
+
+    encoder_dir = Path(cfg.audio_in.encoder_path or "")
+    encoder_dir = encoder_dir if encoder_dir.is_absolute() else folder / encoder_dir
+    tower = load_audio_tower(encoder_dir)
+    module = AudioInput(cfg.audio_in, cfg.backbone.hidden_size, encoder=FrozenAudioEncoder(tower))
+    adapter = {k.removeprefix("adapter."): v for k, v in parts.items() if k.startswith("adapter.")}
+    try:
+        module.adapter.load_state_dict(adapter, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{folder / AUDIO_FILE}: adapter tensors do not match model.audio_in.adapter="
+                         f"{cfg.audio_in.adapter!r}: {err}") from err
+    return module.to(dtype)
