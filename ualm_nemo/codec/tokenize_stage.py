@@ -1,0 +1,183 @@
+"""Codec stage: prepared cuts (data/cuts.py) -> Lhotse Shar shards with 16 kHz audio and X-Codec tokens.
+
+Shard ``k`` of a source is cuts ``[k * shard_size, (k + 1) * shard_size)`` of its prepared ``cuts.jsonl.gz``, so
+shards are a pure function of the manifest and ``shard_size``: any set of processes can split them
+(``select_shards``: interleaved by rank, or an explicit range, e.g. one Slurm array task each) and a re-run skips
+every shard whose meta file exists (data/shar.py). Within a shard, clips are encoded in length-sorted batches
+(``CodecTokenizer.encode``), which is deterministic: the same shard always gets the same codes.
+
+Per cut: the audio is read once (segment, resample to 16 kHz, channel mean), encoded when its task is in
+``codec_tasks`` (default: tta, the only task whose targets are codec tokens), and written as flac plus
+``codec_tokens`` int16 [T, 8] (T = ``num_codec_frames(samples)``, lhotse's half-up rounding, so it survives the
+Shar round trip). A cut whose audio fails to load is written to the shard's rejects file with the reason and the
+run goes on. Text sources go through the same stage and get cuts-only shards.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+from lhotse import MonoCut, Recording
+from lhotse.cut import Cut
+from lhotse.serialization import decode_json_line, deserialize_item
+
+from ualm_nemo.codec.xcodec import CodecTokenizer, num_codec_frames
+from ualm_nemo.data.cuts import cut_task, cut_waveform
+from ualm_nemo.data.shar import CODEC_FIELD, FRAME_SHIFT, shard_done, write_shard
+from ualm_nemo.model.audio_frames import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+
+def count_cuts(cuts_path: str | Path) -> int:
+    with gzip.open(cuts_path, "rt", encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def num_shards(num_cuts: int, shard_size: int) -> int:
+    return -(-num_cuts // shard_size)
+
+
+def select_shards(total: int, *, rank: int = 0, world: int = 1, shard_range: tuple[int, int] | None = None
+                  ) -> list[int]:
+    """This process's shards: ``range(*shard_range)`` if given, else every ``world``-th shard from ``rank``."""
+    if shard_range is not None:
+        start, stop = shard_range
+        if not 0 <= start <= stop:
+            raise ValueError(f"shard range {start}:{stop} is empty or negative")
+        return list(range(start, min(stop, total)))
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside world size {world}")
+    return list(range(rank, total, world))
+
+
+def iter_shard_cuts(cuts_path: str | Path, shard_size: int, shards: Sequence[int]) -> Iterator[tuple[int, list[Cut]]]:
+    """(shard, its cuts) for the wanted shards, in increasing order; only their manifest lines are parsed."""
+    wanted = sorted(set(shards))
+    with gzip.open(cuts_path, "rt", encoding="utf-8") as f:
+        lines = (line for line in f if line.strip())
+        position = 0
+        for shard in wanted:
+            skip = shard * shard_size - position
+            chunk = list(itertools.islice(lines, skip, skip + shard_size))
+            position = shard * shard_size + len(chunk)
+            if not chunk:
+                return
+            yield shard, [deserialize_item(decode_json_line(line)) for line in chunk]
+
+
+def _mono_in_memory(cut: Cut, wav: torch.Tensor) -> Cut:
+    """The cut re-based on its decoded 16 kHz mono samples, so the Shar writer does not read the source again."""
+    buf = io.BytesIO()
+    sf.write(buf, wav.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    recording = Recording.from_bytes(buf.getvalue(), recording_id=cut.id)
+    return MonoCut(id=cut.id, start=0.0, duration=recording.duration, channel=0, recording=recording,
+                   custom=dict(cut.custom or {}))
+
+
+@dataclass
+class StageReport:
+    shards_written: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)
+    num_cuts: int = 0
+    num_rejects: int = 0
+    audio_seconds: float = 0.0
+    encode_seconds: float = 0.0  # wall time inside the codec
+    wall_seconds: float = 0.0
+
+    @property
+    def realtime_factor(self) -> float:
+        """Seconds of audio processed per wall-clock second (load + encode + write)."""
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def tokenize_shard(cuts: Sequence[Cut], codec: CodecTokenizer | None, codec_tasks: Sequence[str]
+                   ) -> tuple[list[Cut], list[dict], dict[str, str], float]:
+    """Load, encode and attach: (cuts ready to write, rejects, Shar fields, seconds spent encoding)."""
+    tasks = {cut_task(c) for c in cuts}
+    if len(tasks) > 1:
+        raise ValueError(f"a source holds one task, found {sorted(tasks)} (prepare one manifest per task)")
+    task = tasks.pop() if tasks else "text"
+    fields: dict[str, str] = {}
+    if task != "text":
+        fields["recording"] = "flac"
+    encode = task in codec_tasks and task != "text"
+    if encode:
+        if codec is None:
+            raise ValueError(f"{task} cuts need a codec (--codec) for their {CODEC_FIELD}")
+        fields[CODEC_FIELD] = "numpy"
+    out: list[Cut] = []
+    rejects: list[dict] = []
+    wavs: list[torch.Tensor] = []
+    for cut in cuts:
+        if task == "text":
+            out.append(cut)
+            continue
+        try:
+            wav = cut_waveform(cut)
+            if wav.numel() == 0:
+                raise ValueError("no samples")
+        except Exception as e:  # a file changed or broke since preparation: record it, keep going
+            rejects.append({"cut_id": cut.id, "origin": (cut.custom or {}).get("origin"),
+                            "reason": f"audio failed to load: {type(e).__name__}: {e}"})
+            continue
+        out.append(_mono_in_memory(cut, wav))
+        wavs.append(wav)
+    seconds = 0.0
+    if encode and out:
+        t0 = time.perf_counter()
+        codes = codec.encode(wavs)
+        seconds = time.perf_counter() - t0
+        for k, (cut, wav, c) in enumerate(zip(out, wavs, codes)):
+            assert c.shape == (num_codec_frames(wav.shape[0]), codec.num_codebooks), (cut.id, tuple(c.shape))
+            out[k] = cut.attach_tensor(CODEC_FIELD, c.numpy().astype(np.int16), frame_shift=FRAME_SHIFT,
+                                       temporal_dim=0)
+    return out, rejects, fields, seconds
+
+
+def tokenize_source(cuts_path: str | Path, out_dir: str | Path, codec: CodecTokenizer | None, *,
+                    shard_size: int = 1000, shards: Sequence[int] | None = None,
+                    codec_tasks: Sequence[str] = ("tta",), progress: bool = True) -> StageReport:
+    """Write the selected shards (default: all) of one prepared source under ``out_dir``; skip finished ones."""
+    total = num_shards(count_cuts(cuts_path), shard_size)
+    shards = list(range(total)) if shards is None else [s for s in shards if s < total]
+    report = StageReport(shards_skipped=[s for s in shards if shard_done(out_dir, s)])
+    todo = [s for s in shards if s not in set(report.shards_skipped)]
+    t_start = time.perf_counter()
+    from tqdm import tqdm  # progress bar on a terminal, one summary line per shard in logs
+
+    bar = tqdm(total=len(todo), unit="shard", disable=not progress, desc=Path(out_dir).name)
+    for shard, cuts in iter_shard_cuts(cuts_path, shard_size, todo):
+        ready, rejects, fields, enc_s = tokenize_shard(cuts, codec, codec_tasks)
+        meta = write_shard(ready, out_dir, shard, fields, rejects)
+        report.shards_written.append(shard)
+        report.num_cuts += meta["num_cuts"]
+        report.num_rejects += meta["num_rejects"]
+        report.audio_seconds += meta["audio_seconds"]
+        report.encode_seconds += enc_s
+        report.wall_seconds = time.perf_counter() - t_start
+        bar.update(1)
+        bar.set_postfix(cuts=report.num_cuts, rejects=report.num_rejects, rtf=f"{report.realtime_factor:.0f}x")
+        log.info("shard %06d: %d cuts, %d rejects, %.1f s audio (%d/%d done, %.0fx realtime)", shard,
+                 meta["num_cuts"], meta["num_rejects"], meta["audio_seconds"], len(report.shards_written),
+                 len(todo), report.realtime_factor)
+    bar.close()
+    report.wall_seconds = time.perf_counter() - t_start
+    return report
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
