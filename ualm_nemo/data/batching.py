@@ -1,0 +1,141 @@
+r"""Token-budget batching (length bucketing) and sequence packing, as pure functions of sample lengths.
+
+Bucketing (``bucket_batches``): sort by length, then cut greedily so that ``rows x longest row <= max_tokens``
+(padding counted): similar lengths share a batch and a batch of short samples holds more of them.
+
+Packing (``pack_rows`` + ``collate_packed``): several samples per row of ``seq_len`` positions (first-fit
+decreasing). A packed batch has the keys of ``dataset.collate`` plus ``segment_ids``::
+
+    tokens / labels / loss_weights  [B, S, 8]   samples back to back, then pads (IGNORE labels, 0 weight)
+    position_ids                    [B, S]      restart at 0 for each sample (pads continue counting)
+    segment_ids                     [B, S]      0, 1, ... per sample in the row; -1 on padding
+    lengths                         [B]         filled positions per row
+    audio_features / _lens          clips in row-major sample order (the order of their placeholders)
+    tasks                           list[str]   one per *sample*, row-major (len >= B)
+
+Labels never cross a sample boundary: a sample's last position has label IGNORE (formatting.py builds labels
+inside a sample), and ``collate_packed`` checks it. Attention stays inside a sample through
+``packed_attention_mask(segment_ids)``::
+
+    segment_ids  0 0 0 1 1 -1        mask (True = masked), row = query, column = key
+                                     q0  . X X X X X
+                                     q1  . . X X X X
+                                     q2  . . . X X X
+                                     q3  X X X . X X
+                                     q4  X X X . . X
+                                     q5  X X X X X .      padding attends to itself only (no all-masked row)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [B, S] (int, -1 = padding) -> BoolTensor [B, 1, S, S], True where attention is masked.
+
+    Megatron's convention: ``attention_mask[b, 0, q, k]`` True means query q must not see key k. A query sees the
+    keys of its own segment at or before it; a padding position sees only itself.
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be [B, S], got {tuple(segment_ids.shape)}")
+    s = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, S(q), S(k)]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()  # k <= q
+    real = (segment_ids >= 0)[:, :, None]
+    eye = torch.eye(s, dtype=torch.bool, device=segment_ids.device)
+    allowed = (same & causal & real) | eye
+    return ~allowed[:, None]
+
+
+def bucket_batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None,
+                   pad_to_multiple: int = 1) -> list[list[int]]:
+    """Index lists (ascending length) with ``len(batch) * padded longest <= max_tokens``; every index once."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = -(-lengths[i] // pad_to_multiple) * pad_to_multiple  # ascending: the newcomer is the longest
+        if longest > max_tokens:
+            raise ValueError(f"a sample of {lengths[i]} positions exceeds the token budget {max_tokens}")
+        if current and ((len(current) + 1) * longest > max_tokens or (max_rows and len(current) >= max_rows)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """First-fit decreasing: rows of sample indices whose lengths sum to <= seq_len; every index once."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > seq_len:
+            raise ValueError(f"a sample of {lengths[i]} positions does not fit a row of {seq_len}")
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(seq_len - lengths[i])
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVocab, seq_len: int
+                   ) -> dict[str, Any]:
+    """Rows of samples -> one packed batch [B = len(rows), S = seq_len] (keys in the module docstring)."""
+    flat = [s for row in rows for s in row]
+    for s in flat:
+        if int(s["labels"][-1].ne(IGNORE_INDEX).sum()):
+            raise ValueError("a sample's last label must be IGNORE, or packing would learn across samples")
+    b, streams = len(rows), flat[0]["tokens"].shape[1]
+    pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id), dtype=torch.long)  # [8]
+    tokens = pad_row.expand(b, seq_len, streams).clone()  # [B, S, 8]
+    labels = torch.full((b, seq_len, streams), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros(b, seq_len, streams, dtype=torch.float32)
+    position_ids = torch.arange(seq_len).expand(b, seq_len).clone()
+    segment_ids = torch.full((b, seq_len), -1, dtype=torch.long)
+    lengths = torch.zeros(b, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for k, s in enumerate(row):
+            n = s["tokens"].shape[0]
+            if start + n > seq_len:
+                raise ValueError(f"packed row {r} exceeds seq_len={seq_len}")
+            sl = slice(start, start + n)
+            tokens[r, sl], labels[r, sl], weights[r, sl] = s["tokens"], s["labels"], s["loss_weights"]
+            position_ids[r, sl] = torch.arange(n)
+            segment_ids[r, sl] = k
+            start += n
+        lengths[r] = start
+    batch: dict[str, Any] = {"tokens": tokens, "labels": labels, "loss_weights": weights,
+                             "position_ids": position_ids, "segment_ids": segment_ids, "lengths": lengths,
+                             "audio_features": None, "audio_feature_lens": None}
+    feats = [s["audio_features"] for s in flat if s.get("audio_features") is not None]
+    if feats:
+        lens = torch.tensor([f.shape[1] for f in feats], dtype=torch.long)
+        audio = torch.zeros(len(feats), feats[0].shape[0], int(lens.max()))
+        for i, f in enumerate(feats):
+            audio[i, :, : f.shape[1]] = f
+        batch["audio_features"], batch["audio_feature_lens"] = audio, lens
+    _check_placeholders(batch, vocab)
+    batch["tasks"] = [s["task"] for s in flat]
+    return batch
+
+
+def _check_placeholders(batch: Mapping[str, Any], vocab: UnifiedVocab) -> None:
+    from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
+
+    placeholders = int((batch["tokens"][..., 0] == vocab.audio_in_id).sum())
+    lens = batch["audio_feature_lens"]
+    frames = 0 if lens is None else sum(num_encoder_frames_from_mel(int(n)) for n in lens)
+    if placeholders != frames:
+        raise ValueError(f"packed batch has {placeholders} <|audio_in|> positions but features give {frames}")
