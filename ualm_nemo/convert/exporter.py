@@ -74,7 +74,7 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
             bar.update(1)
         bar.close()
         writer.finish()
-        model_dtype = dtype or state["decoder.final_layernorm.weight"].dtype
+        model_dtype = dtype or {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.params_dtype]
         hf_config = qwen2_config_for(cfg, architectures=["Qwen2ForCausalLM"])
         hf_config.dtype = _TORCH_DTYPE_NAMES.get(model_dtype, "float32")
         hf_config.save_pretrained(tmp)
