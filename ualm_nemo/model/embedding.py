@@ -49,7 +49,9 @@ class MultiStreamEmbedding(MegatronModule):
         hidden = None
         for n in range(tokens.shape[-1]):  # 8 streams, not frames
             ids, k = tokens[..., n], keep[..., n]
-            emb = _local_lookup(self.text, ids, 0, k) + _local_lookup(self.audio, ids, self.audio_offset, k)
+            is_audio = ids >= self.audio_offset  # the text table's padding rows overlap the first audio ids
+            emb = _local_lookup(self.text, ids, 0, k & ~is_audio) + \
+                _local_lookup(self.audio, ids, self.audio_offset, k & is_audio)
             hidden = emb if hidden is None else hidden + emb
         hidden = hidden.transpose(0, 1).contiguous()  # [s, b, h]
         return tensor_parallel.reduce_from_tensor_model_parallel_region(hidden)
