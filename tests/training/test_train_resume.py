@@ -18,10 +18,13 @@ def _config(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop
             "output_dir": output_dir}
 
 
-def _train(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_at: int | None = None) -> dict:
+def _train(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_at: int | None = None,
+           init_from: str | None = None) -> dict:
     from ualm_nemo.training.train import train
 
-    model = train(_config(output_dir, max_steps, tp, lr, stop_at))
+    cfg = _config(output_dir, max_steps, tp, lr, stop_at)
+    cfg["train"]["init_from"] = init_from
+    model = train(cfg)
     return {"history": model.loss_history, "step": model.engine.step, "consumed": model.trained_samples,
             "rejects": len(model.rejects)}
 
@@ -46,3 +49,13 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert [s for s, _ in second["history"]] == [4, 5, 6]  # the step count continues
     assert first["history"] + second["history"] == straight["history"]  # same losses, same data order
     assert second["consumed"] == straight["consumed"] == 6 * 4
+
+
+def test_new_run_starts_from_given_weights(tmp_path):
+    """train.init_from: a new run (step 0, fresh optimizer) starts from another run's (or an import's) weights."""
+    trained = run_distributed(1, _train, str(tmp_path / "a"), 20, 1, 5e-3)[0]
+    fresh = run_distributed(1, _train, str(tmp_path / "fresh"), 1)[0]
+    started = run_distributed(1, _train, str(tmp_path / "b"), 1, 1, 2e-3, None, str(tmp_path / "a" / "checkpoints"))[0]
+    assert [s for s, _ in started["history"]] == [1]  # a new run: its own step count
+    assert started["history"][0][1] < fresh["history"][0][1] - 1.0  # same first batch, trained weights
+    assert abs(started["history"][0][1] - trained["history"][-1][1]) < 1.5

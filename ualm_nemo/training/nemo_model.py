@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo.core.classes import ModelPT
 from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
+from ualm_nemo.distributed.checkpoint import find_latest
 from ualm_nemo.training.engine import MegatronEngine, split_microbatches
 from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
 
@@ -77,6 +79,15 @@ class UALMModel(ModelPT):
             self.engine = MegatronEngine(self.run.model, self.run.optim, self.run.train.max_steps,
                                          stage=self.run.train.stage)
             self.chunks = torch.nn.ModuleList(self.engine.chunks)  # visible to Lightning (summary, device moves)
+            self._maybe_init_weights()
+
+    def _maybe_init_weights(self) -> None:
+        """A new run may start from converted weights (train.init_from); a resumed run never does."""
+        init_from = self.run.train.init_from
+        if init_from and find_latest(Path(self.run.output_dir) / "checkpoints") is None:
+            from ualm_nemo.convert.importer import load_initial_weights
+
+            load_initial_weights(self.engine, init_from)
 
     def configure_optimizers(self):
         return _SteppedByEngine(self.engine)

@@ -28,6 +28,7 @@ class TrainConfig:
     keep_last_checkpoints: int = 3
     max_consecutive_nonfinite: int = 5
     stop_at_step: int | None = None  # end this job here (checkpoint first), as a time-limited job would
+    init_from: str | None = None  # weights to start a new run from (e.g. an HF import); ignored when resuming
     seed: int = 1234
 
 
