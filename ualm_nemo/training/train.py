@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from ualm_nemo.distributed.checkpoint import find_latest
 from ualm_nemo.training.callbacks import PeriodicCheckpoint, StepProgressBar
 from ualm_nemo.training.nemo_model import UALMModel
+from ualm_nemo.training.preemption import PreemptionCheckpoint
 from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
 from ualm_nemo.training.strategy import MegatronStrategy
 
@@ -41,7 +42,7 @@ def build_trainer(run: RunConfig) -> Trainer:
         strategy=strategy, max_steps=run.train.max_steps, max_epochs=-1,
         logger=TensorBoardLogger(run.output_dir, name="tensorboard", version=""),
         callbacks=[PeriodicCheckpoint(checkpoint_dir(run), run.train.checkpoint_every_n_steps,
-                                      run.train.stop_at_step), StepProgressBar()],
+                                      run.train.stop_at_step), StepProgressBar(), PreemptionCheckpoint(run.output_dir)],
         log_every_n_steps=run.train.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
         limit_val_batches=0)

@@ -1,0 +1,118 @@
+"""Check a stage before it is submitted: the composed Hydra config, its parallel layout on this allocation,
+the batch arithmetic and the input paths. Every error names the key or flag to change (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from launcher.cluster import REPO, ClusterConfig
+from ualm_nemo.model.config import ConfigError
+from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
+
+log = logging.getLogger(__name__)
+
+# (config key, what it is) for every input that must exist before the job starts
+_PATHS = (("data.tokenizer", "tokenizer folder"), ("data.codec_path", "X-Codec folder"),
+          ("data.tta_manifest", "text-to-audio manifest"), ("data.understanding_manifest", "understanding manifest"),
+          ("data.text_manifest", "text manifest"), ("model.audio_in.encoder_path", "audio encoder folder"))
+
+
+def hydra_value(key: str, value: str) -> str:
+    """``key='value'`` that Hydra parses back to exactly ``value`` (else a ConfigError naming the key)."""
+    override = f'{key}="' + value.replace('"', '\\"') + '"'
+    if "${" in value or _parse(override)[0].value() != value:
+        raise ConfigError(f"{key}={value!r}: Hydra cannot carry this value verbatim (avoid '${{' and a backslash "
+                          "before a quote); choose another")
+    return override
+
+
+def _parse(*overrides: str):
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as err:  # hydra's OverrideParseException carries the grammar's message
+        raise ConfigError(f"invalid Hydra override(s) {list(overrides)!r}: {err}") from None
+
+
+def compose_run(overrides: list[str]) -> dict[str, Any]:
+    """The training config exactly as examples/train.py composes it (hydra.* overrides are checked, not used)."""
+    parsed = _parse(*overrides) if overrides else []
+    run_overrides = [text for text, o in zip(overrides, parsed) if not o.key_or_group.startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            cfg = compose(config_name="train", overrides=run_overrides)
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except ConfigError:
+        raise
+    except Exception as err:  # composition errors: unknown groups/keys, missing mandatory values (???)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+        if err.__cause__ is not None and str(err.__cause__):
+            lines.insert(1, str(err.__cause__).splitlines()[0])  # e.g. "Key 'max_step' is not in struct"
+        message = " ".join(lines[:3]) or type(err).__name__
+        hint = ""
+        if "not in struct" in message:
+            hint = " (a key the config does not define: add it with '+key=value', or fix its spelling)"
+        if "Missing mandatory value" in message:
+            hint = " (a '???' value in conf/: give it on the command line)"
+        raise ConfigError(f"the training config does not compose: {message}{hint}") from None
+
+
+def check_layout(run: RunConfig, cluster: ClusterConfig) -> None:
+    p = run.model.parallel
+    tp, pp, per_node = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cluster.ntasks_per_node
+    if tp > per_node or per_node % tp:
+        raise ConfigError(f"model.parallel.tensor_model_parallel_size={tp} must divide the tasks per node "
+                          f"({per_node}, --gpus-per-node): tensor parallelism stays inside a node")
+    run.validate(cluster.world_size)  # TP x PP divides the world and the model; batch % (micro x DP)
+    dp = cluster.world_size // (tp * pp)
+    log.info("layout: %d nodes x %d tasks = %d; TP %d x PP %d x DP %d; %d micro-batches of %d per step",
+             cluster.nodes, per_node, cluster.world_size, tp, pp, dp,
+             run.train.global_batch_size // (run.train.micro_batch_size * dp), run.train.micro_batch_size)
+
+
+def check_paths(cfg: dict[str, Any], cluster: ClusterConfig) -> None:
+    for key, what in _PATHS:
+        section, *rest = key.split(".")
+        value: Any = cfg.get(section) or {}
+        for part in rest:
+            value = (value or {}).get(part) if isinstance(value, dict) else None
+        if key == "data.tokenizer" and value == "byte":
+            continue
+        if value and not Path(cluster.mount_to_host(str(value))).exists():
+            where = " (container mounts mapped)" if cluster.container_mounts else ""
+            raise ConfigError(f"{key}={value!r}: no such {what} on this host{where}")
+    data = cfg.get("data") or {}
+    if not data.get("synthesize") and not any(data.get(k) for k in ("tta_manifest", "understanding_manifest",
+                                                                   "text_manifest")):
+        raise ConfigError("no training data: set data.tta_manifest / understanding_manifest / text_manifest "
+                          "or data.synthesize=true")
+
+
+def check_progress(run: RunConfig, cluster: ClusterConfig) -> list[str]:
+    """Warnings (not errors) about the run's state on disk."""
+    from ualm_nemo.training.preemption import read_run_state
+
+    notes = []
+    host_out = cluster.mount_to_host(run.output_dir)
+    state = read_run_state(host_out)
+    if state.get("state") == "finished" and int(state.get("step", 0)) >= run.train.max_steps:
+        notes.append(f"{run.output_dir} already reached max_steps={run.train.max_steps}: the job will end at once")
+    if run.train.stop_at_step is not None:
+        notes.append(f"train.stop_at_step={run.train.stop_at_step}: the job ends there and does not chain")
+    return notes
+
+
+def validate_stage(overrides: list[str], cluster: ClusterConfig) -> tuple[RunConfig, list[str]]:
+    """Compose and check everything; returns the run config and warnings."""
+    cluster.validate()
+    cfg = compose_run(overrides)
+    run = run_config_from_dict(cfg)
+    check_layout(run, cluster)
+    check_paths(cfg, cluster)
+    return run, check_progress(run, cluster)

@@ -1,0 +1,104 @@
+"""`python -m launcher.submit`: invalid stages are rejected before anything is written, each error naming the
+key or flag to change; dry runs print the script (or the local command) and submit nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.cluster import ClusterConfig, load_cluster
+from launcher.submit import main, prepare
+from launcher.validate import hydra_value
+from ualm_nemo.model.config import ConfigError
+
+TINY = ["train.global_batch_size=4", "train.micro_batch_size=2", "+data.synthetic_samples_per_task=4"]
+
+
+def _argv(tmp_path, *flags: str, overrides=TINY) -> list[str]:
+    return ["--cluster", "local", "--output-dir", str(tmp_path / "run"), *flags, "--", *overrides]
+
+
+@pytest.mark.parametrize("flags,overrides,match", [
+    # parallel sizes against the model and the allocation
+    ([], ["model.parallel.tensor_model_parallel_size=3"], "tensor_model_parallel_size=3"),
+    (["--tasks-per-node", "4"], ["model.parallel.pipeline_model_parallel_size=3"], "pipeline_model_parallel_size=3"),
+    (["--tasks-per-node", "1", "--nodes", "2"], ["model.parallel.tensor_model_parallel_size=2"],
+     "tensor parallelism stays inside a node"),
+    # batch arithmetic
+    ([], ["train.global_batch_size=6", "train.micro_batch_size=2"], r"micro_batch_size x data-parallel size"),
+    ([], ["train.global_batch_size=5", "train.micro_batch_size=2"], "not a multiple of train.micro_batch_size"),
+    # paths and data
+    ([], ["data.tokenizer=/nonexistent/qwen"], r"data.tokenizer='/nonexistent/qwen': no such tokenizer folder"),
+    ([], ["data.synthesize=false"], "no training data"),
+    ([], ["data=manifests"], r"Missing mandatory value.*give it on the command line"),
+    # Hydra: typos and syntax
+    ([], ["train.max_step=3"], r"max_step.*add it with '\+key=value'"),
+    ([], ["train.max_steps=[1"], "invalid Hydra override"),
+    ([], ["model=nonexistent"], "does not compose"),
+    ([], ["train.max_steps=0"], r"train.max_steps must be >= 1"),
+    # the cluster side
+    (["--time", "1:2:3:4"], [], "--time='1:2:3:4'"),
+    (["--time", "1", "--signal-seconds", "90"], [], "--signal-seconds=90 must lie between"),
+    (["--job-name", "bash"], [], "interactive session"),
+    (["--env", "1BAD=x"], [], "--env '1BAD'"),
+    (["--env", "NOVALUE"], [], "give KEY=VALUE"),
+    (["--sbatch-arg=--time=10"], [], "launcher's own flag"),
+    (["--sbatch-arg=--qos=a\nb"], [], "one long option on one line"),
+    (["--container-mounts", "/a:/b"], [], "needs --container-image"),
+    (["--gpus-per-node", "8", "--tasks-per-node", "4"], [], "one task per GPU"),
+    (["--cluster", "nope"], [], "no such preset; known: .*local"),
+])
+def test_invalid_stage_is_rejected_with_the_key_to_fix(tmp_path, capsys, flags, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare(_argv(tmp_path, *flags, overrides=[*TINY, *overrides]))
+    assert main(_argv(tmp_path, *flags, overrides=[*TINY, *overrides])) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("output_dir,match", [("/tmp/a\nb", "one line"), ("/tmp/${oc.env:HOME}", "verbatim"),
+                                              ("/tmp/50%", "file-name pattern"), ("/tmp/a\\b", "file-name pattern")])
+def test_unrepresentable_output_dirs_are_rejected(tmp_path, output_dir, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare(["--cluster", "local", "--output-dir", output_dir, "--", *TINY])
+
+
+def test_dry_run_prints_the_script_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run dir; $(touch pwned) 'q'"
+    assert main(["--cluster", "local", "--job-name", 'my "job" $(x)', "--output-dir", str(out), "--dry-run", "--",
+                 *TINY, "train.max_steps=7"]) == 0
+    script = capsys.readouterr().out
+    assert script.startswith("#!/bin/bash\n") and '#SBATCH --job-name="my \\"job\\" $(x)"' in script
+    assert "train.max_steps=7" in script and "scontrol requeue" in script
+    assert hydra_value("output_dir", str(out)) in [part.strip(" \\") for part in script.splitlines()] or \
+        "output_dir=" in script
+    assert not out.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_local_dry_run_prints_the_command(tmp_path, capsys):
+    assert main(["--cluster", "local", "--local", "--dry-run", "--output-dir", str(tmp_path / "r"), "--",
+                 *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "would run locally:" in out and "torch.distributed.run" in out and "--nproc_per_node=2" in out
+
+
+def test_presets_load_and_flags_override():
+    dgx = load_cluster("dgx-h100", {"nodes": 4, "account": "proj"})
+    assert (dgx.nodes, dgx.gpus_per_node, dgx.ntasks_per_node, dgx.world_size) == (4, 8, 8, 32)
+    assert dgx.account == "proj" and dgx.python_exe == "python" and dgx.container_image
+    assert dgx.mount_to_host("/lustre/data/x.json") == "/lustre/data/x.json"
+    mapped = ClusterConfig(container_image="i", container_mounts=["/host/data:/data:ro"]).validate()
+    assert mapped.mount_to_host("/data/x.json") == "/host/data/x.json"
+    assert mapped.mount_to_host("/database") == "/database"
+    assert [ClusterConfig(time=t).time_seconds() for t in ("30", "1:30", "1:00:00", "1-0", "1-1:1", "1-0:0:5")] == [
+        1800, 90, 3600, 86400, 90060, 86405]
+
+
+def test_paths_are_checked_through_container_mounts(tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "text.jsonl").write_text("")
+    flags = ["--container-image", "img", "--container-mounts", f"{host}:/data", "--python", "python"]
+    manifests = [*TINY, "data=manifests", "data.tokenizer=byte", "data.codec_path=null"]
+    prepare(_argv(tmp_path, *flags, overrides=[*manifests, "data.text_manifest=/data/text.jsonl"]))
+    with pytest.raises(ConfigError, match="data.text_manifest='/data/nope.jsonl'.*container mounts"):
+        prepare(_argv(tmp_path, *flags, overrides=[*manifests, "data.text_manifest=/data/nope.jsonl"]))
