@@ -143,3 +143,55 @@ def test_loader_config_errors(shar_sources, tmp_path):
     counts = shard_counts(shar_sources["understanding"])
     with pytest.raises(ValueError, match="data-parallel ranks"):
         SourceView("u", counts, seed=0, rank=0, world=sum(counts.values()) + 1)
+
+
+def test_conf_presets_build_a_loader(shar_sources):
+    """conf/data/pretrain_blend.yaml (the paper's 2x generation up-weighting) -> SharLoaderConfig -> batches."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose("train", overrides=["data=pretrain_blend", "data.tokenizer=byte",
+                                          "data.shar.num_workers=0", "data.shar.pack=false"])
+    shar = OmegaConf.to_container(cfg.data.shar, resolve=True)
+    dirs = {"understanding": shar_sources["understanding"], "generation": shar_sources["tta"],
+            "text": shar_sources["text"]}
+    for source in shar["sources"]:
+        source["shar_dir"] = dirs[source["name"]]
+    loader = SharBatchLoader(SharLoaderConfig(**shar), _formatter())
+    sizes = {"understanding": 8, "generation": 14, "text": 12}
+    expected = {n: w * sizes[n] for n, w in (("understanding", 1.0), ("generation", 2.0), ("text", 1.0))}
+    total = sum(expected.values())
+    assert loader.probabilities == pytest.approx({n: v / total for n, v in expected.items()})
+    assert loader.cfg.seed == cfg.data.seed and loader.cfg.pack is False
+    assert _take(loader, 1)[0]["tokens"].shape[-1] == 8
+
+
+def test_prepare_and_tokenize_clis(tmp_path):
+    import subprocess
+    import sys
+
+    from ualm_nemo.data.synthetic import synthesize_demo_data
+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    m = synthesize_demo_data(tmp_path / "raw", num_tta=2, num_understanding=1, num_text=2, seed=1)
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=root, env=env, capture_output=True, text=True,  # noqa
+                                    check=True).stdout
+    out = run("examples/prepare_data.py", "--out", str(tmp_path / "prep"), "--source", f"gen=tta:{m['tta']}",
+              "--source", f"chat=text:{m['text']}")
+    assert '"cuts": 4' in out and '"rejects": 0' in out
+    out = run("examples/tokenize_audio.py", "--cuts", str(tmp_path / "prep/gen/cuts.jsonl.gz"), "--out",
+              str(tmp_path / "shar/gen"), "--codec", "tiny", "--shard-size", "1", "--no-progress", "--rank", "0",
+              "--world", "1")
+    assert '"written": 2' in out and '"cuts": 2' in out
+    out = run("examples/tokenize_audio.py", "--cuts", str(tmp_path / "prep/gen/cuts.jsonl.gz"), "--out",
+              str(tmp_path / "shar/gen"), "--codec", "tiny", "--shard-size", "1", "--no-progress", "--shards", "0:2")
+    assert '"written": 0' in out and '"skipped_finished": 2' in out
+    with pytest.raises(subprocess.CalledProcessError):
+        run("examples/prepare_data.py", "--out", str(tmp_path / "p2"), "--source", "bad-spec")

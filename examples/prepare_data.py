@@ -1,0 +1,45 @@
+"""Raw manifests -> prepared Lhotse cuts, one folder per source, every rejected entry written with its reason.
+
+  python examples/prepare_data.py --out /data/prepared \
+      --source audiocaps=tta:/raw/etta.jsonl --source af3=understanding:/raw/af3.json \
+      --source text=text:/raw/text.jsonl
+
+Each --source is NAME=TASK:MANIFEST (TASK: tta | understanding | text). Writes {out}/{NAME}/cuts.jsonl.gz,
+rejects.jsonl and summary.json, then prints the counts. Next: examples/tokenize_audio.py on each cuts.jsonl.gz.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ualm_nemo.data.cuts import TASKS, prepare_source
+
+
+def parse_source(spec: str) -> tuple[str, str, str]:
+    name, sep, rest = spec.partition("=")
+    task, sep2, manifest = rest.partition(":")
+    if not (sep and sep2 and name and manifest) or task not in TASKS:
+        raise argparse.ArgumentTypeError(f"--source {spec!r}: expected NAME=TASK:MANIFEST with TASK in {TASKS}")
+    return name, task, manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for the prepared sources")
+    parser.add_argument("--source", action="append", type=parse_source, required=True, metavar="NAME=TASK:MANIFEST")
+    args = parser.parse_args()
+    total_ok = total_bad = 0
+    for name, task, manifest in args.source:
+        report = prepare_source(task, manifest, Path(args.out) / name, name=name)
+        total_ok, total_bad = total_ok + report.num_records, total_bad + report.num_rejects
+        print(f"{name:>16} {task:>13}: {report.num_records} cuts, {report.num_rejects} rejected "
+              f"({report.audio_seconds / 3600:.2f} h audio) -> {report.out_dir}")
+        if report.num_rejects:
+            print(f"{'':>32} reasons in {Path(report.out_dir) / 'rejects.jsonl'}")
+    print(json.dumps({"cuts": total_ok, "rejects": total_bad}))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
