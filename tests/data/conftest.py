@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import pytest
 import torch
 
@@ -46,7 +45,3 @@ def shar_sources(tmp_path_factory) -> dict[str, str]:
                         shard_size=4, progress=False)
         out[task] = str(root / "shar" / task)
     return out
-
-
-def np_equal(a, b) -> bool:
-    return np.array_equal(np.asarray(a), np.asarray(b))

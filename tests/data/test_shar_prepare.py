@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from ualm_nemo.codec.tokenize_stage import (count_cuts, iter_shard_cuts, num_shards, select_shards, tokenize_shard,
                                             tokenize_source)
