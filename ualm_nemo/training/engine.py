@@ -24,7 +24,8 @@ from ualm_nemo.model.config import UALMConfig
 from ualm_nemo.model.vocab import IGNORE_INDEX
 from ualm_nemo.training.stages import apply_stage
 
-MODEL_KEYS = ("tokens", "labels", "loss_weights", "audio_features", "audio_feature_lens")
+MODEL_KEYS = ("tokens", "labels", "loss_weights", "audio_features", "audio_feature_lens", "position_ids",
+              "segment_ids")
 
 
 @dataclass
