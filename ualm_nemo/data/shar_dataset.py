@@ -246,7 +246,8 @@ class SharBatchLoader:
     def _fingerprint(self) -> dict[str, Any]:
         c = asdict(self.cfg)
         c.pop("num_workers")
-        c["sources"] = [(s["name"], s["weight"]) for s in c["sources"]]  # a moved folder keeps the stream
+        c["sources"] = [[s["name"], s["weight"]] for s in c["sources"]]  # a moved folder keeps the stream
+        # lists, not tuples: the state travels through pickles, JSON and DataLoader conversions unchanged
         return {**c, "sizes": self.source_sizes, "dp_rank": self.dp_rank, "dp_size": self.dp_size}
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,23 @@ class _SteppedByEngine(torch.optim.Optimizer):
         pass
 
 
+def _as_is(item):
+    """collate_fn that leaves a step's micro-batches untouched (the loader already built them)."""
+    return item
+
+
+class StepGroups(torch.utils.data.IterableDataset):
+    """Groups a micro-batch iterable into lists of ``n``: one list per optimizer step."""
+
+    def __init__(self, microbatches, n: int) -> None:
+        self.microbatches, self.n = microbatches, n
+
+    def __iter__(self):
+        stream = iter(self.microbatches)
+        while len(group := list(itertools.islice(stream, self.n))) == self.n:
+            yield group
+
+
 class UALMModel(ModelPT):
     """cfg keys: ``ualm`` (model section; NeMo forbids a key named ``model``), ``optim``, ``train``, ``data``."""
 
@@ -63,12 +81,14 @@ class UALMModel(ModelPT):
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.loss_history: list[tuple[int, float]] = []  # (step, loss) of this process's run, for logs and tests
-        self.train_dataset = None  # set by the caller (examples/train.py) before fit
+        self.train_dataset = None  # the map-style demo/manifest data set (built in setup)
+        self.data_state: dict | None = None  # Shar loader position after the last trained micro-batch
+        self.pending_loader_state: dict | None = None  # restored from a checkpoint, applied to the new loader
 
     # --- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Runs on every rank once torch.distributed is up (data synthesis/caching coordinate through it)."""
-        if stage == "fit" and self.train_dataset is None:
+        if stage == "fit" and self.train_dataset is None and self.run.data.shar is None:
             from ualm_nemo.training.data_setup import build_train_dataset
 
             self.train_dataset, self.rejects = build_train_dataset(self.run.data, self.run.model, self.run.output_dir)
@@ -93,6 +113,8 @@ class UALMModel(ModelPT):
         return _SteppedByEngine(self.engine)
 
     def train_dataloader(self):
+        if self.run.data.shar is not None:
+            return self._shar_dataloader()
         if self.train_dataset is None:
             raise RuntimeError("UALMModel.train_dataset is not set (examples/train.py builds it from cfg.data)")
         from ualm_nemo.data.dataset import Collator
@@ -101,6 +123,22 @@ class UALMModel(ModelPT):
                                    self.run.train.global_batch_size, parallel_state.get_data_parallel_rank(),
                                    parallel_state.get_data_parallel_world_size(), self.run.data.seed, self.position)
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
+
+    def _shar_dataloader(self):
+        """Token-budget (optionally packed) micro-batches from Shar sources, grouped per step; exact resume."""
+        from ualm_nemo.data.formatting import SampleFormatter
+        from ualm_nemo.data.shar_dataset import SharBatchLoader, SharLoaderConfig
+        from ualm_nemo.data.tokenizer import build_tokenizer
+
+        data = self.run.data
+        formatter = SampleFormatter.from_config(build_tokenizer(data.tokenizer), self.run.model,
+                                                cfg_dropout=data.cfg_dropout)
+        loader = SharBatchLoader(SharLoaderConfig(**data.shar), formatter, parallel_state.get_data_parallel_rank(),
+                                 parallel_state.get_data_parallel_world_size())
+        if self.pending_loader_state is not None:  # set by restore_extra: continue at the next micro-batch
+            loader.load_state_dict(self.pending_loader_state)
+        return torch.utils.data.DataLoader(StepGroups(loader, self.num_microbatches()), batch_size=None,
+                                           collate_fn=_as_is)
 
     def setup_training_data(self, train_data_config) -> None:
         pass  # the data path is built from cfg.data by the entry script (see train_dataloader)
@@ -117,10 +155,15 @@ class UALMModel(ModelPT):
         t = self.run.train
         return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        microbatches = split_microbatches(batch, self.num_microbatches(), self.run.model.vocab.audio_in_id)
+    def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> None:
+        if isinstance(batch, list):  # Shar path: the step's token-budget micro-batches
+            microbatches = batch
+            self.data_state = batch[-1]["loader_state"]  # after this step's data (Lightning prefetches ahead)
+            self.trained_samples += self._global_count(sum(len(mb["ids"]) for mb in batch))
+        else:
+            microbatches = split_microbatches(batch, self.num_microbatches(), self.run.model.vocab.audio_in_id)
+            self.trained_samples += self.run.train.global_batch_size
         result = self.engine.train_step(microbatches)
-        self.trained_samples += self.run.train.global_batch_size
         if math.isfinite(result.loss):
             self.nonfinite_in_a_row = 0
         else:
@@ -134,13 +177,32 @@ class UALMModel(ModelPT):
         self.loss_history.append((self.engine.step, result.loss))
         self.log_dict({"train/loss": result.loss, "train/lr": result.lr, "train/skipped_steps": self.skipped_steps,
                        "train/grad_norm": result.grad_norm if result.grad_norm is not None else float("nan")},
-                      batch_size=batch["tokens"].shape[0], rank_zero_only=True)
+                      batch_size=sum(mb["tokens"].shape[0] for mb in microbatches), rank_zero_only=True)
+
+    @staticmethod
+    def _global_count(local: int) -> int:
+        count = torch.tensor([local], dtype=torch.long)
+        torch.distributed.all_reduce(count, group=parallel_state.get_data_parallel_group())
+        return int(count)
 
     # --- checkpoint extras ----------------------------------------------------------------------
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps}
+        extra = {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps}
+        if self.run.data.shar is not None:  # one loader position per DP rank, all saved by rank 0
+            states = [None] * parallel_state.get_data_parallel_world_size()
+            torch.distributed.all_gather_object(states, self.data_state,
+                                                group=parallel_state.get_data_parallel_group())
+            extra["shar_loader_states"] = states
+        return extra
 
     def restore_extra(self, state: dict[str, Any]) -> None:
+        states = state.get("shar_loader_states")
+        if states is not None:
+            if len(states) != parallel_state.get_data_parallel_world_size():
+                raise ValueError(f"the checkpoint's loader states are for {len(states)} data-parallel ranks, this "
+                                 f"run has {parallel_state.get_data_parallel_world_size()}: an exact data resume "
+                                 "needs the same DP size (the weights reshard; the Shar loader does not)")
+            self.pending_loader_state = states[parallel_state.get_data_parallel_rank()]
         self.trained_samples = int(state.get("consumed_samples", 0))
         self.position.consumed_samples = self.trained_samples
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -41,6 +41,7 @@ class DataConfig:
     text_manifest: str | None = None
     synthesize: bool = False  # write the demo data set first (make demo)
     synthetic_samples_per_task: int = 40
+    shar: dict | None = None  # Lhotse Shar sources + loader keys (conf/data/shar.yaml); replaces the manifests
     cfg_dropout: float = 0.05
     seed: int = 0
 
@@ -71,6 +72,16 @@ class RunConfig:
                                   f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
         if not 0.0 <= self.data.cfg_dropout < 1.0:
             raise ConfigError(f"data.cfg_dropout={self.data.cfg_dropout} must lie in [0, 1)")
+        if self.data.shar is not None:
+            d = self.data
+            if d.synthesize or d.tta_manifest or d.understanding_manifest or d.text_manifest:
+                raise ConfigError("data.shar replaces data.synthesize and the data.*_manifest keys: set only one")
+            from ualm_nemo.data.shar_dataset import SharLoaderConfig
+
+            try:
+                SharLoaderConfig(**d.shar)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"data.shar: {err}") from err
         return self
 
 
