@@ -7,29 +7,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import torch
 
 from ualm_nemo.codec.tokenize_stage import tokenize_source
 from ualm_nemo.data.cuts import prepare_source
 from ualm_nemo.data.synthetic import synthesize_demo_data
+from ualm_nemo.testing.fake_codec import HashCodec
 
 COUNTS = {"tta": 14, "understanding": 8, "text": 12}
-
-
-class HashCodec:
-    """Stand-in for CodecTokenizer (same interface, instant): codes are a deterministic function of the audio."""
-
-    num_codebooks, codebook_size = 8, 1024
-
-    def encode(self, wavs):
-        from ualm_nemo.codec.xcodec import num_codec_frames
-
-        out = []
-        for w in wavs:
-            seed = int(torch.round(w[:64].abs().sum() * 1e4)) % (2**31)
-            g = torch.Generator().manual_seed(seed + w.shape[0])
-            out.append(torch.randint(0, 1024, (num_codec_frames(w.shape[0]), 8), generator=g))
-        return out
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,7 @@ def test_captions_and_conversations_round_trip(shar_sources):
 
 
 def test_stage_splits_by_shard_and_resumes(bad_manifests, tmp_path, monkeypatch):
-    from conftest import HashCodec
+    from ualm_nemo.testing.fake_codec import HashCodec
 
     for i in range(4):  # 4 more valid entries: 6 cuts in shards of 2
         _wav(tmp_path / f"g{i}.wav", seconds=0.3 + 0.1 * i)
@@ -150,7 +150,7 @@ def test_stage_splits_by_shard_and_resumes(bad_manifests, tmp_path, monkeypatch)
 
 
 def test_stage_rejects_audio_broken_after_preparation(bad_manifests, tmp_path):
-    from conftest import HashCodec
+    from ualm_nemo.testing.fake_codec import HashCodec
 
     prepare_source("understanding", bad_manifests["understanding"], tmp_path / "p")
     (tmp_path / "stereo44k.wav").write_bytes(b"corrupted later")
