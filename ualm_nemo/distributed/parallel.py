@@ -61,6 +61,11 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def comm_device() -> torch.device:
+    """Where small tensors for collectives must live: NCCL needs the current GPU, gloo the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def teardown() -> None:
     from megatron.core import parallel_state
 

@@ -48,15 +48,16 @@ def generate_audio_codes(model, vocab: UnifiedVocab, prompt: torch.Tensor, uncon
                          "prompts must have the same shape")
     model.eval()
     n_streams, span = vocab.num_codebooks, vocab.codebook_span
-    gen = torch.Generator().manual_seed(cfg.seed)
-    seqs = torch.stack([prompt, uncond_prompt])  # [2, L, N]: conditional and unconditional rows
+    gen = torch.Generator().manual_seed(cfg.seed)  # sampling stays on the CPU: the same seed, the same audio
+    device = next(model.parameters()).device
+    seqs = torch.stack([prompt, uncond_prompt]).to(device)  # [2, L, N]: conditional and unconditional rows
     cb0 = slice(vocab.codebook_start(0), vocab.codebook_start(0) + span)
     end = None  # F, once stream 0 has emitted its pad
     grid = []
     j = 0
     while end is None or j < end + n_streams - 1:
         stream0, codebooks = _last_logits(model, seqs)
-        logits = torch.cat([stream0[:, cb0].unsqueeze(1), codebooks], dim=1)  # [2, N, span]
+        logits = torch.cat([stream0[:, cb0].unsqueeze(1), codebooks], dim=1).cpu()  # [2, N, span]
         mixed = cfg_mix(logits[0], logits[1], cfg.cfg_scale)
         pad = vocab.codebook_size
         if end is None:  # stream 0 may end the audio (not before min_frames, forced at max_frames)
@@ -75,7 +76,7 @@ def generate_audio_codes(model, vocab: UnifiedVocab, prompt: torch.Tensor, uncon
         codes = torch.where(forced, torch.full_like(codes, pad), codes)
         ids = vocab.codes_to_ids(codes)
         grid.append(ids)
-        seqs = torch.cat([seqs, ids.expand(2, 1, n_streams)], dim=1)
+        seqs = torch.cat([seqs, ids.expand(2, 1, n_streams).to(device)], dim=1)
         j += 1
     delayed = vocab.ids_to_codes(torch.stack(grid))  # [F + N - 1, N]
     return revert_delay(delayed)
@@ -90,7 +91,10 @@ def generate_text(model, vocab: UnifiedVocab, prompt: torch.Tensor, stop_ids: se
     Only the tokenizer's ``num_text_ids`` ids are candidates: the embedding's padding rows are not text.
     """
     model.eval()
-    seq = prompt.unsqueeze(0)
+    device = next(model.parameters()).device
+    seq = prompt.unsqueeze(0).to(device)
+    if audio_features is not None:
+        audio_features, audio_feature_lens = audio_features.to(device), audio_feature_lens.to(device)
     out: list[int] = []
     for _ in range(max_new_tokens):
         stream0, _ = model(seq, audio_features=audio_features, audio_feature_lens=audio_feature_lens)
@@ -98,5 +102,5 @@ def generate_text(model, vocab: UnifiedVocab, prompt: torch.Tensor, stop_ids: se
         if next_id in stop_ids:
             break
         out.append(next_id)
-        seq = torch.cat([seq, torch.tensor(vocab.text_position_streams(next_id))[None, None]], dim=1)
+        seq = torch.cat([seq, torch.tensor(vocab.text_position_streams(next_id), device=device)[None, None]], dim=1)
     return out

@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ualm_nemo.distributed import checkpoint
 from ualm_nemo.distributed.optim import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.model.builder import build_model
 from ualm_nemo.model.config import UALMConfig
 from ualm_nemo.model.vocab import IGNORE_INDEX
@@ -79,10 +80,10 @@ class MegatronEngine:
 
     def _reduce_loss(self, reports: list[dict]) -> tuple[float, int]:
         """Sum (loss, count) over micro-batches and DP on the last stage, then share it with every rank."""
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=comm_device())
         if parallel_state.is_pipeline_last_stage():
             for report in reports:
-                total += report["lm loss"].double().cpu()
+                total += report["lm loss"].double().to(total.device)
             group = parallel_state.get_data_parallel_group()
             dist.all_reduce(total, group=group)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:

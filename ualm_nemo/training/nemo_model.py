@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo.core.classes import ModelPT
 from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
 from ualm_nemo.distributed.checkpoint import find_latest
+from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.training.engine import MegatronEngine, split_microbatches
 from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
 
@@ -181,7 +182,7 @@ class UALMModel(ModelPT):
 
     @staticmethod
     def _global_count(local: int) -> int:
-        count = torch.tensor([local], dtype=torch.long)
+        count = torch.tensor([local], dtype=torch.long, device=comm_device())
         torch.distributed.all_reduce(count, group=parallel_state.get_data_parallel_group())
         return int(count)
 
