@@ -72,6 +72,7 @@ class FrozenAudioEncoder(nn.Module):
                              f"got {feature_lens.tolist()}")
         valid = torch.arange(f_max, device=features.device) < feature_lens[:, None]  # [N, F_max]
         flat = features.transpose(1, 2)[valid].T  # [n_mel, sum_i feature_lens[i]], clip by clip
+        flat = flat.to(self.tower.conv1.weight.dtype)  # fp32 log-mel into a bf16 tower when training in bf16
         # aftercnn_lens is unused by transformers 5.23 but used by older ports (4.x pooled per clip with it)
         aftercnn_lens, _ = self.tower._get_feat_extract_output_lengths(feature_lens)
         out = self.tower(flat, feature_lens=feature_lens, aftercnn_lens=aftercnn_lens).last_hidden_state

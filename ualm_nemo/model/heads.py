@@ -43,11 +43,13 @@ class StreamHeads(MegatronModule):
         self.audio_part = padded(self.num_audio_rows) // self.tp
         extra = self.num_streams - 1
         if self.kind == "shared":
-            self.stream_embedding = torch.nn.Parameter(torch.zeros(extra, config.hidden_size))
+            self.stream_embedding = torch.nn.Parameter(torch.zeros(extra, config.hidden_size,
+                                                                   dtype=config.params_dtype))
             config.init_method(self.stream_embedding)
             self.stream_embedding.sequence_parallel = config.sequence_parallel  # grads reduced over TP when SP
         else:
-            self.codebook_heads = torch.nn.Parameter(torch.empty(extra, self.span, config.hidden_size))
+            self.codebook_heads = torch.nn.Parameter(torch.empty(extra, self.span, config.hidden_size,
+                                                                 dtype=config.params_dtype))
             config.init_method(self.codebook_heads)
         self.register_buffer("padded_columns", self._padded_column_mask(), persistent=False)
 

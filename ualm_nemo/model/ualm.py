@@ -34,7 +34,7 @@ class UALMLanguageModel(MegatronModule):
         if pre_process and ualm.audio_in.enabled:
             from ualm_nemo.model.audio_input import AudioInput  # transformers import only where needed
 
-            self.audio_input = AudioInput(ualm.audio_in, config.hidden_size)
+            self.audio_input = AudioInput(ualm.audio_in, config.hidden_size).to(config.params_dtype)
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_base=ualm.backbone.rope_base, use_cpu_initialization=True)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
