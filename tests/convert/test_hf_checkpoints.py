@@ -304,3 +304,24 @@ def test_new_rows_init():
                 assert torch.equal(state[audio_key][:a], before[audio_key][:a])
     with pytest.raises(ConfigError, match="new_rows_init='zeros'"):
         init_new_rows(state, cfg, "zeros")
+
+
+def test_new_rows_drawn_from_seed():
+    """An import builds the model without initialisation: 'normal' rows are drawn here, the same for a seed."""
+    from ualm_nemo.convert.importer import init_new_rows
+    from ualm_nemo.model.config import padded
+
+    cfg = _cfg()
+    t, a = cfg.num_text_rows, cfg.num_audio_rows
+    shapes = {"embedding.text.weight": padded(t), "heads.text_head.weight": padded(t),
+              "embedding.audio.weight": padded(a), "heads.audio_head.weight": padded(a)}
+    states = []
+    for seed in (5, 5, 6):
+        state = {k: torch.full((rows, 64), float("nan"), dtype=torch.bfloat16) for k, rows in shapes.items()}
+        init_new_rows(state, cfg, "normal", generator=torch.Generator().manual_seed(seed))
+        states.append(state)
+    for key in shapes:
+        rows = states[0][key][V:t] if "text" in key else states[0][key][:a]
+        assert torch.isfinite(rows).all() and 0.5 * cfg.init_std < rows.float().std() < 2 * cfg.init_std, key
+        assert torch.equal(states[0][key][V:], states[1][key][V:]), key  # same seed, same rows
+        assert not torch.equal(states[0][key][V:], states[2][key][V:]), key

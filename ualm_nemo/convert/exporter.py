@@ -176,7 +176,7 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
     iteration, cfg, tokenizer_dir = prepare_export(ckpt, out, cfg, tokenizer_dir, dtype, overwrite)
     cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False)
     init_model_parallel(cfg1.parallel, seed=cfg.seed)
-    model = build_model(cfg1)
+    model = build_model(cfg1, initialize=False)  # no random init: the load overwrites every tensor
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:

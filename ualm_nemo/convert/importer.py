@@ -1,12 +1,15 @@
 """HF Qwen2.5 folder -> UALM distributed checkpoint (model weights only, step 0), loadable at any TP/PP.
 
-Route: build the full TP1/PP1 UALM model in this process (its initialisation gives the parts HF lacks), stream
-the HF tensors in one at a time through the key map (each copied into its parameter, then dropped), initialise
-the new vocabulary rows, and save a Megatron dist checkpoint. Dist checkpoints reshard on load, so the one
+Route: build the full TP1/PP1 UALM model in this process *without* Megatron's weight initialisation (every
+Megatron tensor is overwritten below, so its random init -- a full fp32 master copy per layer -- would be
+wasted memory and time), stream the HF tensors in one at a time through the key map (each copied into its
+parameter, then dropped), initialise the new vocabulary rows (deterministically, from the seed), check that no
+Megatron tensor was left uninitialised, and save a Megatron dist checkpoint. Dist checkpoints reshard on load, so the one
 TP1 checkpoint serves every layout; ``target_layout`` is checked here so a layout that cannot hold the model
 fails now, not on the cluster.
 
-Memory: the model (in ``params_dtype``) plus one HF shard's mapped pages plus one tensor in flight. The model
+Memory: the model (in ``params_dtype``) plus one HF shard's mapped pages plus one tensor in flight (the text
+tables' transform holds a second copy of one table while it is written). The model
 itself is whole in this process: a 7B import at bf16 needs ~16 GB (fp32: ~31 GB).
 
 The audio encoder, when ``model.audio_in.encoder_path`` names a Qwen2.5-Omni folder, is read by the model
@@ -62,12 +65,15 @@ def check_import(hf_dir: str | Path, cfg: UALMConfig, target_layout: tuple[int, 
 
 
 @torch.no_grad()
-def init_new_rows(state: dict[str, Any], cfg: UALMConfig, how: NewRowsInit) -> None:
+def init_new_rows(state: dict[str, Any], cfg: UALMConfig, how: NewRowsInit,
+                  generator: torch.Generator | None = None) -> None:
     """Rows HF has no weights for: the UALM specials and every audio row, in the embedding and the head.
 
     ``mean``: each set to the mean of the HF text rows of its table (a common choice when growing a vocabulary:
     new tokens start as an "average token" and do not dominate the softmax); ``normal``: kept as initialised
-    (N(0, model.init_std)). Vocabulary padding rows are zeroed: they are masked in the heads, and the embedding
+    (N(0, model.init_std)) -- or, given ``generator``, drawn from N(0, model.init_std) with it here, for a model
+    built without initialisation (in a fixed order: text embedding, text head, audio embedding, audio head;
+    drawn in fp32, then cast). Vocabulary padding rows are zeroed: they are masked in the heads, and the embedding
     currently adds the text table's padding rows to the first audio ids (see exporter.fold_text_padding_overlap).
     """
     if how not in ("mean", "normal"):
@@ -77,12 +83,39 @@ def init_new_rows(state: dict[str, Any], cfg: UALMConfig, how: NewRowsInit) -> N
                       ("heads.audio_head.weight", a)):
         state[key][real:] = 0
     if how == "normal":
+        if generator is not None:
+            for key, lo, hi in (("embedding.text.weight", v, t), ("heads.text_head.weight", v, t),
+                                ("embedding.audio.weight", 0, a), ("heads.audio_head.weight", 0, a)):
+                rows = state[key][lo:hi]
+                rows.copy_(torch.empty(rows.shape, dtype=torch.float32).normal_(0.0, cfg.init_std,
+                                                                                generator=generator))
         return
     for text_key, audio_key in (("embedding.text.weight", "embedding.audio.weight"),
                                 ("heads.text_head.weight", "heads.audio_head.weight")):
         mean = state[text_key][:v].float().mean(dim=0).to(state[text_key].dtype)
         state[text_key][v:t] = mean
         state[audio_key][:a] = mean
+
+
+_NEW_ROW_TABLES = ("embedding.text.weight", "heads.text_head.weight", "embedding.audio.weight",
+                   "heads.audio_head.weight")  # every row set by the HF map or init_new_rows
+
+
+def _megatron_initialised_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the tensors Megatron's ``perform_initialization`` would have initialised."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    kinds = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+    return {f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, kinds)
+            for p, value in module.named_parameters(recurse=False) if value is not None}
+
+
+def _check_all_initialised(model: torch.nn.Module, filled: set[str]) -> None:
+    """The model was built without initialisation: every Megatron tensor must have been filled."""
+    left = sorted(_megatron_initialised_keys(model) - filled)
+    if left:
+        raise RuntimeError(f"import left Megatron tensors uninitialised (not in the HF key map, not new rows): "
+                           f"{left[:8]}")
 
 
 def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConfig, *,
@@ -102,17 +135,21 @@ def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConf
         raise FileExistsError(f"{out_root} already holds a checkpoint (pass overwrite / --overwrite to replace it)")
     folder = check_import(hf_dir, cfg, target_layout)
     cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False)
-    init_model_parallel(cfg1.parallel, seed=cfg.seed if seed is None else seed)
-    model = build_model(cfg1)
+    seed = cfg.seed if seed is None else seed
+    init_model_parallel(cfg1.parallel, seed=seed)
+    model = build_model(cfg1, initialize=False)  # Megatron tensors: allocated, not initialised (filled below)
     state = model.state_dict()  # detached views of the parameters: writing into them writes the model
     sources = resolve_hf_sources(folder.shapes(), cfg)
+    written = set()
     with _progress(num_mapped_tensors(cfg), "import", progress) as bar:
         for key, tensor in iter_hf_to_ualm(folder.get, sources, cfg, state):
             with torch.no_grad():
                 state[key].copy_(tensor)
+            written.add(key)
             bar.update(1)
     folder.close()
-    init_new_rows(state, cfg, new_rows_init)
+    init_new_rows(state, cfg, new_rows_init, generator=torch.Generator().manual_seed(seed))
+    _check_all_initialised(model, written | set(_NEW_ROW_TABLES))
     common = {"ualm_config": config_to_dict(cfg1), "scheduler": None,
               "imported_from": {"hf": str(Path(hf_dir).resolve()), "new_rows_init": new_rows_init}}
     log.info("saving %s", out_root)

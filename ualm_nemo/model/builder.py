@@ -14,8 +14,14 @@ from ualm_nemo.model.ualm import UALMLanguageModel
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def transformer_config(cfg: UALMConfig) -> TransformerConfig:
-    """Qwen2 block in Megatron terms: GQA, QKV bias, no other biases, SwiGLU, RMSNorm."""
+def transformer_config(cfg: UALMConfig, perform_initialization: bool = True) -> TransformerConfig:
+    """Qwen2 block in Megatron terms: GQA, QKV bias, no other biases, SwiGLU, RMSNorm.
+
+    ``perform_initialization=False`` leaves Megatron's layers (decoder, embedding and head tables) allocated but
+    not initialised (``torch.empty``) and skips the full fp32 master weight Megatron's CPU initialisation builds
+    per layer: for converters, which overwrite every such tensor (HF weights or a checkpoint load). Parameters
+    that UALM initialises itself (stream embedding / codebook heads, audio adapter) are initialised either way.
+    """
     b, p = cfg.backbone, cfg.parallel
     dtype = _DTYPES[cfg.params_dtype]
     on_gpu = torch.cuda.is_available()
@@ -30,7 +36,7 @@ def transformer_config(cfg: UALMConfig) -> TransformerConfig:
         hidden_dropout=0.0, attention_dropout=0.0, calculate_per_token_loss=True, variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # no MoE; the default dispatcher rejects variable_seq_lengths
         # CPU-initialised master weights: the same seed gives the same weights at every TP size
-        use_cpu_initialization=True,
+        use_cpu_initialization=True, perform_initialization=perform_initialization,
         bias_dropout_fusion=on_gpu, apply_rope_fusion=False, masked_softmax_fusion=on_gpu,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
     )
@@ -51,15 +57,19 @@ def layer_spec(cfg: UALMConfig) -> ModuleSpec:
 
 
 def build_model(cfg: UALMConfig, pre_process: bool | None = None,
-                post_process: bool | None = None) -> UALMLanguageModel:
-    """The model chunk of this rank's pipeline stage (parallel_state must be initialised)."""
+                post_process: bool | None = None, initialize: bool = True) -> UALMLanguageModel:
+    """The model chunk of this rank's pipeline stage (parallel_state must be initialised).
+
+    ``initialize=False``: see ``transformer_config(perform_initialization=False)``; for weights that are all
+    overwritten before use (conversion).
+    """
     cfg.validate(parallel_state.get_tensor_model_parallel_world_size()
                  * parallel_state.get_pipeline_model_parallel_world_size())
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    model = UALMLanguageModel(transformer_config(cfg), cfg, layer_spec(cfg), pre_process, post_process)
+    model = UALMLanguageModel(transformer_config(cfg, initialize), cfg, layer_spec(cfg), pre_process, post_process)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
