@@ -83,3 +83,68 @@ def test_layout_matches_single_process(reference, tp, pp, world, sp):
         assert got["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4), f"rank {rank}"
         assert got["after"] == pytest.approx(single["after"], rel=1e-5, abs=1e-5), f"rank {rank}"
     assert single["after"] < single["loss"][0]  # the steps changed the weights
+
+
+def _gradients_as_checkpoint(root: str, out: str, tp: int, pp: int, head: str, sp: bool) -> None:
+    """One step's gradients written as a dist checkpoint (grads copied over the weights), so Megatron's own
+    resharding maps every layout's gradient shards (fused QKV groups, SwiGLU halves, PP layer offsets) to TP1."""
+    import torch
+
+    from ualm_nemo.distributed import checkpoint
+    from ualm_nemo.distributed.optim import OptimConfig
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.training.engine import MegatronEngine
+
+    cfg = _tiny(tp, pp, head, sp)
+    init_model_parallel(cfg.parallel, seed=99)
+    engine = MegatronEngine(cfg, OptimConfig(lr=3e-3, min_lr=3e-3, weight_decay=0.0, clip_grad=0.0), max_steps=10)
+    engine.load(f"{root}/iter_0000000", load_optimizer=False)
+    engine.train_step([_batch(cfg.vocab, seed) for seed in GLOBAL_BATCHES[0]])  # DP=1: the whole global batch
+    with torch.no_grad():
+        for param in engine.chunks[0].parameters():
+            if param.requires_grad:
+                param.copy_(param.main_grad)
+    checkpoint.save_checkpoint(out, 0, engine.chunks, None, common={})
+
+
+def _compare_gradients(single: str, layout: str, head: str) -> dict:
+    """Load both gradient checkpoints at TP1 and compare every tensor."""
+    import torch
+
+    from ualm_nemo.distributed import checkpoint
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.model.builder import build_model
+
+    cfg = _tiny(head=head)
+    init_model_parallel(cfg.parallel, seed=0)
+    loaded = []
+    for path in (single, layout):
+        model = build_model(cfg)
+        checkpoint.load_checkpoint(f"{path}/iter_0000000", [model], None, restore_rng=False)
+        loaded.append({k: v for k, v in model.state_dict().items() if hasattr(v, "shape")})
+    mismatched, nonzero = [], 0
+    for key, ref in loaded[0].items():
+        if not torch.allclose(loaded[1][key], ref, rtol=1e-4, atol=1e-6):
+            mismatched.append((key, float((loaded[1][key] - ref).abs().max())))
+        nonzero += int(ref.abs().sum() > 0)
+    return {"mismatched": mismatched, "nonzero": nonzero, "total": len(loaded[0])}
+
+
+@pytest.fixture(scope="module")
+def single_gradients(tmp_path_factory):
+    """Reference weights (shared head) and the gradients of one step at (TP1, PP1)."""
+    root = str(tmp_path_factory.mktemp("grad_ref"))
+    run_distributed(1, _save_reference, root, "shared")
+    out = str(tmp_path_factory.mktemp("grad_single"))
+    run_distributed(1, _gradients_as_checkpoint, root, out, 1, 1, "shared", False)
+    return root, out
+
+
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 1, True)], ids=["tp2", "pp2", "tp2-sp"])
+def test_gradients_match_single_process(single_gradients, tmp_path, tp, pp, sp):
+    """Every parameter's gradient, not only the norm (the loss/norm test above covers both head types)."""
+    root, single = single_gradients
+    run_distributed(2, _gradients_as_checkpoint, root, str(tmp_path / "layout"), tp, pp, "shared", sp)
+    out = run_distributed(1, _compare_gradients, single, str(tmp_path / "layout"), "shared")[0]
+    assert out["mismatched"] == []
+    assert out["nonzero"] > out["total"] // 2  # real gradients, not an all-zero comparison
