@@ -37,7 +37,9 @@ def transformer_config(cfg: UALMConfig, perform_initialization: bool = True) -> 
         moe_token_dispatcher_type="alltoall",  # no MoE; the default dispatcher rejects variable_seq_lengths
         # CPU-initialised master weights: the same seed gives the same weights at every TP size
         use_cpu_initialization=True, perform_initialization=perform_initialization,
-        bias_dropout_fusion=on_gpu, apply_rope_fusion=False, masked_softmax_fusion=on_gpu,
+        # fused kernels only where Transformer Engine provides them; the local spec stays plain torch
+        bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
+        masked_softmax_fusion=on_gpu and p.transformer_impl == "transformer_engine",
         gradient_accumulation_fusion=False, persist_layer_norm=False,
     )
 
