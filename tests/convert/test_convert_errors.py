@@ -132,3 +132,32 @@ def test_sharded_writer_and_atomic_folder(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         with atomic_folder(tmp_path / "out"):
             pass
+
+
+@pytest.mark.parametrize("reserve", [None, 64])  # 64 bytes: the header does not fit, the shard is rewritten
+def test_streamed_shards_read_by_safetensors(tmp_path, monkeypatch, reserve):
+    """The streaming writer's files are plain safetensors (mixed dtypes, empty and 0-d tensors included)."""
+    from safetensors import safe_open
+
+    from ualm_nemo.convert import hf_folder
+
+    if reserve is not None:
+        monkeypatch.setattr(hf_folder, "HEADER_RESERVE", reserve)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.bf16": torch.randn(33, 7, generator=g).to(torch.bfloat16), "b.f32": torch.randn(5, generator=g),
+               "c.empty": torch.zeros(0, 4), "d.scalar": torch.tensor(3.5, dtype=torch.float16),
+               "e.int": torch.arange(6).reshape(2, 3), "f.view": torch.randn(8, 8, generator=g)[2:5]}
+    writer = hf_folder.ShardedWriter(tmp_path, max_shard_bytes=10**9)
+    for key, value in tensors.items():
+        writer.add(key, value)
+    assert writer.finish() == ["model.safetensors"]
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for key, value in tensors.items():
+            got = f.get_tensor(key)
+            assert got.dtype == value.dtype and torch.equal(got, value), key
+    (tmp_path / "config.json").write_text("{}")
+    folder = hf_folder.HFFolder(tmp_path)
+    for key, value in tensors.items():
+        got = folder.get(key)
+        assert got.dtype == value.dtype and torch.equal(got, value), key

@@ -2,10 +2,11 @@
 
 Route: build the TP1/PP1 model in this process and load the checkpoint into it (dist checkpoints reshard on
 load, so any saved layout works), then stream tensors out through the key map into safetensors shards of at
-most ``max_shard_bytes`` (a shard is written and released before the next fills). Everything goes to
+most ``max_shard_bytes`` (each tensor is written to its shard file as it is produced, then dropped). Everything goes to
 ``<out>.tmp-<pid>`` first and is renamed to ``<out>`` at the end (see hf_folder.atomic_folder).
 
-Memory: the model (whole, in its checkpoint dtype) plus one output shard being filled.
+Memory: the model (whole, in its checkpoint dtype; built without random init, then loaded) plus the tensors of
+one key-map rule in flight (at most: the text embedding's rows, or one layer's q/k/v or gate/up split).
 Layout of the result: see audio_parts.py.
 """
 
@@ -68,12 +69,15 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
-        bar = tqdm(total=len(expected_hf_shapes(cfg)), desc="export", unit="tensor", disable=not progress)
-        for key, tensor in iter_ualm_to_hf(state, cfg):
-            writer.add(key, cast(tensor))
-            bar.update(1)
-        bar.close()
-        writer.finish()
+        try:
+            bar = tqdm(total=len(expected_hf_shapes(cfg)), desc="export", unit="tensor", disable=not progress)
+            for key, tensor in iter_ualm_to_hf(state, cfg):
+                writer.add(key, cast(tensor))  # written to the shard file now, nothing kept
+                bar.update(1)
+            bar.close()
+            writer.finish()
+        finally:
+            writer.close()
         model_dtype = dtype or {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.params_dtype]
         hf_config = qwen2_config_for(cfg, architectures=["Qwen2ForCausalLM"])
         hf_config.dtype = _TORCH_DTYPE_NAMES.get(model_dtype, "float32")

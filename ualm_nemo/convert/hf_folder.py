@@ -1,8 +1,10 @@
 """Hugging Face folders on disk: lazy safetensors reading, sharded streaming writing, atomic output folders.
 
-Reading never loads a tensor before it is asked for (shapes come from the safetensors headers), and only one
-shard file is open at a time, so a conversion holds one tensor of the source at once, not the model.
-Writing collects tensors until a shard reaches ``max_shard_bytes``, writes it and lets go of it.
+Reading never loads a tensor before it is asked for (shapes come from the safetensors headers), and reads it
+with plain file reads into a fresh tensor, not through a memory map (a mapped shard's touched pages count in the
+process's RSS until it is closed: up to a whole ~4 GB shard), so a conversion holds one tensor of the source at
+once, not the model. Writing streams: each tensor's bytes go to the open shard file as it is added (its header
+is written into space reserved at the front once the shard is complete), so the writer holds no tensor.
 
 An output folder is written as ``<out>.tmp-<pid>`` and renamed to ``<out>`` only once complete: a killed or
 failed conversion never leaves a folder at ``<out>`` that looks complete.
@@ -25,7 +27,31 @@ SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+HEADER_RESERVE = 64 * 1024  # bytes reserved for a streamed shard's header (~500 tensors; more: rewritten)
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(safetensors header without ``__metadata__``, offset of the data buffer) of one file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def read_tensor(path: Path, info: dict, data_start: int) -> torch.Tensor:
+    """One tensor of a safetensors file (``info``: its header entry), read with file reads (no mmap)."""
+    begin, end = info["data_offsets"]
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        if end > begin and f.readinto(memoryview(out.numpy())) != end - begin:
+            raise ValueError(f"{path}: truncated safetensors file")
+    return out.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 class HFFolder:
@@ -43,6 +69,7 @@ class HFFolder:
         self._open_name: str | None = None
         self._open = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._headers: dict[str, tuple[dict, int]] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -100,10 +127,17 @@ class HFFolder:
         return self._shapes
 
     def get(self, key: str) -> torch.Tensor:
-        handle = self._handle(key)
-        if key not in handle.keys():
-            raise KeyError(f"{self.path / self._file_of[key]} does not hold {key!r} (the index says it does)")
-        return handle.get_tensor(key)
+        if key not in self._file_of:
+            raise KeyError(f"{self.path}: no tensor {key!r} in its safetensors")
+        name = self._file_of[key]
+        if name not in self._headers:
+            self._headers[name] = read_header(self.path / name)
+        header, data_start = self._headers[name]
+        if key not in header:
+            raise KeyError(f"{self.path / name} does not hold {key!r} (the index says it does)")
+        if header[key]["dtype"] not in _DTYPES:  # an exotic dtype: let safetensors read it
+            return self._handle(key).get_tensor(key)
+        return read_tensor(self.path / name, header[key], data_start)
 
     def close(self) -> None:
         self._open, self._open_name = None, None
@@ -112,37 +146,71 @@ class HFFolder:
 class ShardedWriter:
     """Writes tensors to ``model-0000i-of-0000N.safetensors`` (+ index) or ``model.safetensors`` if one shard.
 
-    ``add`` buffers a tensor; once the buffer would exceed ``max_shard_bytes`` the buffer is written first.
+    Streaming: ``add`` writes the tensor's bytes to the open shard file at once and keeps no reference to it;
+    a shard is started when the first tensor comes and completed by ``flush`` (its header written into the
+    space reserved at the front, padded with spaces as the format allows). Shards split where a tensor would
+    take the shard past ``max_shard_bytes`` (a shard always holds at least one tensor).
     """
 
     def __init__(self, folder: Path, max_shard_bytes: int, prefix: str = "model") -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max shard size must be positive, got {max_shard_bytes}")
         self.folder, self.max_bytes, self.prefix = folder, max_shard_bytes, prefix
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._file = None
+        self._entries: dict[str, dict] = {}  # the open shard's header entries
+        self._shard_bytes = 0
         self._written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self._seen: set[str] = set()
         self.total_bytes = 0
 
+    def _shard_name(self) -> str:
+        return f"{self.prefix}-part{len(self._written):05d}.safetensors"
+
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self._buffer or any(key in keys for _, keys in self._written):
+        if key in self._seen:
             raise ValueError(f"tensor {key!r} written twice")
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {key!r}: dtype {tensor.dtype} cannot be written")
         size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + size > self.max_bytes:
+        if self._entries and self._shard_bytes + size > self.max_bytes:
             self.flush()
-        self._buffer[key] = tensor.contiguous()
-        self._buffer_bytes += size
+        if self._file is None:
+            self._file = open(self.folder / self._shard_name(), "wb")
+            self._file.seek(HEADER_RESERVE)
+        data = tensor.detach().to("cpu").contiguous()
+        if size:
+            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self._entries[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self._shard_bytes, self._shard_bytes + size]}
+        self._seen.add(key)
+        self._shard_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
-        if not self._buffer:
+        """Complete the open shard (write its header) and close it."""
+        if self._file is None:
             return
-        from safetensors.torch import save_file
-
-        name = f"{self.prefix}-part{len(self._written):05d}.safetensors"
-        save_file(self._buffer, str(self.folder / name), metadata={"format": "pt"})
-        self._written.append((name, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        f, name = self._file, self._shard_name()
+        self._file = None
+        try:
+            header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+            if 8 + len(header) <= HEADER_RESERVE:
+                f.seek(0)
+                f.write((HEADER_RESERVE - 8).to_bytes(8, "little"))
+                f.write(header + b" " * (HEADER_RESERVE - 8 - len(header)))
+            else:  # header too big for the reserved space: rewrite the file with the data moved up
+                f.close()
+                header += b" " * (-len(header) % 8)
+                src, dst = self.folder / name, self.folder / (name + ".rewrite")
+                with open(src, "rb") as fin, open(dst, "wb") as fout:
+                    fout.write(len(header).to_bytes(8, "little") + header)
+                    fin.seek(HEADER_RESERVE)
+                    shutil.copyfileobj(fin, fout, 64 * 2**20)
+                os.replace(dst, src)
+        finally:
+            f.close()
+        self._written.append((name, list(self._entries)))
+        self._entries, self._shard_bytes = {}, 0
 
     def finish(self) -> list[str]:
         """Write the last shard, give the shards their final names and write the index. Returns file names."""
@@ -160,6 +228,12 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+    def close(self) -> None:
+        """Close an open shard file without completing it (after an error; the folder is discarded)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 @contextlib.contextmanager
