@@ -204,3 +204,20 @@ def test_tied_source_copies_embedding_into_head(converted):
     mapped = hf_to_ualm({k: v for k, v in hf_state.items() if k != "lm_head.weight"}, tied, base)
     vocab = cfg.backbone.text_vocab_size
     assert torch.equal(mapped["heads.text_head.weight"][:vocab], hf_state["model.embed_tokens.weight"])
+
+
+def test_in_place_map_matches_the_copying_map(converted):
+    """The importer's in_place mode writes the text tables' HF rows into base: same result, no table copy."""
+    from ualm_nemo.convert.qwen2_keymap import iter_hf_to_ualm, resolve_hf_sources
+
+    cfg, base, hf_state = converted["cfg"], converted["base"], converted["hf_state"]
+    mapped = hf_to_ualm(hf_state, cfg, base)
+    target = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in base.items()}
+    sources = resolve_hf_sources({k: tuple(v.shape) for k, v in hf_state.items()}, cfg)
+    for key, tensor in iter_hf_to_ualm(hf_state.__getitem__, sources, cfg, target, in_place=True):
+        if key in ("embedding.text.weight", "heads.text_head.weight"):
+            assert tensor is target[key]
+        target[key] = tensor
+    for key, value in mapped.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(target[key], value), key

@@ -92,7 +92,8 @@ def init_new_rows(state: dict[str, Any], cfg: UALMConfig, how: NewRowsInit,
         return
     for text_key, audio_key in (("embedding.text.weight", "embedding.audio.weight"),
                                 ("heads.text_head.weight", "heads.audio_head.weight")):
-        mean = state[text_key][:v].float().mean(dim=0).to(state[text_key].dtype)
+        # dtype=: accumulated in fp32 without an fp32 copy of the table (~2 GB for the 7B)
+        mean = state[text_key][:v].mean(dim=0, dtype=torch.float32).to(state[text_key].dtype)
         state[text_key][v:t] = mean
         state[audio_key][:a] = mean
 
@@ -142,9 +143,10 @@ def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConf
     sources = resolve_hf_sources(folder.shapes(), cfg)
     written = set()
     with _progress(num_mapped_tensors(cfg), "import", progress) as bar:
-        for key, tensor in iter_hf_to_ualm(folder.get, sources, cfg, state):
+        for key, tensor in iter_hf_to_ualm(folder.get, sources, cfg, state, in_place=True):
             with torch.no_grad():
-                state[key].copy_(tensor)
+                if tensor is not state[key]:  # in_place: the text tables are written already
+                    state[key].copy_(tensor)
             written.add(key)
             bar.update(1)
     folder.close()

@@ -206,11 +206,13 @@ def resolve_hf_sources(hf_shapes: Mapping[str, Shape], cfg: UALMConfig) -> dict[
 
 
 def iter_hf_to_ualm(read: Callable[[str], Tensor], sources: Mapping[str, str], cfg: UALMConfig,
-                    base: Mapping[str, Any]) -> Iterator[tuple[str, Tensor]]:
+                    base: Mapping[str, Any], in_place: bool = False) -> Iterator[tuple[str, Tensor]]:
     """Yield (Megatron key, tensor) one at a time, reading HF tensors through ``read`` only when needed.
 
     ``sources`` comes from :func:`resolve_hf_sources`; ``base`` is an initialised full TP1/PP1 UALM state dict
     (its entries give dtype, and the rows HF does not have). Streaming: at most one rule's HF tensors are alive.
+    ``in_place``: the text tables' HF rows are written straight into ``base`` (the yielded tensor *is* the base
+    entry) instead of into a copy of the whole table -- for a caller that writes every result into ``base``.
     """
     d = Dims.of(cfg)
     for rule in KEY_MAP:
@@ -219,6 +221,11 @@ def iter_hf_to_ualm(read: Callable[[str], Tensor], sources: Mapping[str, str], c
                 raise ValueError(f"base UALM state dict has no {mkey!r} (expected a full TP1/PP1 state dict)")
             _check_shape(mkey, base[mkey].shape, rule.megatron_shape(d), "base UALM tensor")
             parts = tuple(read(sources[k]).to(base[mkey].dtype) for k in hf_keys)
+            if in_place and rule.to_megatron is _into_text_rows:
+                with torch.no_grad():
+                    base[mkey][: d.text_vocab].copy_(parts[0])
+                yield mkey, base[mkey]
+                continue
             yield mkey, rule.to_megatron(parts, base[mkey], d).contiguous()
 
 
