@@ -64,6 +64,15 @@ def check_import(hf_dir: str | Path, cfg: UALMConfig, target_layout: tuple[int, 
     return folder
 
 
+def _row_mean(table: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """Mean of the rows, accumulated in fp32 block by block: no fp32 copy of the table (~2 GB for the 7B; even
+    ``mean(dtype=torch.float32)`` makes one)."""
+    acc = torch.zeros(table.shape[1:], dtype=torch.float32)
+    for start in range(0, table.shape[0], block):
+        acc += table[start:start + block].float().sum(dim=0)
+    return acc / table.shape[0]
+
+
 @torch.no_grad()
 def init_new_rows(state: dict[str, Any], cfg: UALMConfig, how: NewRowsInit,
                   generator: torch.Generator | None = None) -> None:
@@ -92,8 +101,7 @@ def init_new_rows(state: dict[str, Any], cfg: UALMConfig, how: NewRowsInit,
         return
     for text_key, audio_key in (("embedding.text.weight", "embedding.audio.weight"),
                                 ("heads.text_head.weight", "heads.audio_head.weight")):
-        # dtype=: accumulated in fp32 without an fp32 copy of the table (~2 GB for the 7B)
-        mean = state[text_key][:v].mean(dim=0, dtype=torch.float32).to(state[text_key].dtype)
+        mean = _row_mean(state[text_key][:v]).to(state[text_key].dtype)
         state[text_key][v:t] = mean
         state[audio_key][:a] = mean
 
