@@ -178,7 +178,10 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
     from ualm_nemo.model.builder import build_model
 
     iteration, cfg, tokenizer_dir = prepare_export(ckpt, out, cfg, tokenizer_dir, dtype, overwrite)
-    cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False)
+    # conversion always builds the local (pure torch) spec: its dist-checkpoint keys are the TE spec's, so
+    # the result loads into Transformer Engine training unchanged (megatron maps the fused-norm names)
+    cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
+                             transformer_impl="local")
     init_model_parallel(cfg1.parallel, seed=cfg.seed)
     model = build_model(cfg1, initialize=False)  # no random init: the load overwrites every tensor
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
