@@ -23,7 +23,7 @@ import torch
 from ualm_nemo.convert.audio_parts import (AUDIO_FILE, ENCODER_DIR, UALM_CONFIG_FILE, audio_parts, encoder_state)
 from ualm_nemo.convert.configs import check_same_model, config_to_dict
 from ualm_nemo.convert.hf_folder import TOKENIZER_FILES, ShardedWriter, atomic_folder, copy_tokenizer_files
-from ualm_nemo.convert.importer import resolve_checkpoint, stored_config
+from ualm_nemo.distributed.checkpoint import resolve_checkpoint, stored_model_config
 from ualm_nemo.convert.qwen2_keymap import expected_hf_shapes, iter_ualm_to_hf, qwen2_config_for
 from ualm_nemo.model.config import ConfigError, UALMConfig, padded
 
@@ -148,7 +148,7 @@ def prepare_export(ckpt: str | Path, out: str | Path, cfg: UALMConfig | None, to
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists (pass overwrite / --overwrite to replace it)")
     iteration = resolve_checkpoint(ckpt)
-    stored = stored_config(iteration)
+    stored = stored_model_config(iteration)
     if cfg is None and stored is None:
         raise ConfigError(f"{iteration} records no model config: give one (--model NAME|YAML|ualm_config.json)")
     if cfg is not None and stored is not None:

@@ -169,31 +169,6 @@ def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConf
     return checkpoint.save_checkpoint(out_root, 0, [model], None, common=common)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run's checkpoint folder (its ``latest``) or one ``iter_*`` folder -> the iteration folder."""
-    from ualm_nemo.distributed.checkpoint import find_latest
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    latest = find_latest(path)
-    if latest is not None:
-        return latest
-    if (path / "ualm_common.pt").is_file():
-        return path
-    raise FileNotFoundError(f"{path} is neither a ualm_nemo checkpoint folder (iter_*/ualm_common.pt) nor a "
-                            "checkpoint root with a 'latest' file; an interrupted save leaves only *.tmp folders")
-
-
-def stored_config(path: str | Path) -> UALMConfig | None:
-    """The UALMConfig recorded in a checkpoint's ``ualm_common.pt`` (imports record it), else None."""
-    from ualm_nemo.convert.configs import model_config_from_dict
-
-    common = torch.load(Path(path) / "ualm_common.pt", weights_only=False)
-    stored = common.get("ualm_config")
-    return model_config_from_dict(stored) if stored else None
-
-
 def load_initial_weights(engine, path: str | Path) -> dict[str, Any]:
     """Load model weights only (any saved layout -> the engine's layout) to start a run from, e.g. an import.
 
@@ -202,8 +177,8 @@ def load_initial_weights(engine, path: str | Path) -> dict[str, Any]:
     """
     from ualm_nemo.distributed import checkpoint
 
-    iteration = resolve_checkpoint(path)
-    stored = stored_config(iteration)
+    iteration = checkpoint.resolve_checkpoint(path)
+    stored = checkpoint.stored_model_config(iteration)
     if stored is not None:
         from ualm_nemo.convert.configs import check_same_model
 

@@ -41,6 +41,28 @@ def find_latest(root: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run's checkpoint folder (its ``latest``) or one ``iter_*`` folder -> the iteration folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    latest = find_latest(path)
+    if latest is not None:
+        return latest
+    if (path / "ualm_common.pt").is_file():
+        return path
+    raise FileNotFoundError(f"{path} is neither a ualm_nemo checkpoint folder (iter_*/ualm_common.pt) nor a "
+                            "checkpoint root with a 'latest' file; an interrupted save leaves only *.tmp folders")
+
+
+def stored_model_config(path: str | Path):
+    """The UALMConfig recorded in an iteration folder's ``ualm_common.pt`` (training and imports record it)."""
+    from ualm_nemo.training.run_config import model_config_from_dict  # config parsing lives with the run config
+
+    stored = torch.load(Path(path) / "ualm_common.pt", weights_only=False).get("ualm_config")
+    return model_config_from_dict(stored) if stored else None
+
+
 def _sharded_state(chunks, optimizer, loading: bool) -> dict:
     model_sd = {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(chunks)}
     state = dict(model_sd)

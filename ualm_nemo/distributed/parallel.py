@@ -15,7 +15,8 @@ import torch.distributed as dist
 from ualm_nemo.model.config import ParallelConfig
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free loopback TCP port (single-process runs, test harnesses)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -41,7 +42,7 @@ def init_distributed() -> None:
     env_from_slurm()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -17,11 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from ualm_nemo.distributed.parallel import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: str, timeout: int) -> None:
@@ -48,7 +43,7 @@ def run_distributed(world: int, fn: Callable, *args: Any, timeout: int = 240) ->
     """Run ``fn(*args)`` on ``world`` processes; returns {rank: result}. Raises with the first rank's traceback."""
     with tempfile.TemporaryDirectory(prefix="ualm_dist_") as results:
         try:
-            mp.spawn(_worker, args=(world, _free_port(), fn, args, results, timeout), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), fn, args, results, timeout), nprocs=world, join=True)
         except Exception as err:
             errors = []
             for rank in range(world):

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -153,8 +153,3 @@ def split_microbatches(batch: dict[str, Any], num_microbatches: int, audio_in_id
             first_clip += n
         out.append(part)
     return out
-
-
-def iterate_forever(batches: Iterable) -> Iterable:
-    while True:
-        yield from batches
