@@ -273,55 +273,69 @@ def test_exported_ualm_class_reproduces_audio_logits_and_generates(world):
 def test_failed_exports_leave_nothing(world):
     recorded, by_load = _ok(world, "wrong_config")
     assert "model.audio_out.head: checkpoint 'shared' != given 'per_codebook'" in recorded
-    assert "could not load" in by_load and "does the config match" in by_load
+    assert "does not match the model config: audio_input.adapter.fc1.weight: checkpoint (64, 64), config (64, 32)" \
+        in by_load, by_load
     interrupted = _ok(world, "interrupted")
     assert interrupted == {"calls": 3, "left": []}
     assert not (world["root"] / "hf_wrong").exists()
 
 
+def _tables(cfg, fill):
+    from ualm_nemo.model.config import padded
+
+    t, a = cfg.num_text_rows, cfg.num_audio_rows
+    return {"embedding.text.weight": torch.full((padded(t), 64), fill), "heads.text_head.weight":
+            torch.full((padded(t), 64), fill), "embedding.audio.weight": torch.full((padded(a), 64), fill),
+            "heads.audio_head.weight": torch.full((padded(a), 64), fill)}
+
+
 def test_new_rows_init():
-    from ualm_nemo.convert.importer import init_new_rows
-    from ualm_nemo.model.config import ConfigError, padded
+    """mean: every new row is the given mean of the HF text rows; normal without a generator: kept; padding zero."""
+    from ualm_nemo.convert.importer import VOCAB_TABLES, fill_new_rows
+    from ualm_nemo.model.config import ConfigError
 
     cfg = _cfg()
     t, a = cfg.num_text_rows, cfg.num_audio_rows
-    shapes = {"embedding.text.weight": padded(t), "heads.text_head.weight": padded(t),
-              "embedding.audio.weight": padded(a), "heads.audio_head.weight": padded(a)}
     for how in ("mean", "normal"):
-        state = {k: torch.randn(rows, 64) for k, rows in shapes.items()}
+        state = {k: torch.randn_like(v) for k, v in _tables(cfg, 0.0).items()}
         before = {k: v.clone() for k, v in state.items()}
-        init_new_rows(state, cfg, how)
-        for text_key, audio_key in (("embedding.text.weight", "embedding.audio.weight"),
-                                    ("heads.text_head.weight", "heads.audio_head.weight")):
+        means = {k: torch.randn(64) for k in ("model.embed_tokens.weight", "lm_head.weight")}
+        for key, table in state.items():
+            fill_new_rows(key, table, cfg, how, means[VOCAB_TABLES[key][0]])
+        for text_key, audio_key, hf_key in (("embedding.text.weight", "embedding.audio.weight",
+                                             "model.embed_tokens.weight"),
+                                            ("heads.text_head.weight", "heads.audio_head.weight", "lm_head.weight")):
             assert torch.equal(state[text_key][:V], before[text_key][:V])  # HF rows untouched
             assert not state[text_key][t:].any() and not state[audio_key][a:].any()  # padding rows zero
             if how == "mean":
-                mean = before[text_key][:V].mean(0)
                 for rows in (state[text_key][V:t], state[audio_key][:a]):
-                    torch.testing.assert_close(rows, mean.expand_as(rows))
+                    assert torch.equal(rows, means[hf_key].expand_as(rows))
             else:
                 assert torch.equal(state[text_key][V:t], before[text_key][V:t])
                 assert torch.equal(state[audio_key][:a], before[audio_key][:a])
     with pytest.raises(ConfigError, match="new_rows_init='zeros'"):
-        init_new_rows(state, cfg, "zeros")
+        fill_new_rows("embedding.text.weight", state["embedding.text.weight"], cfg, "zeros", None)
+    with pytest.raises(ValueError, match="needs the mean"):
+        fill_new_rows("embedding.text.weight", state["embedding.text.weight"], cfg, "mean", None)
 
 
 def test_new_rows_drawn_from_seed():
-    """An import builds the model without initialisation: 'normal' rows are drawn here, the same for a seed."""
-    from ualm_nemo.convert.importer import init_new_rows
-    from ualm_nemo.model.config import padded
+    """An import builds the model without initialisation: 'normal' rows are drawn here from a generator fixed by
+    (seed, table) -- the same rows whatever order the checkpoint writer asks for the tables in."""
+    from ualm_nemo.convert.importer import fill_new_rows, table_generator
 
     cfg = _cfg()
     t, a = cfg.num_text_rows, cfg.num_audio_rows
-    shapes = {"embedding.text.weight": padded(t), "heads.text_head.weight": padded(t),
-              "embedding.audio.weight": padded(a), "heads.audio_head.weight": padded(a)}
     states = []
-    for seed in (5, 5, 6):
-        state = {k: torch.full((rows, 64), float("nan"), dtype=torch.bfloat16) for k, rows in shapes.items()}
-        init_new_rows(state, cfg, "normal", generator=torch.Generator().manual_seed(seed))
+    for seed, order in ((5, 1), (5, -1), (6, 1)):
+        state = {k: v.to(torch.bfloat16) for k, v in _tables(cfg, float("nan")).items()}
+        for key in list(state)[::order]:
+            fill_new_rows(key, state[key], cfg, "normal", None, table_generator(seed, key))
         states.append(state)
-    for key in shapes:
+    for key in states[0]:
         rows = states[0][key][V:t] if "text" in key else states[0][key][:a]
         assert torch.isfinite(rows).all() and 0.5 * cfg.init_std < rows.float().std() < 2 * cfg.init_std, key
-        assert torch.equal(states[0][key][V:], states[1][key][V:]), key  # same seed, same rows
+        assert torch.equal(states[0][key][V:], states[1][key][V:]), key  # same seed, any order: same rows
         assert not torch.equal(states[0][key][V:], states[2][key][V:]), key
+    emb, head = states[0]["embedding.audio.weight"][:a], states[0]["heads.audio_head.weight"][:a]
+    assert not torch.equal(emb, head)  # each table its own draw

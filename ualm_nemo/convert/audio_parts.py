@@ -21,7 +21,7 @@ An exported HF folder::
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from torch import Tensor
 
@@ -34,26 +34,28 @@ ENCODER_PREFIX = "audio_input.encoder.tower."
 ADAPTER_PREFIX = "audio_input.adapter."
 
 
-def audio_parts(state: Mapping[str, Any], cfg: UALMConfig) -> dict[str, Tensor]:
-    """The tensors of ``audio.safetensors`` from a full TP1/PP1 UALM state dict (views, not copies)."""
+def iter_audio_parts(state: Mapping[str, Any], cfg: UALMConfig) -> Iterator[tuple[str, Tensor]]:
+    """The tensors of ``audio.safetensors``, one at a time, from a full TP1/PP1 UALM state (a dict, or a
+    checkpoint reader that loads each key when asked: each table is read once per entry and dropped)."""
     v, t, a = cfg.backbone.text_vocab_size, cfg.num_text_rows, cfg.num_audio_rows
     head_key = "heads.stream_embedding" if cfg.audio_out.head == "shared" else "heads.codebook_heads"
     needed = ["embedding.text.weight", "embedding.audio.weight", "heads.text_head.weight", "heads.audio_head.weight",
               head_key]
     missing = [k for k in needed if k not in state]
     if missing:
-        raise ValueError(f"UALM state dict lacks {missing} (model.audio_out.head={cfg.audio_out.head!r}; "
-                         "expected a full TP1/PP1 state dict)")
-    out = {"embedding.specials": state["embedding.text.weight"][v:t],
-           "embedding.audio": state["embedding.audio.weight"][:a],
-           "head.specials": state["heads.text_head.weight"][v:t],
-           "head.audio": state["heads.audio_head.weight"][:a],
-           "head." + head_key.removeprefix("heads."): state[head_key]}
-    adapter = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+        raise ValueError(f"UALM state lacks {missing} (model.audio_out.head={cfg.audio_out.head!r}; "
+                         "expected a full TP1/PP1 state)")
+    adapter = [k for k in state.keys() if k.startswith(ADAPTER_PREFIX)]
     if cfg.audio_in.enabled and not adapter:
-        raise ValueError("model.audio_in.enabled=true but the UALM state dict has no audio_input.adapter.* tensors")
-    out.update({"adapter." + k.removeprefix(ADAPTER_PREFIX): v for k, v in adapter.items()})
-    return out
+        raise ValueError("model.audio_in.enabled=true but the UALM state has no audio_input.adapter.* tensors")
+    for name, key, rows in (("embedding.specials", "embedding.text.weight", slice(v, t)),
+                            ("embedding.audio", "embedding.audio.weight", slice(0, a)),
+                            ("head.specials", "heads.text_head.weight", slice(v, t)),
+                            ("head.audio", "heads.audio_head.weight", slice(0, a))):
+        yield name, state[key][rows].clone()  # the rows only: the table itself is not kept
+    yield "head." + head_key.removeprefix("heads."), state[head_key]
+    for key in adapter:
+        yield "adapter." + key.removeprefix(ADAPTER_PREFIX), state[key]
 
 
 def expected_audio_shapes(cfg: UALMConfig) -> dict[str, tuple[int, ...]]:
@@ -69,6 +71,6 @@ def expected_audio_shapes(cfg: UALMConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def encoder_state(state: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The audio tower's tensors under the names of an encoder-only HF folder (``Qwen2_5OmniAudioEncoder``)."""
-    return {k.removeprefix(ENCODER_PREFIX): v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+def encoder_keys(state: Mapping[str, Any]) -> dict[str, str]:
+    """{name in an encoder-only HF folder (``Qwen2_5OmniAudioEncoder``): UALM key} of the audio tower."""
+    return {k.removeprefix(ENCODER_PREFIX): k for k in state.keys() if k.startswith(ENCODER_PREFIX)}

@@ -1,13 +1,14 @@
 """UALM distributed checkpoint (any TP/PP) -> HF folder: Qwen2ForCausalLM + the audio parts beside it.
 
-Route: build the TP1/PP1 model in this process and load the checkpoint into it (dist checkpoints reshard on
-load, so any saved layout works), then stream tensors out through the key map into safetensors shards of at
-most ``max_shard_bytes`` (each tensor is written to its shard file as it is produced, then dropped). Everything goes to
-``<out>.tmp-<pid>`` first and is renamed to ``<out>`` at the end (see hf_folder.atomic_folder).
+Route: build the TP1/PP1 model without initialisation (its memory is never touched: it only describes the
+checkpoint), check every tensor's global shape against the checkpoint's metadata, then stream: each tensor is
+loaded alone from the dist checkpoint (any saved layout; the loader reads just the chunks it needs, see
+ualm_nemo/distributed/streaming.py), mapped to its HF tensors, written into a safetensors shard of at most
+``max_shard_bytes``, and dropped. Everything goes to ``<out>.tmp-<pid>`` first and is renamed to ``<out>`` at
+the end (see hf_folder.atomic_folder).
 
-Memory: the model (whole, in its checkpoint dtype; built without random init, then loaded) plus the tensors of
-one key-map rule in flight (at most: the text embedding's rows, or one layer's q/k/v or gate/up split).
-Layout of the result: see audio_parts.py.
+Memory: one checkpoint tensor plus the HF tensors made from it (at most: the text embedding table and its text
+rows, ~2.2 GB for the 7B in bf16). Layout of the result: see audio_parts.py.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
-from ualm_nemo.convert.audio_parts import (AUDIO_FILE, ENCODER_DIR, UALM_CONFIG_FILE, audio_parts, encoder_state)
+from ualm_nemo.convert.audio_parts import AUDIO_FILE, ENCODER_DIR, UALM_CONFIG_FILE, encoder_keys, iter_audio_parts
 from ualm_nemo.convert.configs import check_same_model, config_to_dict
 from ualm_nemo.convert.hf_folder import TOKENIZER_FILES, ShardedWriter, atomic_folder, copy_tokenizer_files
 from ualm_nemo.distributed.checkpoint import resolve_checkpoint, stored_model_config
 from ualm_nemo.convert.qwen2_keymap import expected_hf_shapes, iter_ualm_to_hf, qwen2_config_for
-from ualm_nemo.model.config import ConfigError, UALMConfig, padded
+from ualm_nemo.distributed.streaming import StreamedCheckpointReader
+from ualm_nemo.model.config import ConfigError, UALMConfig
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,11 +49,26 @@ def parse_size(text: str | int) -> int:
     raise ValueError(f"max shard size {text!r}: give a positive byte count or a number with KB/MB/GB")
 
 
+ExportTensor = tuple[str, str, torch.Tensor]  # (part: "model" | "audio" | "encoder", name in its file, tensor)
+
+
+def iter_export(state: Mapping[str, Any], cfg: UALMConfig) -> Iterator[ExportTensor]:
+    """Every tensor of the HF folder, one at a time, in writing order, from a full TP1/PP1 UALM state (a dict,
+    or a checkpoint reader loading each key when asked)."""
+    for key, tensor in iter_ualm_to_hf(state, cfg):
+        yield "model", key, tensor
+    for name, tensor in iter_audio_parts(state, cfg):
+        yield "audio", name, tensor
+    for name, key in (encoder_keys(state) if cfg.audio_in.enabled else {}).items():
+        yield "encoder", name, state[key]
+
+
 def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, *,
                     encoder_config: Any | None = None, tokenizer_dir: str | Path | None = None,
                     dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
                     progress: bool = True) -> Path:
-    """Write the HF folder from a full TP1/PP1 UALM state dict (pure: no process groups needed).
+    """Write the HF folder from a full TP1/PP1 UALM state (pure: no process groups needed unless ``state``
+    loads collectively).
 
     ``encoder_config``: the audio tower's HF config (needed when ``cfg.audio_in.enabled``); ``dtype``: cast
     every tensor (default: keep each tensor's dtype).
@@ -61,39 +78,34 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
     if cfg.audio_in.enabled and encoder_config is None:
         raise ValueError("model.audio_in.enabled=true: the audio tower's config (encoder_config) is needed to "
                          "write audio_encoder/")
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(dtype) if dtype is not None else t.detach()
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes)
+        if cfg.audio_in.enabled:
+            (tmp / ENCODER_DIR).mkdir()
+        # the backbone in shards of max_shard_bytes; audio.safetensors and the encoder as one file each
+        writers = {"model": ShardedWriter(tmp, max_shard_bytes),
+                   "audio": ShardedWriter(tmp, 2**62, prefix=AUDIO_FILE.removesuffix(".safetensors")),
+                   "encoder": ShardedWriter(tmp / ENCODER_DIR, 2**62)}
         try:
-            bar = tqdm(total=len(expected_hf_shapes(cfg)), desc="export", unit="tensor", disable=not progress)
-            for key, tensor in iter_ualm_to_hf(state, cfg):
-                writer.add(key, cast(tensor))  # written to the shard file now, nothing kept
-                bar.update(1)
-            bar.close()
-            writer.finish()
+            with tqdm(total=len(expected_hf_shapes(cfg)), desc="export", unit="tensor", disable=not progress) as bar:
+                for part, name, tensor in iter_export(state, cfg):
+                    writers[part].add(name, tensor.detach().to(dtype) if dtype is not None else tensor.detach())
+                    bar.update(1)  # the tensor was written to its file: nothing is kept
+            for part, writer in writers.items():
+                if part != "encoder" or cfg.audio_in.enabled:
+                    writer.finish()
         finally:
-            writer.close()
+            for writer in writers.values():
+                writer.close()
         model_dtype = dtype or {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.params_dtype]
         hf_config = qwen2_config_for(cfg, architectures=["Qwen2ForCausalLM"])
         hf_config.dtype = _TORCH_DTYPE_NAMES.get(model_dtype, "float32")
         hf_config.save_pretrained(tmp)
-        from safetensors.torch import save_file
-
-        save_file({k: cast(v).contiguous() for k, v in audio_parts(state, cfg).items()}, str(tmp / AUDIO_FILE),
-                  metadata={"format": "pt"})
         exported = replace(cfg, parallel=replace(cfg.parallel, tensor_model_parallel_size=1,
                                                  pipeline_model_parallel_size=1, sequence_parallel=False))
         if cfg.audio_in.enabled:
-            enc = tmp / ENCODER_DIR
-            enc.mkdir()
-            encoder_config.save_pretrained(enc)
-            save_file({k: cast(v).contiguous() for k, v in encoder_state(state).items()},
-                      str(enc / "model.safetensors"), metadata={"format": "pt"})
+            encoder_config.save_pretrained(tmp / ENCODER_DIR)
             # relative: the folder can move; hf_ualm resolves it against the folder
             exported = replace(exported, audio_in=replace(cfg.audio_in, encoder_path=ENCODER_DIR))
         (tmp / UALM_CONFIG_FILE).write_text(json.dumps(config_to_dict(exported), indent=2) + "\n")
@@ -104,33 +116,27 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
     return out
 
 
-@torch.no_grad()
-def fold_text_padding_overlap(model, cfg: UALMConfig) -> dict[str, Any]:
-    """The model's state dict, with what its embedding really computes for the first audio ids folded in.
+def check_checkpoint_shapes(model: torch.nn.Module, iteration: Path) -> None:
+    """Every tensor the model describes is in the checkpoint with the same global shape (before any is read)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    ualm_nemo/model/embedding.py (as of 2026-11-23) looks every id up in both tables; the text table is padded
-    to ``padded(num_text_rows)`` rows, so audio ids below that bound also pick up a text *padding* row (trained,
-    since gradients reach it). The HF export has no padding rows, so those rows are added to the audio rows
-    they shadow. Probed, not assumed: once the embedding is fixed the probe sees no overlap and nothing changes.
-    """
-    state = dict(model.state_dict())
-    off, end = cfg.vocab.audio_offset, padded(cfg.num_text_rows)
-    if model.embedding is None or end <= off:
-        return state
-    text, audio = state["embedding.text.weight"], state["embedding.audio.weight"]
-    probe = torch.tensor([cfg.vocab.text_position_streams(0)])[None]  # [1, 1, N]
-    probe[..., 0] = end - 1  # an audio id (codebook 0) in the overlap
-    got = model.embedding(probe)[0, 0]
-    if torch.equal(got, audio[end - 1 - off]):
-        return state
-    if not torch.allclose(got, audio[end - 1 - off] + text[end - 1]):
-        raise RuntimeError("the model's embedding of an audio id is neither its audio row nor audio + text padding "
-                           "row: the exporter does not know this embedding's semantics")
-    log.warning("folding %d text-table padding rows into the audio rows they overlap (see embedding.py)", end - off)
-    folded = audio.clone()
-    folded[: end - off] += text[off:end]
-    state["embedding.audio.weight"] = folded
-    return state
+    stored = dist_checkpointing.load_tensors_metadata(str(iteration))
+    problems = []
+    for entry in model.sharded_state_dict(prefix="").values():
+        parts = nested_values(entry.build()) if isinstance(entry, ShardedTensorFactory) else [entry]
+        for sh in parts:
+            if not isinstance(sh, ShardedTensor):
+                continue
+            if sh.key not in stored:
+                problems.append(f"{sh.key} is missing")
+            elif tuple(stored[sh.key].global_shape) != tuple(sh.global_shape):
+                problems.append(f"{sh.key}: checkpoint {tuple(stored[sh.key].global_shape)}, "
+                                f"config {tuple(sh.global_shape)}")
+    if problems:
+        raise ValueError(f"{iteration} does not match the model config: {'; '.join(sorted(set(problems))[:6])}"
+                         f"{' ...' if len(set(problems)) > 6 else ''}")
 
 
 def _first_cause(err: BaseException) -> str:
@@ -173,7 +179,6 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
     """
     import torch.distributed as dist
 
-    from ualm_nemo.distributed import checkpoint
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.model.builder import build_model
 
@@ -183,21 +188,25 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
     cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
                              transformer_impl="local")
     init_model_parallel(cfg1.parallel, seed=cfg.seed)
-    model = build_model(cfg1, initialize=False)  # no random init: the load overwrites every tensor
+    model = build_model(cfg1, initialize=False, device="cpu")  # describes the checkpoint; never touched
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
-        checkpoint.load_checkpoint(iteration, [model], None, restore_rng=False)
-    except (Exception, CheckpointException) as err:
-        raise ValueError(f"could not load {iteration} into the given model config (backbone {cfg.backbone}, "
-                         f"audio_in={cfg.audio_in}, audio_out.head={cfg.audio_out.head!r}): does the config match "
-                         f"the checkpoint? Cause: {_first_cause(err)}") from err
+        check_checkpoint_shapes(model, iteration)
+    except (CheckpointException, OSError, RuntimeError) as err:
+        raise ValueError(f"could not read {iteration}: {_first_cause(err)}") from err
+    except ValueError as err:
+        raise ValueError(f"{err} (config: backbone {cfg.backbone}, audio_in={cfg.audio_in}, "
+                         f"audio_out.head={cfg.audio_out.head!r})") from err
     encoder_config = model.audio_input.encoder.tower.config if model.audio_input is not None else None
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        write_hf_folder(fold_text_padding_overlap(model, cfg1), cfg1, out, encoder_config=encoder_config, tokenizer_dir=tokenizer_dir,
+    reader = StreamedCheckpointReader(model, iteration)
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        write_hf_folder(reader, cfg1, out, encoder_config=encoder_config, tokenizer_dir=tokenizer_dir,
                         dtype=DTYPES[dtype] if dtype else None, max_shard_bytes=max_shard_bytes,
                         overwrite=overwrite, progress=progress)
+    else:  # checkpoint loads are collective: follow rank 0's reads, write nothing
+        for _ in iter_export(reader, cfg1):
+            pass
     if dist.is_initialized():
         dist.barrier()
     return Path(out)

@@ -43,15 +43,22 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def read_tensor(path: Path, info: dict, data_start: int) -> torch.Tensor:
-    """One tensor of a safetensors file (``info``: its header entry), read with file reads (no mmap)."""
+def read_tensor(path: Path, info: dict, data_start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file (``info``: its header entry), read with file reads (no mmap).
+
+    ``out``: a contiguous tensor of the same dtype and shape to read into (no second buffer); else a new one.
+    """
     begin, end = info["data_offsets"]
-    out = torch.empty(end - begin, dtype=torch.uint8)
+    dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"{path}: cannot read {info['dtype']} {list(shape)} into {out.dtype} {list(out.shape)}")
     with open(path, "rb") as f:
         f.seek(data_start + begin)
-        if end > begin and f.readinto(memoryview(out.numpy())) != end - begin:
+        if end > begin and f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != end - begin:
             raise ValueError(f"{path}: truncated safetensors file")
-    return out.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
 
 
 class HFFolder:
@@ -126,7 +133,12 @@ class HFFolder:
                 raise ValueError(f"{self.path}: {INDEX_FILE} names tensors its shards do not hold, e.g. {missing[:3]}")
         return self._shapes
 
-    def get(self, key: str) -> torch.Tensor:
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The stored dtype of a tensor (None for a dtype only safetensors itself reads)."""
+        header, _ = self._header_of(key)
+        return _DTYPES.get(header[key]["dtype"])
+
+    def _header_of(self, key: str) -> tuple[dict, int]:
         if key not in self._file_of:
             raise KeyError(f"{self.path}: no tensor {key!r} in its safetensors")
         name = self._file_of[key]
@@ -135,9 +147,15 @@ class HFFolder:
         header, data_start = self._headers[name]
         if key not in header:
             raise KeyError(f"{self.path / name} does not hold {key!r} (the index says it does)")
+        return header, data_start
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key``; read straight into ``out`` when given (same dtype and shape, contiguous)."""
+        header, data_start = self._header_of(key)
         if header[key]["dtype"] not in _DTYPES:  # an exotic dtype: let safetensors read it
-            return self._handle(key).get_tensor(key)
-        return read_tensor(self.path / name, header[key], data_start)
+            tensor = self._handle(key).get_tensor(key)
+            return tensor if out is None else out.copy_(tensor)
+        return read_tensor(self.path / self._file_of[key], header[key], data_start, out)
 
     def close(self) -> None:
         self._open, self._open_name = None, None

@@ -1,33 +1,34 @@
 """HF Qwen2.5 folder -> UALM distributed checkpoint (model weights only, step 0), loadable at any TP/PP.
 
-Route: build the full TP1/PP1 UALM model in this process *without* Megatron's weight initialisation (every
-Megatron tensor is overwritten below, so its random init -- a full fp32 master copy per layer -- would be
-wasted memory and time), stream the HF tensors in one at a time through the key map (each copied into its
-parameter, then dropped), initialise the new vocabulary rows (deterministically, from the seed), check that no
-Megatron tensor was left uninitialised, and save a Megatron dist checkpoint. Dist checkpoints reshard on load, so the one
-TP1 checkpoint serves every layout; ``target_layout`` is checked here so a layout that cannot hold the model
-fails now, not on the cluster.
+Route: build the TP1/PP1 UALM model *without* Megatron's initialisation: its big tensors are allocated and never
+written, so they cost address space, not memory; it only describes the checkpoint (every key, shape, chunk).
+Then write the dist checkpoint tensor by tensor (ualm_nemo/distributed/streaming.py): each tensor is made from
+the HF tensors it maps from when the writer reaches it, written, and dropped. Dist checkpoints reshard on load,
+so the one TP1 checkpoint serves every layout; ``target_layout`` is checked here so a layout that cannot hold
+the model fails now, not on the cluster.
 
-Memory: the model (in ``params_dtype``) plus one HF shard's mapped pages plus one tensor in flight (the text
-tables' transform holds a second copy of one table while it is written). The model
-itself is whole in this process: a 7B import at bf16 needs ~16 GB (fp32: ~31 GB).
+Memory: one Megatron tensor in flight (the largest: the text embedding or head table, ~1.1 GB for the 7B in
+bf16; its HF rows are read straight into it), plus what the model build initialises itself: the small UALM
+parts (stream embedding / codebook heads, audio adapter) and, when ``model.audio_in.encoder_path`` names a
+Qwen2.5-Omni folder, the audio tower (read by the model build; only ``thinker.audio_tower.*``).
 
-The audio encoder, when ``model.audio_in.encoder_path`` names a Qwen2.5-Omni folder, is read by the model
-build itself (only the ``thinker.audio_tower.*`` tensors) and lands in the checkpoint with the rest.
+New vocabulary rows (UALM specials, every audio row): ``mean`` of the HF text rows of their table, or
+``normal`` N(0, init_std) drawn from a generator seeded by (seed, table): deterministic in any write order.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
 from ualm_nemo.convert.configs import config_to_dict
 from ualm_nemo.convert.hf_folder import HFFolder
-from ualm_nemo.convert.qwen2_keymap import check_compatible, iter_hf_to_ualm, num_mapped_tensors, resolve_hf_sources
+from ualm_nemo.convert.qwen2_keymap import check_compatible, map_one, megatron_sources, resolve_hf_sources
 from ualm_nemo.model.config import ConfigError, UALMConfig
 
 log = logging.getLogger(__name__)
@@ -73,41 +74,43 @@ def _row_mean(table: torch.Tensor, block: int = 4096) -> torch.Tensor:
     return acc / table.shape[0]
 
 
-@torch.no_grad()
-def init_new_rows(state: dict[str, Any], cfg: UALMConfig, how: NewRowsInit,
-                  generator: torch.Generator | None = None) -> None:
-    """Rows HF has no weights for: the UALM specials and every audio row, in the embedding and the head.
+# the four vocabulary tables: (UALM key, the HF tensor whose text rows seed its new rows, is the text table)
+VOCAB_TABLES = {"embedding.text.weight": ("model.embed_tokens.weight", True),
+                "heads.text_head.weight": ("lm_head.weight", True),
+                "embedding.audio.weight": ("model.embed_tokens.weight", False),
+                "heads.audio_head.weight": ("lm_head.weight", False)}
 
-    ``mean``: each set to the mean of the HF text rows of its table (a common choice when growing a vocabulary:
-    new tokens start as an "average token" and do not dominate the softmax); ``normal``: kept as initialised
-    (N(0, model.init_std)) -- or, given ``generator``, drawn from N(0, model.init_std) with it here, for a model
-    built without initialisation (in a fixed order: text embedding, text head, audio embedding, audio head;
-    drawn in fp32, then cast). Vocabulary padding rows are zeroed: they are masked in the heads, and the embedding
-    currently adds the text table's padding rows to the first audio ids (see exporter.fold_text_padding_overlap).
+
+def table_generator(seed: int, key: str) -> torch.Generator:
+    """The generator of one table's ``normal`` rows: fixed by (seed, table), whatever order tables are made in."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+
+
+@torch.no_grad()
+def fill_new_rows(key: str, table: torch.Tensor, cfg: UALMConfig, how: NewRowsInit, text_mean: torch.Tensor | None,
+                  generator: torch.Generator | None = None) -> None:
+    """Set the rows of one vocabulary table (``VOCAB_TABLES``) that HF has no weights for, in place.
+
+    New rows are the UALM specials of a text table and every row of an audio table. ``mean``: each set to
+    ``text_mean``, the mean of the HF text rows of the matching text table (a common choice when growing a
+    vocabulary: new tokens start as an "average token" and do not dominate the softmax); ``normal``: drawn from
+    N(0, model.init_std) with ``generator`` (in fp32, then cast), or left as they are without one. Vocabulary
+    padding rows are zeroed (they are masked in the heads and never looked up).
     """
     if how not in ("mean", "normal"):
         raise ConfigError(f"new_rows_init={how!r}: choose 'mean' or 'normal'")
-    v, t, a = cfg.backbone.text_vocab_size, cfg.num_text_rows, cfg.num_audio_rows
-    for key, real in (("embedding.text.weight", t), ("heads.text_head.weight", t), ("embedding.audio.weight", a),
-                      ("heads.audio_head.weight", a)):
-        state[key][real:] = 0
-    if how == "normal":
-        if generator is not None:
-            for key, lo, hi in (("embedding.text.weight", v, t), ("heads.text_head.weight", v, t),
-                                ("embedding.audio.weight", 0, a), ("heads.audio_head.weight", 0, a)):
-                rows = state[key][lo:hi]
-                rows.copy_(torch.empty(rows.shape, dtype=torch.float32).normal_(0.0, cfg.init_std,
-                                                                                generator=generator))
-        return
-    for text_key, audio_key in (("embedding.text.weight", "embedding.audio.weight"),
-                                ("heads.text_head.weight", "heads.audio_head.weight")):
-        mean = _row_mean(state[text_key][:v]).to(state[text_key].dtype)
-        state[text_key][v:t] = mean
-        state[audio_key][:a] = mean
-
-
-_NEW_ROW_TABLES = ("embedding.text.weight", "heads.text_head.weight", "embedding.audio.weight",
-                   "heads.audio_head.weight")  # every row set by the HF map or init_new_rows
+    if key not in VOCAB_TABLES:
+        raise KeyError(f"{key!r} is not a vocabulary table ({sorted(VOCAB_TABLES)})")
+    is_text = VOCAB_TABLES[key][1]
+    lo, hi = (cfg.backbone.text_vocab_size, cfg.num_text_rows) if is_text else (0, cfg.num_audio_rows)
+    table[hi:] = 0
+    rows = table[lo:hi]
+    if how == "mean":
+        if text_mean is None:
+            raise ValueError(f"{key}: new_rows_init=mean needs the mean of the HF text rows")
+        rows.copy_(text_mean.to(table.dtype).expand_as(rows))
+    elif generator is not None:
+        rows.copy_(torch.empty(rows.shape, dtype=torch.float32).normal_(0.0, cfg.init_std, generator=generator))
 
 
 def _megatron_initialised_keys(model: torch.nn.Module) -> set[str]:
@@ -119,12 +122,62 @@ def _megatron_initialised_keys(model: torch.nn.Module) -> set[str]:
             for p, value in module.named_parameters(recurse=False) if value is not None}
 
 
-def _check_all_initialised(model: torch.nn.Module, filled: set[str]) -> None:
-    """The model was built without initialisation: every Megatron tensor must have been filled."""
-    left = sorted(_megatron_initialised_keys(model) - filled)
-    if left:
-        raise RuntimeError(f"import left Megatron tensors uninitialised (not in the HF key map, not new rows): "
-                           f"{left[:8]}")
+class ImportSource:
+    """Makes each tensor of the UALM checkpoint on demand: ``resolve(key)`` (see streaming.save_streamed).
+
+    Backbone tensors come from the HF folder through the key map, the four vocabulary tables from HF rows plus
+    new rows, everything else (UALM's own small parts, the audio encoder) from the model as it was built.
+    """
+
+    def __init__(self, folder: HFFolder, cfg: UALMConfig, own: Mapping[str, torch.Tensor], new_rows_init: NewRowsInit,
+                 seed: int) -> None:
+        if new_rows_init not in ("mean", "normal"):
+            raise ConfigError(f"new_rows_init={new_rows_init!r}: choose 'mean' or 'normal'")
+        self.folder, self.cfg, self.own, self.how, self.seed = folder, cfg, own, new_rows_init, seed
+        self.hf_key_of = resolve_hf_sources(folder.shapes(), cfg)  # expected HF key -> key to read it from
+        self.backbone = megatron_sources(cfg)
+        self._means: dict[str, torch.Tensor] = {}
+
+    def check_covers(self, must_be_made: set[str]) -> None:
+        """Every tensor the model left uninitialised must be made here (no random memory in the checkpoint)."""
+        left = sorted(must_be_made - set(self.backbone) - set(VOCAB_TABLES))
+        if left:
+            raise RuntimeError(f"import would leave Megatron tensors uninitialised (not in the HF key map, not a "
+                               f"vocabulary table): {left[:8]}")
+
+    def _read(self, hf_key: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.folder.get(self.hf_key_of[hf_key]).to(dtype)
+
+    def _text_mean(self, hf_key: str, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the HF text rows (after the cast to the model dtype), computed once per HF tensor."""
+        if hf_key not in self._means:
+            self._means[hf_key] = _row_mean(rows if rows is not None else self._read(hf_key, dtype))
+        return self._means[hf_key]
+
+    def _table(self, key: str) -> torch.Tensor:
+        hf_key, is_text = VOCAB_TABLES[key]
+        like = self.own[key]
+        table = torch.zeros(like.shape, dtype=like.dtype)
+        mean_from = None
+        if is_text:
+            hf_rows = table[: self.cfg.backbone.text_vocab_size]
+            if self.folder.dtype(self.hf_key_of[hf_key]) == table.dtype:
+                self.folder.get(self.hf_key_of[hf_key], out=hf_rows)  # read straight into the table
+            else:
+                hf_rows.copy_(self._read(hf_key, table.dtype))
+            mean_from = hf_rows
+        mean = self._text_mean(hf_key, table.dtype, mean_from) if self.how == "mean" else None
+        fill_new_rows(key, table, self.cfg, self.how, mean, table_generator(self.seed, key))
+        return table
+
+    def resolve(self, key: str) -> torch.Tensor:
+        if key in VOCAB_TABLES:
+            return self._table(key)
+        if key in self.backbone:
+            rule, hf_keys = self.backbone[key]
+            dtype = self.own[key].dtype
+            return map_one(rule, tuple(self._read(k, dtype) for k in hf_keys), self.cfg)
+        return self.own[key]  # built and initialised by the model itself (see check_covers)
 
 
 def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConfig, *,
@@ -132,8 +185,8 @@ def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConf
                          overwrite: bool = False, progress: bool = True, seed: int | None = None) -> Path:
     """Write ``out_root/iter_0000000`` (+ ``latest``) from an HF Qwen2 folder. Returns the iteration folder.
 
-    Must run where torch.distributed is initialised (``init_distributed()``); every rank builds the same TP1
-    model and the checkpoint is written collectively (one process is the normal case).
+    Must run where torch.distributed is initialised (``init_distributed()``); collective: every rank builds
+    the same TP1 model description and joins the save (one process is the normal case; rank 0 writes).
     """
     from ualm_nemo.distributed import checkpoint
     from ualm_nemo.distributed.parallel import init_model_parallel
@@ -149,24 +202,22 @@ def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConf
                              transformer_impl="local")
     seed = cfg.seed if seed is None else seed
     init_model_parallel(cfg1.parallel, seed=seed)
-    model = build_model(cfg1, initialize=False)  # Megatron tensors: allocated, not initialised (filled below)
-    state = model.state_dict()  # detached views of the parameters: writing into them writes the model
-    sources = resolve_hf_sources(folder.shapes(), cfg)
-    written = set()
-    with _progress(num_mapped_tensors(cfg), "import", progress) as bar:
-        for key, tensor in iter_hf_to_ualm(folder.get, sources, cfg, state, in_place=True):
-            with torch.no_grad():
-                if tensor is not state[key]:  # in_place: the text tables are written already
-                    state[key].copy_(tensor)
-            written.add(key)
-            bar.update(1)
-    folder.close()
-    init_new_rows(state, cfg, new_rows_init, generator=torch.Generator().manual_seed(seed))
-    _check_all_initialised(model, written | set(_NEW_ROW_TABLES))
+    model = build_model(cfg1, initialize=False, device="cpu")  # Megatron tensors: allocated, never touched
+    own = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    source = ImportSource(folder, cfg, own, new_rows_init, seed)
+    source.check_covers(_megatron_initialised_keys(model))
     common = {"ualm_config": config_to_dict(cfg1), "scheduler": None,
               "imported_from": {"hf": str(Path(hf_dir).resolve()), "new_rows_init": new_rows_init}}
-    log.info("saving %s", out_root)
-    return checkpoint.save_checkpoint(out_root, 0, [model], None, common=common)
+    with _progress(len(own), "import", progress) as bar:
+        def resolve(key: str) -> torch.Tensor:
+            tensor = source.resolve(key)
+            bar.update(1)
+            return tensor
+
+        log.info("writing %s tensor by tensor", out_root)
+        path = checkpoint.save_checkpoint(out_root, 0, [model], None, common=common, resolve=resolve)
+    folder.close()
+    return path
 
 
 def load_initial_weights(engine, path: str | Path) -> dict[str, Any]:

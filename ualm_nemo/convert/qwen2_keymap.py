@@ -229,6 +229,23 @@ def iter_hf_to_ualm(read: Callable[[str], Tensor], sources: Mapping[str, str], c
             yield mkey, rule.to_megatron(parts, base[mkey], d).contiguous()
 
 
+def megatron_sources(cfg: UALMConfig) -> dict[str, tuple[Rule, tuple[str, ...]]]:
+    """{Megatron key: (its rule, the HF keys it is made from)} for every backbone tensor of ``cfg``."""
+    return {mkey: (rule, hf_keys) for rule in KEY_MAP for hf_keys, mkey in _expand(rule, cfg.backbone.num_layers)}
+
+
+def is_text_table(rule: Rule) -> bool:
+    """The rule fills only the HF rows of a larger UALM table (embedding / head); its other rows are new."""
+    return rule.to_megatron is _into_text_rows
+
+
+def map_one(rule: Rule, parts: tuple[Tensor, ...], cfg: UALMConfig) -> Tensor:
+    """One Megatron tensor from its HF parts, for a rule that makes the whole tensor (not a text table)."""
+    if is_text_table(rule):
+        raise ValueError(f"{rule.megatron}: a text table needs its new rows too (see convert/importer.py)")
+    return rule.to_megatron(parts, None, Dims.of(cfg)).contiguous()
+
+
 def num_mapped_tensors(cfg: UALMConfig) -> int:
     """How many Megatron tensors the backbone map produces (for progress bars)."""
     return sum(cfg.backbone.num_layers if rule.per_layer else 1 for rule in KEY_MAP)
@@ -248,14 +265,17 @@ def hf_to_ualm(hf_state: Mapping[str, Tensor], cfg: UALMConfig, base: Mapping[st
 
 
 def iter_ualm_to_hf(ualm_state: Mapping[str, Any], cfg: UALMConfig) -> Iterator[tuple[str, Tensor]]:
-    """Yield (HF key, tensor) of the backbone one at a time from a full TP1/PP1 UALM state dict."""
+    """Yield (HF key, tensor) of the backbone one at a time from a full TP1/PP1 UALM state dict (or anything
+    with ``in`` and ``[key]``, e.g. a checkpoint reader: each key is read once)."""
     d = Dims.of(cfg)
     for rule in KEY_MAP:
         for hf_keys, mkey in _expand(rule, cfg.backbone.num_layers):
             if mkey not in ualm_state:
                 raise ValueError(f"UALM state dict has no {mkey!r} (expected a full TP1/PP1 state dict)")
-            _check_shape(mkey, ualm_state[mkey].shape, rule.megatron_shape(d), "UALM tensor")
-            yield from zip(hf_keys, rule.to_hf(ualm_state[mkey], d))
+            tensor = ualm_state[mkey]  # read once: ``ualm_state`` may load it from a checkpoint
+            _check_shape(mkey, tensor.shape, rule.megatron_shape(d), "UALM tensor")
+            yield from zip(hf_keys, rule.to_hf(tensor, d))
+            del tensor
 
 
 def ualm_to_hf(ualm_state: Mapping[str, Any], cfg: UALMConfig) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -91,15 +91,27 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, chunks, optimizer, common: dict[str, Any],
-                    per_rank: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
-    """Save model (+optimizer) shards and ``common`` (rank 0) / ``per_rank`` state for ``step``."""
+                    per_rank: dict[str, Any] | None = None, keep_last: int | None = None,
+                    resolve: Callable[[str], torch.Tensor] | None = None) -> Path:
+    """Save model (+optimizer) shards and ``common`` (rank 0) / ``per_rank`` state for ``step``.
+
+    ``resolve``: write the weights of the one model chunk tensor by tensor, each made by ``resolve(key)``
+    when it is written (converters; no optimizer; see streaming.save_streamed). Same files either way.
+    """
     root = Path(root)
     final, tmp = root / f"iter_{step:07d}", root / f"iter_{step:07d}.tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, loading=False), str(tmp))
+    if resolve is None:
+        dist_checkpointing.save(_sharded_state(chunks, optimizer, loading=False), str(tmp))
+    else:
+        if optimizer is not None or len(chunks) != 1:
+            raise ValueError("a streamed save writes the weights of one model chunk, without optimizer state")
+        from ualm_nemo.distributed.streaming import save_streamed
+
+        save_streamed(chunks[0], tmp, resolve, prefix="model0")
     torch.save({**(per_rank or {}), "rng": rng_state()}, tmp / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
         torch.save({**common, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1},

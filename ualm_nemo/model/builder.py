@@ -58,12 +58,13 @@ def layer_spec(cfg: UALMConfig) -> ModuleSpec:
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_model(cfg: UALMConfig, pre_process: bool | None = None,
-                post_process: bool | None = None, initialize: bool = True) -> UALMLanguageModel:
+def build_model(cfg: UALMConfig, pre_process: bool | None = None, post_process: bool | None = None,
+                initialize: bool = True, device: str | None = None) -> UALMLanguageModel:
     """The model chunk of this rank's pipeline stage (parallel_state must be initialised).
 
     ``initialize=False``: see ``transformer_config(perform_initialization=False)``; for weights that are all
-    overwritten before use (conversion).
+    overwritten before use (conversion). ``device``: ``"cpu"`` keeps the model on the CPU where a GPU is
+    present (converters); default: the current GPU when there is one.
     """
     cfg.validate(parallel_state.get_tensor_model_parallel_world_size()
                  * parallel_state.get_pipeline_model_parallel_world_size())
@@ -72,6 +73,8 @@ def build_model(cfg: UALMConfig, pre_process: bool | None = None,
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     model = UALMLanguageModel(transformer_config(cfg, initialize), cfg, layer_spec(cfg), pre_process, post_process)
-    if torch.cuda.is_available():
+    if device is None and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    elif device not in (None, "cpu"):
+        model.to(device)
     return model
