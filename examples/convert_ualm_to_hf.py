@@ -22,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="conf/model name, a model YAML or a ualm_config.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model-config override")
     p.add_argument("--tokenizer", help="folder whose tokenizer files are copied (default: the import's HF source)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as saved)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights (default: the model's params_dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")

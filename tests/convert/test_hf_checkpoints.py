@@ -28,7 +28,7 @@ from ualm_nemo.testing.dist import run_distributed
 
 from hf_fixtures import make_hf_folder, tiny_cfg as _cfg
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(450)
 
 ROOT = Path(__file__).resolve().parents[2]
 V = 384  # tiny text vocab
@@ -168,6 +168,74 @@ def _worker(root: str) -> dict:
         return {"calls": len(calls), "left": sorted(p.name for p in r.iterdir() if "interrupted" in p.name)}
 
     _phase(out, "interrupted", interrupted)
+
+    def per_codebook():
+        """A per-codebook-head model trained one step at TP2, exported: its logits, for the HF class to match."""
+        from dataclasses import replace
+
+        from ualm_nemo.distributed.optim import OptimConfig
+        from ualm_nemo.distributed.parallel import init_model_parallel
+        from ualm_nemo.training.engine import MegatronEngine
+
+        cfg = _cfg(2, 1)
+        cfg = replace(cfg, audio_out=replace(cfg.audio_out, head="per_codebook"))
+        init_model_parallel(cfg.parallel, seed=5)
+        engine = MegatronEngine(cfg, OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0), max_steps=2)
+        engine.train_step([random_batch(cfg.vocab, 2, 5, with_audio_input=True)])
+        engine.save(str(r / "per_codebook"))
+        logits = _logits(engine.chunks[0], inputs["audio_batch"])  # before the export re-initialises at TP1
+        rc = u2hf.main([str(r / "per_codebook"), str(r / "hf_per_codebook"), "--no-progress"])
+        return {"rc": rc, "audio": logits}
+
+    _phase(out, "per_codebook", per_codebook)
+    _phase(out, "bf16_import", lambda: hf2u.main([str(r / "hf_bf16"), str(r / "imported_bf16"), "--model", "tiny",
+                                                   "--params-dtype", "bf16", "--no-audio-input", "--no-progress"]))
+    _phase(out, "bf16_export", lambda: u2hf.main([str(r / "imported_bf16"), str(r / "hf_bf16_back"),
+                                                   "--no-progress"]))
+    _phase(out, "streaming", lambda: _streaming_checks(r))
+    return out
+
+
+def _streaming_checks(r: Path) -> dict:
+    """The streamed reader and writer against megatron's own load/save, on the TP2 checkpoint trained above."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ualm_nemo.distributed import checkpoint
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.distributed.streaming import StreamedCheckpointReader
+    from ualm_nemo.model.builder import build_model
+
+    trained = checkpoint.find_latest(r / "trained")
+    init_model_parallel(_cfg().parallel, seed=1)
+    reference = build_model(_cfg())  # megatron's reshard TP2 -> TP1, whole model in memory
+    checkpoint.load_checkpoint(trained, [reference], restore_rng=False)
+    state = {k: v for k, v in reference.state_dict().items() if isinstance(v, torch.Tensor)}
+    skeleton = build_model(_cfg(), initialize=False, device="cpu")
+    reader = StreamedCheckpointReader(skeleton, trained)
+    out = {"keys": len(state), "reader_missing": sorted(set(state) - set(reader.keys())),
+           "reader_mismatch": [k for k in reader.keys() if not torch.equal(reader.get(k), state[k])]}
+    calls = []
+
+    def resolve(key):
+        calls.append(key)
+        return state[key].clone()
+
+    checkpoint.save_checkpoint(r / "streamed", 0, [skeleton], None, common={"ualm_config": None}, resolve=resolve)
+    out["calls"], out["distinct"] = len(calls), len(set(calls))
+    try:
+        checkpoint.save_checkpoint(r / "streamed", 1, [skeleton], None, common={}, resolve=lambda key: torch.zeros(3))
+        out["bad_resolve"] = "no error"
+    except (Exception, CheckpointException) as err:
+        out["bad_resolve"] = str(err)
+    out["after_bad"] = (sorted(p.name for p in (r / "streamed").iterdir()), (r / "streamed" / "latest").read_text())
+    cfg2 = _cfg(2, 1)  # the streamed TP1 checkpoint loads at TP2 equal to the trained TP2 weights
+    init_model_parallel(cfg2.parallel, seed=2)
+    streamed, original = build_model(cfg2), build_model(cfg2)
+    checkpoint.load_checkpoint(r / "streamed" / "iter_0000000", [streamed], restore_rng=False)
+    checkpoint.load_checkpoint(trained, [original], restore_rng=False)
+    want = original.state_dict()
+    out["tp2_mismatch"] = [k for k, v in streamed.state_dict().items()
+                           if isinstance(v, torch.Tensor) and not torch.equal(v, want[k])]
     return out
 
 
@@ -179,12 +247,14 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hf_ckpt")
     make_hf_folder(root / "hf")
+    AutoModelForCausalLM.from_pretrained(root / "hf").to(torch.bfloat16).save_pretrained(root / "hf_bf16",
+                                                                                         max_shard_size="200KB")
     vocab = _cfg().vocab
     ids = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
     audio_batch = {k: v for k, v in random_batch(vocab, 2, 42, with_audio_input=True).items()
                    if k in ("tokens", "audio_features", "audio_feature_lens")}
     torch.save({"text_tokens": _stream_tokens(vocab, ids), "audio_batch": audio_batch}, root / "inputs.pt")
-    results = run_distributed(2, _worker, str(root), timeout=280)
+    results = run_distributed(2, _worker, str(root), timeout=400)
     torch.save(results, root / "results.pt")  # for debugging a failure
     hf = AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="eager").eval()
     with torch.no_grad():
@@ -339,3 +409,43 @@ def test_new_rows_drawn_from_seed():
         assert not torch.equal(states[0][key][V:], states[2][key][V:]), key
     emb, head = states[0]["embedding.audio.weight"][:a], states[0]["heads.audio_head.weight"][:a]
     assert not torch.equal(emb, head)  # each table its own draw
+
+
+def test_per_codebook_heads_export_reproduces_logits(world):
+    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+
+    got = _ok(world, "per_codebook")
+    assert got["rc"] == 0
+    model = UALMForConditionalGeneration.from_pretrained(world["root"] / "hf_per_codebook",
+                                                         attn_implementation="eager")
+    assert model.codebook_heads is not None and model.stream_embedding is None
+    with torch.no_grad():
+        stream0, codebooks = model(**world["audio_batch"])
+    torch.testing.assert_close(stream0, got["audio"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(codebooks, got["audio"][1], atol=1e-5, rtol=1e-5)
+    assert float(codebooks[..., :1024].std(-1).min()) > 0.05
+
+
+def test_bf16_round_trip_is_bit_identical(world):
+    """bf16 HF -> bf16 UALM checkpoint -> HF: every tensor bit-identical and still bf16 (no fp32 detour)."""
+    from ualm_nemo.convert.hf_folder import HFFolder
+
+    assert _ok(world, "bf16_import") == 0 and _ok(world, "bf16_export") == 0
+    src, back = HFFolder(world["root"] / "hf_bf16"), HFFolder(world["root"] / "hf_bf16_back")
+    assert sorted(src.keys()) == sorted(back.keys())
+    for key in src.keys():
+        a, b = src.get(key), back.get(key)
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), key
+    config = json.loads((world["root"] / "hf_bf16_back" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+
+
+def test_streamed_reader_and_writer_match_megatron(world):
+    got = _ok(world, "streaming")
+    assert got["reader_missing"] == [] and got["reader_mismatch"] == []  # TP2 checkpoint read key by key
+    assert got["calls"] == got["distinct"] == got["keys"]  # rank 0 makes every tensor once
+    assert _ok(world, "streaming", 1)["calls"] == 0  # the other rank's copies are replicas: not written twice
+    assert got["tp2_mismatch"] == []  # the streamed TP1 checkpoint reshards to TP2 exactly
+    assert "made (3,) torch.float32, the checkpoint holds" in got["bad_resolve"], got["bad_resolve"]
+    names, latest = got["after_bad"]
+    assert latest == "iter_0000000" and "iter_0000001" not in names  # the failed save is never the latest

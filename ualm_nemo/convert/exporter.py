@@ -174,8 +174,10 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
                          max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, progress: bool = True) -> Path:
     """Export a checkpoint (a run's checkpoint folder or one ``iter_*``) saved at any layout to an HF folder.
 
-    ``cfg``: the model config; optional when the checkpoint records one (imports do). Must run where
-    torch.distributed is initialised; every rank loads, rank 0 writes.
+    ``cfg``: the model config; optional when the checkpoint records one (imports do). ``dtype``: of every
+    written tensor (default: the model's ``params_dtype``; Megatron's local spec keeps RMSNorm weights in fp32
+    even in a bf16 model, and an HF folder should be one dtype). Must run where torch.distributed is
+    initialised; every rank loads, rank 0 writes.
     """
     import torch.distributed as dist
 
@@ -202,7 +204,7 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
     reader = StreamedCheckpointReader(model, iteration)
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         write_hf_folder(reader, cfg1, out, encoder_config=encoder_config, tokenizer_dir=tokenizer_dir,
-                        dtype=DTYPES[dtype] if dtype else None, max_shard_bytes=max_shard_bytes,
+                        dtype=DTYPES[dtype or cfg.params_dtype], max_shard_bytes=max_shard_bytes,
                         overwrite=overwrite, progress=progress)
     else:  # checkpoint loads are collective: follow rank 0's reads, write nothing
         for _ in iter_export(reader, cfg1):
