@@ -193,6 +193,9 @@ def _worker(root: str) -> dict:
     _phase(out, "bf16_export", lambda: u2hf.main([str(r / "imported_bf16"), str(r / "hf_bf16_back"),
                                                    "--no-progress"]))
     _phase(out, "streaming", lambda: _streaming_checks(r))
+    _phase(out, "omni_import", lambda: hf2u.main([str(r / "hf"), str(r / "imported_omni"), "--model", "tiny",
+                                                   "--audio-encoder", str(r / "omni"), "--no-progress"]))
+    _phase(out, "omni_export", lambda: u2hf.main([str(r / "imported_omni"), str(r / "hf_omni"), "--no-progress"]))
     return out
 
 
@@ -249,6 +252,11 @@ def world(tmp_path_factory):
     make_hf_folder(root / "hf")
     AutoModelForCausalLM.from_pretrained(root / "hf").to(torch.bfloat16).save_pretrained(root / "hf_bf16",
                                                                                          max_shard_size="200KB")
+    from ualm_nemo.model.audio_input import build_audio_encoder
+    from ualm_nemo.testing.omni_folder import write_fake_omni_folder
+
+    torch.manual_seed(11)  # a Qwen2.5-Omni layout (thinker.audio_tower.*, LM shard unreadable), tiny random tower
+    write_fake_omni_folder(root / "omni", build_audio_encoder(_cfg().audio_in).tower, nested=True, sharded=True)
     vocab = _cfg().vocab
     ids = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
     audio_batch = {k: v for k, v in random_batch(vocab, 2, 42, with_audio_input=True).items()
@@ -449,3 +457,20 @@ def test_streamed_reader_and_writer_match_megatron(world):
     assert "made (3,) torch.float32, the checkpoint holds" in got["bad_resolve"], got["bad_resolve"]
     names, latest = got["after_bad"]
     assert latest == "iter_0000000" and "iter_0000001" not in names  # the failed save is never the latest
+
+
+def test_import_reads_the_audio_tower_of_an_omni_folder(world):
+    """--audio-encoder <Qwen2.5-Omni folder>: only thinker.audio_tower.* is read (the LM shard is not even a
+    safetensors file), it lands in the checkpoint, and the export writes it back unchanged as audio_encoder/."""
+    from safetensors.torch import load_file
+
+    assert _ok(world, "omni_import") == 0 and _ok(world, "omni_export") == 0
+    root = world["root"]
+    source = {k.removeprefix("thinker.audio_tower."): v
+              for k, v in load_file(root / "omni" / "model-00001-of-00002.safetensors").items()}
+    exported = load_file(root / "hf_omni" / "audio_encoder" / "model.safetensors")
+    assert sorted(exported) == sorted(source) and len(source) > 10
+    for key, tensor in source.items():
+        assert torch.equal(exported[key], tensor), key
+    config = json.loads((root / "hf_omni" / "ualm_config.json").read_text())
+    assert config["audio_in"]["encoder_path"] == "audio_encoder"

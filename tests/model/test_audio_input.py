@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from ualm_nemo.model.audio_frames import SAMPLE_RATE, num_encoder_frames_from_me
 from ualm_nemo.model.audio_input import (AudioAdapter, AudioInput, build_audio_encoder, load_audio_tower,
                                          splice_audio_embeddings)
 from ualm_nemo.model.config import AudioInputConfig, ConfigError
+from ualm_nemo.testing.omni_folder import write_fake_omni_folder
 
 HIDDEN = 48
 
@@ -158,34 +158,10 @@ def test_roundtrip_encoder_only_folder(tmp_path, tiny_encoder):
     assert all(not p.requires_grad for p in loaded.parameters())
 
 
-def _write_omni_folder(folder, tower, nested: bool, sharded: bool) -> None:
-    """A fake Qwen2.5-Omni (nested=True) or thinker-only folder: tower tensors + unrelated LM tensors."""
-    audio_config = tower.config.to_dict()
-    prefix = "thinker.audio_tower." if nested else "audio_tower."
-    lm_prefix = "thinker.model." if nested else "model."
-    audio = {prefix + k: v.contiguous() for k, v in tower.state_dict().items()}
-    other = {lm_prefix + "embed_tokens.weight": torch.randn(10, 4), lm_prefix + "layers.0.mlp.up_proj.weight":
-             torch.randn(4, 4)}
-    thinker = {"model_type": "qwen2_5_omni_thinker", "audio_config": audio_config,
-               "text_config": {"model_type": "qwen2_5_omni_text", "hidden_size": 4}}
-    config = ({"architectures": ["Qwen2_5OmniModel"], "model_type": "qwen2_5_omni", "thinker_config": thinker,
-               "talker_config": {"model_type": "qwen2_5_omni_talker"}, "token2wav_config": {}} if nested else thinker)
-    (folder / "config.json").write_text(json.dumps(config))
-    if sharded:
-        save_file(audio, folder / "model-00001-of-00002.safetensors")
-        # the LM shard is garbage: reading it would fail, so the test proves it is never opened
-        (folder / "model-00002-of-00002.safetensors").write_bytes(b"not a safetensors file")
-        weight_map = {**{k: "model-00001-of-00002.safetensors" for k in audio},
-                      **{k: "model-00002-of-00002.safetensors" for k in other}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    else:
-        save_file({**other, **audio}, folder / "model.safetensors")
-
-
 @pytest.mark.parametrize("nested,sharded", [(True, False), (True, True), (False, False)],
                          ids=["omni", "omni-sharded", "thinker-only"])
 def test_loads_only_audio_tower_from_omni_folder(tmp_path, tiny_encoder, nested, sharded):
-    _write_omni_folder(tmp_path, tiny_encoder.tower, nested=nested, sharded=sharded)
+    write_fake_omni_folder(tmp_path, tiny_encoder.tower, nested=nested, sharded=sharded)
     loaded = build_audio_encoder(_cfg(encoder_path=str(tmp_path)))
     assert loaded.tower.state_dict().keys() == tiny_encoder.tower.state_dict().keys()
     feats, lens = _batch([1.0, 2.5], seed=1)

@@ -24,7 +24,7 @@ import torch
 from ualm_nemo.convert.audio_parts import AUDIO_FILE, ENCODER_DIR, UALM_CONFIG_FILE, encoder_keys, iter_audio_parts
 from ualm_nemo.convert.configs import check_same_model, config_to_dict
 from ualm_nemo.convert.hf_folder import TOKENIZER_FILES, ShardedWriter, atomic_folder, copy_tokenizer_files
-from ualm_nemo.distributed.checkpoint import resolve_checkpoint, stored_model_config
+from ualm_nemo.distributed.checkpoint import error_cause, resolve_checkpoint, stored_model_config
 from ualm_nemo.convert.qwen2_keymap import expected_hf_shapes, iter_ualm_to_hf, qwen2_config_for
 from ualm_nemo.distributed.streaming import StreamedCheckpointReader
 from ualm_nemo.model.config import ConfigError, UALMConfig
@@ -139,13 +139,6 @@ def check_checkpoint_shapes(model: torch.nn.Module, iteration: Path) -> None:
                          f"{' ...' if len(set(problems)) > 6 else ''}")
 
 
-def _first_cause(err: BaseException) -> str:
-    """The line that names the problem in a (multi-rank, traceback-laden) checkpoint error."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    causes = [ln for ln in lines if ("Exception:" in ln or "Error:" in ln) and not ln.startswith("Traceback")]
-    return (causes[0] if causes else (lines[0] if lines else type(err).__name__))[:500]
-
-
 def prepare_export(ckpt: str | Path, out: str | Path, cfg: UALMConfig | None, tokenizer_dir: str | Path | None,
                    dtype: str | None, overwrite: bool) -> tuple[Path, UALMConfig, str | Path | None]:
     """Every check that needs no model. Returns (iteration folder, model config, tokenizer folder or None)."""
@@ -196,7 +189,7 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
     try:
         check_checkpoint_shapes(model, iteration)
     except (CheckpointException, OSError, RuntimeError) as err:
-        raise ValueError(f"could not read {iteration}: {_first_cause(err)}") from err
+        raise ValueError(f"could not read {iteration}: {error_cause(err)}") from err
     except ValueError as err:
         raise ValueError(f"{err} (config: backbone {cfg.backbone}, audio_in={cfg.audio_in}, "
                          f"audio_out.head={cfg.audio_out.head!r})") from err

@@ -215,7 +215,12 @@ def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConf
             return tensor
 
         log.info("writing %s tensor by tensor", out_root)
-        path = checkpoint.save_checkpoint(out_root, 0, [model], None, common=common, resolve=resolve)
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+        try:
+            path = checkpoint.save_checkpoint(out_root, 0, [model], None, common=common, resolve=resolve)
+        except CheckpointException as err:  # nothing was published: iter_0000000.tmp is left, 'latest' untouched
+            raise RuntimeError(f"import into {out_root} failed: {checkpoint.error_cause(err)}") from err
     folder.close()
     return path
 

@@ -55,6 +55,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             "checkpoint root with a 'latest' file; an interrupted save leaves only *.tmp folders")
 
 
+def error_cause(err: BaseException) -> str:
+    """The line that names the problem in a (multi-rank, traceback-laden) dist-checkpoint error."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if ("Exception:" in ln or "Error:" in ln) and not ln.startswith("Traceback")]
+    return (causes[0] if causes else (lines[0] if lines else type(err).__name__))[:500]
+
+
 def stored_model_config(path: str | Path):
     """The UALMConfig recorded in an iteration folder's ``ualm_common.pt`` (training and imports record it)."""
     from ualm_nemo.training.run_config import model_config_from_dict  # config parsing lives with the run config
