@@ -6,7 +6,7 @@
 Without --model the backbone is read from the HF config.json (audio parts at their defaults). --set takes
 model-config overrides (``audio_out.head=per_codebook``). --tensor/--pipeline-parallel only check that the
 layout you will train at divides the model: the checkpoint itself reshards on load to any layout.
-Memory: the whole model in params_dtype, plus one HF tensor in flight (see ualm_nemo/convert/importer.py).
+Memory: one tensor in flight (at most the text embedding table), never the model; see ualm_nemo/convert/importer.py.
 """
 
 import argparse

@@ -81,7 +81,8 @@ def _into_text_rows(parts: tuple[Tensor, ...], base: Tensor, d: Dims) -> Tensor:
 
 
 def _text_rows(t: Tensor, d: Dims) -> tuple[Tensor, ...]:
-    return (t[: d.text_vocab].clone(),)
+    """A view (no copy of a ~1 GB table while streaming); it shares the table's storage, like the other views."""
+    return (t[: d.text_vocab],)
 
 
 def _fuse_qkv(parts: tuple[Tensor, ...], base: Tensor, d: Dims) -> Tensor:
