@@ -21,9 +21,8 @@ Both are collective: every rank runs the same calls in the same order (one proce
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from megatron.core import dist_checkpointing
@@ -36,7 +35,6 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
 
-log = logging.getLogger(__name__)
 Resolve = Callable[[str], torch.Tensor]
 
 
@@ -55,13 +53,13 @@ class _ViewIndex:
                 raise ValueError(f"state-dict tensor {key!r} is not contiguous")
             self._by_storage[ptr] = (key, tensor)
 
-    def owner(self, view: torch.Tensor) -> tuple[str, int]:
-        """(state-dict key, element offset of ``view`` inside that tensor)."""
+    def owner(self, view: torch.Tensor) -> tuple[str, torch.Tensor, int]:
+        """(state-dict key, that (placeholder) tensor, element offset of ``view`` inside it)."""
         found = self._by_storage.get(view.untyped_storage().data_ptr())
         if found is None:
             raise KeyError(f"a checkpoint chunk of shape {tuple(view.shape)} is no view of a state-dict tensor")
         key, base = found
-        return key, view.storage_offset() - base.storage_offset()
+        return key, base, view.storage_offset() - base.storage_offset()
 
 
 class _ResolvingPlanner(MCoreSavePlanner):
@@ -89,8 +87,8 @@ class _ResolvingPlanner(MCoreSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
         chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
-        key, offset = self._views.owner(chunk.data)
-        full = self._full(key, self._views._by_storage[chunk.data.untyped_storage().data_ptr()][1])
+        key, placeholder, offset = self._views.owner(chunk.data)
+        full = self._full(key, placeholder)  # the chunk is cut from it exactly as megatron cut it from the placeholder
         return full.as_strided(chunk.data.shape, chunk.data.stride(), full.storage_offset() + offset)
 
     def finish_writing(self) -> None:
@@ -175,11 +173,3 @@ def _as_single_chunk(sh: ShardedTensor) -> ShardedTensor:
     local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
     return dataclasses.replace(sh, data=sh.data.view(local), local_shape=local, prepend_axis_num=0,
                                axis_fragmentations=None)
-
-
-    __getitem__ = get
-
-
-def common_objects(sharded: Mapping[str, Any]) -> list[str]:
-    """Keys of a sharded state dict that are neither tensors nor factories (e.g. TE ``_extra_state`` objects)."""
-    return [k for k, v in sharded.items() if not isinstance(v, (ShardedTensor, ShardedTensorFactory))]
