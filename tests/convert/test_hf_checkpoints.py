@@ -196,6 +196,25 @@ def _worker(root: str) -> dict:
     _phase(out, "omni_import", lambda: hf2u.main([str(r / "hf"), str(r / "imported_omni"), "--model", "tiny",
                                                    "--audio-encoder", str(r / "omni"), "--no-progress"]))
     _phase(out, "omni_export", lambda: u2hf.main([str(r / "imported_omni"), str(r / "hf_omni"), "--no-progress"]))
+
+    def af_whisper():
+        """Import with an Audio Flamingo 3 folder's encoder (AF-Whisper), export; Megatron's audio logits."""
+        from ualm_nemo.convert.importer import with_encoder
+        from ualm_nemo.distributed.optim import OptimConfig
+        from ualm_nemo.distributed.parallel import init_model_parallel
+        from ualm_nemo.training.engine import MegatronEngine
+
+        rcs = (hf2u.main([str(r / "hf"), str(r / "imported_af3"), "--model", "tiny", "--audio-encoder",
+                          str(r / "af3"), "--no-progress"]),
+               u2hf.main([str(r / "imported_af3"), str(r / "hf_af3"), "--no-progress"]))
+        cfg = with_encoder(_cfg(), str(r / "af3"))
+        init_model_parallel(cfg.parallel, seed=99)
+        engine = MegatronEngine(cfg, OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.0), max_steps=2)
+        load_initial_weights(engine, r / "imported_af3")
+        return {"rc": rcs, "audio": _logits(engine.chunks[0], inputs["audio_batch"]),
+                "encoder": type(engine.chunks[0].audio_input.encoder.tower).__name__}
+
+    _phase(out, "af_whisper", af_whisper)
     return out
 
 
@@ -253,10 +272,11 @@ def world(tmp_path_factory):
     AutoModelForCausalLM.from_pretrained(root / "hf").to(torch.bfloat16).save_pretrained(root / "hf_bf16",
                                                                                          max_shard_size="200KB")
     from ualm_nemo.model.audio_input import build_audio_encoder
-    from ualm_nemo.testing.omni_folder import write_fake_omni_folder
+    from ualm_nemo.testing.encoder_folders import tiny_af_whisper, write_fake_af3_folder, write_fake_omni_folder
 
     torch.manual_seed(11)  # a Qwen2.5-Omni layout (thinker.audio_tower.*, LM shard unreadable), tiny random tower
     write_fake_omni_folder(root / "omni", build_audio_encoder(_cfg().audio_in).tower, nested=True, sharded=True)
+    write_fake_af3_folder(root / "af3", tiny_af_whisper(window_seconds=1.0))  # AF-Whisper: 1 s windows
     vocab = _cfg().vocab
     ids = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
     audio_batch = {k: v for k, v in random_batch(vocab, 2, 42, with_audio_input=True).items()
@@ -474,3 +494,19 @@ def test_import_reads_the_audio_tower_of_an_omni_folder(world):
         assert torch.equal(exported[key], tensor), key
     config = json.loads((root / "hf_omni" / "ualm_config.json").read_text())
     assert config["audio_in"]["encoder_path"] == "audio_encoder"
+
+
+def test_af_whisper_encoder_through_import_and_export(world):
+    """--audio-encoder <Audio Flamingo 3 folder>: the AF-Whisper tower is imported, trained-side logits come
+    from it, and the exported HF folder (audio_encoder/ = AF-Whisper) reproduces them."""
+    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+
+    got = _ok(world, "af_whisper")
+    assert got["rc"] == (0, 0) and got["encoder"] == "AudioFlamingo3Encoder"
+    config = json.loads((world["root"] / "hf_af3" / "audio_encoder" / "config.json").read_text())
+    assert config["model_type"] == "audioflamingo3_encoder"
+    model = UALMForConditionalGeneration.from_pretrained(world["root"] / "hf_af3", attn_implementation="eager")
+    with torch.no_grad():
+        stream0, codebooks = model(**world["audio_batch"])
+    torch.testing.assert_close(stream0, got["audio"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(codebooks, got["audio"][1], atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ from ualm_nemo.model.audio_frames import SAMPLE_RATE, num_encoder_frames_from_me
 from ualm_nemo.model.audio_input import (AudioAdapter, AudioInput, build_audio_encoder, load_audio_tower,
                                          splice_audio_embeddings)
 from ualm_nemo.model.config import AudioInputConfig, ConfigError
-from ualm_nemo.testing.omni_folder import write_fake_omni_folder
+from ualm_nemo.testing.encoder_folders import tiny_af_whisper, write_fake_af3_folder, write_fake_omni_folder
 
 HIDDEN = 48
 
@@ -198,3 +198,83 @@ def test_mel_bin_mismatch_names_the_config_key(tmp_path, tiny_encoder):
     tiny_encoder.tower.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="model.audio_in.num_mel_bins"):
         build_audio_encoder(_cfg(encoder_path=str(tmp_path), num_mel_bins=80))
+
+
+# ---------------------------------------------------------------- AF-Whisper (Audio Flamingo 3's encoder)
+
+
+def _af3_reference(tower, feats, lens):
+    """transformers' own path: AudioFlamingo3Model.get_audio_features on 1 s windows (the last one padded with
+    the clip's floor value and masked), its projector applied; returns (projected frames, windows made)."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3Model, Qwen2Config
+
+    text = Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=64)
+    model = AudioFlamingo3Model(AudioFlamingo3Config(audio_config=tower.config, text_config=text)).eval()
+    model.audio_tower.load_state_dict(tower.state_dict())
+    window = 2 * tower.config.max_source_positions
+    windows, masks = [], []
+    for clip, n in zip(feats, lens.tolist()):
+        for start in range(0, n, window):
+            part = clip[:, start:min(start + window, n)]
+            padded = torch.full((clip.shape[0], window), float(clip[:, :n].min()))
+            padded[:, : part.shape[1]] = part
+            windows.append(padded)
+            masks.append(torch.arange(window) < part.shape[1])
+    with torch.no_grad():
+        out = model.get_audio_features(torch.stack(windows), torch.stack(masks).long()).pooler_output
+    return out, model.multi_modal_projector, len(windows)
+
+
+def test_af_whisper_windows_match_audio_flamingo_reference():
+    """Clips of 1 s, 2.5 s (three windows, the last half full), 0.37 s: the frames kept, their order and count
+    are those of transformers' AudioFlamingo3Model, and the count is audio_frames' formula."""
+    from ualm_nemo.model.audio_input import FrozenAudioEncoder
+
+    torch.manual_seed(3)
+    tower = tiny_af_whisper(window_seconds=1.0)
+    encoder = FrozenAudioEncoder(tower)
+    assert encoder.window == 100 and encoder.output_dim == 32
+    feats, lens = _batch([1.0, 2.5, 0.37], seed=4)
+    ours = encoder(feats, lens)
+    assert ours.shape == (sum(num_encoder_frames_from_mel(int(n)) for n in lens), 32)
+    reference, projector, n_windows = _af3_reference(tower, feats, lens)
+    assert n_windows == 5
+    with torch.no_grad():
+        torch.testing.assert_close(projector(ours), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_af_whisper_clip_is_independent_of_its_batch():
+    from ualm_nemo.model.audio_input import FrozenAudioEncoder
+
+    torch.manual_seed(3)
+    encoder = FrozenAudioEncoder(tiny_af_whisper())
+    feats, lens = _batch([2.5, 1.37], seed=5)
+    both = encoder(feats, lens)
+    alone = encoder(feats[1:, :, : lens[1]], lens[1:])
+    torch.testing.assert_close(both[-alone.shape[0]:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_af_whisper_window_must_keep_the_frame_formula():
+    from ualm_nemo.model.audio_input import FrozenAudioEncoder
+
+    with pytest.raises(ConfigError, match="not a multiple of 4"):
+        FrozenAudioEncoder(tiny_af_whisper(window_seconds=0.5))  # 25 positions: a 50-mel-frame window
+
+
+@pytest.mark.parametrize("layout", ["audio-flamingo-3", "encoder-only"])
+def test_loads_af_whisper_from_folder(tmp_path, layout):
+    torch.manual_seed(6)
+    tower = tiny_af_whisper()
+    if layout == "encoder-only":
+        tower.save_pretrained(tmp_path)
+    else:
+        write_fake_af3_folder(tmp_path, tower)
+    encoder = build_audio_encoder(_cfg(encoder_path=str(tmp_path)))
+    assert type(encoder.tower).__name__ == "AudioFlamingo3Encoder" and encoder.output_dim == 32
+    feats, lens = _batch([1.0, 2.5], seed=7)
+    from ualm_nemo.model.audio_input import FrozenAudioEncoder
+
+    torch.testing.assert_close(encoder(feats, lens), FrozenAudioEncoder(tower)(feats, lens), rtol=0, atol=0)
+    model = AudioInput(_cfg(encoder_path=str(tmp_path), encoder_dim=999), HIDDEN)
+    assert model.adapter.fc1.in_features == 32  # the adapter follows the loaded encoder's width

@@ -1,13 +1,25 @@
-"""Audio input path (audio understanding): frozen Qwen2.5-Omni audio tower + trainable adapter + placeholder splice.
+"""Audio input path (audio understanding): frozen audio encoder + trainable adapter + placeholder splice.
 
     features [N, n_mel, F_max] (100 Hz log-mel, right-padded), feature_lens [N]
-      -> FrozenAudioEncoder (conv stride 2 -> transformer per n_window chunk -> avg-pool 2)   25 Hz, no grad
+      -> FrozenAudioEncoder (conv stride 2 -> transformer -> avg-pool 2)                     25 Hz, no grad
       -> AudioAdapter (Linear, or Linear-GELU-Linear)                                         trainable
       -> [sum_i num_encoder_frames_from_mel(feature_lens[i]), hidden], clips concatenated in order
       -> splice_audio_embeddings(...) writes those rows over the placeholder positions of [s, b, h].
 
-Weights come only from a local folder (no hub here): either an encoder-only folder (what ``save_pretrained`` of
-the tower writes) or a full Qwen2.5-Omni folder, of which only the ``thinker.audio_tower.*`` tensors are read.
+Two encoders, chosen by the folder's config (``model_type``):
+
+* the Qwen2.5-Omni audio tower (the default; the tiny test encoder is one): variable-length input, attention
+  within ``n_window`` chunks;
+* AF-Whisper, Audio Flamingo 3's encoder (``AudioFlamingo3Encoder``): Whisper-large-v3 with avg-pool, which only
+  takes fixed 30 s windows (``2 * max_source_positions`` mel frames). Each clip is cut into windows, the last one
+  padded (with the clip's lowest log-mel value: what Whisper's feature extractor gives zero-padded audio after
+  its clamp, up to the one boundary frame) and masked, and the valid frames of each window are kept, as
+  ``AudioFlamingo3Model.get_audio_features`` does. The window is a multiple of 4 mel frames, so the frame count
+  is the same formula as the Qwen tower's.
+
+Weights come only from a local folder (no hub here): an encoder-only folder (what ``save_pretrained`` of the
+tower writes), a full Qwen2.5-Omni folder (only ``thinker.audio_tower.*`` is read), a thinker-only folder or a
+full Audio Flamingo 3 folder (``audio_tower.*``).
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.models.audioflamingo3.configuration_audioflamingo3 import AudioFlamingo3EncoderConfig
+from transformers.models.audioflamingo3.modeling_audioflamingo3 import AudioFlamingo3Encoder
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniAudioEncoderConfig
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
@@ -28,26 +42,45 @@ TINY_N_WINDOW = 50  # chunks of 100 mel frames (1 s): a 1-3 s test clip spans 1-
 # (config.json keys leading to the audio config, prefix of the tower's tensors) per folder layout, most nested first
 _LAYOUTS = (
     (("thinker_config", "audio_config"), "thinker.audio_tower."),  # full Qwen2.5-Omni (thinker + talker + token2wav)
-    (("audio_config",), "audio_tower."),  # thinker-only folder (Qwen2_5OmniThinkerForConditionalGeneration)
-    ((), ""),  # encoder-only folder (Qwen2_5OmniAudioEncoder.save_pretrained)
+    (("audio_config",), "audio_tower."),  # thinker-only Qwen2.5-Omni folder, or a full Audio Flamingo 3 folder
+    ((), ""),  # encoder-only folder (the tower's save_pretrained)
 )
+# the audio config's model_type -> (config class, tower class)
+_TOWERS = {
+    "qwen2_5_omni_audio_encoder": (Qwen2_5OmniAudioEncoderConfig, Qwen2_5OmniAudioEncoder),
+    "audioflamingo3_encoder": (AudioFlamingo3EncoderConfig, AudioFlamingo3Encoder),  # AF-Whisper
+}
+AudioTower = Qwen2_5OmniAudioEncoder | AudioFlamingo3Encoder
 
 
 class FrozenAudioEncoder(nn.Module):
-    """The Qwen2.5-Omni audio tower, frozen: no gradients, and eval mode whatever ``train()`` is asked for.
+    """An audio tower (Qwen2.5-Omni or AF-Whisper), frozen: no gradients, and eval mode whatever ``train()`` is
+    asked for.
 
     A wrapper (not a subclass) so that any parent's ``.train()`` cannot switch the tower to train mode and
-    so the padded-batch -> flattened-input conversion the tower wants lives next to it.
+    so the padded-batch -> tower-input conversion each tower wants lives next to it.
     """
 
-    def __init__(self, tower: Qwen2_5OmniAudioEncoder):
+    def __init__(self, tower: AudioTower):
         super().__init__()
+        if not isinstance(tower, (Qwen2_5OmniAudioEncoder, AudioFlamingo3Encoder)):
+            raise TypeError(f"unsupported audio tower {type(tower).__name__}")
         self.tower = tower
         self.tower.requires_grad_(False)
         self.tower.eval()
+        if isinstance(tower, AudioFlamingo3Encoder) and self.window % 4:
+            raise ConfigError(f"AF-Whisper window of {self.window} mel frames (2 x max_source_positions) is not a "
+                              "multiple of 4: its frame count would not follow audio_frames.num_encoder_frames_from_mel")
+
+    @property
+    def window(self) -> int | None:
+        """Mel frames per fixed input window (AF-Whisper: 3000 = 30 s), None for variable-length towers."""
+        return 2 * self.tower.config.max_source_positions if isinstance(self.tower, AudioFlamingo3Encoder) else None
 
     @property
     def output_dim(self) -> int:
+        if isinstance(self.tower, AudioFlamingo3Encoder):
+            return self.tower.config.d_model
         return self.tower.config.output_dim
 
     @property
@@ -70,17 +103,41 @@ class FrozenAudioEncoder(nn.Module):
         if feature_lens.shape != (n,) or int(feature_lens.min()) < 1 or int(feature_lens.max()) > f_max:
             raise ValueError(f"feature_lens must be [N={n}] with 1 <= len <= F_max={f_max}, "
                              f"got {feature_lens.tolist()}")
-        valid = torch.arange(f_max, device=features.device) < feature_lens[:, None]  # [N, F_max]
-        flat = features.transpose(1, 2)[valid].T  # [n_mel, sum_i feature_lens[i]], clip by clip
-        flat = flat.to(self.tower.conv1.weight.dtype)  # fp32 log-mel into a bf16 tower when training in bf16
-        # aftercnn_lens is unused by transformers 5.23 but used by older ports (4.x pooled per clip with it)
-        aftercnn_lens, _ = self.tower._get_feat_extract_output_lengths(feature_lens)
-        out = self.tower(flat, feature_lens=feature_lens, aftercnn_lens=aftercnn_lens).last_hidden_state
+        features = features.to(self.tower.conv1.weight.dtype)  # fp32 log-mel into a bf16 tower in bf16 training
+        out = self._windowed(features, feature_lens) if self.window else self._variable(features, feature_lens)
         expected = sum(num_encoder_frames_from_mel(int(f)) for f in feature_lens.tolist())
         if out.shape[0] != expected:  # our placeholder counts (data side) rely on this formula
             raise RuntimeError(f"audio encoder returned {out.shape[0]} frames, audio_frames.num_encoder_frames_from_mel"
                                f" predicts {expected} for mel lengths {feature_lens.tolist()}")
         return out
+
+    def _variable(self, features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-Omni tower: the clips' valid frames concatenated, with their lengths."""
+        valid = torch.arange(features.shape[-1], device=features.device) < feature_lens[:, None]  # [N, F_max]
+        flat = features.transpose(1, 2)[valid].T  # [n_mel, sum_i feature_lens[i]], clip by clip
+        # aftercnn_lens is unused by transformers 5.23 but used by older ports (4.x pooled per clip with it)
+        aftercnn_lens, _ = self.tower._get_feat_extract_output_lengths(feature_lens)
+        return self.tower(flat, feature_lens=feature_lens, aftercnn_lens=aftercnn_lens).last_hidden_state
+
+    def _windowed(self, features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
+        """AF-Whisper: every clip cut into fixed windows (the last padded and masked), the valid frames kept."""
+        window, n_mel = self.window, features.shape[1]
+        inputs, lens = [], []
+        for clip, length in zip(features, feature_lens.tolist()):
+            clip = clip[:, :length]
+            floor = clip.min()  # log-mel of silence after Whisper's clamp: what padding with zeros gives
+            for start in range(0, length, window):
+                part = clip[:, start:start + window]
+                padded = part.new_full((n_mel, window), floor)
+                padded[:, : part.shape[1]] = part
+                inputs.append(padded)
+                lens.append(part.shape[1])
+        lens_t = torch.tensor(lens, device=features.device)
+        mask = (torch.arange(window, device=features.device) < lens_t[:, None]).long()
+        hidden = self.tower(torch.stack(inputs), input_features_mask=mask).last_hidden_state  # [W, window/4, d]
+        _, out_lens = self.tower._get_feat_extract_output_lengths(lens_t)
+        keep = torch.arange(hidden.shape[1], device=features.device) < out_lens[:, None]
+        return hidden[keep]  # windows in order, clips in order
 
 
 def tiny_encoder_config(cfg: AudioInputConfig) -> Qwen2_5OmniAudioEncoderConfig:
@@ -102,20 +159,22 @@ def build_audio_encoder(cfg: AudioInputConfig) -> FrozenAudioEncoder:
     return FrozenAudioEncoder(tower)
 
 
-def load_audio_tower(path: str | Path) -> Qwen2_5OmniAudioEncoder:
+def load_audio_tower(path: str | Path) -> AudioTower:
     """Build the tower from a local folder's config.json and stream in only its tensors (safetensors).
 
     The layout is read from config.json: ``thinker_config.audio_config`` -> full Qwen2.5-Omni, tensors
-    ``thinker.audio_tower.*``; ``audio_config`` -> thinker-only, ``audio_tower.*``; neither -> encoder-only,
-    unprefixed. Only shards holding tower tensors are opened, and only those tensors are read.
+    ``thinker.audio_tower.*``; ``audio_config`` -> thinker-only Qwen2.5-Omni or full Audio Flamingo 3,
+    ``audio_tower.*``; neither -> encoder-only, unprefixed. The audio config's ``model_type`` picks the tower
+    (Qwen2.5-Omni or AF-Whisper). Only shards holding tower tensors are opened, and only those tensors are read.
     """
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"audio encoder folder {folder} has no config.json (model.audio_in.encoder_path)")
     audio_dict, prefix = _find_audio_config(json.loads(config_file.read_text()), config_file)
+    config_class, tower_class = _TOWERS[audio_dict["model_type"]]
     with torch.device("meta"):  # no random init of ~640M params that the checkpoint overwrites anyway
-        tower = Qwen2_5OmniAudioEncoder(Qwen2_5OmniAudioEncoderConfig.from_dict(audio_dict))
+        tower = tower_class(config_class.from_dict(audio_dict))
     wanted = {prefix + k: k for k in tower.state_dict()}  # persistent tensors only
     state = _read_safetensors(folder, wanted)
     missing = sorted(set(wanted.values()) - state.keys())
@@ -124,9 +183,10 @@ def load_audio_tower(path: str | Path) -> Qwen2_5OmniAudioEncoder:
                        f"{[prefix + k for k in missing[:3]]}")
     dtype = torch.get_default_dtype()  # same dtype as the tiny path; callers cast the module if they want bf16
     tower.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    pos = tower.positional_embedding  # the one non-persistent buffer: recompute it off the meta device
-    pos.register_buffer("positional_embedding", pos.compute_default_singular_positional_embedding().to(dtype),
-                        persistent=False)
+    if isinstance(tower, Qwen2_5OmniAudioEncoder):
+        pos = tower.positional_embedding  # its one non-persistent buffer: recompute it off the meta device
+        pos.register_buffer("positional_embedding", pos.compute_default_singular_positional_embedding().to(dtype),
+                            persistent=False)
     if any(t.is_meta for t in (*tower.parameters(), *tower.buffers())):
         raise RuntimeError(f"audio tower from {folder} still has tensors on the meta device")
     return tower
@@ -137,10 +197,13 @@ def _find_audio_config(config: dict, config_file: Path) -> tuple[dict, str]:
         node = config
         for key in keys:
             node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and "d_model" in node and "num_mel_bins" in node:
+        if isinstance(node, dict) and node.get("model_type") in _TOWERS:
             return node, prefix
-    raise ValueError(f"{config_file} is neither a Qwen2.5-Omni config (thinker_config.audio_config), a thinker config "
-                     "(audio_config) nor an audio-encoder config (d_model, num_mel_bins)")
+        if isinstance(node, dict) and "d_model" in node and "num_mel_bins" in node:  # configs without model_type
+            return {**node, "model_type": "qwen2_5_omni_audio_encoder"}, prefix
+    raise ValueError(f"{config_file} is neither a Qwen2.5-Omni config (thinker_config.audio_config), a thinker or "
+                     "Audio Flamingo 3 config (audio_config) nor an audio-encoder config (model_type one of "
+                     f"{sorted(_TOWERS)})")
 
 
 def _read_safetensors(folder: Path, wanted: dict[str, str]) -> dict[str, torch.Tensor]:
