@@ -21,7 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("out", help="checkpoint root to create (iter_0000000/ and latest are written in it)")
     p.add_argument("--model", help="conf/model name, a model YAML or a ualm_config.json (default: from config.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model-config override")
-    p.add_argument("--audio-encoder", help="Qwen2.5-Omni (or encoder-only) folder for the audio tower")
+    p.add_argument("--audio-encoder",
+                   help="Qwen2.5-Omni, Audio Flamingo 3 (AF-Whisper) or encoder-only folder for the audio encoder")
     p.add_argument("--no-audio-input", action="store_true", help="model.audio_in.enabled=false")
     p.add_argument("--params-dtype", choices=["fp32", "bf16"], help="override model.params_dtype")
     p.add_argument("--new-rows-init", choices=["mean", "normal"], default="mean",
