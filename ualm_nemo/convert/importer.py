@@ -10,7 +10,7 @@ the model fails now, not on the cluster.
 Memory: one Megatron tensor in flight (the largest: the text embedding or head table, ~1.1 GB for the 7B in
 bf16; its HF rows are read straight into it), plus what the model build initialises itself: the small UALM
 parts (stream embedding / codebook heads, audio adapter) and, when ``model.audio_in.encoder_path`` names a
-Qwen2.5-Omni folder, the audio tower (read by the model build; only ``thinker.audio_tower.*``).
+Qwen2.5-Omni or Audio Flamingo 3 folder, the audio tower (read whole by the model build; only its tensors).
 
 New vocabulary rows (UALM specials, every audio row): ``mean`` of the HF text rows of their table, or
 ``normal`` N(0, init_std) drawn from a generator seeded by (seed, table): deterministic in any write order.
