@@ -4,7 +4,7 @@ Route: build the TP1/PP1 model without initialisation (its memory is never touch
 checkpoint), check every tensor's global shape against the checkpoint's metadata, then stream: each tensor is
 loaded alone from the dist checkpoint (any saved layout; the loader reads just the chunks it needs, see
 ualm_nemo/distributed/streaming.py), mapped to its HF tensors, written into a safetensors shard of at most
-``max_shard_bytes``, and dropped. Everything goes to ``<out>.tmp-<pid>`` first and is renamed to ``<out>`` at
+``max_shard_bytes``, and dropped. Everything goes to ``<out>.tmp-<host>-<pid>`` first and is renamed to ``<out>`` at
 the end (see hf_folder.atomic_folder).
 
 Memory: one checkpoint tensor plus the HF tensors made from it (at most: the text embedding table and its text

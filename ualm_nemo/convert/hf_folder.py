@@ -6,21 +6,25 @@ process's RSS until it is closed: up to a whole ~4 GB shard), so a conversion ho
 once, not the model. Writing streams: each tensor's bytes go to the open shard file as it is added (its header
 is written into space reserved at the front once the shard is complete), so the writer holds no tensor.
 
-An output folder is written as ``<out>.tmp-<pid>`` and renamed to ``<out>`` only once complete: a killed or
+An output folder is written as ``<out>.tmp-<host>-<pid>`` and renamed to ``<out>`` only once complete: a killed or
 failed conversion never leaves a folder at ``<out>`` that looks complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # copied from the tokenizer folder into an exported HF folder when present
@@ -254,13 +258,42 @@ class ShardedWriter:
             self._file = None
 
 
+def _tmp_name(out: Path, host: str, pid: int) -> Path:
+    return out.parent / f"{out.name}.tmp-{host}-{pid}"
+
+
+def remove_stale_tmp_folders(out: Path) -> list[Path]:
+    """Remove ``<out>.tmp-<host>-<pid>`` folders left by killed writers of this host (their pid is gone)."""
+    host, removed = socket.gethostname(), []
+    prefix = f"{out.name}.tmp-{host}-"
+    for tmp in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name.removeprefix(prefix)
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: another export is writing there
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        except PermissionError:
+            continue  # alive, someone else's
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out``, on any error it is removed."""
+    """Yield a temporary sibling folder; on success it replaces ``out``, on any error it is removed.
+
+    A writer killed outright (no exception handler runs) leaves ``<out>.tmp-<host>-<pid>``, never ``out``; the
+    next write to ``out`` from this host removes such folders of dead processes.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists (pass overwrite / --overwrite to replace it)")
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    for stale in remove_stale_tmp_folders(out):
+        log.warning("removed %s, left by a killed conversion", stale)
+    tmp = _tmp_name(out, socket.gethostname(), os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
