@@ -236,6 +236,9 @@ def _streaming_checks(r: Path) -> dict:
     reader = StreamedCheckpointReader(skeleton, trained)
     out = {"keys": len(state), "reader_missing": sorted(set(state) - set(reader.keys())),
            "reader_mismatch": [k for k in reader.keys() if not torch.equal(reader.get(k), state[k])]}
+    from ualm_nemo.convert.exporter import iter_export, num_export_tensors
+
+    out["export_count"] = (num_export_tensors(reader, _cfg()), sum(1 for _ in iter_export(reader, _cfg())))
     calls = []
 
     def resolve(key):
@@ -471,6 +474,7 @@ def test_bf16_round_trip_is_bit_identical(world):
 def test_streamed_reader_and_writer_match_megatron(world):
     got = _ok(world, "streaming")
     assert got["reader_missing"] == [] and got["reader_mismatch"] == []  # TP2 checkpoint read key by key
+    assert got["export_count"][0] == got["export_count"][1] > 60  # the progress bar's total is exact
     assert got["calls"] == got["distinct"] == got["keys"]  # rank 0 makes every tensor once
     assert _ok(world, "streaming", 1)["calls"] == 0  # the other rank's copies are replicas: not written twice
     assert got["tp2_mismatch"] == []  # the streamed TP1 checkpoint reshards to TP2 exactly

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ualm_nemo.convert.audio_parts import AUDIO_FILE, ENCODER_DIR, UALM_CONFIG_FILE, encoder_keys, iter_audio_parts
+from ualm_nemo.convert.audio_parts import (ADAPTER_PREFIX, AUDIO_FILE, ENCODER_DIR, UALM_CONFIG_FILE, encoder_keys,
+                                          expected_audio_shapes, iter_audio_parts)
 from ualm_nemo.convert.configs import check_same_model, config_to_dict
 from ualm_nemo.convert.hf_folder import TOKENIZER_FILES, ShardedWriter, atomic_folder, copy_tokenizer_files
 from ualm_nemo.distributed.checkpoint import error_cause, resolve_checkpoint, stored_model_config
@@ -63,6 +64,13 @@ def iter_export(state: Mapping[str, Any], cfg: UALMConfig) -> Iterator[ExportTen
         yield "encoder", name, state[key]
 
 
+def num_export_tensors(state: Mapping[str, Any], cfg: UALMConfig) -> int:
+    """How many tensors :func:`iter_export` yields (for the progress bar; reads keys only)."""
+    adapter = sum(key.startswith(ADAPTER_PREFIX) for key in state.keys())
+    encoder = len(encoder_keys(state)) if cfg.audio_in.enabled else 0
+    return len(expected_hf_shapes(cfg)) + len(expected_audio_shapes(cfg)) + adapter + encoder
+
+
 def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, *,
                     encoder_config: Any | None = None, tokenizer_dir: str | Path | None = None,
                     dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
@@ -88,7 +96,7 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
                    "audio": ShardedWriter(tmp, 2**62, prefix=AUDIO_FILE.removesuffix(".safetensors")),
                    "encoder": ShardedWriter(tmp / ENCODER_DIR, 2**62)}
         try:
-            with tqdm(total=len(expected_hf_shapes(cfg)), desc="export", unit="tensor", disable=not progress) as bar:
+            with tqdm(total=num_export_tensors(state, cfg), desc="export", unit="tensor", disable=not progress) as bar:
                 for part, name, tensor in iter_export(state, cfg):
                     writers[part].add(name, tensor.detach().to(dtype) if dtype is not None else tensor.detach())
                     bar.update(1)  # the tensor was written to its file: nothing is kept
