@@ -514,3 +514,43 @@ def test_af_whisper_encoder_through_import_and_export(world):
         stream0, codebooks = model(**world["audio_batch"])
     torch.testing.assert_close(stream0, got["audio"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(codebooks, got["audio"][1], atol=1e-5, rtol=1e-5)
+
+
+class _WithoutCache(torch.nn.Module):
+    """The same HF-side model without ``decode``: generation falls back to recomputing the whole sequence."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens, **audio):
+        return self.inner(tokens, **audio)
+
+
+def test_kv_cached_generation_equals_full_recompute(world):
+    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes, generate_text
+
+    model = UALMForConditionalGeneration.from_pretrained(world["root"] / "hf_trained", attn_implementation="eager")
+    vocab = model.vocab
+    tokens = world["audio_batch"]["tokens"]
+    with torch.no_grad():  # one cached step against the full forward at the same position
+        s0_full, cb_full = model(tokens[:, :9])
+        _, _, cache = model.decode(tokens[:, :8])
+        s0_step, cb_step, _ = model.decode(tokens[:, 8:9], cache)
+    torch.testing.assert_close(s0_step, s0_full[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cb_step, cb_full[:, -1], rtol=1e-5, atol=1e-5)
+
+    prompt = _stream_tokens(vocab, torch.tensor([[5, 9, 11, vocab.audio_start_id]]))[0]
+    uncond = _stream_tokens(vocab, torch.tensor([[vocab.pad_id] * 3 + [vocab.audio_start_id]]))[0]
+    gen = AudioGenerationConfig(max_frames=12, min_frames=6, seed=3)
+    cached = generate_audio_codes(model, vocab, prompt, uncond, gen)
+    assert cached.shape[0] >= 6
+    assert torch.equal(cached, generate_audio_codes(_WithoutCache(model), vocab, prompt, uncond, gen))
+
+    row = int((tokens[..., 0] == vocab.audio_in_id).sum(1).argmax())  # the row holding the audio placeholders
+    audio = {k: world["audio_batch"][k] for k in ("audio_features", "audio_feature_lens")}
+    cached_text = generate_text(model, vocab, tokens[row], set(), vocab.text_vocab_size, 6, **audio)
+    assert len(cached_text) == 6
+    assert cached_text == generate_text(_WithoutCache(model), vocab, tokens[row], set(), vocab.text_vocab_size, 6,
+                                        **audio)

@@ -10,8 +10,8 @@ ualm_nemo/model (embedding.py, heads.py) at TP1, written single-device:
 * streams 1..N-1: (h + e_n) @ head.audio[codebook n]^T (shared) or h @ codebook_heads[n] (per_codebook)
   -> [b, s, N-1, 1025].
 
-``generate_audio`` / ``generate_text`` reuse ualm_nemo/inference/generate.py, which takes any model that maps
-tokens to (stream-0 logits, codebook logits).
+``generate_audio`` / ``generate_text`` reuse ualm_nemo/inference/generate.py, stepping through :meth:`decode`
+(KV cache: each step feeds only the new position).
 """
 
 from __future__ import annotations
@@ -126,6 +126,16 @@ class UALMForConditionalGeneration(nn.Module):
         embeds = self.embed(tokens, audio_features, audio_feature_lens)
         hidden = self.lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         return self.heads(hidden)
+
+    def decode(self, tokens: torch.Tensor, cache=None, audio_features: torch.Tensor | None = None,
+               audio_feature_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Incremental decoding: ``tokens`` [b, t, N] are the positions after those held in ``cache`` (None to
+        start) -> (stream-0 logits [b, V], codebook logits [b, N-1, span]) at the last new position, and the KV
+        cache (transformers' DynamicCache) now holding every position. Same math as :meth:`forward`."""
+        embeds = self.embed(tokens, audio_features, audio_feature_lens)
+        out = self.lm.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        stream0, codebooks = self.heads(out.last_hidden_state[:, -1:])
+        return stream0[:, 0], codebooks[:, 0], out.past_key_values
 
     # --- generation -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,7 +1,11 @@
 """Decoding for a single-stage (TP1/PP1) UALM: text greedy, audio with CFG over the delay pattern.
 
-The loop recomputes the prefix each step (no KV cache): simple and exact, fine for the tiny model and for
-tests; batched KV-cached serving through Megatron's inference engine is the production path (todo).
+Two ways to step a model, picked by what it offers:
+* a model with ``decode(tokens, cache, **audio)`` (the HF-side ``UALMForConditionalGeneration``) is fed only the
+  new positions each step against its KV cache;
+* any other model mapping tokens [b, s, N] -> (stream-0 logits, codebook logits) (the Megatron model) gets the
+  whole sequence again each step: exact and simple, O(length) work per step; KV-cached Megatron inference
+  is future work.
 
 Audio decoding walks the delayed grid frame by frame. At grid frame ``j``, stream ``n``:
 * ``j < n``: the delay's leading pad (forced);
@@ -33,10 +37,39 @@ class AudioGenerationConfig:
     seed: int = 0
 
 
-def _last_logits(model, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sequences [b, s, N] -> stream-0 logits [b, V] and codebook logits [b, N-1, span] at the last position."""
-    stream0, codebooks = model(sequences)
-    return stream0[:, -1].float(), codebooks[:, -1].float()
+class _Recompute:
+    """Steps any model by running it over the whole sequence each time."""
+
+    def __init__(self, model, sequences: torch.Tensor, **audio) -> None:
+        self.model, self.sequences, self.audio = model, sequences, audio
+
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream-0 logits [b, V] and codebook logits [b, N-1, span] at the last position (fp32)."""
+        stream0, codebooks = self.model(self.sequences, **self.audio)
+        return stream0[:, -1].float(), codebooks[:, -1].float()
+
+    def append(self, ids: torch.Tensor) -> None:
+        """ids [b, 1, N]: the next position of every row."""
+        self.sequences = torch.cat([self.sequences, ids], dim=1)
+
+
+class _Incremental:
+    """Steps a model that keeps a KV cache: ``model.decode(new positions, cache, **audio)``."""
+
+    def __init__(self, model, sequences: torch.Tensor, **audio) -> None:
+        self.model = model
+        self.stream0, self.codebooks, self.cache = model.decode(sequences, None, **audio)
+
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stream0.float(), self.codebooks.float()
+
+    def append(self, ids: torch.Tensor) -> None:
+        self.stream0, self.codebooks, self.cache = self.model.decode(ids, self.cache)
+
+
+def _stepper(model, sequences: torch.Tensor, **audio) -> _Recompute | _Incremental:
+    audio = {k: v for k, v in audio.items() if v is not None}
+    return (_Incremental if hasattr(model, "decode") else _Recompute)(model, sequences, **audio)
 
 
 @torch.no_grad()
@@ -50,13 +83,13 @@ def generate_audio_codes(model, vocab: UnifiedVocab, prompt: torch.Tensor, uncon
     n_streams, span = vocab.num_codebooks, vocab.codebook_span
     gen = torch.Generator().manual_seed(cfg.seed)  # sampling stays on the CPU: the same seed, the same audio
     device = next(model.parameters()).device
-    seqs = torch.stack([prompt, uncond_prompt]).to(device)  # [2, L, N]: conditional and unconditional rows
+    steps = _stepper(model, torch.stack([prompt, uncond_prompt]).to(device))  # conditional, unconditional rows
     cb0 = slice(vocab.codebook_start(0), vocab.codebook_start(0) + span)
     end = None  # F, once stream 0 has emitted its pad
     grid = []
     j = 0
     while end is None or j < end + n_streams - 1:
-        stream0, codebooks = _last_logits(model, seqs)
+        stream0, codebooks = steps.logits()
         logits = torch.cat([stream0[:, cb0].unsqueeze(1), codebooks], dim=1).cpu()  # [2, N, span]
         mixed = cfg_mix(logits[0], logits[1], cfg.cfg_scale)
         pad = vocab.codebook_size
@@ -76,7 +109,7 @@ def generate_audio_codes(model, vocab: UnifiedVocab, prompt: torch.Tensor, uncon
         codes = torch.where(forced, torch.full_like(codes, pad), codes)
         ids = vocab.codes_to_ids(codes)
         grid.append(ids)
-        seqs = torch.cat([seqs, ids.expand(2, 1, n_streams).to(device)], dim=1)
+        steps.append(ids.expand(2, 1, n_streams).to(device))
         j += 1
     delayed = vocab.ids_to_codes(torch.stack(grid))  # [F + N - 1, N]
     return revert_delay(delayed)
@@ -92,15 +125,16 @@ def generate_text(model, vocab: UnifiedVocab, prompt: torch.Tensor, stop_ids: se
     """
     model.eval()
     device = next(model.parameters()).device
-    seq = prompt.unsqueeze(0).to(device)
     if audio_features is not None:
         audio_features, audio_feature_lens = audio_features.to(device), audio_feature_lens.to(device)
+    steps = _stepper(model, prompt.unsqueeze(0).to(device), audio_features=audio_features,
+                     audio_feature_lens=audio_feature_lens)
     out: list[int] = []
     for _ in range(max_new_tokens):
-        stream0, _ = model(seq, audio_features=audio_features, audio_feature_lens=audio_feature_lens)
-        next_id = int(stream0[0, -1, :num_text_ids].argmax())
+        stream0, _ = steps.logits()
+        next_id = int(stream0[0, :num_text_ids].argmax())
         if next_id in stop_ids:
             break
         out.append(next_id)
-        seq = torch.cat([seq, torch.tensor(vocab.text_position_streams(next_id), device=device)[None, None]], dim=1)
+        steps.append(torch.tensor(vocab.text_position_streams(next_id), device=device)[None, None])
     return out
