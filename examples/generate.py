@@ -1,7 +1,10 @@
-"""Generate audio for captions from a UALM checkpoint (CPU or one GPU).
+"""Generate audio for captions from a UALM training checkpoint (CPU or one GPU).
 
   python examples/generate.py --checkpoint demo_out/checkpoints --codec demo_out/codec \
       --caption "a high beep" --caption "white noise" --out-dir generated/
+
+The checkpoint (any TP/PP layout) is read tensor by tensor into the transformers-side UALM class
+(``UALMForConditionalGeneration.from_checkpoint``), which decodes with a KV cache.
 """
 
 import argparse
@@ -10,11 +13,14 @@ from pathlib import Path
 import soundfile
 from tqdm import tqdm
 
+import torch
+
 from ualm_nemo.codec.xcodec import CodecTokenizer
+from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
 from ualm_nemo.data.formatting import SampleFormatter
 from ualm_nemo.data.tokenizer import build_tokenizer
+from ualm_nemo.distributed.checkpoint import resolve_checkpoint
 from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes
-from ualm_nemo.inference.load import load_for_inference
 
 
 def main() -> None:
@@ -31,9 +37,12 @@ def main() -> None:
     parser.add_argument("--max-frames", type=int, default=defaults.max_frames)
     parser.add_argument("--min-frames", type=int, default=defaults.min_frames)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    model, cfg, step = load_for_inference(args.checkpoint)
+    iteration = resolve_checkpoint(args.checkpoint)
+    model = UALMForConditionalGeneration.from_checkpoint(iteration).to(args.device)
+    cfg = model.cfg
     codec = CodecTokenizer.from_pretrained(args.codec)
     formatter = SampleFormatter(build_tokenizer(args.tokenizer), cfg.vocab, cfg_dropout=0.0)
     gen_cfg = AudioGenerationConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
@@ -46,7 +55,7 @@ def main() -> None:
                                      gen_cfg)
         path = out_dir / f"{i:03d}.wav"
         soundfile.write(path, codec.decode(codes).numpy(), codec.sample_rate)
-        print(f"{path}: {codes.shape[0]} frames ({codes.shape[0] / 50:.2f} s) for {caption!r} (checkpoint step {step})")
+        print(f"{path}: {codes.shape[0]} frames ({codes.shape[0] / 50:.2f} s) for {caption!r} ({iteration.name})")
 
 
 if __name__ == "__main__":

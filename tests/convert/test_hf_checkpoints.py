@@ -114,6 +114,17 @@ def _worker(root: str) -> dict:
                 "audio": _logits(engine.chunks[0], inputs["audio_batch"])}
 
     _phase(out, "tp2", train_tp2)
+
+    def from_checkpoint():
+        """The HF-side class built straight from the TP2 training checkpoint (every rank joins the reads)."""
+        from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+
+        model = UALMForConditionalGeneration.from_checkpoint(r / "trained", attn_implementation="eager")
+        with torch.no_grad():
+            audio = model(**inputs["audio_batch"])
+        return {"audio": audio, "dtype": str(model.lm.model.embed_tokens.weight.dtype)}
+
+    _phase(out, "from_checkpoint", from_checkpoint)
     _phase(out, "export_trained", lambda: u2hf.main([str(r / "trained"), str(r / "hf_trained"), "--model", "tiny",
                                                      "--tokenizer", str(r / "hf"), "--max-shard-size", "300KB",
                                                      "--no-progress"]))
@@ -554,3 +565,11 @@ def test_kv_cached_generation_equals_full_recompute(world):
     assert len(cached_text) == 6
     assert cached_text == generate_text(_WithoutCache(model), vocab, tokens[row], set(), vocab.text_vocab_size, 6,
                                         **audio)
+
+
+def test_hf_class_from_training_checkpoint_matches_megatron(world):
+    """UALMForConditionalGeneration.from_checkpoint: a TP2 training checkpoint, no HF folder in between."""
+    got, tp2 = _ok(world, "from_checkpoint"), _ok(world, "tp2")
+    torch.testing.assert_close(got["audio"][0], tp2["audio"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["audio"][1], tp2["audio"][1], atol=1e-5, rtol=1e-5)
+    assert got["dtype"] == "torch.float32"

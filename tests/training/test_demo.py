@@ -25,6 +25,19 @@ def _demo(output_dir: str) -> dict:
         got = loaded(tokens)
     result["reload"] = {"step": step, "same_config": cfg.backbone == trained.ualm.backbone,
                         "max_diff": max(float((a - b).abs().max()) for a, b in zip(expected, got))}
+    # the transformers-side class read from the same checkpoint decodes with a KV cache: the same codes
+    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.data.formatting import SampleFormatter
+    from ualm_nemo.data.tokenizer import build_tokenizer
+    from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes
+
+    hf = UALMForConditionalGeneration.from_checkpoint(f"{output_dir}/checkpoints")
+    fmt = SampleFormatter(build_tokenizer("byte"), cfg.vocab, cfg_dropout=0.0)
+    prompt = fmt.tta_prompt("a high beep")
+    uncond = fmt.unconditional_prompt(prompt.shape[0])
+    gen = AudioGenerationConfig(max_frames=30, min_frames=10, seed=5)
+    codes = [generate_audio_codes(m, cfg.vocab, prompt, uncond, gen) for m in (loaded, hf)]
+    result["kv_cache"] = {"frames": int(codes[0].shape[0]), "same_codes": bool(torch.equal(*codes))}
     return {k: str(v) if not isinstance(v, (int, float, dict)) else v for k, v in result.items()}
 
 
@@ -37,3 +50,4 @@ def test_demo_writes_audio_and_checkpoints(tmp_path):
     assert out["answer"] is not None and out["answer"]["question"]
     # the checkpoint alone (config included) rebuilds the trained model for generation
     assert out["reload"] == {"step": 4, "same_config": True, "max_diff": 0.0}
+    assert out["kv_cache"]["same_codes"] and out["kv_cache"]["frames"] >= 10

@@ -78,6 +78,54 @@ class UALMForConditionalGeneration(nn.Module):
         audio_input = _audio_input(folder, cfg, parts, dtype) if cfg.audio_in.enabled else None
         return cls(cfg, lm, parts, audio_input).eval()
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        attn_implementation: str = "sdpa") -> "UALMForConditionalGeneration":
+        """A training checkpoint (a run's checkpoint folder or one ``iter_*``, saved at any TP/PP) straight into
+        this class, without writing an HF folder: the export's tensor stream (exporter.iter_export over a
+        streamed checkpoint reader) fills a transformers Qwen2 built on the meta device, so the model is held
+        once. For generation with a KV cache from a Megatron checkpoint. Collective like the export: run it
+        on every rank if torch.distributed has several (one process is the normal case).
+        """
+        from transformers import Qwen2ForCausalLM
+
+        from ualm_nemo.convert.exporter import check_checkpoint_shapes, iter_export
+        from ualm_nemo.convert.qwen2_keymap import qwen2_config_for
+        from ualm_nemo.distributed.checkpoint import resolve_checkpoint, stored_model_config
+        from ualm_nemo.distributed.parallel import init_distributed, init_model_parallel
+        from ualm_nemo.distributed.streaming import StreamedCheckpointReader
+        from ualm_nemo.model.builder import build_model
+
+        iteration = resolve_checkpoint(path)
+        cfg = stored_model_config(iteration)
+        if cfg is None:
+            raise ValueError(f"{iteration} records no model config (ualm_config in ualm_common.pt)")
+        cfg = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
+                                transformer_impl="local")
+        init_distributed()
+        init_model_parallel(cfg.parallel, seed=cfg.seed)
+        skeleton = build_model(cfg, initialize=False, device="cpu")  # describes the checkpoint; never touched
+        check_checkpoint_shapes(skeleton, iteration)
+        dtype = dtype or {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.params_dtype]
+        tensors: dict[str, dict[str, torch.Tensor]] = {"model": {}, "audio": {}, "encoder": {}}
+        for part, name, tensor in iter_export(StreamedCheckpointReader(skeleton, iteration), cfg):
+            tensors[part][name] = tensor.to(dtype)
+        with torch.device("meta"):  # no random init: every weight is assigned from the checkpoint
+            lm = Qwen2ForCausalLM(qwen2_config_for(cfg, attn_implementation=attn_implementation))
+        lm.load_state_dict(tensors["model"], strict=True, assign=True)
+        lm.model.rotary_emb = type(lm.model.rotary_emb)(config=lm.config)  # its buffers are not in the state
+        audio_input = None
+        if cfg.audio_in.enabled:
+            audio_input = skeleton.audio_input  # encoder architecture from model.audio_in.encoder_path
+            audio_input.encoder.tower.load_state_dict(tensors["encoder"], strict=True)
+            adapter = {k.removeprefix("adapter."): v for k, v in tensors["audio"].items() if k.startswith("adapter.")}
+            audio_input.adapter.load_state_dict(adapter, strict=True)
+            audio_input = audio_input.to(dtype)
+        left = [n for n, t in (*lm.named_parameters(), *lm.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"{iteration}: the checkpoint did not fill {left[:5]}")
+        return cls(cfg, lm, tensors["audio"], audio_input).eval()
+
     # --- math -------------------------------------------------------------------------------------
     def _rows(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """ids, keep [b, s] -> [b, s, h]: each id's row from the text, specials or audio table (pads: zero)."""
