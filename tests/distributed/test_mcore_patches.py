@@ -124,3 +124,36 @@ def test_upstream_failures_still_exist_and_fixes_work(tmp_path):
 
 def test_shared_step_upstream_still_shares():
     assert run_distributed(1, _shared_step_upstream)[0], "megatron-core no longer shares 'step': drop shared_step"
+
+
+_TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride")
+
+
+def _tp_attributes() -> dict:
+    """Every parameter's TP attributes at TP2: megatron built without initialisation, ours fixed, and initialised."""
+    from dataclasses import replace
+
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.model.builder import build_model, layer_spec, transformer_config
+    from ualm_nemo.model.config import BACKBONES, UALMConfig
+    from ualm_nemo.model.ualm import UALMLanguageModel
+
+    cfg = UALMConfig(backbone=BACKBONES["tiny"])
+    cfg = replace(cfg, audio_out=replace(cfg.audio_out, head="per_codebook")).with_parallel(
+        tensor_model_parallel_size=2)
+    init_model_parallel(cfg.parallel, seed=0)
+
+    def attrs(model):
+        return {n: tuple(getattr(p, a, None) for a in _TP_ATTRS) for n, p in model.named_parameters()}
+
+    raw = UALMLanguageModel(transformer_config(cfg, False), cfg, layer_spec(cfg))  # what megatron alone gives
+    return {"upstream": attrs(raw), "fixed": attrs(build_model(cfg, initialize=False)),
+            "initialised": attrs(build_model(cfg))}
+
+
+def test_uninitialised_build_has_the_tp_attributes_of_an_initialised_one():
+    got = run_distributed(2, _tp_attributes)[1]  # TP rank 1: where a missing attribute changes the grad norm
+    assert got["fixed"] == got["initialised"]
+    assert sum(a[0] is True for a in got["initialised"].values()) > 10
+    missing = [n for n, a in got["upstream"].items() if a != got["initialised"][n]]
+    assert missing, "megatron-core now sets TP attributes without initialisation: drop set_missing_tp_attributes"

@@ -242,6 +242,7 @@ def load_initial_weights(engine, path: str | Path) -> dict[str, Any]:
     state = checkpoint.load_checkpoint(iteration, engine.chunks, None, restore_rng=False)
     if engine.optimizer is not None:
         engine.optimizer.reload_model_params()
+    engine.weights_pending = False
     return state
 
 

@@ -97,8 +97,12 @@ class UALMModel(ModelPT):
 
     def configure_model(self) -> None:
         if self.engine is None:
+            # every weight comes from a checkpoint when resuming or starting from train.init_from: skip the random
+            # initialisation (the engine refuses to train if no load happened after all)
+            resuming = find_latest(Path(self.run.output_dir) / "checkpoints") is not None
             self.engine = MegatronEngine(self.run.model, self.run.optim, self.run.train.max_steps,
-                                         stage=self.run.train.stage)
+                                         stage=self.run.train.stage,
+                                         initialize=not (resuming or self.run.train.init_from))
             self.chunks = torch.nn.ModuleList(self.engine.chunks)  # visible to Lightning (summary, device moves)
             self._maybe_init_weights()
 
