@@ -16,6 +16,8 @@ memory through ``dist_checkpointing.load`` with only that key requested (any sav
 reads just the chunks it needs).
 
 Both are collective: every rank runs the same calls in the same order (one process is the normal case).
+Both use two internals of megatron-core 0.16.1's torch_dist strategy (its key grouping and its conversion to
+torch ShardedTensors); tests/convert compares both directions with megatron's own save and load.
 """
 
 from __future__ import annotations
