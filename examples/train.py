@@ -4,12 +4,16 @@ Single process: run it directly. Several processes: torchrun --nproc_per_node=N 
 under Slurm (one task per GPU; ranks come from SLURM_*). A run resumes from <output_dir>/checkpoints/latest.
 """
 
-import logging
+from ualm_nemo.training import early_signals
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+early_signals.install()  # first: a Slurm signal during the imports below must requeue the job, not kill it
 
-from ualm_nemo.training.train import train
+import logging  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from ualm_nemo.training.train import train  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)

@@ -19,7 +19,6 @@ its handlers in ``setup`` (before Lightning's), so exactly one save-and-requeue 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from pathlib import Path
 
@@ -27,29 +26,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from ualm_nemo.training import early_signals
 from ualm_nemo.training.callbacks import PeriodicCheckpoint
+from ualm_nemo.training.early_signals import SIGNALS, STATE_FILE, read_run_state, write_run_state  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-STATE_FILE = "run_state"
-
-
-def read_run_state(output_dir: str | Path) -> dict[str, str]:
-    """The run-state file as a dict ({} when absent)."""
-    path = Path(output_dir) / STATE_FILE
-    if not path.exists():
-        return {}
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-
-
-def write_run_state(output_dir: str | Path, state: str, step: int, max_steps: int) -> None:
-    path = Path(output_dir) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(STATE_FILE + ".tmp")
-    tmp.write_text(f"state={state}\nstep={step}\nmax_steps={max_steps}\n")
-    os.replace(tmp, path)  # the batch script never reads a half-written file
-
 
 class PreemptionCheckpoint(Callback):
     """On SIGUSR1/SIGTERM: checkpoint at the next batch end on all ranks, stop, record ``state=preempted``."""
@@ -70,6 +51,7 @@ class PreemptionCheckpoint(Callback):
             previous(signum, frame)  # e.g. a SIGTERM handler someone else installed before us
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        early_signals.disarm()  # from here a signal means: save at the next batch end, then requeue
         for signum in self.signals:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handler)

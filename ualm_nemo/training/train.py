@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
 from ualm_nemo.distributed.checkpoint import find_latest
+from ualm_nemo.training import early_signals
 from ualm_nemo.training.callbacks import PeriodicCheckpoint, StepProgressBar
 from ualm_nemo.training.nemo_model import UALMModel
 from ualm_nemo.training.preemption import PreemptionCheckpoint
@@ -52,6 +53,9 @@ def train(cfg: Mapping[str, Any]) -> UALMModel:
     """Train (or resume from the run's latest checkpoint) the stage described by a run config dict."""
     cfg = dict(cfg)
     run = run_config_from_dict(cfg)
+    # a Slurm signal that came during start-up (or comes before training does) requeues the job right away
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    early_signals.arm(run.output_dir, run.train.max_steps, rank)
     trainer = build_trainer(run)
     model_cfg = OmegaConf.create({"ualm": cfg.get("model") or {}, "optim": cfg.get("optim") or {},
                                   "train": cfg.get("train") or {}, "data": cfg.get("data") or {},
