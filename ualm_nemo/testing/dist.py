@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import tempfile
 import traceback
 from pathlib import Path
@@ -20,6 +21,7 @@ from ualm_nemo.distributed.parallel import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: str, timeout: int) -> None:
+    os.setpgid(0, 0)  # own process group: whatever this worker starts is killed with it (see run_distributed)
     faulthandler.dump_traceback_later(timeout, exit=True)  # a hung collective fails the test, not CI
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
@@ -42,8 +44,12 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results
 def run_distributed(world: int, fn: Callable, *args: Any, timeout: int = 240) -> dict[int, Any]:
     """Run ``fn(*args)`` on ``world`` processes; returns {rank: result}. Raises with the first rank's traceback."""
     with tempfile.TemporaryDirectory(prefix="ualm_dist_") as results:
+        context = None
         try:
-            mp.spawn(_worker, args=(world, free_port(), fn, args, results, timeout), nprocs=world, join=True)
+            context = mp.start_processes(_worker, args=(world, free_port(), fn, args, results, timeout),
+                                         nprocs=world, join=False, start_method="spawn")
+            while not context.join():
+                pass
         except Exception as err:
             errors = []
             for rank in range(world):
@@ -53,4 +59,17 @@ def run_distributed(world: int, fn: Callable, *args: Any, timeout: int = 240) ->
                     if status == "error":
                         errors.append(f"--- rank {rank} ---\n{payload}")
             raise RuntimeError("distributed run failed:\n" + "\n".join(errors or [str(err)])) from err
+        finally:
+            _kill_leftovers(context)
         return {rank: torch.load(Path(results) / f"rank{rank}.pt", weights_only=False)[1] for rank in range(world)}
+
+
+def _kill_leftovers(context) -> None:
+    """Kill what the workers left running (e.g. a checkpoint writer's helper process after a worker died
+    abruptly in a test): each worker leads its own process group."""
+    for process in (context.processes if context is not None else []):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
