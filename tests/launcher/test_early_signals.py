@@ -62,13 +62,32 @@ def test_signal_after_arming_requeues_at_once_and_only_rank_0_writes(out):
     assert read_run_state(out) == {}  # rank 1 leaves the state file to rank 0
 
 
+def test_signal_during_model_build_requeues_through_the_callback(out):
+    """Between the callback's setup (its handlers installed) and the first step (model build, checkpoint load):
+    still nothing trained, so the callback hands the signal on and the task requeues at once."""
+    run = _python("""
+        import os, signal, sys, time
+        from ualm_nemo.training import early_signals
+        from ualm_nemo.training.preemption import PreemptionCheckpoint
+        early_signals.install()
+        early_signals.arm(sys.argv[1], max_steps=10, rank=0)
+        PreemptionCheckpoint(sys.argv[1]).setup(None, None, "fit")  # Lightning's setup hook, before the model
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        print("not reached", flush=True)
+    """, out)
+    assert run.returncode == 0 and "not reached" not in run.stdout, run.stderr
+    assert "SIGTERM received during start-up" in run.stderr
+    assert read_run_state(out) == {"state": "preempted", "step": "7", "max_steps": "10"}
+
+
 def test_once_training_starts_signals_are_the_callbacks(out):
     run = _python("""
         import os, signal, sys
         from ualm_nemo.training import early_signals
         early_signals.install()
         early_signals.arm(sys.argv[1], max_steps=10, rank=0)
-        early_signals.disarm()  # what PreemptionCheckpoint.setup does
+        early_signals.disarm()  # what PreemptionCheckpoint.on_train_start does
         os.kill(os.getpid(), signal.SIGUSR1)
         print("still here", early_signals.received(), flush=True)
     """, out)

@@ -8,7 +8,8 @@ module imports nothing heavy), which only records a signal; :func:`arm` (once ``
 the model is built) acts on a recorded signal and on any later one until training takes over: nothing was
 trained in this job, so there is nothing to save -- rank 0 writes ``state=preempted`` (the step of the latest
 checkpoint) and every task exits 0 at once, and the batch script requeues. The preemption callback
-(preemption.py) replaces these handlers when training starts.
+(preemption.py) installs its handlers in ``setup`` but hands signals that come before the first training step
+(model build, checkpoint load) to :func:`requeue_now`, and disarms this module when training starts.
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ def arm(output_dir: str | Path, max_steps: int, rank: int) -> None:
     _armed.update(output_dir=str(output_dir), max_steps=max_steps, rank=rank)
     if _received:
         _requeue_now(_received[0])
+
+
+def is_armed() -> bool:
+    return bool(_armed)
+
+
+def requeue_now(signum: int) -> None:
+    """Act on ``signum`` as a start-up signal (armed only): rank 0 records preempted, this task exits 0."""
+    if _armed:
+        _requeue_now(signum)
 
 
 def disarm() -> None:

@@ -45,13 +45,14 @@ class PreemptionCheckpoint(Callback):
 
     # --- signal handling ------------------------------------------------------------------------
     def _handler(self, signum, frame) -> None:
+        if early_signals.is_armed():  # still starting (model build, checkpoint load): nothing to save, requeue now
+            early_signals.requeue_now(signum)
         self.received = signum  # only a flag: the save happens at a batch end, where all ranks can meet
         previous = self._previous.get(signum)
         if callable(previous) and signum != signal.SIGUSR1:
             previous(signum, frame)  # e.g. a SIGTERM handler someone else installed before us
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        early_signals.disarm()  # from here a signal means: save at the next batch end, then requeue
         for signum in self.signals:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handler)
@@ -71,6 +72,7 @@ class PreemptionCheckpoint(Callback):
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        early_signals.disarm()  # from here a signal means: save at the next batch end, then requeue
         log.info("training from step %d to max_steps=%d (run state: %s)", trainer.global_step, trainer.max_steps,
                  self.output_dir / STATE_FILE)
 
