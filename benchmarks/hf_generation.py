@@ -33,15 +33,6 @@ def build(model_name: str) -> "torch.nn.Module":
     return UALMForConditionalGeneration(cfg, lm, parts).eval()
 
 
-class WithoutCache(torch.nn.Module):
-    def __init__(self, inner) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, tokens, **audio):
-        return self.inner(tokens, **audio)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="conf/model name (default tiny)")
@@ -62,9 +53,9 @@ def main() -> None:
                           + [vocab.text_position_streams(vocab.audio_start_id)])
     gen = AudioGenerationConfig(max_frames=args.frames, min_frames=args.frames, seed=0)
     results = {}
-    for name, runner in (("kv cache", model), ("recompute", WithoutCache(model))):
+    for name, use_cache in (("kv cache", True), ("recompute", False)):
         start = time.perf_counter()
-        codes = generate_audio_codes(runner, vocab, prompt, uncond, gen)
+        codes = generate_audio_codes(model, vocab, prompt, uncond, gen, use_cache=use_cache)
         seconds = time.perf_counter() - start
         results[name] = (codes, seconds)
         print(f"  {name:<10} {codes.shape[0]} frames in {seconds:6.2f} s = {codes.shape[0] / seconds:7.1f} frames/s",

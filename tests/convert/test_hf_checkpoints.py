@@ -527,17 +527,6 @@ def test_af_whisper_encoder_through_import_and_export(world):
     torch.testing.assert_close(codebooks, got["audio"][1], atol=1e-5, rtol=1e-5)
 
 
-class _WithoutCache(torch.nn.Module):
-    """The same HF-side model without ``decode``: generation falls back to recomputing the whole sequence."""
-
-    def __init__(self, inner) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, tokens, **audio):
-        return self.inner(tokens, **audio)
-
-
 def test_kv_cached_generation_equals_full_recompute(world):
     from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
     from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes, generate_text
@@ -557,14 +546,14 @@ def test_kv_cached_generation_equals_full_recompute(world):
     gen = AudioGenerationConfig(max_frames=12, min_frames=6, seed=3)
     cached = generate_audio_codes(model, vocab, prompt, uncond, gen)
     assert cached.shape[0] >= 6
-    assert torch.equal(cached, generate_audio_codes(_WithoutCache(model), vocab, prompt, uncond, gen))
+    assert torch.equal(cached, generate_audio_codes(model, vocab, prompt, uncond, gen, use_cache=False))
 
     row = int((tokens[..., 0] == vocab.audio_in_id).sum(1).argmax())  # the row holding the audio placeholders
     audio = {k: world["audio_batch"][k] for k in ("audio_features", "audio_feature_lens")}
     cached_text = generate_text(model, vocab, tokens[row], set(), vocab.text_vocab_size, 6, **audio)
     assert len(cached_text) == 6
-    assert cached_text == generate_text(_WithoutCache(model), vocab, tokens[row], set(), vocab.text_vocab_size, 6,
-                                        **audio)
+    assert cached_text == generate_text(model, vocab, tokens[row], set(), vocab.text_vocab_size, 6, **audio,
+                                        use_cache=False)
 
 
 def test_hf_class_from_training_checkpoint_matches_megatron(world):

@@ -106,7 +106,7 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
         finally:
             for writer in writers.values():
                 writer.close()
-        model_dtype = dtype or {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.params_dtype]
+        model_dtype = dtype or DTYPES[cfg.params_dtype]
         hf_config = qwen2_config_for(cfg, architectures=["Qwen2ForCausalLM"])
         hf_config.dtype = _TORCH_DTYPE_NAMES.get(model_dtype, "float32")
         hf_config.save_pretrained(tmp)
@@ -170,6 +170,34 @@ def prepare_export(ckpt: str | Path, out: str | Path, cfg: UALMConfig | None, to
     return iteration, cfg or stored, tokenizer_dir
 
 
+def open_checkpoint(iteration: Path,
+                    cfg: UALMConfig) -> tuple[UALMConfig, torch.nn.Module, StreamedCheckpointReader]:
+    """(TP1/PP1 config, model description, tensor-by-tensor reader) of an iteration folder saved at any layout.
+
+    The model is built without initialisation and never touched; every tensor's global shape is checked
+    against the checkpoint first (ValueError naming the keys). Sets up TP1/PP1 parallel state (collective).
+    """
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.model.builder import build_model
+
+    # conversion always builds the local (pure torch) spec: its dist-checkpoint keys are the TE spec's, so
+    # the result loads into Transformer Engine training unchanged (megatron maps the fused-norm names)
+    cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
+                             transformer_impl="local")
+    init_model_parallel(cfg1.parallel, seed=cfg.seed)
+    model = build_model(cfg1, initialize=False, device="cpu")  # describes the checkpoint; never touched
+    try:
+        check_checkpoint_shapes(model, iteration)
+    except (CheckpointException, OSError, RuntimeError) as err:
+        raise ValueError(f"could not read {iteration}: {error_cause(err)}") from err
+    except ValueError as err:
+        raise ValueError(f"{err} (config: backbone {cfg.backbone}, audio_in={cfg.audio_in}, "
+                         f"audio_out.head={cfg.audio_out.head!r})") from err
+    return cfg1, model, StreamedCheckpointReader(model, iteration)
+
+
 def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | None = None, *,
                          tokenizer_dir: str | Path | None = None, dtype: str | None = None,
                          max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, progress: bool = True) -> Path:
@@ -182,27 +210,9 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
     """
     import torch.distributed as dist
 
-    from ualm_nemo.distributed.parallel import init_model_parallel
-    from ualm_nemo.model.builder import build_model
-
     iteration, cfg, tokenizer_dir = prepare_export(ckpt, out, cfg, tokenizer_dir, dtype, overwrite)
-    # conversion always builds the local (pure torch) spec: its dist-checkpoint keys are the TE spec's, so
-    # the result loads into Transformer Engine training unchanged (megatron maps the fused-norm names)
-    cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
-                             transformer_impl="local")
-    init_model_parallel(cfg1.parallel, seed=cfg.seed)
-    model = build_model(cfg1, initialize=False, device="cpu")  # describes the checkpoint; never touched
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
-    try:
-        check_checkpoint_shapes(model, iteration)
-    except (CheckpointException, OSError, RuntimeError) as err:
-        raise ValueError(f"could not read {iteration}: {error_cause(err)}") from err
-    except ValueError as err:
-        raise ValueError(f"{err} (config: backbone {cfg.backbone}, audio_in={cfg.audio_in}, "
-                         f"audio_out.head={cfg.audio_out.head!r})") from err
+    cfg1, model, reader = open_checkpoint(iteration, cfg)
     encoder_config = model.audio_input.encoder.tower.config if model.audio_input is not None else None
-    reader = StreamedCheckpointReader(model, iteration)
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         write_hf_folder(reader, cfg1, out, encoder_config=encoder_config, tokenizer_dir=tokenizer_dir,
                         dtype=DTYPES[dtype or cfg.params_dtype], max_shard_bytes=max_shard_bytes,

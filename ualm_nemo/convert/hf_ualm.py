@@ -89,26 +89,20 @@ class UALMForConditionalGeneration(nn.Module):
         """
         from transformers import Qwen2ForCausalLM
 
-        from ualm_nemo.convert.exporter import check_checkpoint_shapes, iter_export
+        from ualm_nemo.convert.exporter import DTYPES, iter_export, open_checkpoint
         from ualm_nemo.convert.qwen2_keymap import qwen2_config_for
         from ualm_nemo.distributed.checkpoint import resolve_checkpoint, stored_model_config
-        from ualm_nemo.distributed.parallel import init_distributed, init_model_parallel
-        from ualm_nemo.distributed.streaming import StreamedCheckpointReader
-        from ualm_nemo.model.builder import build_model
+        from ualm_nemo.distributed.parallel import init_distributed
 
         iteration = resolve_checkpoint(path)
-        cfg = stored_model_config(iteration)
-        if cfg is None:
+        stored = stored_model_config(iteration)
+        if stored is None:
             raise ValueError(f"{iteration} records no model config (ualm_config in ualm_common.pt)")
-        cfg = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
-                                transformer_impl="local")
         init_distributed()
-        init_model_parallel(cfg.parallel, seed=cfg.seed)
-        skeleton = build_model(cfg, initialize=False, device="cpu")  # describes the checkpoint; never touched
-        check_checkpoint_shapes(skeleton, iteration)
-        dtype = dtype or {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.params_dtype]
+        cfg, skeleton, reader = open_checkpoint(iteration, stored)
+        dtype = dtype or DTYPES[cfg.params_dtype]
         tensors: dict[str, dict[str, torch.Tensor]] = {"model": {}, "audio": {}, "encoder": {}}
-        for part, name, tensor in iter_export(StreamedCheckpointReader(skeleton, iteration), cfg):
+        for part, name, tensor in iter_export(reader, cfg):
             tensors[part][name] = tensor.to(dtype)
         with torch.device("meta"):  # no random init: every weight is assigned from the checkpoint
             lm = Qwen2ForCausalLM(qwen2_config_for(cfg, attn_implementation=attn_implementation))

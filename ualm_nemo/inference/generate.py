@@ -1,6 +1,6 @@
 """Decoding for a single-stage (TP1/PP1) UALM: text greedy, audio with CFG over the delay pattern.
 
-Two ways to step a model, picked by what it offers:
+Two ways to step a model, picked by what it offers (``use_cache=False`` forces the second, e.g. to compare):
 * a model with ``decode(tokens, cache, **audio)`` (the HF-side ``UALMForConditionalGeneration``) is fed only the
   new positions each step against its KV cache;
 * any other model mapping tokens [b, s, N] -> (stream-0 logits, codebook logits) (the Megatron model) gets the
@@ -67,14 +67,14 @@ class _Incremental:
         self.stream0, self.codebooks, self.cache = self.model.decode(ids, self.cache)
 
 
-def _stepper(model, sequences: torch.Tensor, **audio) -> _Recompute | _Incremental:
+def _stepper(model, sequences: torch.Tensor, use_cache: bool, **audio) -> _Recompute | _Incremental:
     audio = {k: v for k, v in audio.items() if v is not None}
-    return (_Incremental if hasattr(model, "decode") else _Recompute)(model, sequences, **audio)
+    return (_Incremental if use_cache and hasattr(model, "decode") else _Recompute)(model, sequences, **audio)
 
 
 @torch.no_grad()
 def generate_audio_codes(model, vocab: UnifiedVocab, prompt: torch.Tensor, uncond_prompt: torch.Tensor,
-                         cfg: AudioGenerationConfig) -> torch.Tensor:
+                         cfg: AudioGenerationConfig, use_cache: bool = True) -> torch.Tensor:
     """prompt / uncond_prompt [L, N] (both ending in ``<|audio_start|>``, same length) -> codes [F, N]."""
     if prompt.shape != uncond_prompt.shape:
         raise ValueError(f"conditional {tuple(prompt.shape)} and unconditional {tuple(uncond_prompt.shape)} "
@@ -83,7 +83,7 @@ def generate_audio_codes(model, vocab: UnifiedVocab, prompt: torch.Tensor, uncon
     n_streams, span = vocab.num_codebooks, vocab.codebook_span
     gen = torch.Generator().manual_seed(cfg.seed)  # sampling stays on the CPU: the same seed, the same audio
     device = next(model.parameters()).device
-    steps = _stepper(model, torch.stack([prompt, uncond_prompt]).to(device))  # conditional, unconditional rows
+    steps = _stepper(model, torch.stack([prompt, uncond_prompt]).to(device), use_cache)  # cond., uncond. rows
     cb0 = slice(vocab.codebook_start(0), vocab.codebook_start(0) + span)
     end = None  # F, once stream 0 has emitted its pad
     grid = []
@@ -118,7 +118,7 @@ def generate_audio_codes(model, vocab: UnifiedVocab, prompt: torch.Tensor, uncon
 @torch.no_grad()
 def generate_text(model, vocab: UnifiedVocab, prompt: torch.Tensor, stop_ids: set[int], num_text_ids: int,
                   max_new_tokens: int = 64, audio_features: torch.Tensor | None = None,
-                  audio_feature_lens: torch.Tensor | None = None) -> list[int]:
+                  audio_feature_lens: torch.Tensor | None = None, use_cache: bool = True) -> list[int]:
     """Greedy text decoding (the paper decodes text greedily). prompt [L, N] -> new text ids (stop id excluded).
 
     Only the tokenizer's ``num_text_ids`` ids are candidates: the embedding's padding rows are not text.
@@ -127,7 +127,7 @@ def generate_text(model, vocab: UnifiedVocab, prompt: torch.Tensor, stop_ids: se
     device = next(model.parameters()).device
     if audio_features is not None:
         audio_features, audio_feature_lens = audio_features.to(device), audio_feature_lens.to(device)
-    steps = _stepper(model, prompt.unsqueeze(0).to(device), audio_features=audio_features,
+    steps = _stepper(model, prompt.unsqueeze(0).to(device), use_cache, audio_features=audio_features,
                      audio_feature_lens=audio_feature_lens)
     out: list[int] = []
     for _ in range(max_new_tokens):

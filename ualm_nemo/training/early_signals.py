@@ -62,8 +62,7 @@ def _requeue_now(signum: int) -> None:
 
 def _handler(signum, frame) -> None:
     _received.append(signum)
-    if _armed:
-        _requeue_now(signum)
+    requeue_now(signum)
 
 
 def install() -> None:

@@ -104,12 +104,12 @@ class UALMModel(ModelPT):
                                          stage=self.run.train.stage,
                                          initialize=not (resuming or self.run.train.init_from))
             self.chunks = torch.nn.ModuleList(self.engine.chunks)  # visible to Lightning (summary, device moves)
-            self._maybe_init_weights()
+            self._maybe_init_weights(resuming)
 
-    def _maybe_init_weights(self) -> None:
+    def _maybe_init_weights(self, resuming: bool) -> None:
         """A new run may start from converted weights (train.init_from); a resumed run never does."""
         init_from = self.run.train.init_from
-        if init_from and find_latest(Path(self.run.output_dir) / "checkpoints") is None:
+        if init_from and not resuming:
             from ualm_nemo.convert.importer import load_initial_weights
 
             load_initial_weights(self.engine, init_from)
