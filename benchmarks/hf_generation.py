@@ -23,7 +23,7 @@ def build(model_name: str) -> "torch.nn.Module":
 
     from ualm_nemo.convert.audio_parts import expected_audio_shapes
     from ualm_nemo.convert.configs import load_model_config
-    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
     from ualm_nemo.convert.qwen2_keymap import qwen2_config_for
 
     cfg = load_model_config(model_name, ["audio_in.enabled=false", "audio_in.encoder_path=null"])

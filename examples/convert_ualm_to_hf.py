@@ -5,7 +5,7 @@
 
 The folder holds a Qwen2ForCausalLM (config.json + safetensors: transformers.AutoModelForCausalLM loads it and
 generates text), audio.safetensors, audio_encoder/, ualm_config.json and the tokenizer files;
-ualm_nemo.convert.hf_ualm.UALMForConditionalGeneration loads all of it. The checkpoint argument is a run's
+ualm_nemo.inference.hf_model.UALMForConditionalGeneration loads all of it. The checkpoint argument is a run's
 checkpoint folder (its ``latest`` is used) or one iter_* folder. --model may be left out for checkpoints that
 record their config (imports do). The folder is written as <out>.tmp-<pid> and renamed when complete.
 """

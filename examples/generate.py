@@ -16,7 +16,7 @@ from tqdm import tqdm
 import torch
 
 from ualm_nemo.codec.xcodec import CodecTokenizer
-from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
 from ualm_nemo.data.formatting import SampleFormatter
 from ualm_nemo.data.tokenizer import build_tokenizer
 from ualm_nemo.distributed.checkpoint import resolve_checkpoint

@@ -100,7 +100,7 @@ def test_export_rejects_bad_inputs(tmp_path, fails):
 
 
 def test_ualm_class_needs_a_ualm_export(hf):
-    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
 
     with pytest.raises(FileNotFoundError, match="is not a UALM export: no ualm_config.json"):
         UALMForConditionalGeneration.from_pretrained(hf)

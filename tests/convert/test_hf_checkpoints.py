@@ -117,7 +117,7 @@ def _worker(root: str) -> dict:
 
     def from_checkpoint():
         """The HF-side class built straight from the TP2 training checkpoint (every rank joins the reads)."""
-        from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+        from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
 
         model = UALMForConditionalGeneration.from_checkpoint(r / "trained", attn_implementation="eager")
         with torch.no_grad():
@@ -358,7 +358,7 @@ def test_trained_export_text_logits_match_megatron(world):
 
 
 def test_exported_ualm_class_reproduces_audio_logits_and_generates(world):
-    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
     from ualm_nemo.inference.generate import AudioGenerationConfig
 
     tp2 = _ok(world, "tp2")
@@ -454,7 +454,7 @@ def test_new_rows_drawn_from_seed():
 
 
 def test_per_codebook_heads_export_reproduces_logits(world):
-    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
 
     got = _ok(world, "per_codebook")
     assert got["rc"] == 0
@@ -514,7 +514,7 @@ def test_import_reads_the_audio_tower_of_an_omni_folder(world):
 def test_af_whisper_encoder_through_import_and_export(world):
     """--audio-encoder <Audio Flamingo 3 folder>: the AF-Whisper tower is imported, trained-side logits come
     from it, and the exported HF folder (audio_encoder/ = AF-Whisper) reproduces them."""
-    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
 
     got = _ok(world, "af_whisper")
     assert got["rc"] == (0, 0) and got["encoder"] == "AudioFlamingo3Encoder"
@@ -528,7 +528,7 @@ def test_af_whisper_encoder_through_import_and_export(world):
 
 
 def test_kv_cached_generation_equals_full_recompute(world):
-    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
     from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes, generate_text
 
     model = UALMForConditionalGeneration.from_pretrained(world["root"] / "hf_trained", attn_implementation="eager")

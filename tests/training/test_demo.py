@@ -26,7 +26,7 @@ def _demo(output_dir: str) -> dict:
     result["reload"] = {"step": step, "same_config": cfg.backbone == trained.ualm.backbone,
                         "max_diff": max(float((a - b).abs().max()) for a, b in zip(expected, got))}
     # the transformers-side class read from the same checkpoint decodes with a KV cache: the same codes
-    from ualm_nemo.convert.hf_ualm import UALMForConditionalGeneration
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
     from ualm_nemo.data.formatting import SampleFormatter
     from ualm_nemo.data.tokenizer import build_tokenizer
     from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes

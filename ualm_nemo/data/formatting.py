@@ -32,7 +32,8 @@ each, delay pads included). Text to audio, F codec frames (row t's label is row 
 from __future__ import annotations
 
 import random
-from typing import Sequence, TypedDict
+from dataclasses import dataclass
+from typing import Sequence, TypedDict, Union
 
 import numpy as np
 import torch
@@ -56,6 +57,24 @@ class Sample(TypedDict):
     loss_weights: torch.Tensor  # [L, 8] float32
     audio_features: torch.Tensor | None  # [n_mel, mel_frames] float32
     task: str
+
+
+@dataclass(frozen=True)
+class AudioIn:
+    """Audio the model listens to (encoder input): a 16 kHz mono waveform [samples]."""
+
+    waveform: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AudioOut:
+    """Audio the assistant wrote earlier in the conversation: codec codes [F, N] (rendered as its grid)."""
+
+    codes: torch.Tensor
+
+
+Part = Union[str, AudioIn, AudioOut]
+ChatTurn = tuple[str, Sequence[Part]]  # (role, content parts in order)
 
 
 class LogMel:
@@ -221,6 +240,51 @@ class SampleFormatter:
             # labels of these rows are IGNORE already (their targets are prompt tokens), so only tokens change
             sample["tokens"][:prompt_len] = self.unconditional_prompt(prompt_len + 1)[:prompt_len]
         return sample
+
+    # --- prompts for decoding ------------------------------------------------------------------
+    def conversation_prompt(self, turns: Sequence[ChatTurn]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A conversation -> (prompt [L, 8] through ``<|im_start|>assistant\n``, log-mel of each AudioIn).
+
+        The rows are those training builds for the same turns (``_turn``; an assistant ``AudioOut`` as
+        ``<|audio_start|>``, its delayed grid, ``<|audio_end|>``), so the model continues the assistant turn
+        as it learned to. The conversation must hold a user turn and must not end with the assistant.
+        """
+        roles = [role for role, _ in turns]
+        if "user" not in roles:
+            raise ValueError("a conversation needs at least one user turn")
+        if roles[-1] == "assistant":
+            raise ValueError("the conversation ends with an assistant turn: nothing is left to generate")
+        b, features = self._new(), []
+        for role, parts in turns:
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown role {role!r} (system, user, assistant)")
+            self._open(b, role)
+            for part in ([parts] if isinstance(parts, str) else parts):
+                if isinstance(part, str):
+                    b.text(self.tokenizer.encode(part))
+                elif isinstance(part, AudioIn):
+                    features.append(self._listen(part.waveform))
+                    b.audio_in(num_encoder_frames(int(part.waveform.shape[-1])))
+                elif isinstance(part, AudioOut) and role == "assistant":
+                    b.text([self.vocab.audio_start_id])
+                    b.audio_grid(part.codes)
+                    b.text([self.vocab.audio_end_id])
+                else:
+                    raise ValueError(f"a {role} turn cannot hold {type(part).__name__}")
+            self._close(b, learned=False)
+        self._open(b, "assistant")
+        return b.build(self.text_weight, self.audio_stream_weight)[0], features
+
+    def _listen(self, waveform: torch.Tensor) -> torch.Tensor:
+        """16 kHz waveform [samples] -> log-mel [n_mel, frames] (the encoder's input)."""
+        if waveform.dim() != 1 or num_encoder_frames(int(waveform.shape[0])) < 1:
+            raise ValueError(f"audio input must be a mono waveform long enough for one encoder frame, got "
+                             f"{tuple(waveform.shape)}")
+        if not bool(torch.isfinite(waveform).all()):
+            raise ValueError("audio input holds NaN or infinite samples")
+        if self._log_mel is None:
+            self._log_mel = LogMel(self.n_mels)
+        return self._log_mel(waveform)
 
     # --- understanding and text ----------------------------------------------------------------
     def format_understanding(self, turns: Sequence[Turn], waveform: torch.Tensor) -> Sample:

@@ -41,6 +41,19 @@ def apply_delay(codes: torch.Tensor, pad: torch.Tensor | int) -> torch.Tensor:
     return torch.where(valid, gathered, pad_grid)
 
 
+def delay_pad_mask(frame: int, num_frames: int | None, num_streams: int) -> torch.Tensor:
+    """[N] bool: which streams hold a pad at row ``frame`` of the delayed grid (``apply_delay``'s pads).
+
+    ``num_frames`` is T, or None while it is still unknown (decoding, before stream 0 has ended the audio):
+    then only the leading pads (``frame < n``) are known.
+    """
+    stream = torch.arange(num_streams)
+    forced = stream > frame
+    if num_frames is not None:
+        forced |= frame >= num_frames + stream
+    return forced
+
+
 def revert_delay(delayed: torch.Tensor) -> torch.Tensor:
     """delayed [T+N-1, N] -> codes [T, N], taking delayed[n:n+T, n] for each stream n."""
     if delayed.dim() != 2:

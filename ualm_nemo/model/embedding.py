@@ -2,7 +2,8 @@
 
 Two vocab-parallel tables, so a stage can freeze one and train the other (the ``align`` stage trains only the
 audio rows): ``text`` holds Qwen text ids + UALM specials, ``audio`` the 8 x (1024 + 1) codebook ids. Each
-rank looks up its own rows for every stream, sums locally and all-reduces once (not once per stream).
+rank looks up its own rows for every stream, sums locally and all-reduces once (not once per stream). The
+lookup is ``stream_math.embed_streams`` over this rank's shards: the reference math, applied to a shard.
 """
 
 from __future__ import annotations
@@ -14,17 +15,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ualm_nemo.model.config import UALMConfig, padded
-
-
-def _local_lookup(table: VocabParallelEmbedding, ids: torch.Tensor, first_id: int, keep: torch.Tensor) -> torch.Tensor:
-    """Rows of ``table`` held by this rank for ``ids`` (global unified ids; the table starts at ``first_id``).
-
-    ids, keep: [b, s] -> [b, s, h]; positions whose row lives elsewhere (or ``keep`` is False) get zeros.
-    """
-    local = ids - first_id - table.vocab_start_index
-    here = keep & (local >= 0) & (local < table.num_embeddings_per_partition)
-    rows = torch.nn.functional.embedding(local.masked_fill(~here, 0), table.weight)
-    return rows * here.unsqueeze(-1).to(rows.dtype)
+from ualm_nemo.model.stream_math import IdTable, embed_streams
 
 
 class MultiStreamEmbedding(MegatronModule):
@@ -38,20 +29,22 @@ class MultiStreamEmbedding(MegatronModule):
         super().__init__(config=config)
         vocab = ualm.vocab
         self.audio_offset = vocab.audio_offset
+        self.num_audio_rows = ualm.num_audio_rows
         self.text = VocabParallelEmbedding(padded(ualm.num_text_rows), config.hidden_size,
                                            init_method=config.init_method, config=config)
         self.audio = VocabParallelEmbedding(padded(ualm.num_audio_rows), config.hidden_size,
                                             init_method=config.init_method, config=config)
         self.register_buffer("audio_pad_ids", vocab.audio_pad_ids(), persistent=False)
 
+    def local_tables(self) -> tuple[IdTable, IdTable]:
+        """This rank's shards of the two tables, as the id ranges they embed (stream_math.IdTable)."""
+        text_first = self.text.vocab_start_index
+        audio_first = self.audio_offset + self.audio.vocab_start_index
+        # the text table's padding rows overlap the first audio ids: it ends at audio_offset
+        return (IdTable(self.text.weight, text_first, self.audio_offset),
+                IdTable(self.audio.weight, audio_first, self.audio_offset + self.num_audio_rows))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        keep = ~torch.isin(tokens, self.audio_pad_ids)  # [b, s, N]
-        hidden = None
-        for n in range(tokens.shape[-1]):  # 8 streams, not frames
-            ids, k = tokens[..., n], keep[..., n]
-            is_audio = ids >= self.audio_offset  # the text table's padding rows overlap the first audio ids
-            emb = _local_lookup(self.text, ids, 0, k & ~is_audio) + \
-                _local_lookup(self.audio, ids, self.audio_offset, k & is_audio)
-            hidden = emb if hidden is None else hidden + emb
+        hidden = embed_streams(tokens, self.local_tables(), self.audio_pad_ids)  # [b, s, h], this rank's rows
         hidden = hidden.transpose(0, 1).contiguous()  # [s, b, h]
         return tensor_parallel.reduce_from_tensor_model_parallel_region(hidden)

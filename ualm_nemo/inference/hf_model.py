@@ -2,7 +2,7 @@
 
 ``UALMForConditionalGeneration`` = ``transformers.Qwen2ForCausalLM`` (the folder's config.json + safetensors)
 + the parts in ``audio.safetensors`` (see audio_parts.py) + the audio encoder folder. Its math is that of
-ualm_nemo/model (embedding.py, heads.py) at TP1, written single-device:
+ualm_nemo/model at TP1, computed with the single-device reference functions of model/stream_math.py:
 
 * input: tokens [b, s, N] -> sum over streams of the stream's row (pads embed to zero) -> [b, s, h];
   ``<|audio_in|>`` positions overwritten by encoder + adapter outputs;
@@ -10,8 +10,8 @@ ualm_nemo/model (embedding.py, heads.py) at TP1, written single-device:
 * streams 1..N-1: (h + e_n) @ head.audio[codebook n]^T (shared) or h @ codebook_heads[n] (per_codebook)
   -> [b, s, N-1, 1025].
 
-``generate_audio`` / ``generate_text`` reuse ualm_nemo/inference/generate.py, stepping through :meth:`decode`
-(KV cache: each step feeds only the new position).
+Decoding (inference/engine.py) steps it through :meth:`decode` (KV cache: each step feeds only the new
+positions) via ``backends.HFBackend``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ualm_nemo.convert.audio_parts import AUDIO_FILE, UALM_CONFIG_FILE, expected_audio_shapes
-from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes, generate_text
 from ualm_nemo.model.config import UALMConfig
+from ualm_nemo.model.stream_math import IdTable, codebook_logits, embed_streams, shared_codebook_rows, stream0_logits
 
 
 class UALMForConditionalGeneration(nn.Module):
@@ -120,27 +119,17 @@ class UALMForConditionalGeneration(nn.Module):
             raise RuntimeError(f"{iteration}: the checkpoint did not fill {left[:5]}")
         return cls(cfg, lm, tensors["audio"], audio_input).eval()
 
-    # --- math -------------------------------------------------------------------------------------
-    def _rows(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """ids, keep [b, s] -> [b, s, h]: each id's row from the text, specials or audio table (pads: zero)."""
-        tables = ((self.lm.model.embed_tokens.weight, 0), (self.embedding_specials, self.vocab.text_vocab_size),
-                  (self.embedding_audio, self.vocab.audio_offset))
-        out = None
-        for table, start in tables:
-            local = ids - start
-            here = keep & (local >= 0) & (local < table.shape[0])
-            rows = F.embedding(local.masked_fill(~here, 0), table) * here.unsqueeze(-1).to(table.dtype)
-            out = rows if out is None else out + rows
-        return out
+    # --- math (model/stream_math.py: the reference the Megatron modules are tested against) -----------
+    def embedding_tables(self) -> tuple[IdTable, IdTable, IdTable]:
+        v = self.vocab
+        return (IdTable(self.lm.model.embed_tokens.weight, 0, v.text_vocab_size),
+                IdTable(self.embedding_specials, v.text_vocab_size, v.audio_offset),
+                IdTable(self.embedding_audio, v.audio_offset, v.size))
 
     def embed(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None,
               audio_feature_lens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [b, s, N] -> [b, s, h] (stream sum in stream order, as the Megatron embedding adds them)."""
-        keep = ~torch.isin(tokens, self.audio_pad_ids)
-        hidden = None
-        for n in range(tokens.shape[-1]):
-            emb = self._rows(tokens[..., n], keep[..., n])
-            hidden = emb if hidden is None else hidden + emb
+        hidden = embed_streams(tokens, self.embedding_tables(), self.audio_pad_ids)
         if audio_features is None:
             return hidden
         if self.audio_input is None:
@@ -153,44 +142,37 @@ class UALMForConditionalGeneration(nn.Module):
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [b, s, h] -> (stream-0 logits [b, s, vocab], codebook logits [b, s, N-1, span])."""
-        stream0 = torch.cat([self.lm.lm_head(hidden), hidden @ self.head_specials.T, hidden @ self.head_audio.T], -1)
-        span = self.vocab.codebook_span
+        stream0 = stream0_logits(hidden, (self.lm.lm_head.weight, self.head_specials, self.head_audio))
         if self.codebook_heads is not None:
-            return stream0, torch.einsum("bsh,nch->bsnc", hidden, self.codebook_heads)
-        n_extra = self.vocab.num_codebooks - 1
-        rows = self.head_audio[span: (n_extra + 1) * span].view(n_extra, span, -1)  # codebooks 1..N-1
-        per_stream = hidden.unsqueeze(2) + self.stream_embedding  # [b, s, N-1, h]
-        return stream0, torch.einsum("bsnh,nch->bsnc", per_stream, rows)
+            return stream0, codebook_logits(hidden, self.codebook_heads, None)
+        rows = shared_codebook_rows(self.head_audio, self.vocab.num_codebooks, self.vocab.codebook_span)
+        return stream0, codebook_logits(hidden, rows, self.stream_embedding)
 
     def forward(self, tokens: torch.Tensor, audio_features: torch.Tensor | None = None,
-                audio_feature_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [b, s, N] (unified ids; causal, right padding) -> (stream0 [b, s, V], codebooks [b, s, N-1, span])."""
+                audio_feature_lens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [b, s, N] (unified ids; causal) -> (stream0 [b, s, V], codebooks [b, s, N-1, span]).
+
+        attention_mask [b, s] (1 = real, 0 = padding) and position_ids [b, s] for padded batches; without
+        them positions count from 0 (right padding is then exact for the real positions).
+        """
         embeds = self.embed(tokens, audio_features, audio_feature_lens)
-        hidden = self.lm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        hidden = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
         return self.heads(hidden)
 
-    def decode(self, tokens: torch.Tensor, cache=None, audio_features: torch.Tensor | None = None,
+    def decode(self, tokens: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
                audio_feature_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Incremental decoding: ``tokens`` [b, t, N] are the positions after those held in ``cache`` (None to
         start) -> (stream-0 logits [b, V], codebook logits [b, N-1, span]) at the last new position, and the KV
-        cache (transformers' DynamicCache) now holding every position. Same math as :meth:`forward`."""
+        cache (transformers' DynamicCache) now holding every position. ``attention_mask`` [b, past + t] covers
+        the cached positions too. Same math as :meth:`forward`."""
         embeds = self.embed(tokens, audio_features, audio_feature_lens)
-        out = self.lm.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        out = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True)
         stream0, codebooks = self.heads(out.last_hidden_state[:, -1:])
         return stream0[:, 0], codebooks[:, 0], out.past_key_values
-
-    # --- generation -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_audio(self, prompt: torch.Tensor, uncond_prompt: torch.Tensor,
-                       gen: AudioGenerationConfig | None = None) -> torch.Tensor:
-        """prompt / uncond_prompt [L, N] ending in ``<|audio_start|>`` -> codes [F, N] (CFG, delay pattern)."""
-        return generate_audio_codes(self, self.vocab, prompt, uncond_prompt, gen or AudioGenerationConfig())
-
-    @torch.no_grad()
-    def generate_text(self, prompt: torch.Tensor, stop_ids: set[int], max_new_tokens: int = 64,
-                      **audio) -> list[int]:
-        """Greedy text continuation of prompt [L, N] (``audio_features``/``audio_feature_lens`` optional)."""
-        return generate_text(self, self.vocab, prompt, stop_ids, self.vocab.text_vocab_size, max_new_tokens, **audio)
 
 
 def _audio_input(folder: Path, cfg: UALMConfig, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:

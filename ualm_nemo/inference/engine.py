@@ -1,0 +1,264 @@
+"""The decoding loop: many conversations at once, each assistant turn written as the model chooses.
+
+Every request is one row of the batch (its prompt left-padded to the longest); a request that may produce
+audio also has an unconditional row for classifier-free guidance. Each step, every row feeds one position and
+reads the logits at it; each request then moves its own state machine:
+
+* **text**: greedy over the text ids, ``<|im_end|>`` (the turn ends) and, unless text is forced,
+  ``<|audio_start|>`` (the model chooses to answer in audio);
+* **audio**: the delayed grid, frame by frame, with CFG, temperature and top-k over each codebook. At grid
+  frame ``j`` stream ``n`` is forced to its pad while ``j < n`` (the delay's leading pads) and once
+  ``j >= F + n`` (trailing pads), where ``F`` is the frame at which stream 0 emits its pad (the audio's end);
+  the forced grid comes from ``model/delay_pattern.py``. After the grid, ``<|audio_end|>`` is forced and the
+  turn goes back to text (or ends, when audio is forced: text-to-audio).
+
+The unconditional row mirrors its request as training's condition dropout writes it: ``<|pad|>`` at every text
+and audio-input position, the audio segment itself (``<|audio_start|>``, grid, ``<|audio_end|>``) unchanged.
+
+Sampling draws from one CPU generator per request, seeded by the request, in the same calls whatever the
+batch: a request decodes to the same codes and text alone or in any batch. Rows that finish keep their slot
+(fed ``<|pad|>``, ignored) until the batch ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from ualm_nemo.inference.backends import DecodeBackend
+from ualm_nemo.inference.sampling import cfg_mix, sample_top_k
+from ualm_nemo.model.delay_pattern import delay_pad_mask, revert_delay
+from ualm_nemo.model.vocab import UnifiedVocab
+
+Mode = Literal["auto", "audio", "text"]
+MODES = ("auto", "audio", "text")
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    """Paper defaults: cfg 3, temperature 0.8, top-k 20, at most 1024 frames (20.5 s at 50 Hz); text greedy."""
+
+    cfg_scale: float = 3.0
+    temperature: float = 0.8
+    top_k: int = 20
+    max_frames: int = 1024
+    min_frames: int = 1
+    max_text_tokens: int = 256
+    max_audio_segments: int = 1
+
+    def __post_init__(self) -> None:
+        checks = {
+            "cfg_scale": self.cfg_scale == self.cfg_scale and 0 < self.cfg_scale < float("inf"),
+            "temperature": self.temperature == self.temperature and 0 <= self.temperature < float("inf"),
+            "top_k": self.top_k >= 0, "max_frames": self.max_frames >= 1,
+            "min_frames": 1 <= self.min_frames <= self.max_frames, "max_text_tokens": self.max_text_tokens >= 1,
+            "max_audio_segments": self.max_audio_segments >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid generation setting {bad[0]}={getattr(self, bad[0])!r}: cfg_scale must be "
+                             "finite and > 0, temperature finite and >= 0, top_k >= 0, 1 <= min_frames <= "
+                             "max_frames, max_text_tokens >= 1, max_audio_segments >= 0")
+
+    def max_new_positions(self, num_streams: int) -> int:
+        """Upper bound of the positions one turn adds (sizes static KV caches): text, and per audio segment
+        ``<|audio_start|>``, the delayed grid and ``<|audio_end|>``."""
+        return self.max_text_tokens + self.max_audio_segments * (self.max_frames + num_streams + 1)
+
+
+@dataclass
+class Request:
+    """One assistant turn to decode.
+
+    prompt [L, N]: the conversation through ``<|im_start|>assistant\\n`` (formatting.SampleFormatter
+    .conversation_prompt); audio_features: log-mel [n_mel, frames] of each audio input, in placeholder order.
+    """
+
+    prompt: torch.Tensor
+    audio_features: list[torch.Tensor] = field(default_factory=list)
+    mode: Mode = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
+        if self.prompt.dim() != 2 or self.prompt.shape[0] == 0:
+            raise ValueError(f"prompt must be [L >= 1, N], got {tuple(self.prompt.shape)}")
+
+
+@dataclass
+class Segment:
+    """A piece of the assistant turn: text ids, or audio codes [F, N]."""
+
+    kind: Literal["text", "audio"]
+    text_ids: list[int] = field(default_factory=list)
+    codes: torch.Tensor | None = None
+
+
+@dataclass
+class Result:
+    segments: list[Segment]
+    stop: Literal["end", "length"]  # "end": the model closed the turn; "length": max_text_tokens reached
+
+    @property
+    def text_ids(self) -> list[int]:
+        return [i for s in self.segments if s.kind == "text" for i in s.text_ids]
+
+    @property
+    def audio(self) -> list[torch.Tensor]:
+        return [s.codes for s in self.segments if s.kind == "audio"]
+
+
+class _Turn:
+    """The state machine of one request (see the module docstring)."""
+
+    def __init__(self, request: Request, vocab: UnifiedVocab, cfg: GenerationConfig):
+        self.vocab, self.cfg, self.mode = vocab, cfg, request.mode
+        self.generator = torch.Generator().manual_seed(request.seed)
+        self.segments: list[Segment] = []
+        self.text_count = 0
+        self.audio_count = 0
+        self.done: str | None = None
+        self.pending: list[torch.Tensor] = []  # forced positions [N] still to feed, logits ignored meanwhile
+        self.grid: list[torch.Tensor] | None = None  # delayed codes [N] of the audio being written
+        self.end: int | None = None
+        if request.mode == "audio":
+            self._start_audio()
+
+    @property
+    def in_audio(self) -> bool:
+        return self.grid is not None
+
+    def _text_row(self, text_id: int) -> torch.Tensor:
+        return torch.tensor(self.vocab.text_position_streams(text_id))
+
+    def _start_audio(self) -> None:
+        self.grid, self.end = [], None
+        self.audio_count += 1
+
+    def choose_text(self, next_id: int, stop_ids: set[int]) -> torch.Tensor | None:
+        """The greedy pick at a text position -> the row to feed (None: the turn is over)."""
+        if next_id in stop_ids:
+            self.done = "end"
+            return None
+        if next_id == self.vocab.audio_start_id:
+            self._start_audio()
+            return self._text_row(next_id)
+        if not self.segments or self.segments[-1].kind != "text":
+            self.segments.append(Segment("text"))
+        self.segments[-1].text_ids.append(next_id)
+        self.text_count += 1
+        if self.text_count >= self.cfg.max_text_tokens:
+            self.done = "length"
+        return self._text_row(next_id)
+
+    def choose_audio(self, mixed: torch.Tensor) -> torch.Tensor:
+        """mixed [N, span] CFG logits at grid frame j -> the grid row to feed (unified ids [N])."""
+        cfg, v = self.cfg, self.vocab
+        n_streams, pad = v.num_codebooks, v.codebook_size
+        j = len(self.grid)
+        if self.end is None:  # stream 0 may end the audio (not before min_frames, forced at max_frames)
+            if j < cfg.min_frames:
+                mixed[0, pad] = float("-inf")
+            if j >= cfg.max_frames:
+                mixed[0, :pad] = float("-inf")
+        mixed[1:, pad] = float("-inf")  # streams >= 1 never choose pad by themselves: pads are forced below
+        codes = sample_top_k(mixed, cfg.temperature, cfg.top_k, self.generator)  # [N]
+        if self.end is None and int(codes[0]) == pad:
+            self.end = j
+        forced = delay_pad_mask(j, self.end, n_streams)
+        codes = torch.where(forced, torch.full_like(codes, pad), codes)
+        self.grid.append(codes)
+        if self.end is not None and len(self.grid) >= self.end + n_streams - 1:
+            self._finish_audio()
+        return v.codes_to_ids(codes)
+
+    def _finish_audio(self) -> None:
+        codes = revert_delay(torch.stack(self.grid))  # [F, N]
+        self.segments.append(Segment("audio", codes=codes))
+        self.grid = None
+        if self.mode == "audio":  # text-to-audio: the turn is the audio
+            self.done = "end"
+        else:
+            self.pending.append(self._text_row(self.vocab.audio_end_id))
+
+    def result(self) -> Result:
+        return Result(self.segments, self.done or "length")
+
+
+class Decoder:
+    """Batched decoding over a :class:`DecodeBackend` (the HF-side class or the Megatron model)."""
+
+    def __init__(self, backend_factory: Callable[[int, int], DecodeBackend], vocab: UnifiedVocab, num_text_ids: int,
+                 stop_ids: Sequence[int]):
+        """backend_factory(rows, max_length) -> a fresh backend; num_text_ids: the tokenizer's id count (the
+        embedding's padding rows are not text); stop_ids: ids that close the turn (``<|im_end|>``, eos)."""
+        self.backend_factory, self.vocab = backend_factory, vocab
+        self.num_text_ids, self.stop_ids = num_text_ids, set(stop_ids)
+
+    def _allowed(self, audio: bool, device: torch.device) -> torch.Tensor:
+        """[V] True where a text position may pick the id."""
+        allowed = torch.zeros(self.vocab.size, dtype=torch.bool, device=device)
+        allowed[: self.num_text_ids] = True
+        allowed[list(self.stop_ids)] = True
+        if audio:
+            allowed[self.vocab.audio_start_id] = True
+        return allowed
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[Request], cfg: GenerationConfig | None = None) -> list[Result]:
+        """Decode every request's assistant turn in one batch."""
+        cfg = cfg or GenerationConfig()
+        if not requests:
+            return []
+        v = self.vocab
+        turns = [_Turn(r, v, cfg) for r in requests]
+        # row layout: one conditional row per request, then an unconditional row per request that may use audio
+        guided = [i for i, r in enumerate(requests) if r.mode != "text"]
+        uncond_row = {i: len(requests) + k for k, i in enumerate(guided)}
+        pad_row = torch.tensor(v.text_position_streams(v.pad_id))
+        prompts = [r.prompt if r.mode != "audio" else torch.cat([r.prompt, self._row(v.audio_start_id)[None]])
+                   for r in requests]
+        uncond = [pad_row.expand(prompts[i].shape[0], -1).clone() for i in guided]
+        for k, i in enumerate(guided):
+            if requests[i].mode == "audio":
+                uncond[k][-1] = self._row(v.audio_start_id)
+        rows = prompts + uncond
+        features = [f for r in requests for f in r.audio_features]  # cond rows come first: placeholder order
+        backend = self.backend_factory(len(rows), max(p.shape[0] for p in rows) + cfg.max_new_positions(v.num_codebooks))
+        stream0, codebooks = backend.prefill(rows, features)
+        allowed = {a: self._allowed(a, stream0.device) for a in (False, True)}
+        cb0 = slice(v.codebook_start(0), v.codebook_start(0) + v.codebook_span)
+        while not all(t.done for t in turns):
+            feed = [pad_row] * len(rows)
+            audio_logits = torch.cat([stream0[:, cb0].unsqueeze(1), codebooks], dim=1).float().cpu()  # [R, N, span]
+            for i, turn in enumerate(turns):
+                if turn.done:
+                    continue
+                if turn.pending:
+                    ids = turn.pending.pop(0)
+                elif turn.in_audio:
+                    ids = turn.choose_audio(cfg_mix(audio_logits[i], audio_logits[uncond_row[i]], cfg.cfg_scale))
+                else:
+                    may_audio = turn.mode == "auto" and turn.audio_count < cfg.max_audio_segments
+                    masked = stream0[i].masked_fill(~allowed[may_audio], float("-inf"))
+                    ids = turn.choose_text(int(masked.argmax()), self.stop_ids)
+                if ids is None:
+                    continue
+                feed[i] = ids
+                if i in uncond_row and self._is_audio_position(ids):
+                    feed[uncond_row[i]] = ids
+            if all(t.done for t in turns):
+                break
+            stream0, codebooks = backend.step(torch.stack(feed)[:, None])
+        return [t.result() for t in turns]
+
+    def _row(self, text_id: int) -> torch.Tensor:
+        return torch.tensor(self.vocab.text_position_streams(text_id))
+
+    def _is_audio_position(self, ids: torch.Tensor) -> bool:
+        """The audio segment's own positions (kept in the unconditional row): start, grid, end."""
+        first = int(ids[0])
+        return first in (self.vocab.audio_start_id, self.vocab.audio_end_id) or first >= self.vocab.audio_offset
