@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import soundfile
-import torch
 
 from ualm_nemo.codec.xcodec import CodecTokenizer
-from ualm_nemo.data.formatting import SampleFormatter
+from ualm_nemo.data.formatting import AudioIn, tagged_parts
+from ualm_nemo.data.raw import AUDIO_TAG, UnderstandingRecord, load_audio
 from ualm_nemo.data.tokenizer import build_tokenizer
-from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes, generate_text
+from ualm_nemo.inference.engine import GenerationConfig
+from ualm_nemo.inference.pipeline import UALMInference
 from ualm_nemo.training.train import checkpoint_dir, train
 
 log = logging.getLogger(__name__)
@@ -37,44 +38,33 @@ def demo_config(output_dir: str, max_steps: int = 300) -> dict[str, Any]:
 
 def generate_demo_outputs(model, run_output_dir: Path, caption: str = DEMO_CAPTION,
                           max_frames: int = 150) -> dict[str, Any]:
-    """Generate audio for ``caption`` with CFG and answer one understanding question greedily.
+    """Generate audio for ``caption`` with CFG and answer one understanding question, with the trained Megatron
+    model itself (its KV cache; inference/pipeline.py).
 
     ``min_frames=50`` (1 s, the shortest synthetic clip): a briefly trained model ends the audio early, since
     codebook 0's pad fills the last frames of every training clip.
     """
-    ualm = model.engine.chunks[0]
-    vocab = model.run.model.vocab
     tokenizer = build_tokenizer(model.run.data.tokenizer)
-    formatter = SampleFormatter(tokenizer, vocab, cfg_dropout=0.0)
-    prompt = formatter.tta_prompt(caption)
-    codes = generate_audio_codes(ualm, vocab, prompt, formatter.unconditional_prompt(prompt.shape[0]),
-                                 AudioGenerationConfig(min_frames=50, max_frames=max_frames, seed=0))
     codec = CodecTokenizer.from_pretrained(run_output_dir / "codec")
-    wav = codec.decode(codes)
+    infer = UALMInference(model.engine.chunks[0], tokenizer, codec)
+    reply = infer.text_to_audio([caption], seeds=[0], cfg=GenerationConfig(min_frames=50, max_frames=max_frames))[0]
+    audio = reply.audio[0]
     wav_path = run_output_dir / "generated.wav"
-    soundfile.write(wav_path, wav.numpy(), codec.sample_rate)
-    answer = _answer_demo_question(ualm, model, formatter, tokenizer)
-    return {"wav": wav_path, "frames": int(codes.shape[0]), "seconds": wav.shape[0] / codec.sample_rate,
+    soundfile.write(wav_path, audio.wav[0].numpy(), audio.sample_rate)
+    answer = _answer_demo_question(infer, model.train_dataset.records)
+    return {"wav": wav_path, "frames": int(audio.codes.shape[0]), "seconds": audio.wav.shape[-1] / audio.sample_rate,
             "caption": caption, "answer": answer}
 
 
-def _answer_demo_question(ualm, model, formatter: SampleFormatter, tokenizer) -> dict[str, str] | None:
-    dataset = model.train_dataset
-    for index, record in enumerate(dataset.records):
-        if type(record).__name__ == "UnderstandingRecord":
-            sample = dataset[index]
-            break
-    else:
+def _answer_demo_question(infer: UALMInference, records) -> dict[str, str] | None:
+    record = next((r for r in records if isinstance(r, UnderstandingRecord)), None)
+    if record is None:
         return None
-    tokens, labels = sample["tokens"], sample["labels"]
-    first_answer = int((labels[:, 0] != -100).nonzero()[0])  # the prompt ends where the answer's loss starts
-    features = sample["audio_features"]
-    ids = generate_text(ualm, formatter.vocab, tokens[: first_answer + 1], {tokenizer.im_end_id}, tokenizer.vocab_size,
-                        max_new_tokens=40,
-                        audio_features=features[None], audio_feature_lens=torch.tensor([features.shape[-1]]))
-    question = [t for role, t in record.turns if role == "user"][0].replace("<sound>", "").strip()
-    expected = [t for role, t in record.turns if role == "assistant"][0]
-    return {"question": question, "answer": tokenizer.decode(ids), "reference": expected}
+    question = next(t for role, t in record.turns if role == "user")
+    conversation = [("user", tagged_parts(question, [AudioIn(load_audio(record.audio_path))]))]
+    reply = infer.reply([conversation], mode="text", cfg=GenerationConfig(max_text_tokens=40))[0]
+    expected = next(t for role, t in record.turns if role == "assistant")
+    return {"question": question.replace(AUDIO_TAG, "").strip(), "answer": reply.text, "reference": expected}
 
 
 def run_demo(output_dir: str = "demo_out", max_steps: int = 300) -> dict[str, Any]:

@@ -25,19 +25,27 @@ def _demo(output_dir: str) -> dict:
         got = loaded(tokens)
     result["reload"] = {"step": step, "same_config": cfg.backbone == trained.ualm.backbone,
                         "max_diff": max(float((a - b).abs().max()) for a, b in zip(expected, got))}
-    # the transformers-side class read from the same checkpoint decodes with a KV cache: the same codes
-    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
+    # one decoding loop over three model paths on the same trained checkpoint: Megatron with its static KV cache,
+    # Megatron recomputing the sequence, and the transformers-side class (read from the checkpoint) with its cache
     from ualm_nemo.data.formatting import SampleFormatter
     from ualm_nemo.data.tokenizer import build_tokenizer
-    from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes
+    from ualm_nemo.inference.engine import GenerationConfig, Request
+    from ualm_nemo.inference.generate import decode
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
 
     hf = UALMForConditionalGeneration.from_checkpoint(f"{output_dir}/checkpoints")
-    fmt = SampleFormatter(build_tokenizer("byte"), cfg.vocab, cfg_dropout=0.0)
-    prompt = fmt.tta_prompt("a high beep")
-    uncond = fmt.unconditional_prompt(prompt.shape[0])
-    gen = AudioGenerationConfig(max_frames=30, min_frames=10, seed=5)
-    codes = [generate_audio_codes(m, cfg.vocab, prompt, uncond, gen) for m in (loaded, hf)]
-    result["kv_cache"] = {"frames": int(codes[0].shape[0]), "same_codes": bool(torch.equal(*codes))}
+    tokenizer = build_tokenizer("byte")
+    fmt = SampleFormatter(tokenizer, cfg.vocab, cfg_dropout=0.0)
+    requests = [Request(prompt=fmt.conversation_prompt([("user", [c])])[0], mode=m, seed=5)
+                for c, m in (("a high beep", "audio"), ("a low hum", "audio"), ("a high beep", "auto"))]
+    gen = GenerationConfig(max_frames=30, min_frames=10, max_text_tokens=8)
+    runs = [decode(loaded, tokenizer, requests, gen), decode(loaded, tokenizer, requests, gen, use_cache=False),
+            decode(hf, tokenizer, requests, gen)]
+    same = all(len(a.audio) == len(b.audio) and a.text_ids == b.text_ids
+               and all(torch.equal(x, y) for x, y in zip(a.audio, b.audio))
+               for run in runs[1:] for a, b in zip(runs[0], run))
+    result["kv_cache"] = {"frames": int(runs[0][0].audio[0].shape[0]), "same_codes": same,
+                          "auto_picks": [s.kind for s in runs[0][2].segments]}
     return {k: str(v) if not isinstance(v, (int, float, dict)) else v for k, v in result.items()}
 
 

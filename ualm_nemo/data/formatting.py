@@ -77,6 +77,17 @@ Part = Union[str, AudioIn, AudioOut]
 ChatTurn = tuple[str, Sequence[Part]]  # (role, content parts in order)
 
 
+def tagged_parts(text: str, clips: Sequence[AudioIn]) -> list[Part]:
+    """Text holding one AUDIO_TAG per clip (AF3's ``<sound>``) -> parts with the clips where the tags are."""
+    pieces = text.split(AUDIO_TAG)
+    if len(pieces) - 1 != len(clips):
+        raise ValueError(f"{len(pieces) - 1} {AUDIO_TAG} tags for {len(clips)} audio clips")
+    parts: list[Part] = [pieces[0]]
+    for clip, piece in zip(clips, pieces[1:]):
+        parts += [clip, piece]
+    return [p for p in parts if not isinstance(p, str) or p]
+
+
 class LogMel:
     """Whisper log-mel at 100 Hz, not padded to 30 s; frame count = audio_frames.num_mel_frames(samples)."""
 
