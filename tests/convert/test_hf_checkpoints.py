@@ -528,8 +528,11 @@ def test_af_whisper_encoder_through_import_and_export(world):
 
 
 def test_kv_cached_generation_equals_full_recompute(world):
+    """The exported, trained model: one cached step equals the full forward, and decoding (audio with CFG, text
+    after an audio input) gives the same codes and text with the KV cache as recomputing every step."""
+    from ualm_nemo.inference.engine import GenerationConfig, Request
+    from ualm_nemo.inference.generate import make_decoder
     from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
-    from ualm_nemo.inference.generate import AudioGenerationConfig, generate_audio_codes, generate_text
 
     model = UALMForConditionalGeneration.from_pretrained(world["root"] / "hf_trained", attn_implementation="eager")
     vocab = model.vocab
@@ -541,19 +544,16 @@ def test_kv_cached_generation_equals_full_recompute(world):
     torch.testing.assert_close(s0_step, s0_full[:, -1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cb_step, cb_full[:, -1], rtol=1e-5, atol=1e-5)
 
-    prompt = _stream_tokens(vocab, torch.tensor([[5, 9, 11, vocab.audio_start_id]]))[0]
-    uncond = _stream_tokens(vocab, torch.tensor([[vocab.pad_id] * 3 + [vocab.audio_start_id]]))[0]
-    gen = AudioGenerationConfig(max_frames=12, min_frames=6, seed=3)
-    cached = generate_audio_codes(model, vocab, prompt, uncond, gen)
-    assert cached.shape[0] >= 6
-    assert torch.equal(cached, generate_audio_codes(model, vocab, prompt, uncond, gen, use_cache=False))
-
     row = int((tokens[..., 0] == vocab.audio_in_id).sum(1).argmax())  # the row holding the audio placeholders
-    audio = {k: world["audio_batch"][k] for k in ("audio_features", "audio_feature_lens")}
-    cached_text = generate_text(model, vocab, tokens[row], set(), vocab.text_vocab_size, 6, **audio)
-    assert len(cached_text) == 6
-    assert cached_text == generate_text(model, vocab, tokens[row], set(), vocab.text_vocab_size, 6, **audio,
-                                        use_cache=False)
+    length = int((tokens[row, :, 0] != vocab.pad_id).sum())
+    clip = world["audio_batch"]["audio_features"][0, :, : int(world["audio_batch"]["audio_feature_lens"][0])]
+    requests = [Request(prompt=_stream_tokens(vocab, torch.tensor([[5, 9, 11]]))[0], mode="audio", seed=3),
+                Request(prompt=tokens[row, :length], audio_features=[clip], mode="text")]
+    gen = GenerationConfig(max_frames=12, min_frames=6, max_text_tokens=6)
+    cached, recomputed = (make_decoder(model, vocab.text_vocab_size, [], use_cache=c).generate(requests, gen)
+                          for c in (True, False))
+    assert cached[0].audio[0].shape[0] >= 6 and torch.equal(cached[0].audio[0], recomputed[0].audio[0])
+    assert len(cached[1].text_ids) == 6 and cached[1].text_ids == recomputed[1].text_ids
 
 
 def test_hf_class_from_training_checkpoint_matches_megatron(world):
