@@ -1,0 +1,83 @@
+"""What the inference commands share: model / codec / tokenizer flags, generation flags, their validation.
+
+Every flag is checked before anything heavy is loaded; a bad value ends the command with one line naming the
+flag (``parser.error``: exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from ualm_nemo.inference.engine import GenerationConfig
+
+_FLAG_OF = {"cfg_scale": "--cfg-scale", "temperature": "--temperature", "top_k": "--top-k",
+            "max_frames": "--max-frames", "min_frames": "--min-frames", "max_text_tokens": "--max-text-tokens"}
+
+
+def add_model_args(parser: argparse.ArgumentParser, codec_required: bool = False) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run's checkpoints/ folder, one iter_* folder, or an exported HF folder")
+    parser.add_argument("--codec", required=codec_required,
+                        help="local X-Codec folder (HF format); without it generated audio is kept as codes only")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' or a local Qwen tokenizer folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations decoded together (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    d = GenerationConfig()
+    parser.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help=f"CFG scale (default {d.cfg_scale})")
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--max-frames", type=int, default=d.max_frames, help="per audio clip, 50 per second")
+    parser.add_argument("--min-frames", type=int, default=d.min_frames)
+    parser.add_argument("--max-text-tokens", type=int, default=d.max_text_tokens)
+
+
+def generation_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GenerationConfig:
+    """The flags as a GenerationConfig; a bad value is reported with its flag name."""
+    values = {k: getattr(args, k) for k in _FLAG_OF}
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{_FLAG_OF[key]}={value}: must be a finite number")
+    try:
+        return GenerationConfig(**values)
+    except ValueError as err:
+        key = next((k for k in _FLAG_OF if f"setting {k}=" in str(err)), None)
+        parser.error(f"{_FLAG_OF.get(key, 'generation flags')}: {err}")
+        raise  # unreachable: parser.error exits
+
+
+def check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.batch_size < 1:
+        parser.error(f"--batch-size={args.batch_size}: must be >= 1")
+    if not Path(args.checkpoint).exists():
+        parser.error(f"--checkpoint {args.checkpoint}: no such checkpoint or HF folder")
+    if args.codec is not None and not (Path(args.codec) / "config.json").is_file():
+        parser.error(f"--codec {args.codec}: not an X-Codec folder (no config.json)")
+    if args.tokenizer != "byte" and not Path(args.tokenizer).is_dir():
+        parser.error(f"--tokenizer {args.tokenizer}: not a tokenizer folder (or 'byte')")
+
+
+def load_inference(args: argparse.Namespace, parser: argparse.ArgumentParser, postprocess=None):
+    """-> UALMInference over the model of ``--checkpoint``; load failures end with one line."""
+    from ualm_nemo.codec.xcodec import CodecTokenizer
+    from ualm_nemo.data.tokenizer import build_tokenizer
+    from ualm_nemo.inference.pipeline import UALMInference, load_model
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype or "")
+    try:
+        model = load_model(args.checkpoint, args.device, dtype)
+        tokenizer = build_tokenizer(args.tokenizer)
+        codec = CodecTokenizer.from_pretrained(args.codec) if args.codec else None
+        if codec is not None:
+            codec.model.to(args.device)
+        return UALMInference(model, tokenizer, codec, postprocess, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        parser.error(f"cannot load: {err}")
