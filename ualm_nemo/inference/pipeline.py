@@ -10,22 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
 from ualm_nemo.data.formatting import AudioIn, AudioOut, ChatTurn, SampleFormatter
 from ualm_nemo.inference.engine import GenerationConfig, Mode, Request, Result
 from ualm_nemo.inference.generate import make_decoder, model_vocab
-
-
-class AudioPostProcessor(Protocol):
-    """Turns the codec's 16 kHz mono audio into the delivered audio (e.g. the enhancement VAE's 48 kHz)."""
-
-    sample_rate: int  # of the output
-
-    def __call__(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav [samples] at 16 kHz -> [channels, samples'] at ``sample_rate``."""
+from ualm_nemo.inference.postprocess import AudioPostProcessor
 
 
 @dataclass
