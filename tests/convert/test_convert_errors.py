@@ -6,7 +6,6 @@ exists, so a wrong input costs no model build (and these tests no process start)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,14 +14,10 @@ import pytest
 import torch
 from hf_fixtures import make_hf_folder
 
-ROOT = Path(__file__).resolve().parents[2]
-
+from ualm_nemo.testing.examples import load_example
 
 def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example(name)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ The parent process then checks everything with transformers alone.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import traceback
 from pathlib import Path
@@ -25,21 +24,18 @@ import pytest
 import torch
 
 from ualm_nemo.testing.dist import run_distributed
+from ualm_nemo.testing.examples import load_example
 
 from hf_fixtures import make_hf_folder, tiny_cfg as _cfg
 
 pytestmark = pytest.mark.timeout(450)
 
-ROOT = Path(__file__).resolve().parents[2]
 V = 384  # tiny text vocab
 SEQ = 16
 
 
 def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example(name)
 
 
 def _stream_tokens(vocab, ids: torch.Tensor) -> torch.Tensor:

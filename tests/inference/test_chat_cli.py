@@ -3,7 +3,6 @@ and interactive chat, enrichment and self-reflection, transcripts with their aud
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -13,15 +12,13 @@ import pytest
 import soundfile
 
 from ualm_nemo.testing.dist import run_distributed
+from ualm_nemo.testing.examples import load_example
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example(name)
 
 
 def _make_export(root: str) -> None:
