@@ -122,6 +122,9 @@ class ScriptedBackend:
         self.fed.append(ids)
         return self._logits()
 
+    def keep(self, rows):
+        self.rows = len(rows)
+
 
 def test_state_machine_text_audio_text_and_cfg_rows():
     v = UALMConfig(backbone=BACKBONES["tiny"]).vocab

@@ -58,7 +58,7 @@ def _decoding(tp: int, head: str) -> dict:
     v = cfg.vocab
     requests = _requests(cfg)
     prompts = [r.prompt for r in requests]
-    features = [f for r in requests for f in r.audio_features]
+    features = [r.audio_features for r in requests]
     pad_row = torch.tensor(v.text_position_streams(v.pad_id))
     cached, full = MegatronBackend(model, len(prompts), 64), RecomputeBackend(megatron_full_forward(model), pad_row,
                                                                               torch.device("cpu"))

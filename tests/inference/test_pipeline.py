@@ -51,7 +51,8 @@ def test_replies_continue_as_conversation_turns(infer_parts):
     replies = infer.reply([[("user", [c])] for c in ("a", "bb", "ccc")], "audio", [0, 1, 2], cfg)
     assert len(replies) == 3 and all(len(r.audio) == 1 for r in replies)  # two batches: 2 + 1
     role, parts = replies[0].as_turn()
-    assert role == "assistant" and isinstance(parts[0], AudioOut) and torch.equal(parts[0].codes, replies[0].audio[0].codes)
+    assert role == "assistant" and isinstance(parts[0], AudioOut)
+    assert torch.equal(parts[0].codes, replies[0].audio[0].codes)
     follow = infer.reply([[("user", ["a"]), replies[0].as_turn(), ("user", ["describe it"])]], "text", [0], cfg)
     assert follow[0].text and not follow[0].audio
     with pytest.raises(ValueError, match="seeds"):

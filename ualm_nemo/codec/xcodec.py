@@ -98,6 +98,10 @@ class CodecTokenizer:
     def sample_rate(self) -> int:
         return SAMPLE_RATE
 
+    def to(self, device: str | torch.device) -> "CodecTokenizer":
+        self.model.to(device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

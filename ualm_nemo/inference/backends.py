@@ -20,11 +20,15 @@ Logits = tuple[torch.Tensor, torch.Tensor]  # stream-0 [R, V], codebooks [R, N-1
 
 
 class DecodeBackend(Protocol):
-    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[torch.Tensor]) -> Logits:
-        """prompts: one [L_r, N] per row; audio_features: log-mel [n_mel, frames] per placeholder run."""
+    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]]) -> Logits:
+        """prompts: one [L_r, N] per row; audio_features: per row, the log-mel [n_mel, frames] of each of its
+        placeholder runs, in order."""
 
     def step(self, ids: torch.Tensor) -> Logits:
         """ids [R, 1, N]: the next position of every row."""
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every row not in ``rows`` (slot indices, ascending): finished turns leave the batch."""
 
 
 def left_pad(prompts: Sequence[torch.Tensor], pad_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +47,10 @@ def positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def batch_features(clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """log-mel clips [n_mel, F_i] -> (features [n, n_mel, F_max] zero-padded, lens [n]), or (None, None)."""
+def batch_features(per_row: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Each row's log-mel clips [n_mel, F_i] -> (features [n, n_mel, F_max] zero-padded, lens [n]) in placeholder
+    order (rows, then positions), or (None, None) without audio input."""
+    clips = [clip for row in per_row for clip in row]
     if not clips:
         return None, None
     lens = torch.tensor([c.shape[-1] for c in clips])
@@ -63,7 +69,7 @@ class HFBackend:
         self.pad_row = torch.tensor(model.vocab.text_position_streams(model.vocab.pad_id))
         self.cache = self.valid = None
 
-    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[torch.Tensor]) -> Logits:
+    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]]) -> Logits:
         tokens, valid = left_pad(prompts, self.pad_row)
         features, lens = batch_features(audio_features)
         self.valid = valid.to(self.device)
@@ -80,6 +86,11 @@ class HFBackend:
                                                            position_ids=position)
         return stream0, codebooks
 
+    def keep(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.device)
+        self.cache.batch_select_indices(rows)
+        self.valid = self.valid[rows]
+
 
 FullForward = Callable[..., Logits]
 """(tokens [R, L, N], valid [R, L], position_ids [R, L], audio_features, audio_feature_lens) -> logits at every
@@ -91,19 +102,25 @@ class RecomputeBackend:
 
     def __init__(self, forward: FullForward, pad_row: torch.Tensor, device: torch.device) -> None:
         self.forward, self.pad_row, self.device = forward, pad_row, device
-        self.tokens = self.valid = self.features = self.lens = None
+        self.tokens = self.valid = None
+        self.clips: list[Sequence[torch.Tensor]] = []
 
     def _run(self) -> Logits:
-        stream0, codebooks = self.forward(self.tokens, self.valid, positions(self.valid), self.features, self.lens)
+        features, lens = batch_features(self.clips)
+        if features is not None:
+            features, lens = features.to(self.device), lens.to(self.device)
+        stream0, codebooks = self.forward(self.tokens, self.valid, positions(self.valid), features, lens)
         return stream0[:, -1], codebooks[:, -1]
 
-    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[torch.Tensor]) -> Logits:
+    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]]) -> Logits:
         tokens, valid = left_pad(prompts, self.pad_row)
-        self.tokens, self.valid = tokens.to(self.device), valid.to(self.device)
-        features, lens = batch_features(audio_features)
-        if features is not None:
-            self.features, self.lens = features.to(self.device), lens.to(self.device)
+        self.tokens, self.valid, self.clips = tokens.to(self.device), valid.to(self.device), list(audio_features)
         return self._run()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.device)
+        self.tokens, self.valid = self.tokens[rows], self.valid[rows]
+        self.clips = [self.clips[int(r)] for r in rows]
 
     def step(self, ids: torch.Tensor) -> Logits:
         self.tokens = torch.cat([self.tokens, ids.to(self.device)], dim=1)

@@ -7,12 +7,11 @@ flag (``parser.error``: exit code 2), never a traceback.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
-from ualm_nemo.inference.engine import GenerationConfig
+from ualm_nemo.inference.engine import GenerationConfig, GenerationSettingError
 
 _FLAG_OF = {"cfg_scale": "--cfg-scale", "temperature": "--temperature", "top_k": "--top-k",
             "max_frames": "--max-frames", "min_frames": "--min-frames", "max_text_tokens": "--max-text-tokens"}
@@ -42,15 +41,10 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 def generation_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GenerationConfig:
     """The flags as a GenerationConfig; a bad value is reported with its flag name."""
-    values = {k: getattr(args, k) for k in _FLAG_OF}
-    for key, value in values.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            parser.error(f"{_FLAG_OF[key]}={value}: must be a finite number")
     try:
-        return GenerationConfig(**values)
-    except ValueError as err:
-        key = next((k for k in _FLAG_OF if f"setting {k}=" in str(err)), None)
-        parser.error(f"{_FLAG_OF.get(key, 'generation flags')}: {err}")
+        return GenerationConfig(**{k: getattr(args, k) for k in _FLAG_OF if hasattr(args, k)})
+    except GenerationSettingError as err:
+        parser.error(f"{_FLAG_OF.get(err.key, err.key)} {getattr(args, err.key, '')}: {err}")
         raise  # unreachable: parser.error exits
 
 
@@ -75,9 +69,7 @@ def load_inference(args: argparse.Namespace, parser: argparse.ArgumentParser, po
     try:
         model = load_model(args.checkpoint, args.device, dtype)
         tokenizer = build_tokenizer(args.tokenizer)
-        codec = CodecTokenizer.from_pretrained(args.codec) if args.codec else None
-        if codec is not None:
-            codec.model.to(args.device)
+        codec = CodecTokenizer.from_pretrained(args.codec).to(args.device) if args.codec else None
         return UALMInference(model, tokenizer, codec, postprocess, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError, OSError) as err:
         parser.error(f"cannot load: {err}")

@@ -16,8 +16,8 @@ The unconditional row mirrors its request as training's condition dropout writes
 and audio-input position, the audio segment itself (``<|audio_start|>``, grid, ``<|audio_end|>``) unchanged.
 
 Sampling draws from one CPU generator per request, seeded by the request, in the same calls whatever the
-batch: a request decodes to the same codes and text alone or in any batch. Rows that finish keep their slot
-(fed ``<|pad|>``, ignored) until the batch ends.
+batch: a request decodes to the same codes and text alone or in any batch. A finished turn's rows leave the
+batch (``DecodeBackend.keep``), so a long clip does not make the others pay for its length.
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ Mode = Literal["auto", "audio", "text"]
 MODES = ("auto", "audio", "text")
 
 
+class GenerationSettingError(ValueError):
+    """A generation setting out of range; ``key`` names it (commands map it to their flag)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass(kw_only=True)
 class GenerationConfig:
     """Paper defaults: cfg 3, temperature 0.8, top-k 20, at most 1024 frames (20.5 s at 50 Hz); text greedy."""
@@ -49,18 +57,24 @@ class GenerationConfig:
     max_audio_segments: int = 1
 
     def __post_init__(self) -> None:
-        checks = {
-            "cfg_scale": self.cfg_scale == self.cfg_scale and 0 < self.cfg_scale < float("inf"),
-            "temperature": self.temperature == self.temperature and 0 <= self.temperature < float("inf"),
-            "top_k": self.top_k >= 0, "max_frames": self.max_frames >= 1,
-            "min_frames": 1 <= self.min_frames <= self.max_frames, "max_text_tokens": self.max_text_tokens >= 1,
-            "max_audio_segments": self.max_audio_segments >= 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid generation setting {bad[0]}={getattr(self, bad[0])!r}: cfg_scale must be "
-                             "finite and > 0, temperature finite and >= 0, top_k >= 0, 1 <= min_frames <= "
-                             "max_frames, max_text_tokens >= 1, max_audio_segments >= 0")
+        problems = self.problems()
+        if problems:
+            key, rule = problems[0]
+            raise GenerationSettingError(key, f"invalid generation setting {key}={getattr(self, key)!r}: {rule}")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, rule) for every setting out of range."""
+        finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731
+        rules = [("cfg_scale", finite(self.cfg_scale) and self.cfg_scale > 0, "must be finite and > 0"),
+                 ("temperature", finite(self.temperature) and self.temperature >= 0,
+                  "must be finite and >= 0 (0: greedy)"),
+                 ("top_k", self.top_k >= 0, "must be >= 0 (0: no top-k cut)"),
+                 ("max_frames", self.max_frames >= 1, "must be >= 1"),
+                 ("min_frames", 1 <= self.min_frames <= self.max_frames,
+                  f"must lie between 1 and max_frames ({self.max_frames})"),
+                 ("max_text_tokens", self.max_text_tokens >= 1, "must be >= 1"),
+                 ("max_audio_segments", self.max_audio_segments >= 0, "must be >= 0")]
+        return [(key, rule) for key, ok, rule in rules if not ok]
 
     def max_new_positions(self, num_streams: int) -> int:
         """Upper bound of the positions one turn adds (sizes static KV caches): text, and per audio segment
@@ -225,14 +239,18 @@ class Decoder:
         for k, i in enumerate(guided):
             if requests[i].mode == "audio":
                 uncond[k][-1] = self._row(v.audio_start_id)
-        rows = prompts + uncond
-        features = [f for r in requests for f in r.audio_features]  # cond rows come first: placeholder order
-        backend = self.backend_factory(len(rows), max(p.shape[0] for p in rows) + cfg.max_new_positions(v.num_codebooks))
-        stream0, codebooks = backend.prefill(rows, features)
+        rows = prompts + uncond  # logical rows: request i -> row i, its unconditional row -> uncond_row[i]
+        owner = list(range(len(requests))) + guided
+        clips = [r.audio_features for r in requests] + [[] for _ in guided]
+        longest = max(p.shape[0] for p in rows)
+        backend = self.backend_factory(len(rows), longest + cfg.max_new_positions(v.num_codebooks))
+        stream0, codebooks = backend.prefill(rows, clips)
+        live = list(range(len(rows)))  # logical rows still in the batch, in slot order
+        slot = {r: r for r in live}
         allowed = {a: self._allowed(a, stream0.device) for a in (False, True)}
         cb0 = slice(v.codebook_start(0), v.codebook_start(0) + v.codebook_span)
-        while not all(t.done for t in turns):
-            feed = [pad_row] * len(rows)
+        while True:
+            feed: dict[int, torch.Tensor] = {}
             audio_logits = torch.cat([stream0[:, cb0].unsqueeze(1), codebooks], dim=1).float().cpu()  # [R, N, span]
             for i, turn in enumerate(turns):
                 if turn.done:
@@ -240,10 +258,11 @@ class Decoder:
                 if turn.pending:
                     ids = turn.pending.pop(0)
                 elif turn.in_audio:
-                    ids = turn.choose_audio(cfg_mix(audio_logits[i], audio_logits[uncond_row[i]], cfg.cfg_scale))
+                    ids = turn.choose_audio(cfg_mix(audio_logits[slot[i]], audio_logits[slot[uncond_row[i]]],
+                                                    cfg.cfg_scale))
                 else:
                     may_audio = turn.mode == "auto" and turn.audio_count < cfg.max_audio_segments
-                    masked = stream0[i].masked_fill(~allowed[may_audio], float("-inf"))
+                    masked = stream0[slot[i]].masked_fill(~allowed[may_audio], float("-inf"))
                     ids = turn.choose_text(int(masked.argmax()), self.stop_ids)
                 if ids is None:
                     continue
@@ -252,7 +271,11 @@ class Decoder:
                     feed[uncond_row[i]] = ids
             if all(t.done for t in turns):
                 break
-            stream0, codebooks = backend.step(torch.stack(feed)[:, None])
+            still = [r for r in live if not turns[owner[r]].done]
+            if len(still) < len(live):  # finished turns leave the batch
+                backend.keep(torch.tensor([slot[r] for r in still]))
+                live, slot = still, {r: k for k, r in enumerate(still)}
+            stream0, codebooks = backend.step(torch.stack([feed.get(r, pad_row) for r in live])[:, None])
         return [t.result() for t in turns]
 
     def _row(self, text_id: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ class MegatronBackend:
         stream0, codebooks = self.model.heads.logits(out[-1:])
         return stream0[:, 0], codebooks[:, 0]
 
-    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[torch.Tensor]) -> Logits:
+    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]]) -> Logits:
         tokens, valid = left_pad(prompts, self.pad_row)
         if tokens.shape[1] > self.max_length:
             raise ValueError(f"prompt of {tokens.shape[1]} positions exceeds the cache of {self.max_length}")
@@ -76,6 +76,14 @@ class MegatronBackend:
         self.context.enable_decode_mode()
         mask = ~self.valid[:, None, None, :]  # [R, 1, 1, keys]: the new position sees every real slot
         return self._forward(self.model.embed(ids.to(self.device)), mask)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.device)
+        memory = self.context.key_value_memory_dict
+        for layer, (keys, values) in memory.items():  # [max_length, R, groups, head_dim] each
+            memory[layer] = (keys.index_select(1, rows), values.index_select(1, rows))
+        self.context.max_batch_size = int(rows.numel())
+        self.rotary, self.valid = self.rotary.index_select(1, rows), self.valid[rows]
 
 
 def megatron_full_forward(model) -> FullForward:

@@ -79,7 +79,7 @@ class UALMInference:
     def reply(self, conversations: Sequence[Sequence[ChatTurn]], mode: Mode = "auto",
               seeds: Sequence[int] | None = None, cfg: GenerationConfig | None = None) -> list[Reply]:
         """The assistant's next turn for each conversation, ``batch_size`` at a time."""
-        seeds = list(seeds) if seeds is not None else [0] * len(conversations)
+        seeds = list(seeds) if seeds is not None else list(range(len(conversations)))  # distinct by default
         if len(seeds) != len(conversations):
             raise ValueError(f"{len(seeds)} seeds for {len(conversations)} conversations")
         replies: list[Reply] = []

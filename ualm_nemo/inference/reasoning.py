@@ -57,7 +57,7 @@ def _enrich(infer: UALMInference, prompts: Sequence[str], seeds: Sequence[int] |
     for p in prompts:
         if not p.strip():
             raise ValueError("an empty prompt gives the model nothing to work from")
-    seeds = list(seeds) if seeds is not None else [0] * len(prompts)
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     conversations: list[list[ChatTurn]] = [[] for _ in prompts]
