@@ -7,43 +7,19 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile
 
-from ualm_nemo.testing.dist import run_distributed
 from ualm_nemo.testing.examples import load_example
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(name: str):
     return load_example(name)
 
 
-def _make_export(root: str) -> None:
-    """Random tiny Qwen2 folder -> UALM checkpoint (random audio parts and tiny encoder) -> HF folder."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests" / "convert"))
-    from hf_fixtures import make_hf_folder
-
-    r = Path(root)
-    make_hf_folder(r / "qwen")
-    assert _cli("convert_hf_to_ualm").main([str(r / "qwen"), str(r / "ckpt"), "--model", "tiny",
-                                            "--new-rows-init", "normal", "--no-progress"]) == 0
-    assert _cli("convert_ualm_to_hf").main([str(r / "ckpt"), str(r / "hf"), "--no-progress"]) == 0
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
-
-    root = tmp_path_factory.mktemp("chat")
-    run_distributed(1, _make_export, str(root))
-    CodecTokenizer(build_tiny_xcodec(0)).save_pretrained(root / "codec")
-    wav = (0.2 * np.sin(np.arange(24000) * 2 * np.pi * 440 / 16000)).astype(np.float32)
-    soundfile.write(root / "tone.wav", wav, 16000)
+def world(tiny_export):
+    root = tiny_export["root"]
     (root / "broken.wav").write_text("not audio")
     return root
 

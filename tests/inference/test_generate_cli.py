@@ -10,7 +10,6 @@ after a simulated kill, settings mismatch and --overwrite, and inputs refused be
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -19,50 +18,24 @@ from pathlib import Path
 
 import pytest
 import soundfile
+import torch
+
+from ualm_nemo.testing.examples import load_example
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
 FIELDS = {"id", "caption", "seed", "cfg_scale", "temperature", "top_k", "max_frames", "min_frames", "audio",
-          "sample_rate", "frames", "duration"}
+          "sample_rate", "frames", "duration", "checkpoint", "dtype"}
 CAPTIONS = [{"caption": "a dog barks twice in a large hall", "id": "dog"}, {"caption": "rain"},
             {"caption": "a high beep", "seed": 41}]
 
-BUILD = """
-import runpy, sys
-hf, ckpt, export = sys.argv[1:4]
-for script, args in (("convert_hf_to_ualm", [hf, ckpt, "--model", "tiny", "--no-audio-input", "--no-progress"]),
-                     ("convert_ualm_to_hf", [ckpt, export, "--no-progress"])):
-    sys.argv = [script, *args]
-    try:
-        runpy.run_path(f"examples/{script}.py", run_name="__main__")
-    except SystemExit as err:
-        if err.code not in (0, None):
-            raise
-"""
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load(ROOT / "examples" / "generate.py", "generate_cli")
+cli = load_example("generate")
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
-
-    root = tmp_path_factory.mktemp("generate_cli")
-    _load(ROOT / "tests" / "convert" / "hf_fixtures.py", "hf_fixtures_gen").make_hf_folder(root / "qwen2")
-    CodecTokenizer(build_tiny_xcodec(seed=0)).save_pretrained(root / "codec")
-    done = subprocess.run([sys.executable, "-c", BUILD, str(root / "qwen2"), str(root / "ckpt"), str(root / "hf")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {"ckpt": root / "ckpt", "hf": root / "hf", "codec": root / "codec"}
+def parts(tiny_export):
+    return tiny_export
 
 
 def _write_jsonl(path: Path, rows: list, blank_lines: bool = True) -> Path:
@@ -207,39 +180,50 @@ def test_bad_caption_lines_are_all_reported_before_loading(parts, tmp_path, caps
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--cfg-scale", "nan"], "--cfg-scale nan: must be finite and > 0"),
-    (["--cfg-scale", "-5"], "--cfg-scale -5.0: must be finite and > 0"),
-    (["--cfg-scale", "inf"], "--cfg-scale inf: must be finite and > 0"),
-    (["--max-frames", "0"], "--max-frames 0: must be >= 1"),
-    (["--min-frames", "9"], "--min-frames 9: must lie between 1 and --max-frames (8)"),
-    (["--temperature", "nan"], "--temperature nan: must be finite and >= 0"),
-    (["--temperature", "-1"], "--temperature -1.0: must be finite and >= 0"),
-    (["--top-k", "-1"], "--top-k -1: must be >= 0"),
-    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
-    (["--caption", ""], "--caption #1: empty caption"),
-    (["--caption", "ok", "--caption", "  "], "--caption #2: empty caption"),
-    ([], "no captions: give --caption"),
+    (["--cfg-scale", "nan"], ("--cfg-scale nan:", "must be finite and > 0")),
+    (["--cfg-scale", "-5"], ("--cfg-scale -5.0:", "must be finite and > 0")),
+    (["--cfg-scale", "inf"], ("--cfg-scale inf:", "must be finite and > 0")),
+    (["--max-frames", "0"], ("--max-frames 0:", "must be >= 1")),
+    (["--min-frames", "9"], ("--min-frames 9:", "must lie between 1 and max_frames (8)")),
+    (["--temperature", "nan"], ("--temperature nan:", "must be finite and >= 0")),
+    (["--temperature", "-1"], ("--temperature -1.0:", "must be finite and >= 0")),
+    (["--top-k", "-1"], ("--top-k -1:", "must be >= 0")),
+    (["--batch-size", "0"], ("--batch-size 0: must be >= 1",)),
+    (["--seed", "-1"], ("--seed -1: must be >= 0",)),
+    (["--max-caption-chars", "0"], ("--max-caption-chars 0: must be >= 1",)),
+    (["--device", "gpu7"], ("--device gpu7: not a torch device",)),
+    (["--caption", ""], ("--caption #1: empty caption",)),
+    (["--caption", "ok", "--caption", "  "], ("--caption #2: empty caption",)),
+    ([], ("no captions: give --caption",)),
 ])
 def test_bad_flags_are_one_clear_line(parts, tmp_path, capsys, extra, message):
     argv = _argv(parts, tmp_path / "out", *extra)
     if "--caption" not in extra and extra:
         argv += ["--caption", "rain"]
-    assert message in _refused(argv, capsys)
+    err = _refused(argv, capsys)
+    assert all(part in err for part in message), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_refused(parts, tmp_path, capsys):
+    err = _refused(_argv(parts, tmp_path / "out", "--caption", "rain", "--device", "cuda"), capsys)
+    assert "--device cuda: CUDA is not available here" in err
 
 
 def test_missing_folders_and_empty_file(parts, tmp_path, capsys):
     out = tmp_path / "out"
     err = _refused(_argv(parts, out, "--caption", "rain", checkpoint=tmp_path / "nope"), capsys)
-    assert f"--checkpoint {tmp_path / 'nope'}: no such file or folder" in err
+    assert f"--checkpoint {tmp_path / 'nope'}: no such checkpoint" in err
     err = _refused(_argv(parts, out, "--caption", "rain") + ["--codec", str(tmp_path)], capsys)
     assert f"--codec {tmp_path}: not an X-Codec folder" in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
-    assert f"--captions {empty}: no captions in the file" in _refused(_argv(parts, out, "--captions", str(empty)),
-                                                                     capsys)
+    assert f"{empty}: no captions in the file" in _refused(_argv(parts, out, "--captions", str(empty)), capsys)
     err = _refused(_argv(parts, out, "--captions", str(tmp_path / "none.jsonl")), capsys)
-    assert "no such file" in err
+    assert f"{tmp_path / 'none.jsonl'}: no such file" in err
+    err = _refused(_argv(parts, empty, "--caption", "rain"), capsys)
+    assert f"--out-dir {empty}: exists and is not a folder" in err
     assert not out.exists()
 
 
@@ -254,7 +238,9 @@ def test_training_checkpoint_through_the_command_line(parts, tmp_path, capsys):
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"done: 1 written, 0 skipped (already done), in {out}" in done.stdout
-    assert _manifest(out) == _manifest(ref)
+    drop = lambda entries: [{k: v for k, v in e.items() if k != "checkpoint"} for e in entries]  # noqa: E731
+    assert drop(_manifest(out)) == drop(_manifest(ref))  # the same but for the checkpoint each names
+    assert _manifest(out)[0]["checkpoint"] == str(Path(parts["ckpt"]).resolve())
     assert (out / "00000.wav").read_bytes() == (ref / "00000.wav").read_bytes()
 
 

@@ -23,7 +23,8 @@ def add_model_args(parser: argparse.ArgumentParser, codec_required: bool = False
     parser.add_argument("--codec", required=codec_required,
                         help="local X-Codec folder (HF format); without it generated audio is kept as codes only")
     parser.add_argument("--tokenizer", default="byte", help="'byte' or a local Qwen tokenizer folder")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N] (default: cuda when there is a GPU)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=8, help="conversations decoded together (default 8)")
     parser.add_argument("--seed", type=int, default=0)
@@ -49,8 +50,19 @@ def generation_config(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 
 def check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The model flags (folders, device, batch size, seed), before anything is loaded."""
     if args.batch_size < 1:
-        parser.error(f"--batch-size={args.batch_size}: must be >= 1")
+        parser.error(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: must be >= 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: there are {torch.cuda.device_count()} GPUs here")
     if not Path(args.checkpoint).exists():
         parser.error(f"--checkpoint {args.checkpoint}: no such checkpoint or HF folder")
     if args.codec is not None and not (Path(args.codec) / "config.json").is_file():
@@ -60,16 +72,21 @@ def check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 
 def load_inference(args: argparse.Namespace, parser: argparse.ArgumentParser, postprocess=None):
-    """-> UALMInference over the model of ``--checkpoint``; load failures end with one line."""
+    """-> UALMInference over the model of ``--checkpoint``; a load failure ends with one line naming the flag.
+    The small parts load first, so a bad --tokenizer or --codec does not wait for the model."""
     from ualm_nemo.codec.xcodec import CodecTokenizer
     from ualm_nemo.data.tokenizer import build_tokenizer
     from ualm_nemo.inference.pipeline import UALMInference, load_model
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype or "")
+    flag = "--tokenizer"
     try:
-        model = load_model(args.checkpoint, args.device, dtype)
         tokenizer = build_tokenizer(args.tokenizer)
+        flag = "--codec"
         codec = CodecTokenizer.from_pretrained(args.codec).to(args.device) if args.codec else None
+        flag = "--checkpoint"
+        model = load_model(args.checkpoint, args.device, dtype)
+        flag = "--checkpoint/--tokenizer"  # vocabularies that do not fit together
         return UALMInference(model, tokenizer, codec, postprocess, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError, OSError) as err:
-        parser.error(f"cannot load: {err}")
+        parser.error(f"{flag}: cannot load: {err}")
