@@ -35,11 +35,16 @@ def test_cfg_mix_and_top_k():
     cond, uncond = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0])
     assert torch.equal(cfg_mix(cond, uncond, 3.0), torch.tensor([-1.0, 7.0]))
     assert torch.equal(cfg_mix(cond, uncond, 1.0), cond)
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
-    picks = sample_top_k(logits, temperature=1.0, top_k=2, generator=gen)
+    draws = torch.rand(2000, generator=torch.Generator().manual_seed(0))
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(2000, 1)
+    picks = sample_top_k(logits, temperature=1.0, top_k=2, uniforms=draws)
     assert set(picks.tolist()) == {1, 2}  # only the top 2 ever sampled
-    assert torch.equal(sample_top_k(logits, 0.0, 2, gen), torch.ones(200, dtype=torch.long))  # greedy
+    share = float((picks == 1).float().mean())  # softmax([5, 4]) gives token 1 a share of 0.731
+    assert abs(share - 0.731) < 0.03
+    assert torch.equal(sample_top_k(logits, 0.0, 2, draws), torch.ones(2000, dtype=torch.long))  # greedy
+    assert int(sample_top_k(torch.tensor([0.0, 1.0, float("-inf")]), 1.0, 3, torch.tensor(0.9999))) != 2  # -inf never
+    one = sample_top_k(logits[:1], 1.0, 2, draws[:1])  # a row alone picks what it picks in the batch
+    assert torch.equal(one, picks[:1])
 
 
 def _prefer_audio_start(model, prompt: torch.Tensor) -> None:
@@ -114,11 +119,11 @@ class ScriptedBackend:
             stream0[:, self.text_script.pop(0)] = 10.0
         return stream0, codebooks
 
-    def prefill(self, prompts, audio_features):
+    def prefill(self, prompts, audio_features, text=True):
         self.rows = len(prompts)
         return self._logits()
 
-    def step(self, ids):
+    def step(self, ids, text=True):
         self.fed.append(ids)
         return self._logits()
 

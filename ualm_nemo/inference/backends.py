@@ -20,11 +20,13 @@ Logits = tuple[torch.Tensor, torch.Tensor]  # stream-0 [R, V], codebooks [R, N-1
 
 
 class DecodeBackend(Protocol):
-    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]]) -> Logits:
+    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]],
+                text: bool = True) -> Logits:
         """prompts: one [L_r, N] per row; audio_features: per row, the log-mel [n_mel, frames] of each of its
-        placeholder runs, in order."""
+        placeholder runs, in order. ``text=False``: no row reads the text columns of stream 0 this step (they
+        may be left at -inf instead of computed: the text head is most of a small model's step)."""
 
-    def step(self, ids: torch.Tensor) -> Logits:
+    def step(self, ids: torch.Tensor, text: bool = True) -> Logits:
         """ids [R, 1, N]: the next position of every row."""
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -69,21 +71,22 @@ class HFBackend:
         self.pad_row = torch.tensor(model.vocab.text_position_streams(model.vocab.pad_id))
         self.cache = self.valid = None
 
-    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]]) -> Logits:
+    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]],
+                text: bool = True) -> Logits:
         tokens, valid = left_pad(prompts, self.pad_row)
         features, lens = batch_features(audio_features)
         self.valid = valid.to(self.device)
         stream0, codebooks, self.cache = self.model.decode(
             tokens.to(self.device), None, attention_mask=self.valid, position_ids=positions(self.valid),
             audio_features=None if features is None else features.to(self.device),
-            audio_feature_lens=None if lens is None else lens.to(self.device))
+            audio_feature_lens=None if lens is None else lens.to(self.device), text=text)
         return stream0, codebooks
 
-    def step(self, ids: torch.Tensor) -> Logits:
+    def step(self, ids: torch.Tensor, text: bool = True) -> Logits:
         self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], 1)], dim=1)
         position = positions(self.valid)[:, -1:]
         stream0, codebooks, self.cache = self.model.decode(ids.to(self.device), self.cache, attention_mask=self.valid,
-                                                           position_ids=position)
+                                                           position_ids=position, text=text)
         return stream0, codebooks
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -112,7 +115,8 @@ class RecomputeBackend:
         stream0, codebooks = self.forward(self.tokens, self.valid, positions(self.valid), features, lens)
         return stream0[:, -1], codebooks[:, -1]
 
-    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]]) -> Logits:
+    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]],
+                text: bool = True) -> Logits:
         tokens, valid = left_pad(prompts, self.pad_row)
         self.tokens, self.valid, self.clips = tokens.to(self.device), valid.to(self.device), list(audio_features)
         return self._run()
@@ -122,7 +126,7 @@ class RecomputeBackend:
         self.tokens, self.valid = self.tokens[rows], self.valid[rows]
         self.clips = [self.clips[int(r)] for r in rows]
 
-    def step(self, ids: torch.Tensor) -> Logits:
+    def step(self, ids: torch.Tensor, text: bool = True) -> Logits:  # always every column: the reference
         self.tokens = torch.cat([self.tokens, ids.to(self.device)], dim=1)
         self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], 1)], dim=1)
         return self._run()

@@ -168,10 +168,9 @@ class _Turn:
             self.done = "length"
         return self._text_row(next_id)
 
-    def choose_audio(self, mixed: torch.Tensor) -> torch.Tensor:
-        """mixed [N, span] CFG logits at grid frame j -> the grid row to feed (unified ids [N])."""
-        cfg, v = self.cfg, self.vocab
-        n_streams, pad = v.num_codebooks, v.codebook_size
+    def mask_audio(self, mixed: torch.Tensor) -> None:
+        """mixed [N, span] CFG logits at grid frame j: rule out (in place) what this frame may not sample."""
+        cfg, pad = self.cfg, self.vocab.codebook_size
         j = len(self.grid)
         if self.end is None:  # stream 0 may end the audio (not before min_frames, forced at max_frames)
             if j < cfg.min_frames:
@@ -179,15 +178,24 @@ class _Turn:
             if j >= cfg.max_frames:
                 mixed[0, :pad] = float("-inf")
         mixed[1:, pad] = float("-inf")  # streams >= 1 never choose pad by themselves: pads are forced below
-        codes = sample_top_k(mixed, cfg.temperature, cfg.top_k, self.generator)  # [N]
+
+    def uniforms(self) -> torch.Tensor:
+        """[N] draws of this request's generator for the next frame (none when decoding greedily)."""
+        if self.cfg.temperature <= 0:
+            return torch.zeros(self.vocab.num_codebooks)
+        return torch.rand(self.vocab.num_codebooks, generator=self.generator)
+
+    def accept_audio(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sampled codes [N] at grid frame j -> the grid row to feed (unified ids [N]), the delay's pads forced."""
+        n_streams, pad = self.vocab.num_codebooks, self.vocab.codebook_size
+        j = len(self.grid)
         if self.end is None and int(codes[0]) == pad:
             self.end = j
-        forced = delay_pad_mask(j, self.end, n_streams)
-        codes = torch.where(forced, torch.full_like(codes, pad), codes)
+        codes = torch.where(delay_pad_mask(j, self.end, n_streams), torch.full_like(codes, pad), codes)
         self.grid.append(codes)
         if self.end is not None and len(self.grid) >= self.end + n_streams - 1:
             self._finish_audio()
-        return v.codes_to_ids(codes)
+        return self.vocab.codes_to_ids(codes)
 
     def _finish_audio(self) -> None:
         codes = revert_delay(torch.stack(self.grid))  # [F, N]
@@ -244,39 +252,61 @@ class Decoder:
         clips = [r.audio_features for r in requests] + [[] for _ in guided]
         longest = max(p.shape[0] for p in rows)
         backend = self.backend_factory(len(rows), longest + cfg.max_new_positions(v.num_codebooks))
-        stream0, codebooks = backend.prefill(rows, clips)
+        stream0, codebooks = backend.prefill(rows, clips, text=any(r.mode != "audio" for r in requests))
         live = list(range(len(rows)))  # logical rows still in the batch, in slot order
         slot = {r: r for r in live}
-        allowed = {a: self._allowed(a, stream0.device) for a in (False, True)}
-        cb0 = slice(v.codebook_start(0), v.codebook_start(0) + v.codebook_span)
+        allowed = torch.stack([self._allowed(a, stream0.device) for a in (False, True)])  # [2, V]: audio allowed?
         while True:
             feed: dict[int, torch.Tensor] = {}
-            audio_logits = torch.cat([stream0[:, cb0].unsqueeze(1), codebooks], dim=1).float().cpu()  # [R, N, span]
+            text_rows, audio_rows = [], []
             for i, turn in enumerate(turns):
                 if turn.done:
                     continue
-                if turn.pending:
-                    ids = turn.pending.pop(0)
-                elif turn.in_audio:
-                    ids = turn.choose_audio(cfg_mix(audio_logits[slot[i]], audio_logits[slot[uncond_row[i]]],
-                                                    cfg.cfg_scale))
+                if turn.pending:  # forced positions: the logits are not needed
+                    feed[i] = turn.pending.pop(0)
                 else:
-                    may_audio = turn.mode == "auto" and turn.audio_count < cfg.max_audio_segments
-                    masked = stream0[slot[i]].masked_fill(~allowed[may_audio], float("-inf"))
-                    ids = turn.choose_text(int(masked.argmax()), self.stop_ids)
-                if ids is None:
-                    continue
-                feed[i] = ids
-                if i in uncond_row and self._is_audio_position(ids):
-                    feed[uncond_row[i]] = ids
+                    (audio_rows if turn.in_audio else text_rows).append(i)
+            if audio_rows:
+                feed.update(self._audio_step(turns, audio_rows, slot, uncond_row, stream0, codebooks, cfg))
+            if text_rows:
+                may_audio = [turns[i].mode == "auto" and turns[i].audio_count < cfg.max_audio_segments
+                             for i in text_rows]
+                rows = torch.tensor([slot[i] for i in text_rows], device=stream0.device)
+                allow = allowed[rows.new_tensor(may_audio, dtype=torch.long)]  # [T, V]
+                picks = stream0[rows].masked_fill(~allow, float("-inf")).argmax(-1).tolist()  # one sync
+                for i, pick in zip(text_rows, picks):
+                    ids = turns[i].choose_text(pick, self.stop_ids)
+                    if ids is not None:
+                        feed[i] = ids
+            for i in [i for i in feed if i in uncond_row]:  # the unconditional row mirrors the audio positions
+                if self._is_audio_position(feed[i]):
+                    feed[uncond_row[i]] = feed[i]
             if all(t.done for t in turns):
                 break
             still = [r for r in live if not turns[owner[r]].done]
             if len(still) < len(live):  # finished turns leave the batch
                 backend.keep(torch.tensor([slot[r] for r in still]))
                 live, slot = still, {r: k for k, r in enumerate(still)}
-            stream0, codebooks = backend.step(torch.stack([feed.get(r, pad_row) for r in live])[:, None])
+            need_text = any(not t.done and not t.in_audio and not t.pending for t in turns)
+            stream0, codebooks = backend.step(torch.stack([feed.get(r, pad_row) for r in live])[:, None],
+                                              text=need_text)
         return [t.result() for t in turns]
+
+    def _audio_step(self, turns: list[_Turn], rows: list[int], slot: dict[int, int], uncond_row: dict[int, int],
+                    stream0: torch.Tensor, codebooks: torch.Tensor, cfg: GenerationConfig) -> dict[int, torch.Tensor]:
+        """One grid frame for every request writing audio: CFG mix, each request's rules, one batched sampling
+        from each request's own draws -> {request: grid row to feed}."""
+        v = self.vocab
+        cond = torch.tensor([slot[i] for i in rows], device=stream0.device)
+        uncond = torch.tensor([slot[uncond_row[i]] for i in rows], device=stream0.device)
+        cb0 = stream0[:, v.codebook_start(0): v.codebook_start(0) + v.codebook_span]
+        logits = torch.cat([cb0.unsqueeze(1), codebooks], dim=1).float()  # [R, N, span]
+        mixed = cfg_mix(logits[cond], logits[uncond], cfg.cfg_scale).cpu()  # [A, N, span]
+        for k, i in enumerate(rows):
+            turns[i].mask_audio(mixed[k])
+        uniforms = torch.stack([turns[i].uniforms() for i in rows])  # [A, N]
+        codes = sample_top_k(mixed, cfg.temperature, cfg.top_k, uniforms)  # [A, N]
+        return {i: turns[i].accept_audio(codes[k]) for k, i in enumerate(rows)}
 
     def _row(self, text_id: int) -> torch.Tensor:
         return torch.tensor(self.vocab.text_position_streams(text_id))

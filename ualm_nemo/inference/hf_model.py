@@ -140,9 +140,12 @@ class UALMForConditionalGeneration(nn.Module):
         mask = tokens[..., 0] == self.vocab.audio_in_id
         return splice_audio_embeddings(hidden.transpose(0, 1), mask, audio).transpose(0, 1)
 
-    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [b, s, h] -> (stream-0 logits [b, s, vocab], codebook logits [b, s, N-1, span])."""
-        stream0 = stream0_logits(hidden, (self.lm.lm_head.weight, self.head_specials, self.head_audio))
+    def heads(self, hidden: torch.Tensor, text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [b, s, h] -> (stream-0 logits [b, s, vocab], codebook logits [b, s, N-1, span]).
+
+        ``text=False`` leaves the text columns of stream 0 at -inf instead of computing them (audio steps)."""
+        text_rows = self.lm.lm_head.weight if text else None
+        stream0 = stream0_logits(hidden, (text_rows, self.head_specials, self.head_audio), self.vocab.text_vocab_size)
         if self.codebook_heads is not None:
             return stream0, codebook_logits(hidden, self.codebook_heads, None)
         rows = shared_codebook_rows(self.head_audio, self.vocab.num_codebooks, self.vocab.codebook_span)
@@ -163,7 +166,8 @@ class UALMForConditionalGeneration(nn.Module):
 
     def decode(self, tokens: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
-               audio_feature_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
+               audio_feature_lens: torch.Tensor | None = None,
+               text: bool = True) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Incremental decoding: ``tokens`` [b, t, N] are the positions after those held in ``cache`` (None to
         start) -> (stream-0 logits [b, V], codebook logits [b, N-1, span]) at the last new position, and the KV
         cache (transformers' DynamicCache) now holding every position. ``attention_mask`` [b, past + t] covers
@@ -171,7 +175,7 @@ class UALMForConditionalGeneration(nn.Module):
         embeds = self.embed(tokens, audio_features, audio_feature_lens)
         out = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=cache, use_cache=True)
-        stream0, codebooks = self.heads(out.last_hidden_state[:, -1:])
+        stream0, codebooks = self.heads(out.last_hidden_state[:, -1:], text)
         return stream0[:, 0], codebooks[:, 0], out.past_key_values
 
 

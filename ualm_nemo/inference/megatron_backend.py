@@ -47,15 +47,16 @@ class MegatronBackend:
         self.context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=max_length)
         self.valid = self.rotary = None
 
-    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> Logits:
+    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, text: bool) -> Logits:
         """hidden [t, R, h] of the new positions -> logits at the last one; the cache advances by t."""
         out = self.model.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=self.rotary,
                                  inference_context=self.context)
         self.context.increment_sequence_len_offset(hidden.shape[0])
-        stream0, codebooks = self.model.heads.logits(out[-1:])
+        stream0, codebooks = self.model.heads.logits(out[-1:], text=text)
         return stream0[:, 0], codebooks[:, 0]
 
-    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]]) -> Logits:
+    def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]],
+                text: bool = True) -> Logits:
         tokens, valid = left_pad(prompts, self.pad_row)
         if tokens.shape[1] > self.max_length:
             raise ValueError(f"prompt of {tokens.shape[1]} positions exceeds the cache of {self.max_length}")
@@ -67,15 +68,15 @@ class MegatronBackend:
         hidden = self.model.embed(tokens.to(self.device), None if features is None else features.to(self.device),
                                   None if lens is None else lens.to(self.device))
         mask = packed_attention_mask(torch.where(self.valid, 0, -1))  # causal among real slots
-        return self._forward(hidden, mask)
+        return self._forward(hidden, mask, text)
 
-    def step(self, ids: torch.Tensor) -> Logits:
+    def step(self, ids: torch.Tensor, text: bool = True) -> Logits:
         self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], 1)], dim=1)
         if self.valid.shape[1] > self.max_length:
             raise ValueError(f"decoding ran past the cache of {self.max_length} positions")
         self.context.enable_decode_mode()
         mask = ~self.valid[:, None, None, :]  # [R, 1, 1, keys]: the new position sees every real slot
-        return self._forward(self.model.embed(ids.to(self.device)), mask)
+        return self._forward(self.model.embed(ids.to(self.device)), mask, text)
 
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.device)

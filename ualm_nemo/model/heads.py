@@ -77,10 +77,13 @@ class StreamHeads(MegatronModule):
         return torch.cat([text, audio], dim=-1)
 
     # --- logits ---------------------------------------------------------------------------------
-    def _stream0_local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [s, b, h] -> this rank's stream-0 logits [s_full, b, text_part + audio_part]."""
-        text, _ = self.text_head(hidden)
+    def _stream0_local_logits(self, hidden: torch.Tensor, text: bool = True) -> torch.Tensor:
+        """hidden [s, b, h] -> this rank's stream-0 logits [s_full, b, text_part + audio_part].
+
+        ``text=False`` (decoding steps that read only audio columns) leaves the text columns masked instead of
+        computing the text head."""
         audio, _ = self.audio_head(hidden)
+        text = self.text_head(hidden)[0] if text else audio.new_full((*audio.shape[:-1], self.text_part), _MASKED)
         logits = torch.cat([text, audio], dim=-1)
         return logits.masked_fill(self.padded_columns, _MASKED)
 
@@ -104,9 +107,9 @@ class StreamHeads(MegatronModule):
         partial = torch.einsum("nsbh,nch->nsbc", per_stream, weight)
         return tensor_parallel.reduce_from_tensor_model_parallel_region(partial)
 
-    def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, hidden: torch.Tensor, text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """For inference. Returns (stream-0 logits [b, s, vocab], codebook logits [b, s, N-1, span])."""
-        local = self._stream0_local_logits(hidden)
+        local = self._stream0_local_logits(hidden, text)
         stream0 = self._unpermute(tensor_parallel.gather_from_tensor_model_parallel_region(local))
         codebooks = self._codebook_logits(hidden)
         return stream0.transpose(0, 1), codebooks.permute(2, 1, 0, 3)

@@ -54,13 +54,17 @@ def embed_streams(tokens: torch.Tensor, tables: Sequence[IdTable], pad_ids: torc
     return hidden
 
 
-def stream0_logits(hidden: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+def stream0_logits(hidden: torch.Tensor, weights: Sequence[torch.Tensor | None],
+                   skipped_rows: int = 0) -> torch.Tensor:
     """hidden [..., h] -> logits [..., V] over the whole unified vocabulary (text, specials, every codebook).
 
     ``weights``: the head's row blocks in unified-id order (e.g. text rows, special rows, audio rows), applied
-    block by block so the full [V, h] head is never concatenated.
+    block by block so the full [V, h] head is never concatenated. A block given as None (``skipped_rows``
+    rows) is not computed: its logits are -inf (decoding steps that read only the audio columns).
     """
-    return torch.cat([F.linear(hidden, w) for w in weights], dim=-1)
+    blocks = [F.linear(hidden, w) if w is not None else
+              hidden.new_full((*hidden.shape[:-1], skipped_rows), float("-inf")) for w in weights]
+    return torch.cat(blocks, dim=-1)
 
 
 def codebook_logits(hidden: torch.Tensor, weights: torch.Tensor,
