@@ -1,0 +1,1 @@
+"""Evaluation: metric statistics and benchmark scorers (TTA metrics, MMAU/MMAR, text benchmarks)."""
