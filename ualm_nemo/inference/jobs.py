@@ -1,4 +1,4 @@
-"""A resumable batch-generation output folder: items in, one wav per item and a manifest out.
+"""A resumable batch-generation output folder: items in, one wav (or text output) per item and a manifest out.
 
 examples/generate.py uses it; so can anything else that turns a list of items (id, caption, seed, other fields)
 into one file per item and must survive being killed (evaluation runs, DPO candidate generation):
@@ -88,9 +88,16 @@ def read_items(path: str | Path | None = None, more: Sequence[tuple[str, Mapping
         seen[item.id] = where
         items.append(item)
     if errors:
+        errors.sort(key=_line_order)  # file order, whichever check caught the line
         more_errors = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
         raise JobError(f"{len(errors)} bad caption item(s):\n  " + "\n  ".join(errors[:MAX_REPORTED]) + more_errors)
     return items
+
+
+def _line_order(error: str) -> tuple[int, int]:
+    """Sort key of a ``where: reason`` error: file lines by number, then the other sources in their order."""
+    match = re.match(r".*?:(\d+): ", error)
+    return (0, int(match.group(1))) if match else (1, 0)
 
 
 def _read_jsonl(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
@@ -202,7 +209,7 @@ class OutputFolder:
             try:
                 entry = json.loads(line.decode("utf-8"))
                 if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or \
-                        not isinstance(entry.get("audio"), str) or any(k not in entry for k in self.keys):
+                        not isinstance(entry.get("audio", ""), str) or any(k not in entry for k in self.keys):
                     raise ValueError("not a manifest line")
             except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 if number == len(lines):  # the line being appended when the run was killed: that item is redone
@@ -234,7 +241,7 @@ class OutputFolder:
                                    f"other settings ({shown})")
         kept = {}
         for item_id, entry in entries.items():
-            if _readable(self.path / entry["audio"]):
+            if "audio" not in entry or _readable(self.path / entry["audio"]):  # text outputs live in the line
                 kept[item_id] = entry
             else:  # listed but its wav is gone: redone (if requested) and dropped from the manifest
                 rewrite = True
@@ -270,17 +277,22 @@ class OutputFolder:
         _fsync_dir(self.path)
         self._manifest = open(manifest, "a", encoding="utf-8")
 
-    def add(self, item: Item, wav: torch.Tensor, sample_rate: int, **fields: Any) -> dict:
-        """The item's wav [channels, samples] written atomically, then its manifest line appended and flushed
-        to disk. ``fields`` (e.g. frames, the item's extra) go into the line too. Returns the line."""
+    def add(self, item: Item, wav: torch.Tensor | None = None, sample_rate: int | None = None,
+            **fields: Any) -> dict:
+        """The item's wav [channels, samples] written atomically (when given: text outputs such as an answer
+        live in ``fields``), then its manifest line appended and flushed to disk. ``fields`` (e.g. frames, the
+        prediction, the item's extra) go into the line too. Returns the line."""
         if self._manifest is None:
             raise RuntimeError("OutputFolder.add before prepare()")
         entry = {"id": item.id, "caption": item.caption, "seed": item.seed, **self.settings}
         own = {*entry, "audio", "sample_rate", "duration"}
         if own & fields.keys():
             raise ValueError(f"fields {sorted(own & fields.keys())} are the manifest's own")
-        name = write_wav(self.path, item.id, wav, sample_rate)
-        entry.update(audio=name, sample_rate=sample_rate, **fields, duration=wav.shape[-1] / sample_rate)
+        if wav is not None:
+            entry.update(audio=write_wav(self.path, item.id, wav, sample_rate), sample_rate=sample_rate)
+        entry.update(fields)
+        if wav is not None:
+            entry["duration"] = wav.shape[-1] / sample_rate
         self._manifest.write(json.dumps(entry, ensure_ascii=False) + "\n")  # only once the wav is in place
         self._manifest.flush()
         os.fsync(self._manifest.fileno())

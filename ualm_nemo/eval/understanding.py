@@ -1,0 +1,79 @@
+"""Audio-understanding evaluation (MMAU / MMAR): answer every question with the batched engine, then score.
+
+Answers are decoded greedily in text mode from ``[audio] + "\\n" + prompt`` (the prompt asks for the option
+text: audio_qa.QAItem.prompt). The run writes one manifest line per answered item (inference/jobs.py), so a
+killed run resumes where it stopped. An item whose audio cannot be read is not dropped: it is recorded with
+``prediction=None`` and its reason, and scores as wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ualm_nemo.data.formatting import AudioIn
+from ualm_nemo.eval.audio_qa import QAItem, QAScore, Rejected, score
+from ualm_nemo.inference.engine import GenerationConfig
+from ualm_nemo.inference.jobs import Item, OutputFolder
+
+
+def job_items(items: Sequence[QAItem]) -> list[Item]:
+    """Benchmark items as job items (the prompt is what must match for a finished item to count)."""
+    return [Item(i.id, i.prompt(), 0, {"audio": str(i.audio)}) for i in items]
+
+
+def answer(infer, items: Sequence[QAItem], folder: OutputFolder, todo: Sequence[Item], batch_size: int,
+           cfg: GenerationConfig, progress: bool = True) -> None:
+    """Answer the ``todo`` items, batch by batch; each answer is in the manifest as soon as its batch is done."""
+    from tqdm import tqdm
+
+    from ualm_nemo.data.raw import load_audio
+
+    by_id = {i.id: i for i in items}
+    with tqdm(total=len(todo), desc="answering", unit="question", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk, conversations, readable = todo[start:start + batch_size], [], []
+            for job in chunk:
+                item = by_id[job.id]
+                try:
+                    wav = load_audio(item.audio)
+                    conversations.append([("user", [AudioIn(wav), "\n" + item.prompt()])])
+                    readable.append(job)
+                except Exception as err:  # unreadable audio: recorded, scored as wrong, never dropped
+                    folder.add(job, prediction=None, skipped=f"audio unreadable: {err}"[:300])
+            for job, reply in zip(readable, infer.reply(conversations, "text", [0] * len(readable), cfg)):
+                folder.add(job, prediction=reply.text, stop=reply.stop)
+            bar.update(len(chunk))
+
+
+def predictions(folder: OutputFolder) -> tuple[dict[str, str], dict[str, str]]:
+    """({id: prediction}, {id: why it was skipped}) from the folder's manifest."""
+    entries, _, _ = folder.read_manifest()
+    answered = {k: e["prediction"] for k, e in entries.items() if e.get("prediction") is not None}
+    skipped = {k: e.get("skipped", "no prediction") for k, e in entries.items() if e.get("prediction") is None}
+    return answered, skipped
+
+
+def report(result: QAScore, rejected: Sequence[Rejected], skipped: dict[str, str], meta: dict[str, Any],
+           out_dir: Path) -> tuple[Path, Path]:
+    """``report.json`` (every figure, every item with its prediction) and ``report.md`` (the table)."""
+    data = {**meta, "accuracy": result.accuracy, "correct": result.correct, "total": result.total,
+            "unanswered": result.unanswered, "rejected_entries": [vars(r) for r in rejected],
+            "skipped_items": skipped, "by_group": result.by_group, "items": result.items}
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    json_path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    lines = [f"# {meta.get('benchmark', 'benchmark').upper()}: {100 * result.accuracy:.2f} % "
+             f"({result.correct} / {result.total})", "",
+             f"checkpoint `{meta.get('checkpoint')}`; {len(rejected)} malformed entries not scored (listed in "
+             f"report.json); {len(skipped)} items without an answer (unreadable audio) counted as wrong.", ""]
+    for key, groups in result.by_group.items():
+        lines += [f"| {key} | accuracy | correct / total |", "|---|---|---|"]
+        lines += [f"| {value} | {100 * g['accuracy']:.2f} % | {g['correct']} / {g['total']} |"
+                  for value, g in groups.items()]
+        lines.append("")
+    md_path.write_text("\n".join(lines))
+    return json_path, md_path
+
+
+__all__ = ["answer", "job_items", "predictions", "report", "score"]
