@@ -237,19 +237,8 @@ class Decoder:
             return []
         v = self.vocab
         turns = [_Turn(r, v, cfg) for r in requests]
-        # row layout: one conditional row per request, then an unconditional row per request that may use audio
-        guided = [i for i, r in enumerate(requests) if r.mode != "text"]
-        uncond_row = {i: len(requests) + k for k, i in enumerate(guided)}
-        pad_row = torch.tensor(v.text_position_streams(v.pad_id))
-        prompts = [r.prompt if r.mode != "audio" else torch.cat([r.prompt, self._row(v.audio_start_id)[None]])
-                   for r in requests]
-        uncond = [pad_row.expand(prompts[i].shape[0], -1).clone() for i in guided]
-        for k, i in enumerate(guided):
-            if requests[i].mode == "audio":
-                uncond[k][-1] = self._row(v.audio_start_id)
-        rows = prompts + uncond  # logical rows: request i -> row i, its unconditional row -> uncond_row[i]
-        owner = list(range(len(requests))) + guided
-        clips = [r.audio_features for r in requests] + [[] for _ in guided]
+        rows, clips, uncond_row, owner = self._layout(requests)
+        pad_row = self._row(v.pad_id)
         longest = max(p.shape[0] for p in rows)
         backend = self.backend_factory(len(rows), longest + cfg.max_new_positions(v.num_codebooks))
         stream0, codebooks = backend.prefill(rows, clips, text=any(r.mode != "audio" for r in requests))
@@ -269,15 +258,7 @@ class Decoder:
             if audio_rows:
                 feed.update(self._audio_step(turns, audio_rows, slot, uncond_row, stream0, codebooks, cfg))
             if text_rows:
-                may_audio = [turns[i].mode == "auto" and turns[i].audio_count < cfg.max_audio_segments
-                             for i in text_rows]
-                rows = torch.tensor([slot[i] for i in text_rows], device=stream0.device)
-                allow = allowed[rows.new_tensor(may_audio, dtype=torch.long)]  # [T, V]
-                picks = stream0[rows].masked_fill(~allow, float("-inf")).argmax(-1).tolist()  # one sync
-                for i, pick in zip(text_rows, picks):
-                    ids = turns[i].choose_text(pick, self.stop_ids)
-                    if ids is not None:
-                        feed[i] = ids
+                feed.update(self._text_step(turns, text_rows, slot, stream0, allowed, cfg))
             for i in [i for i in feed if i in uncond_row]:  # the unconditional row mirrors the audio positions
                 if self._is_audio_position(feed[i]):
                     feed[uncond_row[i]] = feed[i]
@@ -291,6 +272,38 @@ class Decoder:
             stream0, codebooks = backend.step(torch.stack([feed.get(r, pad_row) for r in live])[:, None],
                                               text=need_text)
         return [t.result() for t in turns]
+
+    def _layout(self, requests: Sequence[Request]):
+        """Logical rows: request i -> row i (its prompt; ``<|audio_start|>`` appended when audio is forced), then
+        an unconditional row per request that may write audio (pads, same length). -> (prompts, each row's
+        audio clips, {request: its unconditional row}, each row's request)."""
+        v = self.vocab
+        start = self._row(v.audio_start_id)[None]
+        prompts = [r.prompt if r.mode != "audio" else torch.cat([r.prompt, start]) for r in requests]
+        guided = [i for i, r in enumerate(requests) if r.mode != "text"]
+        uncond = []
+        for i in guided:
+            rows = self._row(v.pad_id).expand(prompts[i].shape[0], -1).clone()
+            if requests[i].mode == "audio":
+                rows[-1] = start[0]
+            uncond.append(rows)
+        clips = [r.audio_features for r in requests] + [[] for _ in guided]
+        uncond_row = {i: len(requests) + k for k, i in enumerate(guided)}
+        return prompts + uncond, clips, uncond_row, list(range(len(requests))) + guided
+
+    def _text_step(self, turns: list[_Turn], rows: list[int], slot: dict[int, int], stream0: torch.Tensor,
+                   allowed: torch.Tensor, cfg: GenerationConfig) -> dict[int, torch.Tensor]:
+        """Greedy picks of every request at a text position, in one masked argmax -> {request: row to feed}."""
+        may_audio = [turns[i].mode == "auto" and turns[i].audio_count < cfg.max_audio_segments for i in rows]
+        index = torch.tensor([slot[i] for i in rows], device=stream0.device)
+        allow = allowed[index.new_tensor(may_audio, dtype=torch.long)]  # [T, V]
+        picks = stream0[index].masked_fill(~allow, float("-inf")).argmax(-1).tolist()  # one sync for the batch
+        feed = {}
+        for i, pick in zip(rows, picks):
+            ids = turns[i].choose_text(pick, self.stop_ids)
+            if ids is not None:
+                feed[i] = ids
+        return feed
 
     def _audio_step(self, turns: list[_Turn], rows: list[int], slot: dict[int, int], uncond_row: dict[int, int],
                     stream0: torch.Tensor, codebooks: torch.Tensor, cfg: GenerationConfig) -> dict[int, torch.Tensor]:
