@@ -13,7 +13,11 @@ def main() -> None:
     result = run_demo(args.output_dir, args.max_steps)
     print("\n=== UALM demo finished ===")
     print(f"training data      {result['data']}")
-    print(f"checkpoints        {result['checkpoints']}  (final loss {result['final_loss']:.3f})")
+    if result["final_loss"] is None:  # a rerun: the run in --output-dir had already finished
+        print(f"checkpoints        {result['checkpoints']}  (already trained to step {result['step']}: nothing "
+              f"trained this time; remove {args.output_dir}/ to train again)")
+    else:
+        print(f"checkpoints        {result['checkpoints']}  (final loss {result['final_loss']:.3f})")
     print(f"tensorboard logs   {result['tensorboard']}")
     print(f"generated audio    {result['wav']}  ({result['frames']} codec frames, {result['seconds']:.2f} s) "
           f"for the caption {result['caption']!r}")

@@ -20,7 +20,10 @@ from ualm_nemo.training.train import train  # noqa: E402
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = train(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
-    logging.info("finished at step %d, loss %.4f", model.engine.step, model.last_result.loss)
+    if model.last_result is None:
+        logging.info("nothing to train: the run had already reached step %d (train.max_steps)", model.engine.step)
+    else:
+        logging.info("finished at step %d, loss %.4f", model.engine.step, model.last_result.loss)
 
 
 if __name__ == "__main__":  # required: checkpoint writers start helper processes that re-import this module

@@ -68,8 +68,11 @@ def _answer_demo_question(infer: UALMInference, records) -> dict[str, str] | Non
 
 
 def run_demo(output_dir: str = "demo_out", max_steps: int = 300) -> dict[str, Any]:
+    """Train (or, when ``output_dir`` holds a finished run, just load it: ``final_loss`` is then None) and
+    generate."""
     model = train(demo_config(output_dir, max_steps))
     result = generate_demo_outputs(model, Path(output_dir))
+    final_loss = model.last_result.loss if model.last_result is not None else None
     result.update(checkpoints=checkpoint_dir(model.run), tensorboard=Path(output_dir) / "tensorboard",
-                  data=Path(output_dir) / "data", final_loss=model.last_result.loss, model=model)
+                  data=Path(output_dir) / "data", final_loss=final_loss, step=model.engine.step, model=model)
     return result

@@ -18,6 +18,8 @@ def _demo(output_dir: str) -> dict:
 
     result = run_demo(output_dir, max_steps=4)
     trained = result.pop("model").engine.chunks[0].eval()
+    rerun = run_demo(output_dir, max_steps=4)  # `make demo` again: the finished run is loaded, not retrained
+    result["rerun"] = {"final_loss": rerun["final_loss"], "step": rerun["step"], "frames": rerun["frames"]}
     tokens = torch.tensor([trained.ualm.vocab.text_position_streams(i) for i in (257, 65, 66, 67)])[None]
     with torch.no_grad():
         expected = trained(tokens)
@@ -58,4 +60,5 @@ def test_demo_writes_audio_and_checkpoints(tmp_path):
     assert out["answer"] is not None and out["answer"]["question"]
     # the checkpoint alone (config included) rebuilds the trained model for generation
     assert out["reload"] == {"step": 4, "same_config": True, "max_diff": 0.0}
+    assert out["rerun"]["final_loss"] is None and out["rerun"]["step"] == 4 and out["rerun"]["frames"] > 0
     assert out["kv_cache"]["same_codes"] and out["kv_cache"]["frames"] >= 10

@@ -82,6 +82,7 @@ class UALMModel(ModelPT):
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.loss_history: list[tuple[int, float]] = []  # (step, loss) of this process's run, for logs and tests
+        self.last_result = None  # the last trained step's result; None when this job trained nothing (finished)
         self.train_dataset = None  # the map-style demo/manifest data set (built in setup)
         self.data_state: dict | None = None  # Shar loader position after the last trained micro-batch
         self.pending_loader_state: dict | None = None  # restored from a checkpoint, applied to the new loader
