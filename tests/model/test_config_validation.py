@@ -62,3 +62,16 @@ def test_train_fails_before_training_on_a_bad_layout(tmp_path):
     with pytest.raises(ConfigError, match="pipeline_model_parallel_size=3"):
         train({"model": {"parallel": {"pipeline_model_parallel_size": 3}}, "output_dir": str(tmp_path)})
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_readme_overrides_work_as_written():
+    """`train.stop_at_step=N` (README, launcher README) needs no `+`: the key is in conf/train.yaml."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose("train", overrides=["train.stop_at_step=6"])
+    assert run_config_from_dict(OmegaConf.to_container(cfg, resolve=True)).train.stop_at_step == 6
