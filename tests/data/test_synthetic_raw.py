@@ -135,6 +135,53 @@ def test_tta_rejects_each_bad_kind(tmp_path):
         assert words in reasons[f"tta.jsonl:{line}"], (line, reasons[f"tta.jsonl:{line}"])
 
 
+def test_non_finite_and_undecodable_input_is_rejected_at_read_time(tmp_path):
+    """Issue 13, classes 1-2: NaN/inf samples (float wavs can hold them), NaN/inf numbers (json accepts them), a
+    negative duration, a non-UTF-8 line: each one counted reject with its reason, every good record kept."""
+    _wav(tmp_path / "good.wav")
+    bad = 0.3 * np.ones(16000, dtype=np.float32)
+    bad[4000] = np.nan  # inside [0, 0.5) s, outside [0.5, 1)
+    sf.write(str(tmp_path / "nan.wav"), bad, 16000, subtype="FLOAT")
+    bad[4000] = np.inf
+    sf.write(str(tmp_path / "inf.wav"), bad, 16000, subtype="FLOAT")
+    lines = [_tta_line("good.wav").encode(), _tta_line("nan.wav").encode(), _tta_line("inf.wav").encode(),
+             _tta_line("good.wav").replace('"start_time": 0.0', '"start_time": NaN').encode(),
+             _tta_line("good.wav").replace('"end_time": 0.5', '"end_time": Infinity').encode(),
+             _tta_line("good.wav", duration=-1.0).encode(),
+             _tta_line("good.wav", caption="caf\u00e9").encode().replace(b"caf\\u00e9", b"caf\xe9"),
+             _tta_line("nan.wav", start_time=0.5, end_time=1.0).encode(),  # the NaN lies outside the segment
+             _tta_line("good.wav", start_time=0.5, end_time=1.0).encode()]
+    (tmp_path / "tta.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    result = read_tta_manifest(tmp_path / "tta.jsonl")
+    assert len(result.records) + len(result.rejects) == 9
+    assert [(r.audio_path.name, r.start, r.end) for r in result.records] == [
+        ("good.wav", 0.0, 0.5), ("nan.wav", 0.5, 1.0), ("good.wav", 0.5, 1.0)]
+    reasons = {r.source: r.reason for r in result.rejects}
+    expected = {2: "non-finite samples", 3: "non-finite samples", 4: "'start_time' is nan", 5: "'end_time' is inf",
+                6: "'duration' = -1.0 is not positive", 7: "not UTF-8"}
+    assert set(reasons) == {f"tta.jsonl:{line}" for line in expected}
+    for line, words in expected.items():
+        assert words in reasons[f"tta.jsonl:{line}"], (line, reasons[f"tta.jsonl:{line}"])
+
+
+def test_duplicate_understanding_ids_keep_the_first(tmp_path):
+    _wav(tmp_path / "good.wav")
+    bad = np.full(16000, np.nan, dtype=np.float32)
+    sf.write(str(tmp_path / "nan.wav"), bad, 16000, subtype="FLOAT")
+    conv = [{"from": "human", "value": "<sound>\nQ"}, {"from": "gpt", "value": "A"}]
+    entries = [{"id": "a", "sound": "good.wav", "conversations": conv},
+               {"id": "a", "sound": "good.wav", "conversations": conv},
+               {"id": "b", "sound": "nan.wav", "conversations": conv},
+               {"id": "c", "sound": "good.wav", "conversations": conv}]
+    (tmp_path / "af3.json").write_text(json.dumps(entries))
+    result = read_understanding_manifest(tmp_path / "af3.json")
+    assert [r.id for r in result.records] == ["a", "c"]
+    assert [(r.source, r.reason.split(" (")[0]) for r in result.rejects] == [
+        ("af3.json[1]", "duplicate id 'a'"), ("af3.json[2]", "non-finite samples")]
+    (tmp_path / "latin1.json").write_bytes(b'[{"id": "caf\xe9"}]')
+    assert "not UTF-8" in read_understanding_manifest(tmp_path / "latin1.json").rejects[0].reason
+
+
 def test_understanding_rejects_each_bad_kind(tmp_path):
     _wav(tmp_path / "good.wav")
     _wav(tmp_path / "short.wav", seconds=0.02)  # 320 samples: no 25 Hz encoder frame

@@ -12,6 +12,7 @@ Relative audio paths are resolved against the manifest's folder.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from math import gcd
 from pathlib import Path
@@ -112,7 +113,27 @@ def _probe_audio(path: Path, start: float = 0.0, end: float | None = None,
         raise _Bad(f"empty or inverted segment [{start}, {end}) of {path}")
     if start >= file_dur or (end is not None and end > file_dur + 0.01):  # 10 ms slack for rounded manifests
         raise _Bad(f"segment [{start}, {end}) lies outside {path} ({file_dur:.3f} s)")
+    _check_finite(path, info.samplerate, start, end)
     return file_dur
+
+
+def _check_finite(path: Path, sr: int, start: float, end: float | None, block: int = 1 << 18) -> None:
+    """Reject a segment holding NaN or infinite samples: they pass every later stage and then turn whole batches
+    into skipped steps (or into all-zero codec tokens). Read block by block: memory stays small."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            first = round(start * sr)
+            left = (f.frames if end is None else min(round(end * sr), f.frames)) - first
+            f.seek(first)
+            while left > 0:
+                data = f.read(min(block, left), dtype="float32", always_2d=True)
+                if data.size == 0:
+                    break
+                if not np.isfinite(data).all():
+                    raise _Bad(f"non-finite samples (NaN or inf) in {path}")
+                left -= data.shape[0]
+    except sf.LibsndfileError as e:
+        raise _Bad(f"unreadable audio {path}: {e}") from None
 
 
 def _resolve(root: Path, location: str) -> Path:
@@ -131,6 +152,8 @@ def _field(entry: Any, key: str, kind: type | tuple[type, ...]) -> Any:
     value = entry[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         raise _Bad(f"field {key!r} has type {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):  # json accepts NaN / Infinity
+        raise _Bad(f"field {key!r} is {value}, not a finite number")
     return value
 
 
@@ -142,9 +165,14 @@ def _text(entry: Any, key: str) -> str:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """(source, parsed entry or _Bad) for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(source, parsed entry or _Bad) for each non-blank line; a line that is not UTF-8 is one reject."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path.name}:{lineno}", _Bad(f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -159,7 +187,7 @@ def _collect(entries: Iterator[tuple[str, Any]], parse) -> ReadResult:
         try:
             if isinstance(entry, _Bad):
                 raise entry
-            result.records.append(parse(entry))
+            result.records.append(parse(entry, source))
         except _Bad as e:
             result.rejects.append(Reject(source, str(e)))
     return result
@@ -172,11 +200,12 @@ def read_tta_manifest(path: str | Path, check_audio: bool = True) -> ReadResult[
     """ETTA-style jsonl: {"location","start_time","end_time","duration","caption","sample_rate"}."""
     path = Path(path)
 
-    def parse(entry: Any) -> TTARecord:
+    def parse(entry: Any, source: str) -> TTARecord:
         audio = _resolve(path.parent, _text(entry, "location"))
         start = float(_field(entry, "start_time", (int, float)))
         end = float(_field(entry, "end_time", (int, float)))
-        _field(entry, "duration", (int, float))
+        if _field(entry, "duration", (int, float)) <= 0:
+            raise _Bad(f"field 'duration' = {entry['duration']} is not positive")
         caption = _text(entry, "caption").strip()
         sr = _field(entry, "sample_rate", (int, float))
         if sr <= 0 or sr != int(sr):
@@ -216,18 +245,27 @@ def read_understanding_manifest(path: str | Path, check_audio: bool = True) -> R
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        return ReadResult(rejects=[Reject(path.name, f"malformed JSON: {e.msg} (whole file)")])
+        return ReadResult(rejects=[Reject(path.name, f"malformed JSON: {e.msg} at line {e.lineno} (whole file)")])
+    except UnicodeDecodeError as e:
+        return ReadResult(rejects=[Reject(path.name, f"not UTF-8 at byte {e.start} (whole file)")])
     if not isinstance(data, list):
         return ReadResult(rejects=[Reject(path.name, "expected a JSON list of entries (whole file)")])
 
-    def parse(entry: Any) -> UnderstandingRecord:
+    seen: dict[str, str] = {}  # id -> where it was first read
+
+    def parse(entry: Any, source: str) -> UnderstandingRecord:
         audio = _resolve(path.parent, _text(entry, "sound"))
         turns = _af3_turns(_field(entry, "conversations", list))
+        entry_id = str(entry.get("id", ""))
+        if entry_id and entry_id in seen:  # rule: the first entry with an id is kept, later ones rejected
+            raise _Bad(f"duplicate id {entry_id!r} (first at {seen[entry_id]})")
         if check_audio:
             seconds = _probe_audio(audio)
             if num_encoder_frames(round(seconds * SAMPLE_RATE)) < 1:  # nothing for the placeholders to hold
                 raise _Bad(f"audio too short for the audio encoder ({seconds * 1000:.0f} ms): {audio}")
-        return UnderstandingRecord(audio, turns, str(entry.get("id", "")))
+        if entry_id:
+            seen[entry_id] = source
+        return UnderstandingRecord(audio, turns, entry_id)
 
     return _collect(((f"{path.name}[{i}]", e) for i, e in enumerate(data)), parse)
 
@@ -236,7 +274,7 @@ def read_text_manifest(path: str | Path) -> ReadResult[TextRecord]:
     """Text jsonl: {"input":[{"role","content"}], "output"}; the output is the final assistant turn."""
     path = Path(path)
 
-    def parse(entry: Any) -> TextRecord:
+    def parse(entry: Any, source: str) -> TextRecord:
         messages = _field(entry, "input", list)
         turns = []
         for k, message in enumerate(messages):
