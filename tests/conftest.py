@@ -13,7 +13,7 @@ import soundfile
 import torch
 
 from ualm_nemo.testing.dist import run_distributed
-from ualm_nemo.testing.examples import load_example
+from ualm_nemo.testing.tiny_export import import_and_export
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -28,30 +28,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_and_export(root: str) -> None:
-    """In its own process: the converters initialise torch.distributed (and the CPU shim)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests" / "convert"))
-    from hf_fixtures import make_hf_folder
-
-    r = Path(root)
-    make_hf_folder(r / "qwen")
-    assert load_example("convert_hf_to_ualm").main([str(r / "qwen"), str(r / "ckpt"), "--model", "tiny",
-                                                    "--new-rows-init", "normal", "--no-progress"]) == 0
-    assert load_example("convert_ualm_to_hf").main([str(r / "ckpt"), str(r / "hf"), "--no-progress"]) == 0
-
-
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> dict[str, Path]:
     """{"ckpt": training checkpoint, "hf": exported folder, "codec": X-Codec folder, "tone": 1.5 s wav}."""
     from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
 
     root = tmp_path_factory.mktemp("tiny_export")
-    run_distributed(1, _import_and_export, str(root))
+    run_distributed(1, import_and_export, str(root))
     CodecTokenizer(build_tiny_xcodec(0)).save_pretrained(root / "codec")
     wav = (0.2 * np.sin(np.arange(24000) * 2 * np.pi * 440 / 16000)).astype(np.float32)
     soundfile.write(root / "tone.wav", wav, 16000)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import make_hf_folder
 
 from ualm_nemo.testing.examples import load_example
+from ualm_nemo.testing.hf_folders import make_hf_folder
 
 def _cli(name: str):
     return load_example(name)

@@ -25,8 +25,7 @@ import torch
 
 from ualm_nemo.testing.dist import run_distributed
 from ualm_nemo.testing.examples import load_example
-
-from hf_fixtures import make_hf_folder, tiny_cfg as _cfg
+from ualm_nemo.testing.hf_folders import make_hf_folder, tiny_cfg as _cfg
 
 pytestmark = pytest.mark.timeout(450)
 
@@ -354,8 +353,9 @@ def test_trained_export_text_logits_match_megatron(world):
 
 
 def test_exported_ualm_class_reproduces_audio_logits_and_generates(world):
+    from ualm_nemo.inference.engine import GenerationConfig, Request
+    from ualm_nemo.inference.generate import make_decoder
     from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
-    from ualm_nemo.inference.generate import AudioGenerationConfig
 
     tp2 = _ok(world, "tp2")
     model = UALMForConditionalGeneration.from_pretrained(world["root"] / "hf_trained", attn_implementation="eager")
@@ -367,11 +367,13 @@ def test_exported_ualm_class_reproduces_audio_logits_and_generates(world):
     assert codebooks.shape[-2:] == (7, 1025)
     assert float(codebooks[..., :1024].std(-1).min()) > 0.05  # codes are told apart: a wrong row would show
     vocab = model.vocab
-    prompt = _stream_tokens(vocab, torch.tensor([[5, 9, 11, vocab.audio_start_id]]))[0]
-    uncond = _stream_tokens(vocab, torch.tensor([[vocab.pad_id] * 3 + [vocab.audio_start_id]]))[0]
-    codes = model.generate_audio(prompt, uncond, AudioGenerationConfig(max_frames=6, seed=3))
-    assert codes.shape[1] == 8 and 1 <= codes.shape[0] <= 7 and int(codes.max()) < vocab.codebook_size
-    text = model.generate_text(_stream_tokens(vocab, world["ids"][:1])[0], stop_ids=set(), max_new_tokens=6)
+    decoder = make_decoder(model, vocab.text_vocab_size, [])
+    requests = [Request(prompt=_stream_tokens(vocab, torch.tensor([[5, 9, 11]]))[0], mode="audio", seed=3),
+                Request(prompt=_stream_tokens(vocab, world["ids"][:1])[0], mode="text")]
+    audio, text = decoder.generate(requests, GenerationConfig(max_frames=6, max_text_tokens=6))
+    codes = audio.audio[0]
+    assert codes.shape[1] == 8 and 1 <= codes.shape[0] <= 6 and int(codes.max()) < vocab.codebook_size
+    text = text.text_ids  # greedy text decoding == transformers' own greedy generate on the exported LM
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(world["root"] / "hf_trained", attn_implementation="eager")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import make_hf_folder
+
+from ualm_nemo.testing.hf_folders import make_hf_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)

@@ -6,8 +6,8 @@ terminate: the task would die with no ``run_state``, which the batch script read
 month-long chain of jobs would stop. So the entry script calls :func:`install` on its first lines (this
 module imports nothing heavy), which only records a signal; :func:`arm` (once ``output_dir`` is known, before
 the model is built) acts on a recorded signal and on any later one until training takes over: nothing was
-trained in this job, so there is nothing to save -- rank 0 writes ``state=preempted`` (the step of the latest
-checkpoint) and every task exits 0 at once, and the batch script requeues. The preemption callback
+trained in this job, so there is nothing to save -- each task writes ``state=preempted`` (the step of the latest
+checkpoint) and exits 0 at once, and the batch script requeues. The preemption callback
 (preemption.py) installs its handlers in ``setup`` but hands signals that come before the first training step
 (model build, checkpoint load) to :func:`requeue_now`, and disarms this module when training starts.
 """
@@ -55,9 +55,11 @@ def _requeue_now(signum: int) -> None:
     name = signal.Signals(signum).name
     print(f"[ualm] {name} received during start-up (rank {rank}): nothing trained yet, exiting for a requeue",
           file=sys.stderr, flush=True)
-    if rank == 0:
-        write_run_state(output_dir, "preempted", _latest_step(Path(output_dir)), int(max_steps))
-    os._exit(0)  # no clean-up to wait for: the model is not built, nothing is open that matters
+    # every rank writes (the same content, atomically): a rank still starting may exit while another has already
+    # begun its first step and then dies in a collective without it (seen with a real Slurm under load); the
+    # state then still says preempted at the latest checkpoint, and the batch script requeues
+    write_run_state(output_dir, "preempted", _latest_step(Path(output_dir)), int(max_steps))
+    os._exit(0)  # no clean-up to wait for: nothing was trained in this job
 
 
 def _handler(signum, frame) -> None:
@@ -85,7 +87,7 @@ def is_armed() -> bool:
 
 
 def requeue_now(signum: int) -> None:
-    """Act on ``signum`` as a start-up signal (armed only): rank 0 records preempted, this task exits 0."""
+    """Act on ``signum`` as a start-up signal (armed only): record preempted, this task exits 0."""
     if _armed:
         _requeue_now(signum)
 

@@ -1,4 +1,4 @@
-"""Helpers of the conversion tests: a random tiny HF Qwen2 folder, built offline from the tiny UALM config."""
+"""A random tiny HF Qwen2 folder, built offline from the tiny UALM config (conversion and command tests)."""
 
 from __future__ import annotations
 
