@@ -17,6 +17,7 @@ import torch
 
 from ualm_nemo.inference.backends import HFBackend, RecomputeBackend, hf_full_forward
 from ualm_nemo.inference.engine import Decoder, GenerationConfig, Request, Result
+from ualm_nemo.model.config import UALMConfig
 
 
 def _is_hf(model) -> bool:
@@ -25,8 +26,13 @@ def _is_hf(model) -> bool:
     return isinstance(model, UALMForConditionalGeneration)
 
 
+def model_config(model) -> UALMConfig:
+    """The UALMConfig of either model form."""
+    return model.cfg if _is_hf(model) else model.ualm
+
+
 def model_vocab(model):
-    return model.vocab if _is_hf(model) else model.ualm.vocab
+    return model_config(model).vocab
 
 
 def make_decoder(model, num_text_ids: int, stop_ids: Sequence[int], use_cache: bool = True) -> Decoder:

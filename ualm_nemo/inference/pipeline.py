@@ -16,7 +16,7 @@ import torch
 
 from ualm_nemo.data.formatting import AudioIn, AudioOut, ChatTurn, SampleFormatter
 from ualm_nemo.inference.engine import GenerationConfig, Mode, Request, Result
-from ualm_nemo.inference.generate import make_decoder, model_vocab
+from ualm_nemo.inference.generate import make_decoder, model_config, model_vocab
 from ualm_nemo.inference.postprocess import AudioPostProcessor
 
 
@@ -60,21 +60,15 @@ class UALMInference:
         self.model, self.tokenizer, self.codec, self.postprocess = model, tokenizer, codec, postprocess
         self.vocab = model_vocab(model)
         self.formatter = SampleFormatter(tokenizer, self.vocab, cfg_dropout=0.0, system_prompt=system_prompt,
-                                         n_mels=self._n_mels(model))
+                                         n_mels=model_config(model).audio_in.num_mel_bins)
         stop = sorted({tokenizer.im_end_id, *tokenizer.eos_ids})
         self.decoder = make_decoder(model, tokenizer.vocab_size, stop, use_cache)
         self.batch_size = batch_size
 
-    @staticmethod
-    def _n_mels(model) -> int:
-        cfg = model.cfg if hasattr(model, "cfg") else model.ualm
-        return cfg.audio_in.num_mel_bins
-
     @property
     def listens(self) -> bool:
         """Whether the model takes audio input (audio understanding, self-reflection)."""
-        cfg = self.model.cfg if hasattr(self.model, "cfg") else self.model.ualm
-        return cfg.audio_in.enabled
+        return model_config(self.model).audio_in.enabled
 
     def reply(self, conversations: Sequence[Sequence[ChatTurn]], mode: Mode = "auto",
               seeds: Sequence[int] | None = None, cfg: GenerationConfig | None = None) -> list[Reply]:
