@@ -64,7 +64,7 @@ class MegatronBackend:
         self.valid = valid.to(self.device)
         pad = (~valid).sum(1)
         slots = (torch.arange(self.max_length)[None] - pad[:, None]).clamp(min=0)  # every slot's position
-        self.rotary = self.model._rotary(self.max_length, slots.to(self.device))  # [max_length, R, 1, d]
+        self.rotary = self.model.rotary(self.max_length, slots.to(self.device))  # [max_length, R, 1, d]
         hidden = self.model.embed(tokens.to(self.device), None if features is None else features.to(self.device),
                                   None if lens is None else lens.to(self.device))
         mask = packed_attention_mask(torch.where(self.valid, 0, -1))  # causal among real slots
