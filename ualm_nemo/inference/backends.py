@@ -69,22 +69,24 @@ class HFBackend:
         self.model = model
         self.device = next(model.parameters()).device
         self.pad_row = torch.tensor(model.vocab.text_position_streams(model.vocab.pad_id))
-        self.cache = self.valid = None
+        self.cache = self.valid = self.next_position = None
 
     def prefill(self, prompts: Sequence[torch.Tensor], audio_features: Sequence[Sequence[torch.Tensor]],
                 text: bool = True) -> Logits:
         tokens, valid = left_pad(prompts, self.pad_row)
         features, lens = batch_features(audio_features)
         self.valid = valid.to(self.device)
+        position_ids = positions(self.valid)
+        self.next_position = position_ids[:, -1:] + 1  # [R, 1]: every row's next position (a counter, not a cumsum)
         stream0, codebooks, self.cache = self.model.decode(
-            tokens.to(self.device), None, attention_mask=self.valid, position_ids=positions(self.valid),
+            tokens.to(self.device), None, attention_mask=self.valid, position_ids=position_ids,
             audio_features=None if features is None else features.to(self.device),
             audio_feature_lens=None if lens is None else lens.to(self.device), text=text)
         return stream0, codebooks
 
     def step(self, ids: torch.Tensor, text: bool = True) -> Logits:
         self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], 1)], dim=1)
-        position = positions(self.valid)[:, -1:]
+        position, self.next_position = self.next_position, self.next_position + 1
         stream0, codebooks, self.cache = self.model.decode(ids.to(self.device), self.cache, attention_mask=self.valid,
                                                            position_ids=position, text=text)
         return stream0, codebooks
@@ -92,7 +94,7 @@ class HFBackend:
     def keep(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.device)
         self.cache.batch_select_indices(rows)
-        self.valid = self.valid[rows]
+        self.valid, self.next_position = self.valid[rows], self.next_position[rows]
 
 
 FullForward = Callable[..., Logits]
