@@ -6,9 +6,10 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: demo test test-fast test-gpu lint clean-venv
 
-$(STAMP): requirements.txt requirements-test.txt requirements.lock setup.py
+$(STAMP): requirements.txt requirements-test.txt requirements-eval.txt requirements.lock setup.py
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --disable-pip-version-check -c requirements.lock -r requirements.txt -r requirements-test.txt
+	$(PIP) install --quiet --disable-pip-version-check -c requirements.lock -r requirements.txt -r requirements-test.txt \
+		-r requirements-eval.txt
 	$(PIP) install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
