@@ -1,0 +1,157 @@
+"""Sizes of the enhancement VAE and its loss weights; ``tiny`` for tests, ``full`` for real training.
+
+The latent runs at the codec's 50 Hz frame rate: the encoder downsamples 16 kHz by 320, the decoder upsamples by
+960 to 48 kHz, so latent frame ``i`` covers exactly codec frame ``i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from math import prod
+from typing import Any, Mapping
+
+from ualm_nemo.model.config import ConfigError
+
+INPUT_RATE = 16000
+OUTPUT_RATE = 48000
+LATENT_RATE = 50
+
+
+@dataclass
+class EnhancerConfig:
+    channels: int = 128
+    encoder_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    encoder_strides: list[int] = field(default_factory=lambda: [2, 4, 5, 8])  # 320: 16 kHz -> 50 Hz
+    decoder_mults: list[int] = field(default_factory=lambda: [16, 8, 4, 2, 1, 1])  # from the latent side
+    decoder_strides: list[int] = field(default_factory=lambda: [8, 5, 4, 3, 2])  # 960: 50 Hz -> 48 kHz
+    latent_dim: int = 64
+    out_channels: int = 2
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.latent_dim < 1 or self.out_channels not in (1, 2):
+            raise ConfigError(f"enhancer: channels={self.channels}, latent_dim={self.latent_dim} must be >= 1 and "
+                              f"out_channels={self.out_channels} 1 or 2")
+        if len(self.encoder_mults) != len(self.encoder_strides) + 1:
+            raise ConfigError("enhancer: encoder_mults needs one entry more than encoder_strides")
+        if len(self.decoder_mults) != len(self.decoder_strides) + 1:
+            raise ConfigError("enhancer: decoder_mults needs one entry more than decoder_strides")
+        if prod(self.encoder_strides) != INPUT_RATE // LATENT_RATE:
+            raise ConfigError(f"enhancer: encoder_strides {self.encoder_strides} multiply to "
+                              f"{prod(self.encoder_strides)}, not {INPUT_RATE // LATENT_RATE} (16 kHz -> 50 Hz)")
+        if prod(self.decoder_strides) != OUTPUT_RATE // LATENT_RATE:
+            raise ConfigError(f"enhancer: decoder_strides {self.decoder_strides} multiply to "
+                              f"{prod(self.decoder_strides)}, not {OUTPUT_RATE // LATENT_RATE} (50 Hz -> 48 kHz)")
+
+    @property
+    def hop(self) -> int:
+        """Input samples per latent frame (320)."""
+        return prod(self.encoder_strides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "EnhancerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"enhancer: unknown model key(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
+
+
+def tiny_config() -> EnhancerConfig:
+    """A few thousand parameters: for tests on CPU."""
+    return EnhancerConfig(channels=4, encoder_mults=[1, 2, 2, 2, 2], decoder_mults=[2, 2, 2, 2, 1, 1],
+                          latent_dim=4)
+
+
+@dataclass
+class LossWeights:
+    """Defaults: the public Stable Audio / ETTA VAE recipe (adversarial 0.1, feature matching 5.0, MR-STFT 1.0,
+    KL 1e-4); mel 1.0 is ours."""
+
+    stft: float = 1.0
+    mel: float = 1.0
+    adversarial: float = 0.1
+    feature_matching: float = 5.0
+    kl: float = 1e-4
+    spectral_convergence: float = 1.0  # inside the STFT loss; a batch-level ratio (not a mean over samples)
+    adversarial_start_step: int = 0  # the discriminator trains and the GAN terms count from this step on
+    discriminator_filters: int = 32
+    discriminator_ffts: tuple[int, ...] = (2048, 1024, 512, 256, 128)
+
+    def __post_init__(self) -> None:
+        self.discriminator_ffts = tuple(self.discriminator_ffts)
+        if not self.discriminator_ffts or any(not isinstance(n, int) or n < 16 for n in self.discriminator_ffts):
+            raise ConfigError(f"enhancer.loss.discriminator_ffts={self.discriminator_ffts}: FFT sizes >= 16")
+        for f in fields(self):
+            if f.name == "discriminator_ffts":
+                continue
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or value < 0:
+                raise ConfigError(f"enhancer.loss.{f.name}={value!r}: must be a number >= 0")
+
+
+@dataclass
+class TrainSettings:
+    """The enhancer's optimisation (AdamW as the Stable Audio VAE recipe: 1.5e-4 / 3e-4, betas 0.8, 0.99)."""
+
+    data: str = "???"  # a folder of audio files or a Lhotse recordings / cuts manifest
+    segment_seconds: float = 1.28  # 64 latent frames
+    global_batch_size: int = 32
+    max_steps: int = 400_000
+    lr: float = 1.5e-4
+    disc_lr: float = 3e-4
+    betas: tuple[float, float] = (0.8, 0.99)
+    weight_decay: float = 1e-3
+    ema_decay: float = 0.999
+    seed: int = 1234
+    num_workers: int = 2
+    codec_round_trip: str | None = None  # an X-Codec folder: the input passes encode/decode first
+    log_every_n_steps: int = 10
+    log_audio_every_n_steps: int = 1000
+    checkpoint_every_n_steps: int = 1000
+    keep_last_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        positive = ("segment_seconds", "global_batch_size", "max_steps", "lr", "disc_lr", "log_every_n_steps",
+                    "checkpoint_every_n_steps", "keep_last_checkpoints", "log_audio_every_n_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"enhancer.train.{name}={value!r}: must be a number > 0")
+        for name in ("global_batch_size", "max_steps", "num_workers", "seed"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"enhancer.train.{name}={getattr(self, name)!r}: must be an integer")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"enhancer.train.ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.data in ("???", "", None):
+            raise ConfigError("enhancer.train.data is required: a folder of audio files or a Lhotse manifest")
+
+
+def _section(cls, values: Mapping[str, Any] | None, name: str):
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"enhancer: unknown {name} key(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass
+class EnhancerRun:
+    output_dir: str
+    model: EnhancerConfig
+    loss: LossWeights
+    train: TrainSettings
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "EnhancerRun":
+        model = dict(cfg.get("model") or {})
+        preset = model.pop("preset", "full")
+        if preset not in ("full", "tiny"):
+            raise ConfigError(f"enhancer: model.preset={preset!r}: full or tiny")
+        base = (tiny_config() if preset == "tiny" else EnhancerConfig()).to_dict()
+        return cls(str(cfg.get("output_dir") or "outputs/enhancer"), EnhancerConfig.from_dict({**base, **model}),
+                   _section(LossWeights, cfg.get("loss"), "loss"), _section(TrainSettings, cfg.get("train"), "train"))
