@@ -1,4 +1,5 @@
-"""Evaluate a UALM checkpoint. Suites: ``understanding`` (MMAU / MMAR audio question answering).
+"""Evaluate a UALM checkpoint. Suites: ``understanding`` (MMAU / MMAR audio question answering) and ``tta``
+(text-to-audio metrics: FD OpenL3, KL PaSST, IS / FD PANNs, CLAP, AudioBox Aesthetics; ``evaluate.py tta -h``).
 
   python examples/evaluate.py understanding --benchmark mmau --data mmau-test-mini.json \
       --audio-root /data/mmau --checkpoint /ckpt/ualm-7b-hf --tokenizer /models/Qwen2.5-7B-Instruct \
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from ualm_nemo.eval import understanding
 from ualm_nemo.eval.audio_qa import BREAKDOWNS, read_benchmark
-from ualm_nemo.inference.cli import add_model_args, check_paths, load_inference
+from ualm_nemo.inference.cli import add_generation_args, add_model_args, check_paths, load_inference
 from ualm_nemo.inference.engine import GenerationConfig
 from ualm_nemo.inference.jobs import JobError, ManifestConflict, OutputFolder
 
@@ -27,7 +28,7 @@ from ualm_nemo.inference.jobs import JobError, ManifestConflict, OutputFolder
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["understanding"])
+    parser.add_argument("suite", choices=["understanding", "tta"])
     add_model_args(parser)
     parser.add_argument("--benchmark", choices=sorted(BREAKDOWNS), required=True)
     parser.add_argument("--data", required=True, help="the benchmark's json list")
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tta"]:
+        return tta_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     check_paths(args, parser)
@@ -85,6 +89,211 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(rejected)} malformed entries not scored, {len(skipped)} unreadable counted wrong")
     print(f"report: {json_path} {md_path}")
     return 0
+
+
+TTA_DOC = """Text-to-audio suite: generate (or take generated clips), then score them against the eval set.
+
+  python examples/evaluate.py tta --generated generated/ --data audiocaps_test.jsonl --openl3 l3_env.pth.tar \\
+      --passt passt-s-f128-p16-s10-ap.476-swa.pt --panns Cnn14_16k_mAP=0.438.pth \\
+      --clap 630k-audioset-fusion-best.pt --clap-tokenizer roberta-base/ --aes checkpoint.pt --out-dir eval/tta
+
+  python examples/evaluate.py tta --checkpoint ckpt/ --codec xcodec/ --data audiocaps_test.jsonl --cfg 1,2,3 \\
+      --reference --metrics clap,is_panns --clap ... --panns ... --out-dir eval/tta
+
+--data: JSON lines {"id": ..., "caption": ..., "audio": reference clip (relative to --audio-root, default the
+file's folder)}. --generated: a generate.py output folder (manifest.jsonl). With --checkpoint each --cfg scale is
+generated into OUT/cfg{scale}/ (resumable: rerun the same command). --reference adds the ground-truth row (the
+reference clips scored as if generated; FD and KL are not applicable there). Every metric model is a local file
+(never downloaded). Reports: OUT/report.json, OUT/report.md, OUT/metric_vs_cfg.png (with matplotlib)."""
+
+
+def build_tta_parser() -> argparse.ArgumentParser:
+    from ualm_nemo.eval.tta import METRICS
+
+    parser = argparse.ArgumentParser(prog="evaluate.py tta", description=TTA_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser._option_string_actions["--checkpoint"].required = False  # only to generate (not with --generated)
+    add_generation_args(parser)
+    parser.add_argument("--data", help="eval set, JSON lines: id, caption, audio (the reference clip)")
+    parser.add_argument("--audio-root", help="folder the reference paths are relative to (default: --data's)")
+    parser.add_argument("--generated", help="score this generate.py folder (manifest.jsonl) instead of generating")
+    parser.add_argument("--cfg", help="comma-separated CFG scales to generate and score, one row each "
+                                      "(default: --cfg-scale)")
+    parser.add_argument("--reference", action="store_true", help="add the ground-truth row (the reference clips)")
+    parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated of {', '.join(METRICS)}")
+    for flag, what in (("--openl3", "torchopenl3 mel256 512-d weights (.pth.tar) for fd_openl3"),
+                       ("--passt", "PaSST passt_s_swa_p16_128_ap476 weights for kl_passt"),
+                       ("--panns", "PANNs Cnn14_16k_mAP=0.438.pth for is_panns / fd_panns"),
+                       ("--clap", "LAION-CLAP 630k-audioset-fusion-best.pt for clap"),
+                       ("--aes", "audiobox-aesthetics checkpoint.pt for aes")):
+        parser.add_argument(flag, help=what)
+    parser.add_argument("--clap-tokenizer", help="local roberta-base tokenizer folder (vocab.json, merges.txt)")
+    parser.add_argument("--clap-seed", type=int, default=0, help="seed of CLAP's fusion crops (clips > 10 s)")
+    parser.add_argument("--openl3-content", choices=["env", "music"], default="env")
+    parser.add_argument("--openl3-channels", type=int, choices=[1, 2], default=2)
+    parser.add_argument("--kl-direction", choices=["gen||ref", "ref||gen"], default="gen||ref")
+    parser.add_argument("--out-dir", default="eval_tta")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier generations in --out-dir")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def tta_main(argv: list[str]) -> int:
+    from ualm_nemo.eval import tta, tta_report
+    from ualm_nemo.eval.checkpoints import MetricModelError, require_file
+
+    parser = build_tta_parser()
+    args = parser.parse_args(argv)
+    try:
+        metrics = tta.parse_metrics(args.metrics)
+        for name in dict.fromkeys(tta.MODEL_OF[m] for m in metrics):
+            require_file(getattr(args, name), f"--{name}")
+    except (tta.TtaError, MetricModelError) as err:
+        parser.error(str(err))
+    generating = args.checkpoint is not None
+    if generating and args.generated:
+        parser.error("give --checkpoint (generate) or --generated DIR (score a folder), not both")
+    if not (generating or args.generated or args.reference):
+        parser.error("nothing to score: give --checkpoint, --generated DIR and/or --reference")
+    needs_reference = args.reference or any(m in tta.NEEDS_REFERENCE for m in metrics)
+    if (generating or needs_reference) and not args.data:
+        parser.error("--data (the eval set with reference clips) is needed to generate, for --reference and for "
+                     f"{', '.join(sorted(tta.NEEDS_REFERENCE & set(metrics)))}")
+    try:
+        cfgs = [float(c) for c in args.cfg.split(",")] if args.cfg else [args.cfg_scale]
+    except ValueError:
+        parser.error(f"--cfg {args.cfg}: comma-separated numbers, e.g. 1,2,3")
+    if args.cfg and not generating:
+        parser.error("--cfg sweeps generate: give --checkpoint (a --generated folder has one scale)")
+    out_dir = Path(args.out_dir)
+    try:
+        items, references = _tta_eval_set(args, needs_reference)
+        runs = _tta_generate(args, parser, items, cfgs, out_dir) if generating else []
+        if args.generated:
+            runs = [(Path(args.generated).name or "generated", None, Path(args.generated))]
+        models = tta.load_models(metrics, {n: getattr(args, n) for n in ("openl3", "passt", "panns", "clap", "aes")},
+                                 args.device, args.openl3_content, args.openl3_channels, args.clap_tokenizer,
+                                 args.clap_seed)
+        rows = _tta_score(args, metrics, models, items, references, runs)
+    except (tta.TtaError, MetricModelError, JobError) as err:
+        parser.error(str(err))
+    meta = {"suite": "tta", "data": args.data, "items": len(items) if items is not None else None,
+            "metrics": metrics, "metric_models": models.checksums(),
+            "protocols": tta.protocols(args.openl3_content, args.openl3_channels, args.kl_direction, args.clap_seed),
+            "checkpoint": str(Path(args.checkpoint).resolve()) if generating else None}
+    for path in tta_report.write(rows, meta, out_dir):
+        print(f"report: {path}")
+    print(tta_report.markdown(rows, meta))
+    return 0
+
+
+def _tta_eval_set(args, needs_reference: bool):
+    """(items or None, {id: reference path}) of --data; every line without a reference clip named at once."""
+    from ualm_nemo.eval.tta import TtaError
+    from ualm_nemo.inference.jobs import read_items
+
+    if not args.data:
+        return None, {}
+    items = read_items(args.data)
+    root = Path(args.audio_root) if args.audio_root else Path(args.data).parent
+    missing = [i.id for i in items if not isinstance(i.extra.get("audio"), str)]
+    if needs_reference and missing:
+        raise TtaError(f"--data {args.data}: {len(missing)} items have no \"audio\" reference path "
+                       f"({', '.join(missing[:5])})")
+    references = {i.id: root / i.extra["audio"] for i in items if isinstance(i.extra.get("audio"), str)}
+    return items, references
+
+
+def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path) -> list[tuple[str, float, Path]]:
+    """Generate every item at each CFG scale into out_dir/cfg{scale}/ (resumable job folders)."""
+    from tqdm import tqdm
+
+    from ualm_nemo.inference.cli import check_paths, generation_config
+
+    check_paths(args, parser)
+    if args.codec is None:
+        parser.error("--codec is needed to generate audio")
+    infer, runs = None, []
+    for scale in cfgs:
+        args.cfg_scale = scale
+        cfg = generation_config(args, parser)
+        settings = {k: getattr(cfg, k) for k in ("cfg_scale", "temperature", "top_k", "max_frames", "min_frames")}
+        settings |= {"checkpoint": str(Path(args.checkpoint).resolve()), "dtype": args.dtype or "stored"}
+        folder_path = out_dir / f"cfg{scale:g}"
+        try:
+            with OutputFolder(folder_path, settings) as folder:
+                plan = folder.plan(items, overwrite=args.overwrite)
+                if plan.done:
+                    print(f"resuming {folder_path}: {plan.done} of {len(items)} clips already generated")
+                if plan.todo and infer is None:
+                    infer = load_inference(args, parser)
+                folder.prepare(plan)
+                todo = plan.todo
+                with tqdm(total=len(todo), desc=f"generating cfg {scale:g}", unit="clip",
+                          disable=args.no_progress) as bar:
+                    for start in range(0, len(todo), args.batch_size):
+                        chunk = todo[start:start + args.batch_size]
+                        for item, reply in zip(chunk, infer.text_to_audio([i.caption for i in chunk],
+                                                                          [i.seed for i in chunk], cfg)):
+                            if not reply.audio:
+                                folder.add(item, frames=0, skipped=f"no audio (stop={reply.stop!r})")
+                                continue
+                            audio = reply.audio[0]
+                            folder.add(item, audio.wav, audio.sample_rate, frames=int(audio.codes.shape[0]))
+                        bar.update(len(chunk))
+        except ManifestConflict as err:
+            parser.error(f"{err}: use --overwrite to start over, or a new --out-dir")
+        runs.append((f"cfg={scale:g}", scale, folder_path))
+    return runs
+
+
+def _tta_clips(folder: Path):
+    """The clips a generation folder's manifest lists (a line without audio: a clip that cannot be scored)."""
+    from ualm_nemo.eval.tta import Clip, TtaError
+
+    if not (folder / "manifest.jsonl").is_file():
+        raise TtaError(f"--generated {folder}: no manifest.jsonl (not a generate.py output folder)")
+    entries, _, _ = OutputFolder(folder, {}).read_manifest()
+    return [Clip(k, e["caption"], folder / e["audio"] if isinstance(e.get("audio"), str) else None)
+            for k, e in entries.items()]
+
+
+def _tta_score(args, metrics, models, items, references, runs) -> list[dict]:
+    from tqdm import tqdm
+
+    from ualm_nemo.eval import tta
+
+    def progress(desc):
+        return lambda clips: tqdm(clips, desc=desc, unit="clip", disable=args.no_progress)
+
+    captions = {i.id: i.caption for i in items} if items is not None else {}
+    ref_clips = [tta.Clip(i, captions[i], p) for i, p in references.items()]
+    ref_keys = tta.model_keys(metrics, reference_side=not args.reference)
+    reference = (tta.extract(models, ref_clips, ref_keys, progress("scoring reference"))
+                 if ref_clips and ref_keys else None)
+    if reference is not None and len(reference.skipped) == len(ref_clips):
+        raise tta.TtaError(f"--data {args.data}: none of the {len(ref_clips)} reference clips can be read "
+                           f"(e.g. {next(iter(reference.skipped.values()))})")
+    rows = []
+    for name, scale, folder in runs:
+        clips = _tta_clips(folder)
+        if items is not None:
+            tta.pair_up(clips, [i.id for i in items], str(folder))
+            changed = [c.id for c in clips if c.caption != captions[c.id]]
+            if changed:
+                raise tta.TtaError(f"{folder}: {len(changed)} clips were generated from other captions than the "
+                                   f"eval set's ({', '.join(changed[:5])})")
+        order = {i.id: n for n, i in enumerate(items)} if items is not None else {}
+        clips.sort(key=lambda c: order.get(c.id, 0))
+        features = tta.extract(models, clips, tta.model_keys(metrics, False), progress(f"scoring {name}"))
+        row = tta.score_row(metrics, features, {c.id: c.caption for c in clips}, reference, models,
+                            args.kl_direction)
+        rows.append({"name": name, "cfg": scale, "folder": str(folder), **row})
+    if args.reference:
+        row = tta.score_row(metrics, reference, captions, None, models, args.kl_direction)
+        rows.append({"name": "ground truth", "cfg": None, "folder": args.data, **row})
+    return rows
 
 
 if __name__ == "__main__":
