@@ -4,7 +4,8 @@
       --source audiocaps=tta:/raw/etta.jsonl --source af3=understanding:/raw/af3.json \
       --source text=text:/raw/text.jsonl
 
-Each --source is NAME=TASK:MANIFEST (TASK: tta | understanding | text). Writes {out}/{NAME}/cuts.jsonl.gz,
+Each --source is NAME=TASK:MANIFEST (TASK: tta | understanding | text); --max-duration SECONDS rejects longer
+audio (counted and listed like every other reject). Writes {out}/{NAME}/cuts.jsonl.gz,
 rejects.jsonl and summary.json, then prints the counts. Next: examples/tokenize_audio.py on each cuts.jsonl.gz.
 """
 
@@ -13,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from ualm_nemo.cli_numbers import positive_float
 from ualm_nemo.data.cuts import TASKS, prepare_source
 
 
@@ -28,10 +30,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the prepared sources")
     parser.add_argument("--source", action="append", type=parse_source, required=True, metavar="NAME=TASK:MANIFEST")
+    parser.add_argument("--max-duration", type=positive_float, default=None, metavar="SECONDS",
+                        help="reject audio longer than this (listed in rejects.jsonl); default: no limit")
     args = parser.parse_args()
     total_ok = total_bad = 0
     for name, task, manifest in args.source:
-        report = prepare_source(task, manifest, Path(args.out) / name, name=name)
+        report = prepare_source(task, manifest, Path(args.out) / name, name=name, max_duration=args.max_duration)
         total_ok, total_bad = total_ok + report.num_records, total_bad + report.num_rejects
         print(f"{name:>16} {task:>13}: {report.num_records} cuts, {report.num_rejects} rejected "
               f"({report.audio_seconds / 3600:.2f} h audio) -> {report.out_dir}")

@@ -132,14 +132,36 @@ def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> int:
     return n
 
 
-def prepare_source(task: str, manifest: str | Path, out_dir: str | Path, name: str | None = None) -> PrepareReport:
-    """Read and validate one raw manifest; write its cuts, rejects and summary under ``out_dir``."""
+def split_by_duration(records: Iterable[Record], prefix: str, max_duration: float | None
+                      ) -> tuple[CutSet, list[Reject]]:
+    """Cuts of the records no longer than ``max_duration`` seconds (ids as ``records_to_cuts`` gives them, so
+    a cut keeps its id whatever the limit), and a Reject naming each longer one."""
+    cuts, rejects = [], []
+    for k, record in enumerate(records):
+        cut = record_to_cut(record, f"{prefix}-{k:08d}")
+        if max_duration is not None and cut.duration > max_duration:
+            rejects.append(Reject(record.source, f"duration {cut.duration:.3f} s is longer than "
+                                                 f"--max-duration {max_duration:g} s"))
+        else:
+            cuts.append(cut)
+    return CutSet.from_cuts(cuts), rejects
+
+
+def prepare_source(task: str, manifest: str | Path, out_dir: str | Path, name: str | None = None,
+                   max_duration: float | None = None) -> PrepareReport:
+    """Read and validate one raw manifest; write its cuts, rejects and summary under ``out_dir``.
+
+    ``max_duration`` (seconds) rejects longer audio: clips far beyond what training's ``seq_len`` holds would
+    only be encoded by the codec stage to be skipped later.
+    """
+    if max_duration is not None and not max_duration > 0:
+        raise ValueError(f"max_duration={max_duration} must be a positive number of seconds")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = read_manifest(task, manifest)
-    cuts = records_to_cuts(result.records, name or task)
+    cuts, too_long = split_by_duration(result.records, name or task, max_duration)
     cuts.to_file(out / "cuts.jsonl.gz")
-    num_rejects = write_rejects(out / "rejects.jsonl", result.rejects)
+    num_rejects = write_rejects(out / "rejects.jsonl", [*result.rejects, *too_long])
     report = PrepareReport(task=task, manifest=str(manifest), num_records=len(cuts), num_rejects=num_rejects,
                            audio_seconds=round(sum(c.duration for c in cuts), 3), out_dir=str(out))
     (out / "summary.json").write_text(json.dumps(asdict(report), indent=1) + "\n", encoding="utf-8")

@@ -148,10 +148,11 @@ def collate(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_mu
 
 def build_demo_dataset(manifests: Mapping[str, str | Path], tokenizer: TextTokenizer, codec: CodecTokenizer | None,
                        vocab: UnifiedVocab, seed: int = 0, cache_path: str | Path | None = None,
-                       **formatter_kw: Any) -> tuple[UALMDataset, list[Reject]]:
+                       seq_len: int | None = None, **formatter_kw: Any) -> tuple[UALMDataset, list[Reject]]:
     """Read the manifests ({"tta"|"understanding"|"text": path}, any subset), encode, and wrap them.
 
     Records keep manifest order, tasks in the order tta, understanding, text; a sampler does the shuffling.
+    Records whose sample would be longer than ``seq_len`` positions are rejected before any audio is encoded.
     Returns the dataset and every rejected entry (log them: nothing is dropped silently).
     """
     unknown = set(manifests) - {"tta", "understanding", "text"}
@@ -166,4 +167,9 @@ def build_demo_dataset(manifests: Mapping[str, str | Path], tokenizer: TextToken
             records += result.records
             rejects += result.rejects
     formatter = SampleFormatter(tokenizer, vocab, **formatter_kw)
+    if seq_len is not None:
+        from ualm_nemo.data.length_limit import drop_overlong
+
+        records, overlong = drop_overlong(records, formatter, seq_len)
+        rejects += overlong
     return UALMDataset.from_records(records, formatter, codec, seed, cache_path), rejects

@@ -304,22 +304,41 @@ class SampleFormatter:
             raise ValueError(f"an understanding sample needs exactly one {AUDIO_TAG} tag")
         if self._log_mel is None:
             self._log_mel = LogMel(self.n_mels)
-        num_samples = int(waveform.shape[0])
+        b = self._understanding_rows(turns, int(waveform.shape[0]))
+        return self._finish(b, "understanding", self._log_mel(waveform))
+
+    def _understanding_rows(self, turns: Sequence[Turn], num_samples: int) -> _Builder:
         num_frames = num_encoder_frames(num_samples)
         if num_frames < 1:
             raise ValueError(f"a clip of {num_samples} samples gives no audio encoder frame")
         b = self._new()
         for role, text in turns:
             self._turn(b, role, text, num_audio_frames=num_frames)
-        return self._finish(b, "understanding", self._log_mel(waveform))
+        return b
 
-    def format_text(self, turns: Sequence[Turn]) -> Sample:
+    def _text_rows(self, turns: Sequence[Turn]) -> _Builder:
         if any(AUDIO_TAG in text for _, text in turns):
             raise ValueError(f"a text sample must not hold {AUDIO_TAG}")
         b = self._new()
         for role, text in turns:
             self._turn(b, role, text)
-        return self._finish(b, "text")
+        return b
+
+    def format_text(self, turns: Sequence[Turn]) -> Sample:
+        return self._finish(self._text_rows(turns), "text")
+
+    # --- lengths without building the sample (no codec, no log-mel) -----------------------------
+    def tta_length(self, caption: str, num_codec_frames: int) -> int:
+        """Positions of ``format_tta(caption, codes [num_codec_frames, 8])``: prompt, start, delayed grid, end."""
+        grid = num_codec_frames + self.vocab.num_codebooks - 1
+        return self._tta_prefix(caption).length + 1 + grid + 2 + len(self._newline)
+
+    def understanding_length(self, turns: Sequence[Turn], num_samples: int) -> int:
+        """Positions of ``format_understanding(turns, waveform)`` for a 16 kHz waveform of ``num_samples``."""
+        return self._understanding_rows(turns, num_samples).length
+
+    def text_length(self, turns: Sequence[Turn]) -> int:
+        return self._text_rows(turns).length
 
     def format(self, record: Record, rng: random.Random, *, codes: torch.Tensor | None = None,
                waveform: torch.Tensor | None = None) -> Sample:

@@ -11,6 +11,7 @@ Relative audio paths are resolved against the manifest's folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class TTARecord:
     start: float
     end: float
     caption: str
+    source: str = field(default="", compare=False)  # "file:line" it was read from, for naming it in later rejects
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,13 @@ class UnderstandingRecord:
     audio_path: Path
     turns: tuple[Turn, ...]
     id: str = ""
+    source: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class TextRecord:
     turns: tuple[Turn, ...]
+    source: str = field(default="", compare=False)
 
 
 Record = TTARecord | UnderstandingRecord | TextRecord
@@ -93,6 +97,19 @@ def load_audio(path: str | Path, start: float = 0.0, end: float | None = None,
         g = gcd(sr, target_sr)
         wav = resample_poly(wav, target_sr // g, sr // g).astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(wav))
+
+
+def num_samples_loaded(path: str | Path, start: float = 0.0, end: float | None = None,
+                       target_sr: int = SAMPLE_RATE) -> int:
+    """``len(load_audio(path, start, end, target_sr))`` from the file header alone (no samples read)."""
+    info = sf.info(str(path))
+    sr = info.samplerate
+    first = round(start * sr)
+    n = max((info.frames if end is None else min(round(end * sr), info.frames)) - first, 0)
+    if sr == target_sr:
+        return n
+    g = gcd(sr, target_sr)
+    return -(-n * (target_sr // g) // (sr // g))  # resample_poly's output length: ceil(n * up / down)
 
 
 def _probe_audio(path: Path, start: float = 0.0, end: float | None = None,
@@ -187,7 +204,7 @@ def _collect(entries: Iterator[tuple[str, Any]], parse) -> ReadResult:
         try:
             if isinstance(entry, _Bad):
                 raise entry
-            result.records.append(parse(entry, source))
+            result.records.append(dataclasses.replace(parse(entry, source), source=source))
         except _Bad as e:
             result.rejects.append(Reject(source, str(e)))
     return result

@@ -184,8 +184,10 @@ class _Plan:
         limit = cfg.seq_len if cfg.pack else min(cfg.seq_len, cfg.max_tokens)
         kept = [x for x in samples if x["tokens"].shape[0] <= limit]
         if len(kept) < len(samples):
-            log.warning("window %d: skipped %d samples longer than %d positions (data.seq_len)", w,
-                        len(samples) - len(kept), limit)
+            log.warning("window %d: skipped %d samples longer than %d positions (data.seq_len): %s", w,
+                        len(samples) - len(kept), limit,
+                        ", ".join(f"{x['id']} ({x['tokens'].shape[0]})" for x in samples
+                                  if x["tokens"].shape[0] > limit))
         lengths = [x["tokens"].shape[0] for x in kept]
         if cfg.pack:
             rows = pack_rows(lengths, cfg.seq_len)

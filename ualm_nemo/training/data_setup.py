@@ -52,7 +52,7 @@ def build_train_dataset(data: DataConfig, model: UALMConfig, output_dir: str | P
                           f"{model.backbone.text_vocab_size}")
     codec = build_codec(data, output_dir) if "tta" in manifests else None
     dataset, rejects = build_demo_dataset(manifests, tokenizer, codec, model.vocab, seed=data.seed,
-                                          cfg_dropout=data.cfg_dropout,
+                                          seq_len=data.seq_len, cfg_dropout=data.cfg_dropout,
                                           text_weight=model.audio_out.text_weight,
                                           audio_stream_weight=model.audio_out.audio_stream_weight)
     for reject in rejects:

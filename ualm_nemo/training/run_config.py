@@ -43,6 +43,7 @@ class DataConfig:
     synthetic_samples_per_task: int = 40
     shar: dict | None = None  # Lhotse Shar sources + loader keys (conf/data/shar.yaml); replaces the manifests
     cfg_dropout: float = 0.05
+    seq_len: int = 4096  # longest sample (positions); longer ones are skipped and listed (Shar: data.shar.seq_len)
     seed: int = 0
 
 
