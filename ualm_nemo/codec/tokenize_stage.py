@@ -9,8 +9,8 @@ every shard whose meta file exists (data/shar.py). Within a shard, clips are enc
 Per cut: the audio is read once (segment, resample to 16 kHz, channel mean), encoded when its task is in
 ``codec_tasks`` (default: tta, the only task whose targets are codec tokens), and written as flac plus
 ``codec_tokens`` int16 [T, 8] (T = ``num_codec_frames(samples)``, lhotse's half-up rounding, so it survives the
-Shar round trip). A cut whose audio fails to load is written to the shard's rejects file with the reason and the
-run goes on. Text sources go through the same stage and get cuts-only shards.
+Shar round trip). A cut whose audio fails to load, holds non-finite samples or fails to encode is written to the
+shard's rejects file with the reason and the run goes on. Text sources go through the same stage and get cuts-only shards.
 """
 
 from __future__ import annotations
@@ -128,21 +128,61 @@ def tokenize_shard(cuts: Sequence[Cut], codec: CodecTokenizer | None, codec_task
             if wav.numel() == 0:
                 raise ValueError("no samples")
         except Exception as e:  # a file changed or broke since preparation: record it, keep going
-            rejects.append({"cut_id": cut.id, "origin": (cut.custom or {}).get("origin"),
-                            "reason": f"audio failed to load: {type(e).__name__}: {e}"})
+            rejects.append(_reject(cut, f"audio failed to load: {type(e).__name__}: {e}"))
+            continue
+        if not bool(torch.isfinite(wav).all()):  # the codec would turn them into all-zero codes, silently
+            rejects.append(_reject(cut, "non-finite samples (NaN or inf) in the decoded audio"))
             continue
         out.append(_mono_in_memory(cut, wav))
         wavs.append(wav)
     seconds = 0.0
     if encode and out:
         t0 = time.perf_counter()
-        codes = codec.encode(wavs)
+        codes = encode_or_explain(codec, wavs)
         seconds = time.perf_counter() - t0
-        for k, (cut, wav, c) in enumerate(zip(out, wavs, codes)):
-            assert c.shape == (num_codec_frames(wav.shape[0]), codec.num_codebooks), (cut.id, tuple(c.shape))
-            out[k] = cut.attach_tensor(CODEC_FIELD, c.numpy().astype(np.int16), frame_shift=FRAME_SHIFT,
-                                       temporal_dim=0)
+        encoded = []
+        for cut, c in zip(out, codes):
+            if isinstance(c, str):
+                rejects.append(_reject(cut, c))
+            else:
+                encoded.append(cut.attach_tensor(CODEC_FIELD, c.numpy().astype(np.int16), frame_shift=FRAME_SHIFT,
+                                                 temporal_dim=0))
+        out = encoded
     return out, rejects, fields, seconds
+
+
+def _reject(cut: Cut, reason: str) -> dict:
+    return {"cut_id": cut.id, "origin": (cut.custom or {}).get("origin"), "reason": reason}
+
+
+def encode_or_explain(codec: CodecTokenizer, wavs: Sequence[torch.Tensor]) -> list[torch.Tensor | str]:
+    """Codes [T, N] per clip, or the reason it could not be encoded: one bad clip must not abort its shard.
+
+    The clips are encoded together; if that fails, one at a time, so only the failing ones are rejected. Codes of
+    the wrong shape or outside the codebook are rejected too (they would fail much later, in training).
+    """
+    try:
+        codes: list = list(codec.encode(wavs))
+    except Exception as batch_error:  # any codec failure (out of memory, a kernel error): find the clip
+        log.warning("codec failed on a batch of %d clips (%s): encoding them one at a time", len(wavs), batch_error)
+        codes = []
+        for wav in wavs:
+            try:
+                codes.append(codec.encode([wav])[0])
+            except Exception as e:
+                codes.append(f"codec failed to encode the clip: {type(e).__name__}: {e}")
+    checked: list[torch.Tensor | str] = []
+    for wav, c in zip(wavs, codes):
+        want = (num_codec_frames(wav.shape[0]), codec.num_codebooks)
+        if isinstance(c, str):
+            checked.append(c)
+        elif tuple(c.shape) != want:
+            checked.append(f"codec returned codes of shape {tuple(c.shape)}, expected {want}")
+        elif c.numel() and (int(c.min()) < 0 or int(c.max()) >= codec.codebook_size):
+            checked.append(f"codec returned codes outside [0, {codec.codebook_size})")
+        else:
+            checked.append(c)
+    return checked
 
 
 def tokenize_source(cuts_path: str | Path, out_dir: str | Path, codec: CodecTokenizer | None, *,

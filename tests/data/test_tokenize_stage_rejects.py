@@ -1,0 +1,81 @@
+"""The tokenize stage rejects (counts, names) a clip it cannot encode instead of aborting the shard (issue 13,
+class 1)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ualm_nemo.codec.tokenize_stage import tokenize_source
+from ualm_nemo.data.cuts import prepare_source
+from ualm_nemo.data.shar import read_rejects, read_shar
+from ualm_nemo.testing.examples import load_example
+from ualm_nemo.testing.fake_codec import HashCodec
+
+
+def _tone(seconds: float) -> np.ndarray:
+    return (0.3 * np.sin(2 * np.pi * 440 * np.arange(round(seconds * 16000)) / 16000)).astype(np.float32)
+
+
+@pytest.fixture()
+def prepared(tmp_path):
+    """A prepared TTA source of 5 clips (0.5 .. 0.9 s), origins c0..c4."""
+    lines = []
+    for i in range(5):
+        sf.write(str(tmp_path / f"c{i}.wav"), _tone(0.5 + 0.1 * i), 16000, subtype="FLOAT")
+        lines.append(json.dumps({"location": f"c{i}.wav", "start_time": 0.0, "end_time": 0.5 + 0.1 * i,
+                                 "duration": 0.5 + 0.1 * i, "caption": f"tone {i}", "sample_rate": 16000}))
+    (tmp_path / "tta.jsonl").write_text("\n".join(lines) + "\n")
+    assert prepare_source("tta", tmp_path / "tta.jsonl", tmp_path / "prep").num_records == 5
+    return tmp_path
+
+
+def test_non_finite_audio_after_preparation_is_rejected_not_encoded(prepared, monkeypatch, capsys):
+    """NaN / inf samples written after prepare: the real tiny codec would give all-zero codes without a word."""
+    for name, value in (("c1.wav", np.nan), ("c3.wav", np.inf)):
+        wav = _tone(0.5 + 0.1 * int(name[1]))
+        wav[100] = value
+        sf.write(str(prepared / name), wav, 16000, subtype="FLOAT")
+    monkeypatch.setattr("sys.argv", ["tokenize_audio.py", "--cuts", str(prepared / "prep" / "cuts.jsonl.gz"),
+                                     "--out", str(prepared / "shar"), "--codec", "tiny", "--shard-size", "10",
+                                     "--no-progress"])
+    load_example("tokenize_audio").main()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["cuts"], summary["rejects"]) == (3, 2)
+    rejects = read_rejects(prepared / "shar")
+    assert sorted(r["origin"] for r in rejects) == ["c1.wav@0.0", "c3.wav@0.0"]
+    assert all("non-finite samples" in r["reason"] for r in rejects)
+    cuts = list(read_shar(prepared / "shar"))
+    assert [c.custom["caption"] for c in cuts] == ["tone 0", "tone 2", "tone 4"]
+    assert all(c.load_codec_tokens().any() for c in cuts)
+
+
+class _CodecFailingOnLongClips(HashCodec):
+    """Stands in for a real codec failure (out of GPU memory on one long clip: no GPU here, and the tiny codec
+    never fails on finite audio) — fails any call holding a clip longer than 0.75 s."""
+
+    def encode(self, wavs):
+        if any(w.shape[0] > 12000 for w in wavs):
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return super().encode(wavs)
+
+
+def test_a_clip_that_fails_to_encode_is_rejected_and_the_shard_finishes(prepared, caplog):
+    report = tokenize_source(prepared / "prep" / "cuts.jsonl.gz", prepared / "shar", _CodecFailingOnLongClips(),
+                             shard_size=10, progress=False)
+    assert (report.num_cuts, report.num_rejects, report.shards_written) == (3, 2, [0])
+    rejects = read_rejects(prepared / "shar")
+    assert [r["origin"] for r in rejects] == ["c3.wav@0.0", "c4.wav@0.0"]
+    assert all("codec failed to encode the clip: RuntimeError: CUDA out of memory" in r["reason"] for r in rejects)
+    assert "one at a time" in caplog.text
+    good = {c.custom["caption"]: c.load_codec_tokens() for c in read_shar(prepared / "shar")}
+    assert sorted(good) == ["tone 0", "tone 1", "tone 2"]
+    alone = tokenize_source(prepared / "prep" / "cuts.jsonl.gz", prepared / "shar_ok", HashCodec(), shard_size=10,
+                            progress=False)
+    assert alone.num_rejects == 0
+    for cut in read_shar(prepared / "shar_ok"):  # the good clips got exactly the codes a clean run gives them
+        if cut.custom["caption"] in good:
+            assert np.array_equal(good[cut.custom["caption"]], cut.load_codec_tokens())
