@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,10 +47,25 @@ def roberta_shape(state: dict[str, Any]) -> dict[str, int]:
             "intermediate_size": int(inter)}
 
 
+def import_laion_clap() -> None:
+    """Import laion_clap once. Its ``training.data`` parses ``sys.argv`` at import time (and exits on flags it
+    does not know, such as ours or pytest's): it is shown the program name only."""
+    if "laion_clap" in sys.modules:
+        return
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        import laion_clap  # noqa: F401  (also puts laion_clap's own top-level modules on the import path)
+        import laion_clap.training.data  # noqa: F401
+    finally:
+        sys.argv = argv
+
+
 @contextlib.contextmanager
 def _roberta_from_config(shape: dict[str, int]):
     """While laion_clap builds CLAP, ``RobertaModel.from_pretrained(...)`` builds a random RoBERTa of ``shape``
     (roberta-base's fixed settings: 514 positions, one token type, LayerNorm eps 1e-5) instead of fetching."""
+    import_laion_clap()
     from laion_clap.clap_module import model as clap_model
     from transformers import RobertaConfig, RobertaModel
 
@@ -70,7 +86,7 @@ def _roberta_from_config(shape: dict[str, int]):
 
 def build_model(shape: dict[str, int] | None = None) -> tuple[torch.nn.Module, dict]:
     """Random-weight fusion CLAP (HTSAT-tiny + RoBERTa of ``shape``, default roberta-base) and its config."""
-    import laion_clap  # noqa: F401  (puts laion_clap's own modules on the import path)
+    import_laion_clap()
     from laion_clap.clap_module.factory import create_model
 
     with _roberta_from_config(shape or ROBERTA_BASE):
@@ -114,6 +130,7 @@ class ClapScorer:
 
     def features(self, wav: np.ndarray, rate: int) -> dict[str, torch.Tensor]:
         """laion_clap's input dict of one clip (fusion mel or repeat-padded 10 s), crops drawn from ``seed``."""
+        import_laion_clap()
         from laion_clap.training.data import get_audio_features
 
         state = np.random.get_state()

@@ -108,4 +108,9 @@ class PasstClassifier:
 
     def probabilities(self, wav: np.ndarray, rate: int) -> np.ndarray:
         """File samples -> softmax of the window-averaged logits [527]."""
-        return torch.softmax(torch.from_numpy(self.logits(wav, rate).mean(axis=0)), dim=0).numpy()
+        return distribution(self.logits(wav, rate))
+
+
+def distribution(logits: np.ndarray) -> np.ndarray:
+    """Per-window logits [windows, 527] -> the clip's class distribution: mean over windows, then softmax."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64).mean(axis=0)), dim=0).numpy()
