@@ -268,6 +268,17 @@ def _tta_score(args, metrics, models, items, references, runs) -> list[dict]:
         return lambda clips: tqdm(clips, desc=desc, unit="clip", disable=args.no_progress)
 
     captions = {i.id: i.caption for i in items} if items is not None else {}
+    order = {i.id: n for n, i in enumerate(items)} if items is not None else {}
+    run_clips = []
+    for name, scale, folder in runs:  # every folder checked against the eval set before any scoring
+        clips = sorted(_tta_clips(folder), key=lambda c: order.get(c.id, 0))
+        if items is not None:
+            tta.pair_up(clips, [i.id for i in items], str(folder))
+            changed = [c.id for c in clips if c.caption != captions[c.id]]
+            if changed:
+                raise tta.TtaError(f"{folder}: {len(changed)} clips were generated from other captions than the "
+                                   f"eval set's ({', '.join(changed[:5])})")
+        run_clips.append((name, scale, folder, clips))
     ref_clips = [tta.Clip(i, captions[i], p) for i, p in references.items()]
     ref_keys = tta.model_keys(metrics, reference_side=not args.reference)
     reference = (tta.extract(models, ref_clips, ref_keys, progress("scoring reference"))
@@ -276,16 +287,7 @@ def _tta_score(args, metrics, models, items, references, runs) -> list[dict]:
         raise tta.TtaError(f"--data {args.data}: none of the {len(ref_clips)} reference clips can be read "
                            f"(e.g. {next(iter(reference.skipped.values()))})")
     rows = []
-    for name, scale, folder in runs:
-        clips = _tta_clips(folder)
-        if items is not None:
-            tta.pair_up(clips, [i.id for i in items], str(folder))
-            changed = [c.id for c in clips if c.caption != captions[c.id]]
-            if changed:
-                raise tta.TtaError(f"{folder}: {len(changed)} clips were generated from other captions than the "
-                                   f"eval set's ({', '.join(changed[:5])})")
-        order = {i.id: n for n, i in enumerate(items)} if items is not None else {}
-        clips.sort(key=lambda c: order.get(c.id, 0))
+    for name, scale, folder, clips in run_clips:
         features = tta.extract(models, clips, tta.model_keys(metrics, False), progress(f"scoring {name}"))
         row = tta.score_row(metrics, features, {c.id: c.caption for c in clips}, reference, models,
                             args.kl_direction)
