@@ -33,6 +33,10 @@ def main() -> None:
     parser.add_argument("--max-duration", type=positive_float, default=None, metavar="SECONDS",
                         help="reject audio longer than this (listed in rejects.jsonl); default: no limit")
     args = parser.parse_args()
+    names = [name for name, _, _ in args.source]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # the later one would overwrite the earlier one's folder, while the totals counted both
+        parser.error(f"--source name(s) {', '.join(repeated)} given more than once: each source needs its own NAME")
     total_ok = total_bad = 0
     for name, task, manifest in args.source:
         report = prepare_source(task, manifest, Path(args.out) / name, name=name, max_duration=args.max_duration)

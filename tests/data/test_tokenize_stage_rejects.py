@@ -1,5 +1,6 @@
-"""The tokenize stage rejects (counts, names) a clip it cannot encode instead of aborting the shard (issue 13,
-class 1)."""
+"""Bad input to the data commands (issue 13): the tokenize stage rejects (counts, names) a clip it cannot encode
+instead of aborting the shard (class 1); a resume cannot change the stage's settings, killed runs' temporary
+files are removed, a repeated prepare --source is refused (class 4); their numbers are checked first (class 5)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,70 @@ def test_a_clip_that_fails_to_encode_is_rejected_and_the_shard_finishes(prepared
     for cut in read_shar(prepared / "shar_ok"):  # the good clips got exactly the codes a clean run gives them
         if cut.custom["caption"] in good:
             assert np.array_equal(good[cut.custom["caption"]], cut.load_codec_tokens())
+
+
+def _tokenize(prepared, monkeypatch, *flags: str) -> None:
+    monkeypatch.setattr("sys.argv", ["tokenize_audio.py", "--cuts", str(prepared / "prep" / "cuts.jsonl.gz"),
+                                     "--out", str(prepared / "shar"), "--codec", "tiny", "--no-progress", *flags])
+    load_example("tokenize_audio").main()
+
+
+def _refused(run, capsys) -> str:
+    with pytest.raises(SystemExit) as refused:
+        run()
+    assert refused.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_resume_with_another_shard_size_is_refused(prepared, monkeypatch, capsys):
+    _tokenize(prepared, monkeypatch, "--shard-size", "2", "--shards", "0:1")  # half written: shard 0 of 3
+    meta = prepared / "shar" / "meta"
+    err = _refused(lambda: _tokenize(prepared, monkeypatch, "--shard-size", "3"), capsys)
+    assert "--shard-size: written with 2, this run 3" in err and f"delete {prepared / 'shar'}" in err
+    assert sorted(p.name for p in meta.glob("0*.json")) == ["000000.json"]  # nothing written by the refused run
+    (meta / "stage.json").unlink()  # an output of an older version, without recorded settings: checked by counts
+    err = _refused(lambda: _tokenize(prepared, monkeypatch, "--shard-size", "3"), capsys)
+    assert "shard 0 has 2 cuts, --shard-size 3 over 5 cuts gives it 3" in err
+    _tokenize(prepared, monkeypatch, "--shard-size", "2")  # the recorded settings resume
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["written"], summary["skipped_finished"]) == (2, 1)
+    captions = sorted(c.custom["caption"] for c in read_shar(prepared / "shar"))
+    assert captions == [f"tone {i}" for i in range(5)]  # every cut, once
+    assert json.loads((meta / "stage.json").read_text())["shard_size"] == 2
+
+
+def test_leftovers_of_a_killed_run_are_removed(prepared, monkeypatch, capsys):
+    """What SIGKILL leaves inside write_shard (files placed as write_shard places them): a temporary shard
+    folder, a meta part, and the rejects file of an attempt whose rename completed but whose meta did not."""
+    _tokenize(prepared, monkeypatch, "--shard-size", "2", "--shards", "0:1")
+    shar = prepared / "shar"
+    (shar / ".tmp-000001-424242").mkdir()
+    (shar / ".tmp-000001-424242" / "recording.000001.tar").write_bytes(b"half a tar")
+    (shar / "meta" / "000001.json.tmp").write_text('{"num_cu')
+    (shar / "meta" / "rejects.000001.jsonl").write_text('{"cut_id": "t-00000002", "reason": "stale"}\n')
+    _tokenize(prepared, monkeypatch, "--shard-size", "2")
+    assert not list(shar.glob(".tmp-*")) and not list((shar / "meta").glob("*.tmp"))
+    assert read_rejects(shar) == []
+    assert len(list(read_shar(shar))) == 5
+
+
+def test_stage_numbers_are_checked_before_work(prepared, monkeypatch, capsys):
+    for flags, flag in ((["--shard-size", "0"], "--shard-size"), (["--shard-size", "abc"], "--shard-size"),
+                        (["--batch-size", "-1"], "--batch-size"), (["--shards", "a:b"], "--shards"),
+                        (["--world", "0"], "--world")):
+        err = _refused(lambda: _tokenize(prepared, monkeypatch, *flags), capsys)
+        assert f"argument {flag}:" in err, err
+    err = _refused(lambda: _tokenize(prepared, monkeypatch, "--shards", "3:1"), capsys)
+    assert "shard range 3:1 is empty" in err
+    assert not (prepared / "shar").exists()
+
+
+def test_prepare_refuses_a_repeated_source_name(prepared, monkeypatch, capsys):
+    prepare = load_example("prepare_data")
+    manifest = prepared / "tta.jsonl"
+    monkeypatch.setattr("sys.argv", ["prepare_data.py", "--out", str(prepared / "p2"), "--source",
+                                     f"a=tta:{manifest}", "--source", f"b=tta:{manifest}", "--source",
+                                     f"a=text:{manifest}"])
+    err = _refused(prepare.main, capsys)
+    assert "--source name(s) a given more than once" in err
+    assert not (prepared / "p2").exists()

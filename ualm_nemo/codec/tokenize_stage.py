@@ -3,7 +3,8 @@
 Shard ``k`` of a source is cuts ``[k * shard_size, (k + 1) * shard_size)`` of its prepared ``cuts.jsonl.gz``, so
 shards are a pure function of the manifest and ``shard_size``: any set of processes can split them
 (``select_shards``: interleaved by rank, or an explicit range, e.g. one Slurm array task each) and a re-run skips
-every shard whose meta file exists (data/shar.py). Within a shard, clips are encoded in length-sorted batches
+every shard whose meta file exists (data/shar.py). The settings are recorded in the output and a rerun with
+others is refused (stage_settings.py). Within a shard, clips are encoded in length-sorted batches
 (``CodecTokenizer.encode``), which is deterministic: the same shard always gets the same codes.
 
 Per cut: the audio is read once (segment, resample to 16 kHz, channel mean), encoded when its task is in
@@ -31,9 +32,10 @@ from lhotse import MonoCut, Recording
 from lhotse.cut import Cut
 from lhotse.serialization import decode_json_line, deserialize_item
 
+from ualm_nemo.codec.stage_settings import StageSettings, check_or_record
 from ualm_nemo.codec.xcodec import CodecTokenizer, num_codec_frames
 from ualm_nemo.data.cuts import cut_task, cut_waveform
-from ualm_nemo.data.shar import CODEC_FIELD, FRAME_SHIFT, shard_done, write_shard
+from ualm_nemo.data.shar import CODEC_FIELD, FRAME_SHIFT, remove_leftovers, shard_done, write_shard
 from ualm_nemo.model.audio_frames import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -187,10 +189,22 @@ def encode_or_explain(codec: CodecTokenizer, wavs: Sequence[torch.Tensor]) -> li
 
 def tokenize_source(cuts_path: str | Path, out_dir: str | Path, codec: CodecTokenizer | None, *,
                     shard_size: int = 1000, shards: Sequence[int] | None = None,
-                    codec_tasks: Sequence[str] = ("tta",), progress: bool = True) -> StageReport:
-    """Write the selected shards (default: all) of one prepared source under ``out_dir``; skip finished ones."""
-    total = num_shards(count_cuts(cuts_path), shard_size)
+                    codec_tasks: Sequence[str] = ("tta",), progress: bool = True,
+                    codec_name: str | None = None) -> StageReport:
+    """Write the selected shards (default: all) of one prepared source under ``out_dir``; skip finished ones.
+
+    The settings are recorded in ``out_dir`` (stage_settings.py): a rerun with others raises StageSettingsError
+    before any shard is touched. What killed runs left of this process's shards is removed first.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be at least 1")
+    num_cuts = count_cuts(cuts_path)
+    check_or_record(out_dir, StageSettings(shard_size=shard_size, num_cuts=num_cuts,
+                                           codec_tasks=tuple(codec_tasks), codec=codec_name))
+    total = num_shards(num_cuts, shard_size)
     shards = list(range(total)) if shards is None else [s for s in shards if s < total]
+    if removed := remove_leftovers(out_dir, shards):
+        log.info("removed %d temporary files of killed runs under %s", removed, out_dir)
     report = StageReport(shards_skipped=[s for s in shards if shard_done(out_dir, s)])
     todo = [s for s in shards if s not in set(report.shards_skipped)]
     t_start = time.perf_counter()

@@ -72,15 +72,34 @@ def write_shard(cuts: Sequence[Cut], source_dir: str | Path, shard: int, fields:
     for name in names:
         os.replace(tmp / name, final / name)
     shutil.rmtree(tmp, ignore_errors=True)
+    rejects_file = source_dir / "meta" / f"rejects.{shard:06d}.jsonl"
     if rejects:
-        with open(source_dir / "meta" / f"rejects.{shard:06d}.jsonl", "w", encoding="utf-8") as f:
+        with open(rejects_file, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rejects)
+    else:
+        rejects_file.unlink(missing_ok=True)  # left by an earlier, killed attempt at this shard
     meta = {"num_cuts": len(cuts), "num_rejects": len(rejects), "fields": sorted(fields),
             "audio_seconds": round(sum(c.duration for c in cuts), 3)}
     part = meta_path(source_dir, shard).with_suffix(".json.tmp")
     part.write_text(json.dumps(meta) + "\n", encoding="utf-8")
     os.replace(part, meta_path(source_dir, shard))
     return meta
+
+
+def remove_leftovers(source_dir: str | Path, shards: Iterable[int]) -> int:
+    """Remove what killed attempts at ``shards`` left behind (their temporary folders and meta parts); returns
+    how many. Only this process's shards: other processes may be writing theirs right now."""
+    source_dir = Path(source_dir)
+    removed = 0
+    for shard in shards:
+        for tmp in source_dir.glob(f".tmp-{shard:06d}-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+        part = meta_path(source_dir, shard).with_suffix(".json.tmp")
+        if part.is_file():
+            part.unlink()
+            removed += 1
+    return removed
 
 
 def read_shar(source_dir: str | Path) -> CutSet:
