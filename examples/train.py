@@ -9,17 +9,22 @@ from ualm_nemo.training import early_signals
 early_signals.install()  # first: a Slurm signal during the imports below must requeue the job, not kill it
 
 import logging  # noqa: E402
+import sys  # noqa: E402
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from ualm_nemo.model.config import ConfigError  # noqa: E402
 from ualm_nemo.training.train import train  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = train(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    try:
+        model = train(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except ConfigError as e:  # a bad key or value: one line naming it, not a traceback
+        sys.exit(f"train.py: error: {e}")
     if model.last_result is None:
         logging.info("nothing to train: the run had already reached step %d (train.max_steps)", model.engine.step)
     else:

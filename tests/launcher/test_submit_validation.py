@@ -34,7 +34,7 @@ def _argv(tmp_path, *flags: str, overrides=TINY) -> list[str]:
     ([], ["train.max_step=3"], r"max_step.*add it with '\+key=value'"),
     ([], ["train.max_steps=[1"], "invalid Hydra override"),
     ([], ["model=nonexistent"], "does not compose"),
-    ([], ["train.max_steps=0"], r"train.max_steps must be >= 1"),
+    ([], ["train.max_steps=0"], r"train.max_steps=0 must be at least 1"),
     # the cluster side
     (["--time", "1:2:3:4"], [], "--time='1:2:3:4'"),
     (["--time", "1", "--signal-seconds", "90"], [], "--signal-seconds=90 must lie between"),

@@ -75,3 +75,60 @@ def test_readme_overrides_work_as_written():
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         cfg = compose("train", overrides=["train.stop_at_step=6"])
     assert run_config_from_dict(OmegaConf.to_container(cfg, resolve=True)).train.stop_at_step == 6
+
+
+BAD_NUMBERS = [  # (command-line override, the message's start): each typed as a user would, parsed by Hydra
+    ("train.max_steps=abc", "train.max_steps='abc' must be a whole number"),
+    ("optim.lr=fast", "optim.lr='fast' must be a number"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+    ("optim.lr=0", "optim.lr=0.0 must be positive"),
+    ("train.micro_batch_size=2.5", "train.micro_batch_size=2.5 must be a whole number"),
+    ("train.global_batch_size=-8", "train.global_batch_size=-8 must be at least 1"),
+    ("train.log_every_n_steps=0", "train.log_every_n_steps=0 must be at least 1"),
+    ("train.checkpoint_every_n_steps=0", "train.checkpoint_every_n_steps=0 must be at least 1"),
+    ("train.stop_at_step=-1", "train.stop_at_step=-1 must be at least 1"),
+    ("data.seq_len=0", "data.seq_len=0 must be at least 1"),
+    ("data.synthesize=maybe", "data.synthesize='maybe' must be true or false"),
+    ("model.params_dtype=fp64", "model.params_dtype='fp64': choose one of 'fp32', 'bf16'"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+]
+
+
+def _composed(*overrides: str) -> dict:
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
+        return OmegaConf.to_container(compose("train", overrides=list(overrides)), resolve=True)
+
+
+@pytest.mark.parametrize("override,message", BAD_NUMBERS)
+def test_every_cli_number_is_checked_before_work(override, message, tmp_path):
+    from ualm_nemo.training.train import train
+
+    cfg = _composed(override, f"output_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert str(err.value).startswith(message), str(err.value)
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_whole_floats_are_accepted_as_ints():
+    cfg = run_config_from_dict(_composed("train.micro_batch_size=4.0", "optim.lr=1"))
+    assert cfg.train.micro_batch_size == 4 and isinstance(cfg.train.micro_batch_size, int)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+def test_train_command_prints_one_line_for_a_bad_number(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "examples" / "train.py"), "train.max_steps=abc",
+                           f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "train.py: error: train.max_steps='abc' must be a whole number"
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()

@@ -26,6 +26,13 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def validate(self) -> "OptimConfig":
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr} must be positive")
+        if not (len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        for key in ("eps", "weight_decay", "clip_grad"):
+            if getattr(self, key) < 0 or (key == "eps" and self.eps == 0):
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be {'positive' if key == 'eps' else '>= 0'}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr={self.lr}]")
         if self.warmup_steps < 0:

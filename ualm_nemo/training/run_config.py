@@ -1,8 +1,8 @@
 """The run configuration: Hydra/OmegaConf YAML in, validated dataclasses out.
 
 YAML (conf/) stays the user's interface (``python examples/train.py model=qwen2.5-7b stage=align ...``); this
-module turns each section into its dataclass, rejecting unknown keys with the full dotted key, and validates the
-whole run before any process group or model exists.
+module turns each section into its dataclass, rejecting unknown keys and values of the wrong type with the full
+dotted key (config_types.py), and validates the whole run before any process group or model exists.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from ualm_nemo.distributed.optim import OptimConfig
 from ualm_nemo.model.config import (BACKBONES, AudioInputConfig, AudioOutputConfig, BackboneConfig, ConfigError,
                                     ParallelConfig, UALMConfig)
+from ualm_nemo.training.config_types import checked_values
 from ualm_nemo.training.stages import STAGES
 
 
@@ -61,8 +62,15 @@ class RunConfig:
         t, p = self.train, self.model.parallel
         if t.stage not in STAGES:
             raise ConfigError(f"train.stage={t.stage!r}: choose one of {STAGES}")
-        if t.max_steps < 1:
-            raise ConfigError("train.max_steps must be >= 1")
+        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every_n_steps",
+                    "checkpoint_every_n_steps", "keep_last_checkpoints", "max_consecutive_nonfinite"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+        if t.stop_at_step is not None and t.stop_at_step < 1:
+            raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be at least 1 (or null)")
+        for key in ("seq_len", "synthetic_samples_per_task"):
+            if getattr(self.data, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self.data, key)} must be at least 1")
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={t.micro_batch_size}")
@@ -93,6 +101,7 @@ def _build(cls, values: Mapping[str, Any] | None, where: str):
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
                           f"known: {', '.join(sorted(known))}")
+    values = checked_values(cls, values, where)
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
     return cls(**values)

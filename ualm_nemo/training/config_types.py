@@ -1,0 +1,69 @@
+"""Type check of one config section's values against its dataclass, before any arithmetic sees them.
+
+Hydra hands over what the command line says: ``train.max_steps=abc`` arrives as the string 'abc',
+``micro_batch_size=2.5`` as a float. Unchecked, they fail far away (a TypeError deep in a comparison, a batch
+split that silently rounds). Here each becomes one ConfigError naming the key; whole floats become ints
+(``4.0`` -> 4), ints become floats, non-finite numbers are refused. Fields of other kinds (tuples, dicts,
+nested sections) are left to their own checks.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from typing import Any, Literal, Mapping
+
+from ualm_nemo.model.config import ConfigError
+
+
+def checked_values(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with each scalar field converted to its declared type; ConfigError names a bad one."""
+    hints = typing.get_type_hints(cls)
+    return {key: _convert(value, hints[key], f"{where}.{key}") if key in hints else value
+            for key, value in values.items()}
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} must be set (got null)")
+    scalars = [t for t in options if t in (int, float, str, bool) or typing.get_origin(t) is Literal]
+    if len(scalars) != len([t for t in options if t is not type(None)]):
+        return value  # a tuple, dict, list or section: checked where it is used
+    errors = []
+    for kind in scalars:
+        try:
+            return _as(value, kind, key)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0])
+
+
+def _as(value: Any, kind: Any, key: str) -> Any:
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(repr, choices))}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        noun = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{key}={value!r} must be {noun}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    if kind is int:
+        if float(value) != int(value):
+            raise ConfigError(f"{key}={value!r} must be a whole number")
+        return int(value)
+    return float(value)
