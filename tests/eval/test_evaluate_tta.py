@@ -46,6 +46,7 @@ def _generated(tmp_path, lines, junk=()):
     return folder
 
 
+@pytest.mark.slow
 def test_generated_folder_scored_with_every_metric_and_the_ground_truth_row(tmp_path, metric_models, capsys):
     data, lines = _eval_set(tmp_path)
     gen, out = _generated(tmp_path, lines), tmp_path / "out"
@@ -112,6 +113,7 @@ def test_bad_input_is_refused_or_counted(tmp_path, metric_models, capsys):
     refused(["--generated", str(gen), "--data", str(data), *cheap], "none of the 2 reference clips can be read")
 
 
+@pytest.mark.slow
 def test_cfg_sweep_generated_with_the_tiny_model_and_resumed(tiny_export, tmp_path, metric_models, capsys):
     lines = [{"id": f"t{k}", "caption": f"tone {k}", "audio": str(tiny_export["tone"])} for k in range(2)]
     data, out = tmp_path / "set.jsonl", tmp_path / "out"
