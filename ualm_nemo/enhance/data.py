@@ -49,7 +49,8 @@ def read_clips(source: str | Path, min_seconds: float = 0.1) -> ClipSet:
                 recordings.append(Recording.from_file(path, recording_id=str(path.relative_to(source))))
             except Exception as err:  # any unreadable header: a counted reject, never a crash mid-run
                 rejected.append((str(path), f"unreadable audio ({type(err).__name__}: {err})"))
-        cuts = list(CutSet.from_manifests(recordings=RecordingSet.from_recordings(recordings))) if recordings else []
+        cuts = [c.with_id(c.recording_id) for c in CutSet.from_manifests(
+            recordings=RecordingSet.from_recordings(recordings))] if recordings else []
     else:
         manifest = load_manifest(source)
         cuts = list(CutSet.from_manifests(recordings=manifest) if isinstance(manifest, RecordingSet) else manifest)

@@ -62,9 +62,12 @@ def generator_hinge(logits_fake: list[torch.Tensor]) -> torch.Tensor:
 
 
 def feature_matching(feats_real: list[list[torch.Tensor]], feats_fake: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Mean over resolutions and layers of L1(fake, real) relative to the real features' mean magnitude."""
-    terms = [(f - r.detach()).abs().mean() / (r.detach().abs().mean() + 1e-8)
-             for rs, fs in zip(feats_real, feats_fake) for r, f in zip(rs, fs)]
+    """Mean over resolutions, layers and samples of L1(fake, real) relative to each sample's real feature
+    magnitude (per sample, so a data-parallel split averages to the whole batch's value)."""
+    def relative(r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        r = r.detach()
+        return ((f - r).abs().flatten(1).mean(1) / (r.abs().flatten(1).mean(1) + 1e-8)).mean()
+    terms = [relative(r, f) for rs, fs in zip(feats_real, feats_fake) for r, f in zip(rs, fs)]
     return torch.stack(terms).mean()
 
 

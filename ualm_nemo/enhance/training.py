@@ -55,8 +55,11 @@ class SignalFlag:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for signum in early_signals.SIGNALS:
-            signal.signal(signum, self._handler)
+        self.previous = {signum: signal.signal(signum, self._handler) for signum in early_signals.SIGNALS}
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
@@ -198,6 +201,7 @@ def train_enhancer(run: EnhancerRun, progress: bool = True) -> TrainResult:
             result.state = "finished" if step >= cfg.max_steps else "preempted"
             break
     bar.close()
+    flag.restore()
     if last_saved != step:
         save()
     result.step = step
