@@ -17,7 +17,7 @@ bad line (invalid JSON, no or empty caption, one over --max-caption-chars, a rep
 file:line before any model is loaded. Items are decoded --batch-size at a time (default 8); an item gives the
 same audio alone or in any batch. Decoding runs on --device (default: cuda when there is a GPU).
 
---out-dir receives {id}.wav (16 kHz, 16-bit) per item and manifest.jsonl, one line per finished item:
+--out-dir receives {id}.wav (16 kHz mono, 16-bit; 48 kHz stereo with --enhancer) per item and manifest.jsonl, one line per finished item:
 id, caption, seed, cfg_scale, temperature, top_k, max_frames, min_frames, audio (the wav's file name),
 sample_rate, frames, duration (s). A wav is written under a temporary name and renamed into place, and only then
 is its manifest line appended (flushed to disk), so the manifest never lists a half-written file.
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--captions", metavar="FILE.jsonl",
                         help='JSON lines: {"caption": ..., "id": ..., "seed": ...}')
     parser.add_argument("--max-caption-chars", type=int, default=2000, help="longer captions are an error")
+    parser.add_argument("--enhancer", help="enhancement VAE (exported folder, e.g. <hf>/enhancer, or an enhancer "
+                        "run): wavs are written at 48 kHz stereo instead of the codec's 16 kHz mono")
     parser.add_argument("--out-dir", default="generated")
     parser.add_argument("--overwrite", action="store_true", help="discard the out dir's manifest and wavs first")
     parser.add_argument("--no-progress", action="store_true")
@@ -66,13 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out-dir {args.out_dir}: exists and is not a folder")
     if not (args.caption or args.captions):
         parser.error("no captions: give --caption (repeatable) and/or --captions FILE.jsonl")
+    if args.enhancer and not args.codec:
+        parser.error("--enhancer needs --codec: it enhances the decoded 16 kHz audio")
     try:
         items = read_items(args.captions, [(f"--caption #{k}", {"caption": c}) for k, c in enumerate(args.caption, 1)],
                            first_seed=args.seed, max_chars=args.max_caption_chars,
                            max_chars_name="--max-caption-chars")
         # what makes the audio: a rerun into the same folder must not mix in another model, dtype or sampling
         settings = {k: getattr(cfg, k) for k in SETTINGS} | {"checkpoint": str(Path(args.checkpoint).resolve()),
-                                                              "dtype": args.dtype or "stored"}
+                                                              "dtype": args.dtype or "stored",
+                                                              "enhancer": args.enhancer and str(Path(
+                                                                  args.enhancer).resolve())}
         with OutputFolder(args.out_dir, settings) as folder:
             plan = folder.plan(items, overwrite=args.overwrite)
             for note in plan.notes:
@@ -80,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             if plan.done:
                 print(f"resuming {folder.path}: {plan.done} of {len(items)} items already done (skipped), "
                       f"{len(plan.todo)} to generate")
-            infer = load_inference(args, parser) if plan.todo else None  # the folder is untouched until it loads
+            enhancer = load_enhancer(args, parser) if plan.todo and args.enhancer else None
+            infer = load_inference(args, parser, enhancer) if plan.todo else None  # folder untouched until loaded
             folder.prepare(plan)
             written = generate(infer, cfg, folder, plan.todo, args.batch_size, not args.no_progress)
     except ManifestConflict as err:
@@ -89,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     print(f"done: {written} written, {plan.done} skipped (already done), in {folder.path} ({MANIFEST})")
     return 0
+
+
+def load_enhancer(args, parser):
+    """The 48 kHz stereo post-processor; a bad --enhancer ends with one line, before the language model loads."""
+    from ualm_nemo.enhance.inference import Enhancer
+
+    try:
+        return Enhancer.from_pretrained(args.enhancer, device=args.device)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(f"--enhancer: cannot load: {err}")
 
 
 def generate(infer, cfg, folder: OutputFolder, todo: list[Item], batch_size: int, progress: bool) -> int:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
 FIELDS = {"id", "caption", "seed", "cfg_scale", "temperature", "top_k", "max_frames", "min_frames", "audio",
-          "sample_rate", "frames", "duration", "checkpoint", "dtype"}
+          "sample_rate", "frames", "duration", "checkpoint", "dtype", "enhancer"}
 CAPTIONS = [{"caption": "a dog barks twice in a large hall", "id": "dog"}, {"caption": "rain"},
             {"caption": "a high beep", "seed": 41}]
 

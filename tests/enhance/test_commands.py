@@ -1,0 +1,74 @@
+"""The enhancer's commands end to end: export a trained run, evaluate it against the baseline, and generate
+48 kHz stereo with ``generate.py --enhancer`` (the tiny exported UALM of the suite's fixture)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import soundfile
+import torch
+
+from ualm_nemo.enhance.config import tiny_config
+from ualm_nemo.enhance.export import load_enhancer, save_enhancer
+from ualm_nemo.enhance.model import EnhancementVAE
+from ualm_nemo.testing.enhancer_clips import write_clips
+from ualm_nemo.testing.examples import load_example
+
+generate_cli = load_example("generate")
+export_cli = load_example("export_enhancer")
+evaluate_cli = load_example("evaluate_enhancer")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_enhancer(EnhancementVAE(tiny_config()), tmp_path_factory.mktemp("enh") / "enhancer")
+
+
+def test_generate_writes_48k_stereo_with_the_enhancer(tiny_export, exported, tmp_path, capsys):
+    out = tmp_path / "gen"
+    argv = ["--checkpoint", str(tiny_export["hf"]), "--codec", str(tiny_export["codec"]), "--out-dir", str(out),
+            "--max-frames", "8", "--min-frames", "4", "--no-progress", "--caption", "a high beep"]
+    assert generate_cli.main([*argv, "--enhancer", str(exported)]) == 0
+    entry = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    wav, rate = soundfile.read(out / entry["audio"], always_2d=True)
+    assert rate == entry["sample_rate"] == 48000 and wav.shape[1] == 2
+    assert wav.shape[0] == 3 * 320 * entry["frames"]  # the codec's 16 kHz length, times 3
+    assert entry["enhancer"] == str(exported.resolve())
+    # the enhancer is a setting of the folder: the same folder without it is refused, not mixed
+    with pytest.raises(SystemExit):
+        generate_cli.main(argv)
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_cli.main([*argv, "--out-dir", str(tmp_path / "g2"), "--enhancer", str(tmp_path / "nope")])
+    assert "--enhancer: cannot load" in capsys.readouterr().err
+
+
+def test_export_and_evaluate_commands(tmp_path, capsys):
+    from ualm_nemo.enhance.config import EnhancerRun
+    from ualm_nemo.enhance.training import train_enhancer
+
+    data = tmp_path / "clips"
+    write_clips(data, 2, 0.5)
+    run = EnhancerRun.from_dict({"output_dir": str(tmp_path / "run"), "model": {"preset": "tiny"},
+                                 "loss": {"discriminator_filters": 4, "discriminator_ffts": [512, 128]},
+                                 "train": {"data": str(data), "segment_seconds": 0.08, "global_batch_size": 1,
+                                           "max_steps": 2, "num_workers": 0, "checkpoint_every_n_steps": 2}})
+    train_enhancer(run, progress=False)
+    assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    assert "EMA weights" in capsys.readouterr().out
+    x = torch.randn(1, 1, 3200)
+    assert torch.equal(load_enhancer(tmp_path / "exp").enhance(x), load_enhancer(tmp_path / "run").enhance(x))
+
+    (data / "silent.wav").write_bytes(b"")  # unreadable: listed, not scored, not hidden
+    assert evaluate_cli.main(["--enhancer", str(tmp_path / "exp"), "--data", str(data), "--out-dir",
+                              str(tmp_path / "eval"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["clips"] == 2 and report["skipped"] == 1 and len(report["items"]) == 2
+    assert report["skipped_items"][0]["reason"].startswith("unreadable")
+    assert set(report["baseline"]) == set(report["enhancer"]) >= {"lsd", "lsd_high", "mrstft", "low_band_lsd"}
+    assert "| baseline |" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(["--enhancer", str(tmp_path / "missing"), "--data", str(data)])
+    assert "no such file" in capsys.readouterr().err
