@@ -76,14 +76,14 @@ def test_import_rejects_bad_inputs(hf, tmp_path, fails):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_export_rejects_bad_inputs(tmp_path, fails):
+def test_export_rejects_bad_inputs(tmp_path, fails, tiny_export):
     out = str(tmp_path / "out")
     assert "checkpoint /nope does not exist" in fails("convert_ualm_to_hf", ["/nope", out])
     interrupted = tmp_path / "run"
     (interrupted / "iter_0000010.tmp").mkdir(parents=True)
     assert "an interrupted save leaves only *.tmp folders" in fails("convert_ualm_to_hf", [str(interrupted), out])
-    bare = tmp_path / "bare" / "iter_0000003"
-    bare.mkdir(parents=True)
+    bare = tmp_path / "bare" / "iter_0000003"  # a complete checkpoint whose ualm_common.pt holds no model config
+    shutil.copytree(tiny_export["ckpt"] / "iter_0000000", bare)
     torch.save({"step": 3}, bare / "ualm_common.pt")
     assert "records no model config: give one (--model" in fails("convert_ualm_to_hf", [str(bare), out])
     assert "max shard size '5 parsecs'" in fails("convert_ualm_to_hf", [str(bare), out, "--model", "tiny",

@@ -40,11 +40,33 @@ HEADER_RESERVE = 64 * 1024  # bytes reserved for a streamed shard's header (~500
 
 def read_header(path: Path) -> tuple[dict, int]:
     """(safetensors header without ``__metadata__``, offset of the data buffer) of one file."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= path.stat().st_size - 8:
+                raise ValueError(f"header size {size} does not fit the file")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(_broken(path, e)) from None
     header.pop("__metadata__", None)
     return header, 8 + size
+
+
+def _broken(path: Path, err: BaseException) -> str:
+    return (f"{path}: not a valid safetensors file ({type(err).__name__}: {err}); it is truncated or corrupt: "
+            "copy or download it again")
+
+
+def open_safetensors(path: Path, device: str | None = None):
+    """safetensors' ``safe_open``, with a damaged file named (safetensors' own error does not say which)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", **({"device": device} if device else {}))
+    except Exception as e:  # SafetensorError (header, buffer size), OSError
+        raise ValueError(_broken(path, e)) from None
 
 
 def read_tensor(path: Path, info: dict, data_start: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,11 +120,9 @@ class HFFolder:
         if not files:
             raise FileNotFoundError(f"HF folder {self.path} holds no *.safetensors (and no {INDEX_FILE}); "
                                     "convert .bin checkpoints with transformers' save_pretrained first")
-        from safetensors import safe_open
-
         out = {}
         for name in files:
-            with safe_open(str(self.path / name), framework="pt") as f:
+            with open_safetensors(self.path / name) as f:
                 out.update({k: name for k in f.keys()})
         return out
 
@@ -110,25 +130,21 @@ class HFFolder:
         return list(self._file_of)
 
     def _handle(self, key: str):
-        from safetensors import safe_open
-
         if key not in self._file_of:
             raise KeyError(f"{self.path}: no tensor {key!r} in its safetensors")
         name = self._file_of[key]
         if name != self._open_name:  # one open shard at a time: its mapped pages are released on switching
             self.close()
-            self._open = safe_open(str(self.path / name), framework="pt", device="cpu")
+            self._open = open_safetensors(self.path / name, device="cpu")
             self._open_name = name
         return self._open
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the safetensors headers (no tensor is read)."""
         if self._shapes is None:
-            from safetensors import safe_open
-
             self._shapes = {}
             for name in sorted(set(self._file_of.values())):
-                with safe_open(str(self.path / name), framework="pt") as f:
+                with open_safetensors(self.path / name) as f:
                     for key in f.keys():
                         if self._file_of.get(key) == name:
                             self._shapes[key] = tuple(f.get_slice(key).get_shape())

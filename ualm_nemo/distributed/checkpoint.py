@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from ualm_nemo.distributed.checkpoint_check import DamagedCheckpointError, check_checkpoint
+
 _OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}  # the only format that changes TP on load
 
 
@@ -48,9 +50,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     latest = find_latest(path)
     if latest is not None:
+        check_checkpoint(latest)
         return latest
     if (path / "ualm_common.pt").is_file():
+        check_checkpoint(path)
         return path
+    if any(path.glob("*.distcp")):  # an iteration folder that lost its ualm_common.pt
+        check_checkpoint(path)
     raise FileNotFoundError(f"{path} is neither a ualm_nemo checkpoint folder (iter_*/ualm_common.pt) nor a "
                             "checkpoint root with a 'latest' file; an interrupted save leaves only *.tmp folders")
 
@@ -145,8 +151,9 @@ def _rotate(root: Path, keep_last: int) -> None:
 def load_checkpoint(path: str | Path, chunks, optimizer=None, restore_rng: bool = True) -> dict[str, Any]:
     """Load shards into ``chunks`` (+``optimizer``) at this run's layout; returns common + this rank's state."""
     path = Path(path)
-    if not (path / "ualm_common.pt").exists():
+    if not (path / "ualm_common.pt").exists() and not any(path.glob("*.distcp")):
         raise FileNotFoundError(f"{path} is not a complete ualm_nemo checkpoint (no ualm_common.pt)")
+    check_checkpoint(path)  # a damaged file is named here, not met as a bare EOFError inside the load
     state = dist_checkpointing.load(_sharded_state(chunks, optimizer, loading=True), str(path))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"])
@@ -156,7 +163,11 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, restore_rng: bool 
     common = torch.load(path / "ualm_common.pt", weights_only=False)
     rank_file = path / f"rank_{_rank():05d}.pt"
     same_layout = common.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
-    per_rank = torch.load(rank_file, weights_only=False) if same_layout and rank_file.exists() else {}
+    try:
+        per_rank = torch.load(rank_file, weights_only=False) if same_layout and rank_file.exists() else {}
+    except Exception as e:  # truncated: the weights loaded; the RNG and data position of this rank did not
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {rank_file}: unreadable ({type(e).__name__}),"
+                                     " truncated or corrupt") from None
     if restore_rng and "rng" in per_rank:
         set_rng_state(per_rank["rng"])
     return {**common, "per_rank": per_rank}

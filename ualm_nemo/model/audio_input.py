@@ -220,9 +220,13 @@ def _read_safetensors(folder: Path, wanted: dict[str, str]) -> dict[str, torch.T
         raise FileNotFoundError(f"audio encoder folder {folder} holds no *.safetensors with the audio tower's tensors")
     state = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in wanted.keys() & set(f.keys()):
-                state[wanted[key]] = f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in wanted.keys() & set(f.keys()):
+                    state[wanted[key]] = f.get_tensor(key)
+        except Exception as e:  # safetensors' own error does not say which file
+            raise ValueError(f"{file}: not a valid safetensors file ({type(e).__name__}: {e}); it is truncated or "
+                             "corrupt: copy or download it again") from None
     return state
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo.core.classes import ModelPT
 from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
-from ualm_nemo.distributed.checkpoint import find_latest
+from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.training.engine import MegatronEngine, split_microbatches
 from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
@@ -100,7 +100,7 @@ class UALMModel(ModelPT):
         if self.engine is None:
             # every weight comes from a checkpoint when resuming or starting from train.init_from: skip the random
             # initialisation (the engine refuses to train if no load happened after all)
-            resuming = find_latest(Path(self.run.output_dir) / "checkpoints") is not None
+            resuming = find_resumable(Path(self.run.output_dir) / "checkpoints") is not None
             self.engine = MegatronEngine(self.run.model, self.run.optim, self.run.train.max_steps,
                                          stage=self.run.train.stage,
                                          initialize=not (resuming or self.run.train.init_from))

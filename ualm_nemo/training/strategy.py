@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from ualm_nemo.distributed.checkpoint import find_latest
+from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import env_from_slurm, init_model_parallel
 from ualm_nemo.model.config import ParallelConfig
 
@@ -68,7 +68,7 @@ class MegatronStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
         """``checkpoint_path``: a run's checkpoint folder (its latest save is used) or one ``iter_*`` folder."""
         path = Path(checkpoint_path)
-        latest = find_latest(path)
+        latest = find_resumable(path)  # a damaged latest: the newest complete one, with a warning
         module = self.lightning_module
         state = module.engine.load(str(latest or path))
         module.restore_extra(state)

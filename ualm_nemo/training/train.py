@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
-from ualm_nemo.distributed.checkpoint import find_latest
+from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.training import early_signals
 from ualm_nemo.training.callbacks import PeriodicCheckpoint, StepProgressBar
 from ualm_nemo.training.nemo_model import UALMModel
@@ -61,7 +61,7 @@ def train(cfg: Mapping[str, Any]) -> UALMModel:
                                   "train": cfg.get("train") or {}, "data": cfg.get("data") or {},
                                   "output_dir": run.output_dir})
     model = UALMModel(model_cfg, trainer=trainer)
-    latest = find_latest(checkpoint_dir(run))
+    latest = find_resumable(checkpoint_dir(run))
     if latest is not None:
         log.info("resuming from %s", latest)
     trainer.fit(model, ckpt_path=str(checkpoint_dir(run)) if latest is not None else None)
