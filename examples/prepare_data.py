@@ -37,6 +37,9 @@ def main() -> None:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:  # the later one would overwrite the earlier one's folder, while the totals counted both
         parser.error(f"--source name(s) {', '.join(repeated)} given more than once: each source needs its own NAME")
+    missing = [manifest for _, _, manifest in args.source if not Path(manifest).is_file()]
+    if missing:
+        parser.error(f"manifest(s) not found: {', '.join(missing)}")
     total_ok = total_bad = 0
     for name, task, manifest in args.source:
         report = prepare_source(task, manifest, Path(args.out) / name, name=name, max_duration=args.max_duration)

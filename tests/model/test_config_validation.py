@@ -132,3 +132,32 @@ def test_train_command_prints_one_line_for_a_bad_number(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == "train.py: error: train.max_steps='abc' must be a whole number"
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_missing_manifest_and_unwritable_output_dir_are_named(tmp_path):
+    from ualm_nemo.training.train import train
+
+    (tmp_path / "a_file").write_text("x")
+    cases = [({"data": {"synthesize": False, "tta_manifest": str(tmp_path / "nope.jsonl")}},
+              f"data.tta_manifest='{tmp_path / 'nope.jsonl'}': no such file"),
+             ({"output_dir": str(tmp_path / "a_file" / "run")},
+              f"output_dir='{tmp_path / 'a_file' / 'run'}' cannot be created: {tmp_path / 'a_file'} is a file, not a folder")]
+    for override, message in cases:
+        cfg = _composed(f"output_dir={tmp_path / 'run'}")
+        for section, values in override.items():
+            cfg[section] = {**cfg[section], **values} if isinstance(values, dict) else values
+        with pytest.raises(ConfigError) as err:
+            train(cfg)
+        assert str(err.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_prepare_names_a_missing_manifest(tmp_path, monkeypatch, capsys):
+    from ualm_nemo.testing.examples import load_example
+
+    monkeypatch.setattr("sys.argv", ["prepare_data.py", "--out", str(tmp_path / "p"), "--source",
+                                     f"a=tta:{tmp_path / 'nope.jsonl'}"])
+    with pytest.raises(SystemExit) as done:
+        load_example("prepare_data").main()
+    assert done.value.code == 2 and f"manifest(s) not found: {tmp_path / 'nope.jsonl'}" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

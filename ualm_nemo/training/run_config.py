@@ -8,7 +8,9 @@ dotted key (config_types.py), and validates the whole run before any process gro
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from ualm_nemo.distributed.optim import OptimConfig
@@ -92,6 +94,23 @@ class RunConfig:
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"data.shar: {err}") from err
         return self
+
+
+def check_local_paths(run: RunConfig) -> None:
+    """On the machine that trains (the launcher checks through container mounts instead): the manifests exist
+    and output_dir can be created and written, each said with its key before any work starts."""
+    if not run.data.synthesize:
+        for key in ("tta_manifest", "understanding_manifest", "text_manifest"):
+            value = getattr(run.data, key)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"data.{key}={value!r}: no such file")
+    path = Path(run.output_dir).absolute()
+    output_dir = run.output_dir
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir={output_dir!r} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={output_dir!r} cannot be written: no write permission on {existing}")
 
 
 def _build(cls, values: Mapping[str, Any] | None, where: str):

@@ -17,7 +17,7 @@ from ualm_nemo.training import early_signals
 from ualm_nemo.training.callbacks import PeriodicCheckpoint, StepProgressBar
 from ualm_nemo.training.nemo_model import UALMModel
 from ualm_nemo.training.preemption import PreemptionCheckpoint
-from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
+from ualm_nemo.training.run_config import RunConfig, check_local_paths, run_config_from_dict
 from ualm_nemo.training.strategy import MegatronStrategy
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def train(cfg: Mapping[str, Any]) -> UALMModel:
     """Train (or resume from the run's latest checkpoint) the stage described by a run config dict."""
     cfg = dict(cfg)
     run = run_config_from_dict(cfg)
+    check_local_paths(run)
     # a Slurm signal that came during start-up (or comes before training does) requeues the job right away
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     early_signals.arm(run.output_dir, run.train.max_steps, rank)
