@@ -102,3 +102,14 @@ def test_paths_are_checked_through_container_mounts(tmp_path):
     prepare(_argv(tmp_path, *flags, overrides=[*manifests, "data.text_manifest=/data/text.jsonl"]))
     with pytest.raises(ConfigError, match="data.text_manifest='/data/nope.jsonl'.*container mounts"):
         prepare(_argv(tmp_path, *flags, overrides=[*manifests, "data.text_manifest=/data/nope.jsonl"]))
+
+
+def test_submit_without_cluster_states_the_gpus_per_node_it_assumes(tmp_path, caplog):
+    base = ["--output-dir", str(tmp_path / "run"), "--nodes", "1", "--dry-run", "--", "train.global_batch_size=8",
+            "train.micro_batch_size=1", "+data.synthetic_samples_per_task=4"]
+    job = prepare(base)
+    assert job.cluster.gpus_per_node == 8
+    assert "no --cluster and no --gpus-per-node: assuming 8 GPUs per node" in caplog.text
+    caplog.clear()
+    prepare(["--gpus-per-node", "8", *base])
+    assert "assuming" not in caplog.text
