@@ -22,6 +22,7 @@ from launcher.cluster import ClusterConfig
 from ualm_nemo.model.config import ConfigError
 
 ENTRY = "examples/train.py"
+ENTRIES = {"ualm": ENTRY, "enhancer": "examples/train_enhancer.py"}  # --entry: what the job trains
 _PLAIN = re.compile(r"^[A-Za-z0-9._,:/@%+=-]+$")
 
 
@@ -61,30 +62,30 @@ def directives(cluster: ClusterConfig, output_dir: str) -> list[str]:
     return lines
 
 
-def srun_command(cluster: ClusterConfig, overrides: list[str]) -> list[str]:
+def srun_command(cluster: ClusterConfig, overrides: list[str], entry: str = ENTRY) -> list[str]:
     cmd = ["srun", "--kill-on-bad-exit=1", f"--ntasks-per-node={cluster.ntasks_per_node}"]
     if cluster.container_image:
         cmd.append(f"--container-image={cluster.container_image}")
         if cluster.container_mounts:
             cmd.append(f"--container-mounts={','.join(cluster.container_mounts)}")
         cmd.append(f"--container-workdir={cluster.container_workdir or cluster.workdir}")
-    return cmd + [cluster.python_exe, ENTRY, *overrides]
+    return cmd + [cluster.python_exe, entry, *overrides]
 
 
-def local_command(cluster: ClusterConfig, overrides: list[str]) -> list[str]:
+def local_command(cluster: ClusterConfig, overrides: list[str], entry: str = ENTRY) -> list[str]:
     """The same training run without Slurm (one machine): plain python, or torchrun for several tasks."""
     if cluster.ntasks_per_node == 1:
-        return [cluster.python_exe, ENTRY, *overrides]
+        return [cluster.python_exe, entry, *overrides]
     return [cluster.python_exe, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={cluster.ntasks_per_node}", ENTRY, *overrides]
+            f"--nproc_per_node={cluster.ntasks_per_node}", entry, *overrides]
 
 
 def render(cluster: ClusterConfig, output_dir: str, overrides: list[str], script_path: str,
-           header: str = "") -> str:
+           header: str = "", entry: str = ENTRY) -> str:
     """The whole sbatch script. ``script_path``: where it is kept (chain mode submits it again)."""
     q = shlex.quote
     env = [f"export {key}={q(value)}" for key, value in sorted(cluster.env.items())]
-    srun = " \\\n    ".join(q(part) for part in srun_command(cluster, overrides))
+    srun = " \\\n    ".join(q(part) for part in srun_command(cluster, overrides, entry))
     resubmit = {
         "requeue": ['echo "[launcher] requeueing job $SLURM_JOB_ID"',
                     'scontrol requeue "$SLURM_JOB_ID"',

@@ -40,14 +40,17 @@ def _parse(*overrides: str):
         raise ConfigError(f"invalid Hydra override(s) {list(overrides)!r}: {err}") from None
 
 
-def compose_run(overrides: list[str]) -> dict[str, Any]:
-    """The training config exactly as examples/train.py composes it (hydra.* overrides are checked, not used)."""
+def compose_run(overrides: list[str], config_name: str = "train") -> dict[str, Any]:
+    """The training config exactly as examples/train.py (``train``) or examples/train_enhancer.py (``enhancer``)
+    composes it (hydra.* overrides are checked, not used)."""
     parsed = _parse(*overrides) if overrides else []
     run_overrides = [text for text, o in zip(overrides, parsed) if not o.key_or_group.startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            cfg = compose(config_name="train", overrides=run_overrides)
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+            cfg = compose(config_name=config_name, overrides=run_overrides)
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        values.pop("hydra", None)
+        return values
     except ConfigError:
         raise
     except Exception as err:  # composition errors: unknown groups/keys, missing mandatory values (???)
@@ -116,3 +119,21 @@ def validate_stage(overrides: list[str], cluster: ClusterConfig) -> tuple[RunCon
     check_layout(run, cluster)
     check_paths(cfg, cluster)
     return run, check_progress(run, cluster)
+
+
+def validate_enhancer(overrides: list[str], cluster: ClusterConfig) -> tuple[Any, list[str]]:
+    """The enhancement VAE's run (conf/enhancer.yaml): keys, batch per task, the data and codec paths."""
+    from ualm_nemo.enhance.config import EnhancerRun
+
+    cluster.validate()
+    try:
+        run = EnhancerRun.from_dict(compose_run(overrides, "enhancer"))
+    except TypeError as err:
+        raise ConfigError(f"enhancer config: {err}") from None
+    if run.train.global_batch_size % cluster.world_size:
+        raise ConfigError(f"train.global_batch_size={run.train.global_batch_size} must be divisible by the "
+                          f"{cluster.world_size} tasks (--nodes x --gpus-per-node)")
+    for key, value in (("train.data", run.train.data), ("train.codec_round_trip", run.train.codec_round_trip)):
+        if value and not Path(cluster.mount_to_host(str(value))).exists():
+            raise ConfigError(f"{key}={value!r}: no such file or folder on this host")
+    return run, []

@@ -145,6 +145,8 @@ def train_enhancer(run: EnhancerRun, progress: bool = True) -> TrainResult:
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.num_workers)
     flag = SignalFlag()
     early_signals.disarm()
+    log.info("enhancer: training from step %d to max_steps=%d (run state: %s)", step, cfg.max_steps,
+             Path(run.output_dir) / early_signals.STATE_FILE)
     result = TrainResult(step)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="enhancer", unit="step", dynamic_ncols=True,
                disable=not (progress and fabric.is_global_zero))
@@ -194,7 +196,8 @@ def train_enhancer(run: EnhancerRun, progress: bool = True) -> TrainResult:
             last_saved = step
         if flag.agreed(fabric.device):
             name = signal.Signals(flag.received).name if flag.received else "a signal on another rank"
-            log.info("%s received: saving at step %d and stopping; the next job resumes from it", name, step)
+            log.info("%s received: saving a checkpoint at step %d and stopping; the next job resumes from it", name,
+                     step)
             if last_saved != step:
                 save()
                 last_saved = step
