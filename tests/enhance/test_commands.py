@@ -72,3 +72,16 @@ def test_export_and_evaluate_commands(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_cli.main(["--enhancer", str(tmp_path / "missing"), "--data", str(data)])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_codec_round_trip_degrades_the_input_like_generated_audio(tiny_export):
+    from ualm_nemo.enhance.codec_round_trip import CodecRoundTrip
+
+    codec = CodecRoundTrip.from_pretrained(tiny_export["codec"])
+    wav = torch.randn(2, 1, 3200 + 100) * 0.1  # not a whole number of 320-sample codec frames
+    out = codec(wav)
+    assert out.shape == wav.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, wav)  # the real (tiny, random) codec changes the audio
+    assert torch.equal(out, codec(wav))  # deterministic: the same input gives the same degraded input
+    with pytest.raises(FileNotFoundError, match="codec_round_trip"):
+        CodecRoundTrip.from_pretrained(tiny_export["root"] / "nowhere")
