@@ -49,6 +49,13 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert [s for s, _ in second["history"]] == [4, 5, 6]  # the step count continues
     assert first["history"] + second["history"] == straight["history"]  # same losses, same data order
     assert second["consumed"] == straight["consumed"] == 6 * 4
+    # TensorBoard: one value per step across the two jobs, each the loss of that step (issue 13: after a resume
+    # the series used to run one step early, step k holding two values)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "resumed" / "tensorboard")).Reload().Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in events] == pytest.approx([loss for _, loss in straight["history"]], rel=1e-6)
 
 
 def test_new_run_starts_from_given_weights(tmp_path):

@@ -181,9 +181,20 @@ class UALMModel(ModelPT):
         self.optimizers().step()  # Lightning's step counter (see _SteppedByEngine)
         self.last_result = result
         self.loss_history.append((self.engine.step, result.loss))
-        self.log_dict({"train/loss": result.loss, "train/lr": result.lr, "train/skipped_steps": self.skipped_steps,
-                       "train/grad_norm": result.grad_norm if result.grad_norm is not None else float("nan")},
-                      batch_size=sum(mb["tokens"].shape[0] for mb in microbatches), rank_zero_only=True)
+        self._log_step(result)
+
+    def _log_step(self, result) -> None:
+        """TensorBoard at the engine's step, given explicitly: Lightning's own step counter for logging is not part
+        of our checkpoints, so after a resume its series ran one step early (step k held two values)."""
+        step, t = self.engine.step, self.run.train
+        if self.logger is None or not self.trainer.is_global_zero:
+            return
+        if step % t.log_every_n_steps and step != t.max_steps:
+            return
+        self.logger.log_metrics({"train/loss": result.loss, "train/lr": result.lr,
+                                 "train/skipped_steps": self.skipped_steps,
+                                 "train/grad_norm": result.grad_norm if result.grad_norm is not None
+                                 else float("nan")}, step=step)
 
     @staticmethod
     def _global_count(local: int) -> int:
