@@ -157,3 +157,30 @@ def test_uninitialised_build_has_the_tp_attributes_of_an_initialised_one():
     assert sum(a[0] is True for a in got["initialised"].values()) > 10
     missing = [n for n, a in got["upstream"].items() if a != got["initialised"][n]]
     assert missing, "megatron-core now sets TP attributes without initialisation: drop set_missing_tp_attributes"
+
+
+def _save_and_list_children(root: str, patched: bool) -> list[str]:
+    import psutil
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from ualm_nemo.compat import mcore_patches
+
+    if patched:
+        mcore_patches.apply(("in_process_results",))
+    state = {"w": ShardedTensor.from_rank_offsets("w", torch.arange(8.0))}
+    dist_checkpointing.save(state, root)
+    loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(8))}, root)
+    assert torch.equal(loaded["w"], torch.arange(8.0))  # the results still reach the writer's finalisation
+    return [" ".join(p.cmdline())[:80] for p in psutil.Process().children(recursive=True)]
+
+
+def test_a_save_leaves_no_helper_process_behind(tmp_path):
+    """Upstream, the first save starts a spawn-context Manager server (what survived kill -9 of training, issue 13);
+    with the fix a save starts no process that could outlive the trainer."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    upstream = run_distributed(1, _save_and_list_children, str(tmp_path / "a"), False)[0]
+    assert any("multiprocessing" in c or "spawn" in c for c in upstream), upstream  # drop the fix when this fails
+    assert run_distributed(1, _save_and_list_children, str(tmp_path / "b"), True)[0] == []

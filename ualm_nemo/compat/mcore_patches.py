@@ -11,7 +11,12 @@ upstream behaviour changes under it:
 3. ``fresh_state``: ``state_dict()`` of a fresh optimizer (no step taken; the state a resume loads into)
    asserts one ``step`` value across parameters and finds none. Give each parameter the state torch Adam
    would create on its first step (zero moments, ``step`` 0): identical behaviour, and loading works.
-4. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
+4. ``in_process_results``: the first ``dist_checkpointing.save`` creates a ``multiprocessing`` Manager from a
+   *spawn* context just to carry the writer's results back (a server process that re-imports the entry script,
+   about 0.8 GB; it and its resource tracker outlive a ``kill -9`` of the trainer, adopted by PID 1). Our saves
+   are synchronous (no async save), so those results never leave the process: a thread-safe in-process queue
+   carries them the same way, and no server is started.
+5. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
    metadata by ``distributed/checkpoint.py``, not patched.
 """
 
@@ -74,7 +79,17 @@ def _fix_fresh_state() -> None:
     distrib_optimizer.DistributedOptimizer.state_dict = patched
 
 
-FIXES = {"fresh_step": _fix_fresh_step, "shared_step": _fix_shared_step, "fresh_state": _fix_fresh_state}
+def _fix_in_process_results() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+FIXES = {"fresh_step": _fix_fresh_step, "shared_step": _fix_shared_step, "fresh_state": _fix_fresh_state,
+         "in_process_results": _fix_in_process_results}
 
 
 def apply(names: tuple[str, ...] = tuple(FIXES)) -> None:

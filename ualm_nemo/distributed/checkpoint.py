@@ -111,6 +111,9 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, common: dict
     ``resolve``: write the weights of the one model chunk tensor by tensor, each made by ``resolve(key)``
     when it is written (converters; no optimizer; see streaming.save_streamed). Same files either way.
     """
+    from ualm_nemo.compat import mcore_patches
+
+    mcore_patches.apply(("in_process_results",))  # no writer-helper server that could outlive a killed trainer
     root = Path(root)
     final, tmp = root / f"iter_{step:07d}", root / f"iter_{step:07d}.tmp"
     if _rank() == 0:
