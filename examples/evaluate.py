@@ -112,8 +112,7 @@ def build_tta_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="evaluate.py tta", description=TTA_DOC,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    parser._option_string_actions["--checkpoint"].required = False  # only to generate (not with --generated)
+    add_model_args(parser, checkpoint_required=False)  # only to generate (not with --generated)
     add_generation_args(parser)
     parser.add_argument("--data", help="eval set, JSON lines: id, caption, audio (the reference clip)")
     parser.add_argument("--audio-root", help="folder the reference paths are relative to (default: --data's)")

@@ -17,8 +17,9 @@ _FLAG_OF = {"cfg_scale": "--cfg-scale", "temperature": "--temperature", "top_k":
             "max_frames": "--max-frames", "min_frames": "--min-frames", "max_text_tokens": "--max-text-tokens"}
 
 
-def add_model_args(parser: argparse.ArgumentParser, codec_required: bool = False) -> None:
-    parser.add_argument("--checkpoint", required=True,
+def add_model_args(parser: argparse.ArgumentParser, codec_required: bool = False,
+                   checkpoint_required: bool = True) -> None:
+    parser.add_argument("--checkpoint", required=checkpoint_required,
                         help="a run's checkpoints/ folder, one iter_* folder, or an exported HF folder")
     parser.add_argument("--codec", required=codec_required,
                         help="local X-Codec folder (HF format); without it generated audio is kept as codes only")
