@@ -169,3 +169,11 @@ def test_two_ddp_ranks_make_the_update_of_one_rank_on_the_whole_batch(tmp_path, 
     # training on its half batch alone would move almost all of them apart by that much
     assert diffs.max().item() < 0.3 * 3e-3
     assert (diffs > 1e-5).float().mean().item() < 0.05
+
+
+def test_data_loader_workers_give_the_same_batches_in_order(tmp_path, clips):
+    """Worker w makes steps start + w, start + w + W, ...; the loader's round-robin yields them in step order."""
+    train_enhancer(tiny_run(tmp_path / "w0", clips, max_steps=5, checkpoint_every_n_steps=5), progress=False)
+    train_enhancer(tiny_run(tmp_path / "w2", clips, max_steps=5, checkpoint_every_n_steps=5, num_workers=2),
+                   progress=False)
+    assert_same_state(checkpoint_tensors(tmp_path / "w0", 5), checkpoint_tensors(tmp_path / "w2", 5))
