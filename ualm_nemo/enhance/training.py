@@ -88,8 +88,8 @@ def build_fabric(run: EnhancerRun, size: int, per_node: int, nodes: int) -> Fabr
 
 def train_enhancer(run: EnhancerRun, progress: bool = True) -> TrainResult:
     """Train (or resume from ``<output_dir>/checkpoints``) until ``train.max_steps``."""
-    cfg, rank_env = run.train, world()
-    rank, size, per_node, nodes = rank_env
+    cfg = run.train
+    rank, size, per_node, nodes = world()
     early_signals.arm(run.output_dir, cfg.max_steps, rank)
     if cfg.global_batch_size % size:
         raise ValueError(f"enhancer.train.global_batch_size={cfg.global_batch_size} is not divisible by "
