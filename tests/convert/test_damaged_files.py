@@ -78,3 +78,15 @@ def test_import_names_a_broken_safetensors_file(tmp_path, capsys):
     assert load_example("convert_hf_to_ualm").main([str(hf), out, "--model", "tiny"]) == 2
     assert f"{shard}: not a valid safetensors file" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_a_broken_audio_safetensors_of_an_export_is_named(tiny_export, tmp_path):
+    import shutil
+
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
+
+    hf = shutil.copytree(tiny_export["hf"], tmp_path / "hf")
+    audio = hf / "audio.safetensors"
+    audio.write_bytes(audio.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"audio\.safetensors: not a valid safetensors file .* truncated or corrupt"):
+        UALMForConditionalGeneration.from_pretrained(hf)

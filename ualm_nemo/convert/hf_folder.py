@@ -69,6 +69,16 @@ def open_safetensors(path: Path, device: str | None = None):
         raise ValueError(_broken(path, e)) from None
 
 
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A whole (small) safetensors file as a dict, with a damaged file named."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (header, buffer size), OSError
+        raise ValueError(_broken(path, e)) from None
+
+
 def read_tensor(path: Path, info: dict, data_start: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor of a safetensors file (``info``: its header entry), read with file reads (no mmap).
 

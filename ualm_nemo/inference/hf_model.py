@@ -49,8 +49,9 @@ class UALMForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
                         attn_implementation: str = "sdpa") -> "UALMForConditionalGeneration":
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
+
+        from ualm_nemo.convert.hf_folder import load_safetensors
 
         from ualm_nemo.convert.configs import model_config_from_dict
         from ualm_nemo.convert.qwen2_keymap import check_compatible
@@ -65,7 +66,7 @@ class UALMForConditionalGeneration(nn.Module):
             raise FileNotFoundError(f"{folder} has no {AUDIO_FILE} (the audio rows, heads and adapter)")
         lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
         check_compatible(lm.config, cfg)
-        parts = load_file(str(folder / AUDIO_FILE))
+        parts = load_safetensors(folder / AUDIO_FILE)
         for key, shape in expected_audio_shapes(cfg).items():
             if key not in parts:
                 raise ValueError(f"{folder / AUDIO_FILE} lacks {key!r} (model.audio_out.head={cfg.audio_out.head!r})")
