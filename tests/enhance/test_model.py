@@ -96,12 +96,14 @@ def test_full_size_is_the_documented_architecture():
 @pytest.mark.parametrize("values, match", [
     ({"model": {"encoder_strides": [2, 4, 4, 8]}}, "16 kHz -> 50 Hz"),
     ({"model": {"preset": "huge"}}, "preset"),
-    ({"model": {"width": 3}}, "unknown model key"),
+    ({"model": {"width": 3}}, r"unknown key\(s\) model\.width"),
     ({"loss": {"kl": -1}}, "loss.kl"),
     ({"loss": {"adversarial": float("nan")}}, "loss.adversarial"),
     ({"train": {"data": "x", "max_steps": 0}}, "train.max_steps"),
     ({"train": {"data": "x", "global_batch_size": 2.5}}, "global_batch_size"),
     ({"train": {}}, "train.data is required"),
+    ({"train": {"data": "x", "max_steps": "abc"}}, "train.max_steps='abc' must be a whole number"),
+    ({"train": {"data": "x", "num_workers": -1}}, "train.num_workers"),
 ])
 def test_config_errors_name_the_key(values, match):
     with pytest.raises(ConfigError, match=match):

@@ -11,6 +11,7 @@ from math import prod
 from typing import Any, Mapping
 
 from ualm_nemo.model.config import ConfigError
+from ualm_nemo.training.config_types import build_section
 
 INPUT_RATE = 16000
 OUTPUT_RATE = 48000
@@ -52,11 +53,8 @@ class EnhancerConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EnhancerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"enhancer: unknown model key(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
+        lists = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+        return build_section(cls, lists, "model")
 
 
 def tiny_config() -> EnhancerConfig:
@@ -83,13 +81,10 @@ class LossWeights:
     def __post_init__(self) -> None:
         self.discriminator_ffts = tuple(self.discriminator_ffts)
         if not self.discriminator_ffts or any(not isinstance(n, int) or n < 16 for n in self.discriminator_ffts):
-            raise ConfigError(f"enhancer.loss.discriminator_ffts={self.discriminator_ffts}: FFT sizes >= 16")
-        for f in fields(self):
-            if f.name == "discriminator_ffts":
-                continue
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or value < 0:
-                raise ConfigError(f"enhancer.loss.{f.name}={value!r}: must be a number >= 0")
+            raise ConfigError(f"loss.discriminator_ffts={self.discriminator_ffts}: FFT sizes >= 16")
+        for f in fields(self):  # types: build_section (config_types); here the ranges
+            if f.name != "discriminator_ffts" and not getattr(self, f.name) >= 0:  # NaN fails too
+                raise ConfigError(f"loss.{f.name}={getattr(self, f.name)!r}: must be a number >= 0")
 
 
 @dataclass
@@ -117,26 +112,15 @@ class TrainSettings:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         positive = ("segment_seconds", "global_batch_size", "max_steps", "lr", "disc_lr", "log_every_n_steps",
                     "checkpoint_every_n_steps", "keep_last_checkpoints", "log_audio_every_n_steps")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"enhancer.train.{name}={value!r}: must be a number > 0")
-        for name in ("global_batch_size", "max_steps", "num_workers", "seed"):
-            if not isinstance(getattr(self, name), int):
-                raise ConfigError(f"enhancer.train.{name}={getattr(self, name)!r}: must be an integer")
+        for name in positive:  # types: build_section (config_types); here the ranges
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be a number > 0")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers={self.num_workers}: must be >= 0")
         if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"enhancer.train.ema_decay={self.ema_decay}: must be in [0, 1)")
+            raise ConfigError(f"train.ema_decay={self.ema_decay}: must be in [0, 1)")
         if self.data in ("???", "", None):
-            raise ConfigError("enhancer.train.data is required: a folder of audio files or a Lhotse manifest")
-
-
-def _section(cls, values: Mapping[str, Any] | None, name: str):
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"enhancer: unknown {name} key(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+            raise ConfigError("train.data is required: a folder of audio files or a Lhotse manifest")
 
 
 @dataclass
@@ -154,4 +138,5 @@ class EnhancerRun:
             raise ConfigError(f"enhancer: model.preset={preset!r}: full or tiny")
         base = (tiny_config() if preset == "tiny" else EnhancerConfig()).to_dict()
         return cls(str(cfg.get("output_dir") or "outputs/enhancer"), EnhancerConfig.from_dict({**base, **model}),
-                   _section(LossWeights, cfg.get("loss"), "loss"), _section(TrainSettings, cfg.get("train"), "train"))
+                   build_section(LossWeights, cfg.get("loss"), "loss"),
+                   build_section(TrainSettings, cfg.get("train"), "train"))

@@ -9,12 +9,24 @@ nested sections) are left to their own checks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
 from typing import Any, Literal, Mapping
 
 from ualm_nemo.model.config import ConfigError
+
+
+def build_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
+    """The dataclass ``cls`` from one config section: unknown keys and mistyped values named by dotted key."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    return cls(**checked_values(cls, values, where))
 
 
 def checked_values(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:

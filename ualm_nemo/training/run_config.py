@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from ualm_nemo.distributed.optim import OptimConfig
 from ualm_nemo.model.config import (BACKBONES, AudioInputConfig, AudioOutputConfig, BackboneConfig, ConfigError,
                                     ParallelConfig, UALMConfig)
-from ualm_nemo.training.config_types import checked_values
+from ualm_nemo.training.config_types import build_section
 from ualm_nemo.training.stages import STAGES
 
 
@@ -115,15 +115,9 @@ def check_local_paths(run: RunConfig) -> None:
 
 def _build(cls, values: Mapping[str, Any] | None, where: str):
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                          f"known: {', '.join(sorted(known))}")
-    values = checked_values(cls, values, where)
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
-    return cls(**values)
+    return build_section(cls, values, where)
 
 
 def model_config_from_dict(section: Mapping[str, Any]) -> UALMConfig:
