@@ -22,6 +22,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_layout() -> tuple[int, int, int, int]:
+    """(rank, world size, processes per node, nodes) from torchrun / Slurm / a single plain process, before any
+    process group exists (what a Trainer or Fabric is built from)."""
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", str(world))))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    return rank, world, per_node, max(world // per_node, 1)
+
+
 def env_from_slurm() -> None:
     """Fill torch.distributed's env variables from SLURM_* when running under srun without torchrun."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:

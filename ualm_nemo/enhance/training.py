@@ -11,7 +11,6 @@ the language model, so launcher.submit's batch script requeues it the same way.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +28,11 @@ from ualm_nemo.enhance.data import PairBatches, read_clips
 from ualm_nemo.enhance.discriminator import MultiScaleSTFTDiscriminator
 from ualm_nemo.enhance.losses import GeneratorLoss, discriminator_hinge
 from ualm_nemo.enhance.model import EnhancementVAE
+from ualm_nemo.distributed.parallel import launch_layout
 from ualm_nemo.enhance.tensorboard import log_examples
 from ualm_nemo.training import early_signals
 
 log = logging.getLogger(__name__)
-
-
-def world() -> tuple[int, int, int, int]:
-    """(rank, world size, processes per node, nodes) from torchrun / Slurm / a single process."""
-    size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", str(size))))
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    return rank, size, per_node, max(size // per_node, 1)
 
 
 def posterior_noise(seed: int, step: int, slots: range, shape: tuple[int, int]) -> torch.Tensor:
@@ -89,7 +81,7 @@ def build_fabric(run: EnhancerRun, size: int, per_node: int, nodes: int) -> Fabr
 def train_enhancer(run: EnhancerRun, progress: bool = True) -> TrainResult:
     """Train (or resume from ``<output_dir>/checkpoints``) until ``train.max_steps``."""
     cfg = run.train
-    rank, size, per_node, nodes = world()
+    rank, size, per_node, nodes = launch_layout()
     early_signals.arm(run.output_dir, cfg.max_steps, rank)
     if cfg.global_batch_size % size:
         raise ValueError(f"enhancer.train.global_batch_size={cfg.global_batch_size} is not divisible by "

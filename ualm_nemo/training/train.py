@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
 from ualm_nemo.distributed.checkpoint_check import find_resumable
+from ualm_nemo.distributed.parallel import launch_layout
 from ualm_nemo.training import early_signals
 from ualm_nemo.training.callbacks import PeriodicCheckpoint, StepProgressBar
 from ualm_nemo.training.nemo_model import UALMModel
@@ -23,19 +23,12 @@ from ualm_nemo.training.strategy import MegatronStrategy
 log = logging.getLogger(__name__)
 
 
-def _world() -> tuple[int, int, int]:
-    """(world size, processes per node, nodes) from torchrun / Slurm / a plain single process."""
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", str(world))))
-    return world, per_node, max(world // per_node, 1)
-
-
 def checkpoint_dir(run: RunConfig) -> Path:
     return Path(run.output_dir) / "checkpoints"
 
 
 def build_trainer(run: RunConfig) -> Trainer:
-    world, per_node, nodes = _world()
+    _, world, per_node, nodes = launch_layout()
     run.validate(world)
     strategy = MegatronStrategy(run.model.parallel, run.train.seed, keep_last=run.train.keep_last_checkpoints)
     return Trainer(
@@ -55,7 +48,7 @@ def train(cfg: Mapping[str, Any]) -> UALMModel:
     run = run_config_from_dict(cfg)
     check_local_paths(run)
     # a Slurm signal that came during start-up (or comes before training does) requeues the job right away
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    rank = launch_layout()[0]
     early_signals.arm(run.output_dir, run.train.max_steps, rank)
     trainer = build_trainer(run)
     model_cfg = OmegaConf.create({"ualm": cfg.get("model") or {}, "optim": cfg.get("optim") or {},
