@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from ualm_nemo.enhance.data import read_clips
-from ualm_nemo.enhance.evaluation import write_report
-from ualm_nemo.enhance.evaluation import evaluate
+from ualm_nemo.enhance.evaluation import evaluate, write_report
 from ualm_nemo.enhance.inference import Enhancer
 
 
