@@ -5,8 +5,9 @@ A sample (``Sample``) holds, for a sequence of L positions:
     tokens        LongTensor  [L, 8]   unified-vocab ids (model/vocab.py)
     labels        LongTensor  [L, 8]   labels[t] = tokens[t + 1]; IGNORE_INDEX where nothing is learned
     loss_weights  FloatTensor [L, 8]   0 wherever labels is IGNORE_INDEX
-    audio_features FloatTensor [128, mel_frames] Whisper log-mel (understanding samples only, else None)
-    task          "tta" | "understanding" | "text"
+    audio_features FloatTensor [128, mel_frames] Whisper log-mel (understanding samples only, else None);
+                  a conversation with several heard clips: a list of them, in placeholder order
+    task          "tta" | "understanding" | "text" | "conversation"
 
 Position kinds (stream 0 | streams 1..7):
 
@@ -27,13 +28,38 @@ each, delay pads included). Text to audio, F codec frames (row t's label is row 
     grid row F+6                             <|audio_end|>         text_weight on stream 0
     <|audio_end|>                            <|im_end|>            text_weight on stream 0
     <|im_end|>, \n                           IGNORE                0
+
+Conversations (``format_conversation``; the post-training records of data/conversation.py): turns of parts, in
+the rows ``conversation_prompt`` builds for the same turns (one private row builder, ``_conversation_rows``).
+A str part is its text's ids; an ``AudioIn`` (heard, system/user turns) is one ``<|audio_in|>`` per encoder
+frame with its log-mel in ``audio_features``; an ``AudioOut`` (written, assistant turns) is ``<|audio_start|>``,
+the delayed grid and ``<|audio_end|>``. A learned assistant turn learns every target inside it: text and
+``<|audio_start|>`` / ``<|audio_end|>`` on stream 0 (``text_weight``), the grid on all 8 streams
+(``audio_stream_weight``), and its ``<|im_end|>``; system and user turns, and assistant turns with learn False,
+learn nothing. ``audio_features`` is None (no heard clip), one tensor [n_mel, T] (one clip, as for
+understanding) or a list of them in placeholder order (several clips); ``sample_clips`` reads all three.
+
+CFG condition dropout of a conversation (probability ``cfg_dropout``, drawn once per sample in which a learned
+assistant turn writes audio; T = the last such turn), matching the decoder's unconditional row (<|pad|> at
+every position but the current turn's audio segments)::
+
+    rows before T, and T's text before / between its audio segments   -> pad rows, labels IGNORE, except the
+                                                                          row before T's first <|audio_start|>,
+                                                                          which still predicts it
+    T's audio segments (<|audio_start|>, grid, <|audio_end|>)         -> kept (a target in a pad row is not
+                                                                          learned)
+    the rest of T after its last <|audio_end|> (text, <|im_end|>, \n) -> kept as written
+    turns after T                                                     -> pad rows, labels IGNORE
+
+Heard clips whose placeholders became pads leave ``audio_features``. For a one-turn text-to-audio conversation
+this is ``format_tta``'s rule, row for row.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Sequence, TypedDict, Union
+from typing import Any, Mapping, Sequence, TypedDict, Union
 
 import numpy as np
 import torch
@@ -55,8 +81,16 @@ class Sample(TypedDict):
     tokens: torch.Tensor  # [L, 8] long
     labels: torch.Tensor  # [L, 8] long
     loss_weights: torch.Tensor  # [L, 8] float32
-    audio_features: torch.Tensor | None  # [n_mel, mel_frames] float32
+    audio_features: torch.Tensor | list[torch.Tensor] | None  # [n_mel, mel_frames] float32 (a list: several clips)
     task: str
+
+
+def sample_clips(sample: Mapping[str, Any]) -> list[torch.Tensor]:
+    """A sample's heard clips [n_mel, frames] in placeholder order, whichever form ``audio_features`` has."""
+    feats = sample.get("audio_features")
+    if feats is None:
+        return []
+    return [feats] if isinstance(feats, torch.Tensor) else list(feats)
 
 
 @dataclass(frozen=True)
@@ -73,8 +107,35 @@ class AudioOut:
     codes: torch.Tensor
 
 
+@dataclass(frozen=True)
+class AudioInLength:
+    """A heard clip known by its length alone (``conversation_length``): ``num_samples`` at 16 kHz."""
+
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class AudioOutLength:
+    """A written clip known by its length alone (``conversation_length``): ``num_frames`` codec frames."""
+
+    num_frames: int
+
+
 Part = Union[str, AudioIn, AudioOut]
 ChatTurn = tuple[str, Sequence[Part]]  # (role, content parts in order)
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class _Rows:
+    """What ``_conversation_rows`` built: the rows, each heard clip's log-mel and placeholder rows, each written
+    segment's rows (``<|audio_start|>`` .. ``<|audio_end|>``), each turn's rows; spans are (turn, start, end)."""
+
+    builder: "_Builder"
+    clips: list[torch.Tensor]
+    heard: list[tuple[int, int, int]]
+    written: list[tuple[int, int, int]]
+    turns: list[tuple[int, int]]
 
 
 def tagged_parts(text: str, clips: Sequence[AudioIn]) -> list[Part]:
@@ -136,10 +197,10 @@ class _Builder:
     def audio_in(self, num_frames: int) -> None:
         self.text([self.vocab.audio_in_id] * num_frames)
 
-    def audio_grid(self, codes: torch.Tensor) -> None:
-        """codes [F, 8] -> delayed grid [F + 7, 8] in unified ids, learned on every stream."""
+    def audio_grid(self, codes: torch.Tensor, kind: int = _AUDIO) -> None:
+        """codes [F, 8] -> delayed grid [F + 7, 8] in unified ids, learned on every stream (unless kind says no)."""
         delayed = apply_delay(codes.long(), pad=self.vocab.codebook_size)  # [F + 7, 8], pad = code value 1024
-        self._add(self.vocab.codes_to_ids(delayed), _AUDIO)
+        self._add(self.vocab.codes_to_ids(delayed), kind)
 
     def build(self, text_weight: float, audio_stream_weight: float) -> tuple[torch.Tensor, ...]:
         tokens = torch.cat(self._rows)  # [L, 8]
@@ -236,10 +297,7 @@ class SampleFormatter:
     def format_tta(self, caption: str, codes: torch.Tensor, rng: random.Random) -> Sample:
         """caption + codes [F, 8] -> sample; with probability cfg_dropout the prompt becomes pads (CFG)."""
         v = self.vocab
-        if codes.dim() != 2 or codes.shape[1] != v.num_codebooks or codes.shape[0] == 0:
-            raise ValueError(f"codes must be [F >= 1, {v.num_codebooks}], got {tuple(codes.shape)}")
-        if int(codes.min()) < 0 or int(codes.max()) >= v.codebook_size:
-            raise ValueError(f"codes must lie in [0, {v.codebook_size})")
+        self._check_codes(codes)
         b = self._tta_prefix(caption)
         prompt_len = b.length
         b.text([v.audio_start_id], _TEXT)  # the first assistant token picks the modality: learned
@@ -252,39 +310,125 @@ class SampleFormatter:
             sample["tokens"][:prompt_len] = self.unconditional_prompt(prompt_len + 1)[:prompt_len]
         return sample
 
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        v = self.vocab
+        if codes.dim() != 2 or codes.shape[1] != v.num_codebooks or codes.shape[0] == 0:
+            raise ValueError(f"codes must be [F >= 1, {v.num_codebooks}], got {tuple(codes.shape)}")
+        if int(codes.min()) < 0 or int(codes.max()) >= v.codebook_size:
+            raise ValueError(f"codes must lie in [0, {v.codebook_size})")
+
     # --- prompts for decoding ------------------------------------------------------------------
     def conversation_prompt(self, turns: Sequence[ChatTurn]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A conversation -> (prompt [L, 8] through ``<|im_start|>assistant\n``, log-mel of each AudioIn).
 
-        The rows are those training builds for the same turns (``_turn``; an assistant ``AudioOut`` as
-        ``<|audio_start|>``, its delayed grid, ``<|audio_end|>``), so the model continues the assistant turn
-        as it learned to. The conversation must hold a user turn and must not end with the assistant.
+        The rows are those training builds for the same turns (``_conversation_rows``, as ``format_conversation``;
+        an assistant ``AudioOut`` as ``<|audio_start|>``, its delayed grid, ``<|audio_end|>``), so the model
+        continues the assistant turn as it learned to. The conversation must hold a user turn and must not end
+        with the assistant.
         """
         roles = [role for role, _ in turns]
         if "user" not in roles:
             raise ValueError("a conversation needs at least one user turn")
         if roles[-1] == "assistant":
             raise ValueError("the conversation ends with an assistant turn: nothing is left to generate")
-        b, features = self._new(), []
-        for role, parts in turns:
-            if role not in ("system", "user", "assistant"):
+        rows = self._conversation_rows(turns, [False] * len(turns))
+        self._open(rows.builder, "assistant")
+        return rows.builder.build(self.text_weight, self.audio_stream_weight)[0], rows.clips
+
+    def _conversation_rows(self, turns: Sequence[ChatTurn], learn: Sequence[bool], listen: bool = True) -> _Rows:
+        """The one layout of a conversation's turns (see the module docstring); ``listen=False`` skips log-mel
+        (lengths only). AudioInLength / AudioOutLength stand for clips known by their length alone."""
+        b = self._new()
+        rows = _Rows(b, [], [], [], [])
+        for k, ((role, parts), learned) in enumerate(zip(turns, learn)):
+            if role not in ROLES:
                 raise ValueError(f"unknown role {role!r} (system, user, assistant)")
+            first = b.length
+            kind = _TEXT if learned else _NO_LOSS
             self._open(b, role)
             for part in ([parts] if isinstance(parts, str) else parts):
                 if isinstance(part, str):
-                    b.text(self.tokenizer.encode(part))
-                elif isinstance(part, AudioIn):
-                    features.append(self._listen(part.waveform))
-                    b.audio_in(num_encoder_frames(int(part.waveform.shape[-1])))
-                elif isinstance(part, AudioOut) and role == "assistant":
-                    b.text([self.vocab.audio_start_id])
-                    b.audio_grid(part.codes)
-                    b.text([self.vocab.audio_end_id])
+                    b.text(self.tokenizer.encode(part), kind)
+                elif isinstance(part, (AudioIn, AudioInLength)) and role != "assistant":
+                    if isinstance(part, AudioIn):
+                        if listen:
+                            rows.clips.append(self._listen(part.waveform))
+                        num_samples = int(part.waveform.shape[-1])
+                    else:
+                        num_samples = part.num_samples
+                    frames = num_encoder_frames(num_samples)
+                    if frames < 1:
+                        raise ValueError(f"a clip of {num_samples} samples gives no audio encoder frame")
+                    rows.heard.append((k, b.length, b.length + frames))
+                    b.audio_in(frames)
+                elif isinstance(part, (AudioOut, AudioOutLength)) and role == "assistant":
+                    if isinstance(part, AudioOut):
+                        self._check_codes(part.codes)
+                        codes = part.codes
+                    else:
+                        if part.num_frames < 1:
+                            raise ValueError(f"a written clip needs at least one codec frame, got {part.num_frames}")
+                        codes = torch.zeros(part.num_frames, self.vocab.num_codebooks, dtype=torch.long)
+                    seg = b.length
+                    b.text([self.vocab.audio_start_id], kind)  # the model picks the modality: learned
+                    b.audio_grid(codes, _AUDIO if learned else _NO_LOSS)
+                    b.text([self.vocab.audio_end_id], kind)
+                    rows.written.append((k, seg, b.length))
                 else:
                     raise ValueError(f"a {role} turn cannot hold {type(part).__name__}")
-            self._close(b, learned=False)
-        self._open(b, "assistant")
-        return b.build(self.text_weight, self.audio_stream_weight)[0], features
+            self._close(b, learned)
+            rows.turns.append((first, b.length))
+        return rows
+
+    @staticmethod
+    def _learn_flags(turns: Sequence[ChatTurn], learn: Sequence[bool] | None) -> list[bool]:
+        roles = [role for role, _ in turns]
+        if learn is None:
+            return [role == "assistant" for role in roles]
+        flags = [bool(x) for x in learn]
+        if len(flags) != len(roles):
+            raise ValueError(f"{len(flags)} learn flags for {len(roles)} turns")
+        bad = [k for k, (role, flag) in enumerate(zip(roles, flags)) if flag and role != "assistant"]
+        if bad:
+            raise ValueError(f"turn {bad[0]} is a {roles[bad[0]]} turn: only assistant turns are learned")
+        return flags
+
+    def format_conversation(self, turns: Sequence[ChatTurn], rng: random.Random,
+                            learn: Sequence[bool] | None = None) -> Sample:
+        """A conversation -> sample (task "conversation"): the rows of ``conversation_prompt`` for the same turns,
+        each learned assistant turn's targets learned (``learn``: one flag per turn, default: the assistant turns).
+
+        With probability ``cfg_dropout`` (one draw, only when a learned assistant turn writes audio) the
+        condition is dropped as the module docstring says; the length never changes.
+        """
+        flags = self._learn_flags(turns, learn)
+        if not any(flags):
+            raise ValueError("a conversation sample needs a learned assistant turn")
+        rows = self._conversation_rows(turns, flags)
+        tokens, labels, weights = rows.builder.build(self.text_weight, self.audio_stream_weight)
+        clips = rows.clips
+        writers = sorted({k for k, _, _ in rows.written if flags[k]})
+        if writers and rng.random() < self.cfg_dropout:
+            last = writers[-1]
+            segments = [(a, z) for k, a, z in rows.written if k == last]
+            pad = torch.ones(tokens.shape[0], dtype=torch.bool)  # rows that become <|pad|>
+            for a, z in segments:
+                pad[a:z] = False
+            pad[segments[-1][1]: rows.turns[last][1]] = False  # the rest of the turn, as written
+            tokens[pad] = torch.tensor(self.vocab.text_position_streams(self.vocab.pad_id))
+            learnable = ~pad[:-1] & ~pad[1:]  # label at t: neither row t nor its target t + 1 is a pad row
+            learnable[segments[0][0] - 1] = True  # the row before the first <|audio_start|> still predicts it
+            labels[:-1][~learnable] = IGNORE_INDEX
+            weights[:-1][~learnable] = 0.0
+            clips = [c for c, (_, a, _) in zip(clips, rows.heard) if not bool(pad[a])]
+        features = None if not clips else clips[0] if len(clips) == 1 else clips
+        return Sample(tokens=tokens, labels=labels, loss_weights=weights, audio_features=features,
+                      task="conversation")
+
+    def conversation_length(self, turns: Sequence[ChatTurn]) -> int:
+        """Positions of ``format_conversation(turns)`` (CFG dropout keeps the length) without codec or log-mel:
+        parts may be AudioInLength(num_samples) / AudioOutLength(num_frames) instead of the clips."""
+        return self._conversation_rows(turns, [False] * len(turns), listen=False).builder.length
 
     def _listen(self, waveform: torch.Tensor) -> torch.Tensor:
         """16 kHz waveform [samples] -> log-mel [n_mel, frames] (the encoder's input)."""

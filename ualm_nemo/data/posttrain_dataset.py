@@ -1,0 +1,325 @@
+r"""Map-style datasets over the post-training records (data/conversation.py): SFT conversations and DPO pairs.
+
+* Heard audio (an ``audio`` part of a system / user turn) is read per item (``raw.load_audio``, 16 kHz mono)
+  and becomes log-mel in the formatter.
+* Written audio given as a wav (an ``audio`` part of an assistant turn) is codec-encoded ONCE when the dataset
+  is built, batched, through ``dataset.encode_tta_codes`` (and its cache file): one clip, keyed by
+  (path, start, end), is encoded once however many records or turns reference it. Written audio given as a
+  ``codes`` file is loaded per item and used as it is.
+* Records whose sample would be longer than ``seq_len`` positions are skipped before anything is encoded
+  (lengths from the audio headers and the codes files' shapes, as data/length_limit.py does for the other
+  tasks); each becomes a Reject in ``dataset.skipped`` (``file:line``, id, length) and the count and ids are
+  logged.
+
+``ConversationDataset[i]`` is ``formatter.format_conversation(turns, rng, learn)`` (task "conversation"; CFG
+dropout drawn from ``random.Random`` seeded by (seed, epoch, index)). ``PreferenceDataset[i]`` is
+``{"id", "chosen": Sample, "rejected": Sample}``, each side ``format_conversation(prompt + [("assistant",
+side)], learn=[False] * len(prompt) + [True])`` with cfg_dropout 0 (DPO never drops the condition).
+
+Batches: ``collate_conversations`` has ``dataset.collate``'s keys and layout, taking samples with several
+heard clips (``formatting.sample_clips``): ``audio_features`` [N_audio, n_mel, F_max] holds every clip
+batch-major, each sample's in placeholder order. ``collate_pairs`` is that over chosen, rejected, chosen,
+rejected, ... (pair k at rows 2k and 2k + 1, what ``training/objectives.DPOObjective`` reads) plus
+``pair_ids: list[str]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ualm_nemo.codec.xcodec import CodecTokenizer, num_codec_frames
+from ualm_nemo.data.batching import _check_placeholders
+from ualm_nemo.data.conversation import (AudioRef, CodesRef, ContentPart, ConversationRecord, ConversationTurn,
+                                         PreferenceRecord, TextPart, load_codes_file, read_conversation_manifest,
+                                         read_preference_manifest)
+from ualm_nemo.data.dataset import encode_tta_codes
+from ualm_nemo.data.formatting import (AudioIn, AudioInLength, AudioOut, AudioOutLength, ChatTurn, Part, Sample,
+                                       SampleFormatter, sample_clips)
+from ualm_nemo.data.raw import Reject, TTARecord, load_audio, num_samples_loaded
+from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
+from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
+
+log = logging.getLogger(__name__)
+
+ClipKey = tuple[str, float, "float | None"]  # AudioRef.key: (path, start, end)
+
+
+# --------------------------------------------------------------------------------------------- written audio
+
+
+def _assistant_parts(record: ConversationRecord | PreferenceRecord) -> Iterable[ContentPart]:
+    turns = record.turns if isinstance(record, ConversationRecord) else record.prompt
+    for turn in turns:
+        if turn.role == "assistant":
+            yield from turn.parts
+    if isinstance(record, PreferenceRecord):
+        yield from record.chosen
+        yield from record.rejected
+
+
+def written_clips(records: Sequence[ConversationRecord | PreferenceRecord]) -> list[AudioRef]:
+    """Every distinct written wav clip (by ``AudioRef.key``), in order of first reference."""
+    clips: dict[ClipKey, AudioRef] = {}
+    for record in records:
+        for part in _assistant_parts(record):
+            if isinstance(part, AudioRef) and part.key not in clips:
+                clips[part.key] = part
+    return list(clips.values())
+
+
+def encode_written_audio(records: Sequence[ConversationRecord | PreferenceRecord], codec: CodecTokenizer | None,
+                         cache_path: str | Path | None = None) -> dict[ClipKey, torch.Tensor]:
+    """Codec codes [F, 8] of each distinct written clip, encoded once (``dataset.encode_tta_codes``, its cache)."""
+    clips = written_clips(records)
+    if not clips:
+        return {}
+    if codec is None:
+        raise ValueError(f"{len(clips)} written audio clips need a CodecTokenizer to compute their codec tokens")
+    keys = [c.key for c in clips]
+    as_segments = [TTARecord(Path(path), start, end, caption="") for path, start, end in keys]  # type: ignore[arg-type]
+    return dict(zip(keys, encode_tta_codes(as_segments, codec, cache_path)))
+
+
+# --------------------------------------------------------------------------------------------- turns
+
+
+def _chat_parts(role: str, parts: Sequence[ContentPart], written: Mapping[ClipKey, torch.Tensor] | None
+                ) -> list[Part | AudioInLength | AudioOutLength]:
+    """Record parts -> formatter parts; ``written=None`` gives lengths only (no audio read, no codec)."""
+    out: list[Any] = []
+    for part in parts:
+        if isinstance(part, TextPart):
+            out.append(part.text)
+        elif isinstance(part, CodesRef):
+            if written is None:
+                out.append(AudioOutLength(int(np.load(part.path, mmap_mode="r").shape[0])))
+            else:
+                out.append(AudioOut(torch.from_numpy(load_codes_file(part.path))))
+        elif role == "assistant":  # an AudioRef an assistant writes
+            path, start, end = part.key
+            if written is None:
+                out.append(AudioOutLength(num_codec_frames(num_samples_loaded(part.path, start, end))))
+            else:
+                out.append(AudioOut(written[part.key]))
+        else:  # an AudioRef a system / user turn hears
+            path, start, end = part.key
+            if written is None:
+                out.append(AudioInLength(num_samples_loaded(part.path, start, end)))
+            else:
+                out.append(AudioIn(load_audio(part.path, start, end)))
+    return out
+
+
+def chat_turns(turns: Sequence[ConversationTurn], written: Mapping[ClipKey, torch.Tensor] | None) -> list[ChatTurn]:
+    """Record turns -> ``formatting.ChatTurn``s (heard audio loaded, written audio from ``written``);
+    ``written=None``: the same turns with clip lengths in place of clips (for ``conversation_length``)."""
+    return [(t.role, _chat_parts(t.role, t.parts, written)) for t in turns]
+
+
+def _preference_turns(record: PreferenceRecord, side: Sequence[ContentPart],
+                      written: Mapping[ClipKey, torch.Tensor] | None) -> tuple[list[ChatTurn], list[bool]]:
+    turns = chat_turns(record.prompt, written) + [("assistant", _chat_parts("assistant", side, written))]
+    return turns, [False] * len(record.prompt) + [True]
+
+
+# --------------------------------------------------------------------------------------------- length limit
+
+
+def record_length(record: ConversationRecord | PreferenceRecord, formatter: SampleFormatter) -> int:
+    """Positions of the sample (the longer side of a pair) from headers and codes shapes alone."""
+    if isinstance(record, ConversationRecord):
+        return formatter.conversation_length(chat_turns(record.turns, None))
+    return max(formatter.conversation_length(_preference_turns(record, side, None)[0])
+               for side in (record.chosen, record.rejected))
+
+
+def drop_overlong(records: Sequence[Any], formatter: SampleFormatter, seq_len: int | None
+                  ) -> tuple[list[Any], list[Reject]]:
+    """(records whose samples fit ``seq_len`` positions, in order; a Reject naming each one that does not)."""
+    if seq_len is None:
+        return list(records), []
+    kept, skipped, ids = [], [], []
+    for record in records:
+        n = record_length(record, formatter)
+        if n <= seq_len:
+            kept.append(record)
+        else:
+            ids.append(record.id)
+            skipped.append(Reject(record.source or record.id, f"id {record.id!r}: sample of {n} positions is longer "
+                                                              f"than data.seq_len={seq_len} (skipped)"))
+    if skipped:
+        log.warning("skipped %d of %d post-training samples longer than data.seq_len=%d: %s", len(skipped),
+                    len(records), seq_len, ", ".join(ids[:20]) + (" ..." if len(ids) > 20 else ""))
+    return kept, skipped
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+class _PostTrainDataset(Dataset):
+    def __init__(self, records: Sequence[Any], formatter: SampleFormatter,
+                 written: Mapping[ClipKey, torch.Tensor] | None = None, seed: int = 0,
+                 skipped: Sequence[Reject] = ()):
+        self.records = list(records)
+        self.written = dict(written or {})
+        missing = [c.key for c in written_clips(self.records) if c.key not in self.written]
+        if missing:
+            raise ValueError(f"written clips {missing[:3]} have no codec tokens (see encode_written_audio)")
+        self.formatter = formatter
+        self.seed = seed
+        self.epoch = 0
+        self.skipped = list(skipped)  # over-long records left out (Rejects naming file:line and id)
+
+    @classmethod
+    def from_records(cls, records: Sequence[Any], formatter: SampleFormatter, codec: CodecTokenizer | None = None,
+                     *, seed: int = 0, cache_path: str | Path | None = None, seq_len: int | None = None):
+        """Skip records longer than ``seq_len``, then encode the written wav clips once (``codec``, cache)."""
+        kept, skipped = drop_overlong(records, formatter, seq_len)
+        return cls(kept, formatter, encode_written_audio(kept, codec, cache_path), seed, skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        """New CFG dropout draws per epoch (like DistributedSampler.set_epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{index}")  # str seeds hash deterministically
+
+
+class ConversationDataset(_PostTrainDataset):
+    """SFT: ``ConversationRecord``s -> conversation samples."""
+
+    def __getitem__(self, index: int) -> Sample:
+        record: ConversationRecord = self.records[index]
+        return self.formatter.format_conversation(chat_turns(record.turns, self.written), self._rng(index),
+                                                  learn=[t.learn for t in record.turns])
+
+
+class PreferenceDataset(_PostTrainDataset):
+    """DPO: ``PreferenceRecord``s -> {"id", "chosen": Sample, "rejected": Sample} (the condition never dropped)."""
+
+    def __init__(self, records: Sequence[PreferenceRecord], formatter: SampleFormatter,
+                 written: Mapping[ClipKey, torch.Tensor] | None = None, seed: int = 0,
+                 skipped: Sequence[Reject] = ()):
+        if formatter.cfg_dropout != 0.0:
+            formatter = copy.copy(formatter)  # shares tokenizer and log-mel; only the dropout differs
+            formatter.cfg_dropout = 0.0
+        super().__init__(records, formatter, written, seed, skipped)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record: PreferenceRecord = self.records[index]
+        out: dict[str, Any] = {"id": record.id}
+        for name, side in (("chosen", record.chosen), ("rejected", record.rejected)):
+            turns, learn = _preference_turns(record, side, self.written)
+            out[name] = self.formatter.format_conversation(turns, self._rng(index), learn=learn)
+        return out
+
+
+def load_conversation_dataset(manifest: str | Path, formatter: SampleFormatter, codec: CodecTokenizer | None,
+                              **kw: Any) -> tuple[ConversationDataset, list[Reject]]:
+    """Read a conversation manifest and build its dataset -> (dataset, every reject: bad lines, then over-long
+    records). ``kw``: seed, cache_path, seq_len."""
+    result = read_conversation_manifest(manifest)
+    ds = ConversationDataset.from_records(result.records, formatter, codec, **kw)
+    return ds, result.rejects + ds.skipped
+
+
+def load_preference_dataset(manifest: str | Path, formatter: SampleFormatter, codec: CodecTokenizer | None,
+                            **kw: Any) -> tuple[PreferenceDataset, list[Reject]]:
+    """Read a preference manifest and build its dataset -> (dataset, every reject). ``kw`` as above."""
+    result = read_preference_manifest(manifest)
+    ds = PreferenceDataset.from_records(result.records, formatter, codec, **kw)
+    return ds, result.rejects + ds.skipped
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def collate_conversations(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8
+                          ) -> dict[str, Any]:
+    """``dataset.collate``'s batch (same keys, padding and layout) for samples holding any number of heard clips:
+    every clip batch-major, each sample's in placeholder order; each sample's placeholders match its clips."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    lengths = torch.tensor([s["tokens"].shape[0] for s in samples], dtype=torch.long)
+    seq = -(-int(lengths.max()) // pad_to_multiple) * pad_to_multiple
+    b, streams = len(samples), samples[0]["tokens"].shape[1]
+    pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id), dtype=torch.long)  # [8]
+    tokens = pad_row.expand(b, seq, streams).clone()  # [B, S, 8]
+    labels = torch.full((b, seq, streams), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros(b, seq, streams, dtype=torch.float32)
+    clips: list[torch.Tensor] = []
+    for i, s in enumerate(samples):
+        n = s["tokens"].shape[0]
+        tokens[i, :n], labels[i, :n], weights[i, :n] = s["tokens"], s["labels"], s["loss_weights"]
+        own = sample_clips(s)
+        placeholders = int((s["tokens"][:, 0] == vocab.audio_in_id).sum())
+        frames = sum(num_encoder_frames_from_mel(int(c.shape[1])) for c in own)
+        if placeholders != frames:
+            raise ValueError(f"sample {i} has {placeholders} <|audio_in|> positions but its {len(own)} clips give "
+                             f"{frames} frames")
+        clips += own
+    audio_features = audio_feature_lens = None
+    if clips:
+        audio_feature_lens = torch.tensor([c.shape[1] for c in clips], dtype=torch.long)
+        audio_features = torch.zeros(len(clips), clips[0].shape[0], int(audio_feature_lens.max()))
+        for i, c in enumerate(clips):
+            audio_features[i, :, : c.shape[1]] = c
+    batch = {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_weights": weights,
+        "position_ids": torch.arange(seq).expand(b, seq).clone(),
+        "lengths": lengths,
+        "audio_features": audio_features,
+        "audio_feature_lens": audio_feature_lens,
+        "tasks": [s["task"] for s in samples],
+    }
+    _check_placeholders(batch, vocab)
+    return batch
+
+
+def collate_pairs(items: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8
+                  ) -> dict[str, Any]:
+    """``PreferenceDataset`` items -> one batch, rows chosen, rejected, chosen, rejected, ... (pair k at rows
+    2k, 2k + 1; clips in that row order, each sample's in placeholder order) plus ``pair_ids``."""
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    batch = collate_conversations([item[side] for item in items for side in ("chosen", "rejected")], vocab,
+                                  pad_to_multiple)
+    batch["pair_ids"] = [str(item["id"]) for item in items]
+    return batch
+
+
+@dataclass(frozen=True)
+class ConversationCollator:
+    """Picklable ``collate_fn``: ``ConversationCollator(vocab)`` == ``partial(collate_conversations, vocab=vocab)``."""
+
+    vocab: UnifiedVocab
+    pad_to_multiple: int = 8
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return collate_conversations(samples, self.vocab, self.pad_to_multiple)
+
+
+@dataclass(frozen=True)
+class PairCollator:
+    """Picklable ``collate_fn``: ``PairCollator(vocab)`` == ``partial(collate_pairs, vocab=vocab)``."""
+
+    vocab: UnifiedVocab
+    pad_to_multiple: int = 8
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return collate_pairs(items, self.vocab, self.pad_to_multiple)
+
