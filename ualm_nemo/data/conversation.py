@@ -272,12 +272,15 @@ class _FileChecks:
     def codes(self, ref: CodesRef) -> None:
         self._once(("codes", str(ref.path)), lambda: load_codes_file(ref.path))
 
-    def turn(self, role: str, parts: tuple[ContentPart, ...]) -> None:
-        for part in parts:
-            if isinstance(part, AudioRef):
-                self.audio(part, heard=role != "assistant")
-            elif isinstance(part, CodesRef):
-                self.codes(part)
+    def turn(self, role: str, parts: tuple[ContentPart, ...], where: str) -> None:
+        for k, part in enumerate(parts):
+            try:
+                if isinstance(part, AudioRef):
+                    self.audio(part, heard=role != "assistant")
+                elif isinstance(part, CodesRef):
+                    self.codes(part)
+            except _Bad as e:
+                raise _Bad(f"{where}[{k}]: {e}") from None
 
 
 def load_codes_file(path: Path) -> np.ndarray:
@@ -285,7 +288,12 @@ def load_codes_file(path: Path) -> np.ndarray:
     if not path.is_file():
         raise _Bad(f"codes file not found: {path}")
     try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise _Bad(f"unreadable codes file {path}: not a .npy file")
         codes = np.load(path, allow_pickle=False)
+    except _Bad:
+        raise
     except Exception as e:  # numpy raises ValueError / OSError / EOFError for broken files
         raise _Bad(f"unreadable codes file {path}: {e}") from None
     if codes.ndim != 2 or codes.shape[1] != NUM_CODEBOOKS or codes.shape[0] < 1:
@@ -296,6 +304,11 @@ def load_codes_file(path: Path) -> np.ndarray:
         raise _Bad(f"codes file {path} holds codes in [{int(codes.min())}, {int(codes.max())}], "
                    f"outside [0, {CODEBOOK_SIZE})")
     return codes.astype(np.int64)
+
+
+def _same(parts: tuple[ContentPart, ...]) -> tuple:
+    """What a content is, for comparing two of them (a clip by its key: no start means start 0)."""
+    return tuple(p.key if isinstance(p, AudioRef) else p for p in parts)
 
 
 def _record_id(entry: Any, seen: dict[str, str]) -> str:
@@ -324,8 +337,8 @@ def read_conversation_manifest(path: str | Path, check_audio: bool = True) -> Re
         if not any(t.learn for t in turns):
             raise _Bad("no learned assistant turn: nothing to learn")
         if check_audio:
-            for turn in turns:
-                files.turn(turn.role, turn.parts)
+            for k, turn in enumerate(turns):
+                files.turn(turn.role, turn.parts, f"turns[{k}].content")
         seen[entry_id] = source
         return ConversationRecord(entry_id, turns)
 
@@ -344,19 +357,19 @@ def read_preference_manifest(path: str | Path, check_audio: bool = True) -> Read
         entry_id = _record_id(entry, seen)
         prompt = _turns(entry.get("prompt"), path.parent, "prompt", learnable=False)
         if prompt[-1].role != "user":
-            raise _Bad(f"the prompt ends with a {prompt[-1].role} turn, expected a user turn")
+            raise _Bad(f"the prompt's last turn is a {prompt[-1].role} turn, expected a user turn")
         sides = []
         for side in ("chosen", "rejected"):
             if side not in entry:
                 raise _Bad(f"missing field {side!r}")
             sides.append(_content(entry[side], path.parent, side))
-        if sides[0] == sides[1]:
+        if _same(sides[0]) == _same(sides[1]):
             raise _Bad("chosen and rejected are identical: nothing to prefer")
         if check_audio:
-            for turn in prompt:
-                files.turn(turn.role, turn.parts)
-            for parts in sides:
-                files.turn("assistant", parts)
+            for k, turn in enumerate(prompt):
+                files.turn(turn.role, turn.parts, f"prompt[{k}].content")
+            for side, parts in zip(("chosen", "rejected"), sides):
+                files.turn("assistant", parts, side)
         seen[entry_id] = source
         return PreferenceRecord(entry_id, prompt, sides[0], sides[1], entry.get("scores"))
 
