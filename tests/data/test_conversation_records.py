@@ -133,6 +133,9 @@ def test_every_conversation_reject(files):
         ("malformed JSON", '{"id": "o", "turns": [', "malformed JSON"),
         ("no id", {"turns": [U, ASSIST]}, "missing field 'id'"),
         ("duplicate id", _conv("dog-001", U, ASSIST), "duplicate id 'dog-001' (first at conv.jsonl:1)"),
+        ("adjacent heard clips", _conv("p0", {"role": "user", "content": [{"audio": "clips/dog.wav"},
+                                                                           {"audio": "clips/dog.wav"}]}, ASSIST),
+         "turns[0].content[1]: a heard clip right after another"),
         ("rich caption field", _conv("p", U, {"role": "assistant", "content": [{"rich_caption": {"keyword": []}}]}),
          "unknown key 'keyword'"),
     ]

@@ -31,7 +31,8 @@ Conversation (SFT), ``read_conversation_manifest``::
         tokens are the targets over the delay pattern; the wav is codec-encoded once when the dataset is built)
     ``{"codes": path.npy}`` -> written audio given as integer codec codes [F, 8] in [0, 1024) (e.g. what the
         model sampled), used as they are; assistant turns only
-  The same clip may be written in one turn and heard in a later one (self-reflection).
+  The same clip may be written in one turn and heard in a later one (self-reflection). Two heard clips in one
+  turn need a text part between them (their ``<|audio_in|>`` runs would otherwise merge into one).
 
 Preference pair (DPO), ``read_preference_manifest``::
 
@@ -227,11 +228,15 @@ def _turns(value: Any, root: Path, where: str, learnable: bool) -> tuple[Convers
 
 
 def _assistant_or(role: str, parts: tuple[ContentPart, ...], where: str) -> tuple[ContentPart, ...]:
-    """Codes are written audio: only an assistant turn holds them."""
+    """Codes are written audio: only an assistant turn holds them. Two heard clips need text between them: the
+    trainer tells clips apart by their runs of ``<|audio_in|>`` (training/engine.clips_per_sample)."""
     if role != "assistant":
         for k, part in enumerate(parts):
             if isinstance(part, CodesRef):
                 raise _Bad(f"{where}[{k}]: codes in a {role} turn (codes are written audio: assistant turns only)")
+            if k and isinstance(part, AudioRef) and isinstance(parts[k - 1], AudioRef):
+                raise _Bad(f"{where}[{k}]: a heard clip right after another; put a text part between them (their "
+                           "placeholder runs would merge into one)")
     return parts
 
 
