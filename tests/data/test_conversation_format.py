@@ -200,7 +200,8 @@ def test_cfg_dropout_drawn_once_and_only_when_audio_is_written():
 
 def test_dropout_uses_the_last_learned_turn_that_writes_audio():
     codes_b = CODES.flip(0)
-    turns = [("user", "a"), ("assistant", [AudioOut(CODES)]), ("user", "b"), ("assistant", ["c", AudioOut(codes_b), "d"])]
+    turns = [("user", "a"), ("assistant", [AudioOut(CODES)]), ("user", "b"),
+             ("assistant", ["c", AudioOut(codes_b), "d"])]
     fmt = _fmt(cfg_dropout=1.0)
     s = fmt.format_conversation(turns, random.Random(0))
     kept = _fmt(cfg_dropout=0.0).format_conversation(turns, random.Random(0))

@@ -20,9 +20,9 @@ import torch
 torch.set_num_threads(1)
 
 from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec, num_codec_frames
-from ualm_nemo.data.conversation import read_conversation_manifest, read_preference_manifest
+from ualm_nemo.data.conversation import read_conversation_manifest
 from ualm_nemo.data.formatting import AudioIn, AudioOut, LogMel, SampleFormatter, sample_clips
-from ualm_nemo.data.posttrain_dataset import (ConversationDataset, PairCollator, PreferenceDataset,
+from ualm_nemo.data.posttrain_dataset import (ConversationDataset, PairCollator,
                                               collate_conversations, collate_pairs, load_conversation_dataset,
                                               load_preference_dataset)
 from ualm_nemo.data.raw import load_audio
@@ -80,7 +80,8 @@ CONVERSATIONS = [
     {"id": "dog", "turns": [_user({"text": "a dog"}), _assistant({"audio": "clips/dog.wav"}),
                             _user({"audio": "clips/dog.wav"}, {"text": "what is it?"}), _assistant({"text": "a dog"})]},
     {"id": "dog-again", "turns": [_user({"text": "the dog, again"}), _assistant({"audio": "clips/dog.wav"})]},
-    {"id": "sampled", "turns": [_user({"text": "anything"}), _assistant({"text": "here"}, {"codes": "clips/sampled.npy"})]},
+    {"id": "sampled", "turns": [_user({"text": "anything"}),
+                                _assistant({"text": "here"}, {"codes": "clips/sampled.npy"})]},
     {"id": "long", "turns": [_user({"audio": "clips/bird.wav"}, {"text": "describe " * 20}),
                              _assistant({"text": "a bird " * 20})]},
 ]
@@ -96,7 +97,8 @@ def test_conversation_items_and_encode_once(root, tmp_path):
     assert codec.encoded == [dog_samples]  # written twice (two records), heard once: encoded once
     dog = ds.written[(str(root / "clips" / "dog.wav"), 0.0, None)]
     assert dog.shape == (num_codec_frames(dog_samples), 8)
-    assert torch.equal(dog, CodecTokenizer(build_tiny_xcodec(seed=0)).encode([load_audio(root / "clips" / "dog.wav")])[0])
+    fresh = CodecTokenizer(build_tiny_xcodec(seed=0))
+    assert torch.equal(dog, fresh.encode([load_audio(root / "clips" / "dog.wav")])[0])
     # the cache file serves a second build without the codec
     again = ConversationDataset.from_records(records, fmt, CountingCodec(), cache_path=cache)
     assert again.written.keys() == ds.written.keys() and all(torch.equal(again.written[k], ds.written[k])

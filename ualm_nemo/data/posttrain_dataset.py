@@ -105,13 +105,13 @@ def _chat_parts(role: str, parts: Sequence[ContentPart], written: Mapping[ClipKe
             else:
                 out.append(AudioOut(torch.from_numpy(load_codes_file(part.path))))
         elif role == "assistant":  # an AudioRef an assistant writes
-            path, start, end = part.key
+            _, start, end = part.key
             if written is None:
                 out.append(AudioOutLength(num_codec_frames(num_samples_loaded(part.path, start, end))))
             else:
                 out.append(AudioOut(written[part.key]))
         else:  # an AudioRef a system / user turn hears
-            path, start, end = part.key
+            _, start, end = part.key
             if written is None:
                 out.append(AudioInLength(num_samples_loaded(part.path, start, end)))
             else:
