@@ -31,12 +31,15 @@ def _step(cfg, ddp, opt) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ualm_nemo.testing.batches import random_batch
+    from functools import partial
+
     from ualm_nemo.training.engine import _forward_step
+    from ualm_nemo.training.objectives import LMObjective
 
     ddp[0].zero_grad_buffer()
     opt.zero_grad()
     batch = random_batch(cfg.vocab, 2, 0)
-    get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter([batch]), model=ddp,
+    get_forward_backward_func()(forward_step_func=partial(_forward_step, LMObjective()), data_iterator=iter([batch]), model=ddp,
                                 num_microbatches=1, seq_length=batch["tokens"].shape[1], micro_batch_size=2)
     opt.step()
 

@@ -115,24 +115,31 @@ class StreamHeads(MegatronModule):
         return stream0.transpose(0, 1), codebooks.permute(2, 1, 0, 3)
 
     # --- loss -------------------------------------------------------------------------------------
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted per-position loss summed over streams.
+    def stream_nll(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-stream negative log-likelihood of each label, 0 where it is IGNORE_INDEX.
 
-        hidden [s, b, h]; labels, weights [b, s, N] (labels in unified ids, IGNORE_INDEX where no loss)
-        -> [b, s]. Normalisation (by counted stream-0 frames) is the caller's: it spans micro-batches and DP.
+        hidden [s, b, h]; labels [b, s, N] (unified ids) -> [b, s, N]. Stream 0 is scored vocab-parallel over the
+        whole unified vocabulary, streams 1..N-1 over their codebook; every TP rank returns the full values.
+        Pre-training weighs and sums these (``loss``); DPO sums them into sequence log-probabilities.
         """
         labels = labels.transpose(0, 1)  # [s, b, N]
-        weights = weights.transpose(0, 1).float()
         target0 = labels[..., 0]
         valid0 = target0 != IGNORE_INDEX
         ce0 = tensor_parallel.vocab_parallel_cross_entropy(
             self._stream0_local_logits(hidden).float(), self._permuted_target(target0.masked_fill(~valid0, 0)))
-        total = ce0 * weights[..., 0] * valid0
         cb_logits = self._codebook_logits(hidden).float()  # [N-1, s, b, span]
         starts = self.audio_offset + torch.arange(1, self.num_streams, device=labels.device) * self.span
         target = labels[..., 1:].permute(2, 0, 1)  # [N-1, s, b]
         valid = target != IGNORE_INDEX
         local_target = torch.where(valid, target - starts[:, None, None], torch.zeros_like(target))
         ce = F.cross_entropy(cb_logits.reshape(-1, self.span), local_target.reshape(-1), reduction="none")
-        ce = ce.view_as(target) * valid * weights[..., 1:].permute(2, 0, 1)
-        return (total + ce.sum(0)).transpose(0, 1).contiguous()
+        ce = ce.view_as(target) * valid  # [N-1, s, b]
+        return torch.cat([(ce0 * valid0)[None], ce]).permute(2, 1, 0).contiguous()  # [b, s, N]
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted per-position loss summed over streams.
+
+        hidden [s, b, h]; labels, weights [b, s, N] (labels in unified ids, IGNORE_INDEX where no loss)
+        -> [b, s]. Normalisation (by counted stream-0 frames) is the caller's: it spans micro-batches and DP.
+        """
+        return (self.stream_nll(hidden, labels) * weights.float()).sum(-1)

@@ -65,12 +65,13 @@ class UALMLanguageModel(MegatronModule):
     def forward(self, tokens: torch.Tensor | None, labels: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
                 audio_feature_lens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, seq_length: int | None = None):
+                segment_ids: torch.Tensor | None = None, seq_length: int | None = None, per_stream: bool = False):
         """Per-position loss [b, s] when labels are given (last stage), logits otherwise, hidden on other stages.
 
         tokens/labels/loss_weights [b, s, N]; audio_features [n_audio, n_mel, frames]. Packed rows (several
         samples per row) carry ``position_ids`` [b, s] restarting per sample and ``segment_ids`` [b, s] (-1 =
-        padding): attention then stays inside each sample. Middle and last pipeline stages receive their input
+        padding): attention then stays inside each sample. ``per_stream``: the last stage returns each stream's
+        negative log-likelihood [b, s, N] instead (DPO's sequence log-probabilities). Middle and last pipeline stages receive their input
         through ``set_input_tensor``; they still get ``tokens`` (or ``seq_length``) for the sequence length.
         """
         hidden = self.embed(tokens, audio_features, audio_feature_lens) if self.embedding is not None else None
@@ -83,6 +84,8 @@ class UALMLanguageModel(MegatronModule):
             return hidden
         if labels is None:
             return self.heads.logits(hidden)
+        if per_stream:
+            return self.heads.stream_nll(hidden, labels)
         return self.heads.loss(hidden, labels, loss_weights)
 
     def rotary(self, seq: int, position_ids: torch.Tensor | None) -> torch.Tensor:

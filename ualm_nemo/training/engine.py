@@ -22,43 +22,36 @@ from ualm_nemo.distributed.optim import OptimConfig, build_optimizer, build_sche
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.model.builder import build_model
 from ualm_nemo.model.config import UALMConfig
-from ualm_nemo.model.vocab import IGNORE_INDEX
+from ualm_nemo.training.objectives import REPORT, LMObjective, RowLogProbs, model_inputs
 from ualm_nemo.training.stages import apply_stage
-
-MODEL_KEYS = ("tokens", "labels", "loss_weights", "audio_features", "audio_feature_lens", "position_ids",
-              "segment_ids")
 
 
 @dataclass
 class StepResult:
-    loss: float  # weighted loss per counted stream-0 frame, over all micro-batches and DP ranks
+    loss: float  # the objective's loss per normaliser (stream-0 target, or pair), over micro-batches and DP
     num_tokens: int
     grad_norm: float | None
     lr: float
     skipped: bool
+    metrics: Any = None  # the objective's own figures (DPOMetrics for DPO), None for the LM loss
 
 
-def _loss_func(labels: torch.Tensor, output: torch.Tensor):
-    """Sum of per-position losses and the count of stream-0 targets (the normaliser, summed by Megatron)."""
-    num = (labels[..., 0] != IGNORE_INDEX).sum()
-    loss = output.float().sum()
-    return loss, num.to(torch.int), {"lm loss": torch.stack([loss.detach(), num.detach().float()])}
-
-
-def _forward_step(data_iterator, model):
+def _forward_step(objective, data_iterator, model):
     batch = next(data_iterator)
-    inputs = {k: batch.get(k) for k in MODEL_KEYS}
-    output = model(**inputs)
-    return output, partial(_loss_func, batch["labels"])
+    output = model(**model_inputs(batch), per_stream=True) if objective.per_stream else model(**model_inputs(batch))
+    return output, partial(objective.loss, batch)
 
 
 class MegatronEngine:
     def __init__(self, model_cfg: UALMConfig, optim_cfg: OptimConfig | None, max_steps: int, stage: str = "pretrain",
-                 train: bool = True, initialize: bool = True) -> None:
-        """``initialize=False``: skip Megatron's random initialisation (~1 min of CPU per rank for the 7B at every
+                 train: bool = True, initialize: bool = True, objective=None) -> None:
+        """``objective``: what a step optimises (training/objectives.py; default the LM loss).
+        ``initialize=False``: skip Megatron's random initialisation (~1 min of CPU per rank for the 7B at every
         job start) because a checkpoint load will overwrite every weight (a resume, or ``train.init_from``);
         training refuses to step until one has (``weights_pending``)."""
         self.cfg = model_cfg
+        self.objective = objective or LMObjective()
+        self.reference: list[torch.nn.Module] | None = None  # a frozen reference model (online DPO)
         self.chunks = [build_model(model_cfg, initialize=initialize)]
         self.weights_pending = not initialize
         for chunk in self.chunks:
@@ -75,43 +68,69 @@ class MegatronEngine:
     def modules(self) -> list[torch.nn.Module]:
         return self.ddp if self.ddp is not None else self.chunks
 
-    def _run_schedule(self, microbatches: list[dict[str, Any]], forward_only: bool):
+    def _run_schedule(self, microbatches: list[dict[str, Any]], forward_only: bool, objective=None, modules=None):
         first = microbatches[0]["tokens"]
         return get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter(microbatches), model=self.modules,
-            num_microbatches=len(microbatches), seq_length=first.shape[1], micro_batch_size=first.shape[0],
-            forward_only=forward_only)
+            forward_step_func=partial(_forward_step, objective or self.objective), data_iterator=iter(microbatches),
+            model=modules or self.modules, num_microbatches=len(microbatches), seq_length=first.shape[1],
+            micro_batch_size=first.shape[0], forward_only=forward_only)
 
-    def _reduce_loss(self, reports: list[dict]) -> tuple[float, int]:
-        """Sum (loss, count) over micro-batches and DP on the last stage, then share it with every rank."""
-        total = torch.zeros(2, dtype=torch.float64, device=comm_device())
-        if parallel_state.is_pipeline_last_stage():
-            for report in reports:
-                total += report["lm loss"].double().to(total.device)
-            group = parallel_state.get_data_parallel_group()
-            dist.all_reduce(total, group=group)
+    def _reduce(self, reports: list[dict]) -> torch.Tensor:
+        """Sum the report vectors over micro-batches and DP on the last stage, then share them with every rank."""
+        size = torch.tensor([len(reports[0][REPORT]) if reports else 0], device=comm_device())
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(size, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+        total = torch.zeros(int(size), dtype=torch.float64, device=comm_device())
+        if parallel_state.is_pipeline_last_stage():
+            for report in reports:
+                total += report[REPORT].double().to(total.device)
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-        return total[0].item() / max(total[1].item(), 1.0), int(total[1].item())
+        return total
+
+    def _reduce_loss(self, reports: list[dict]) -> tuple[float, int, Any]:
+        total = self._reduce(reports)
+        return total[0].item() / max(total[1].item(), 1.0), int(total[1].item()), self.objective.summarise(total)
+
+    def set_reference(self, modules: list[torch.nn.Module]) -> None:
+        """A frozen copy of the model (same layout) whose log-probs each DPO step reads (online reference)."""
+        for module in modules:
+            module.eval()
+            module.requires_grad_(False)
+        self.reference = modules
+
+    @torch.no_grad()
+    def row_log_probs(self, microbatches: list[dict[str, Any]], modules=None) -> list[dict[str, torch.Tensor]]:
+        """Per-stream sequence log-probs of every row (``objectives.RowLogProbs``), on the last pipeline stage
+        (an empty list elsewhere): one {"row_logps" [b, N], "row_counts" [b, N]} per micro-batch."""
+        modules = modules or self.chunks
+        for module in modules:
+            module.eval()
+        return self._run_schedule(microbatches, True, RowLogProbs(self.cfg.vocab), modules)
 
     def train_step(self, microbatches: list[dict[str, Any]]) -> StepResult:
         if self.weights_pending:
             raise RuntimeError("the model was built without initialisation for a checkpoint load that has not "
                                "happened (resume or train.init_from): refusing to train on uninitialised memory")
+        if self.reference is not None:  # online reference: its log-probs for this step's rows, before the update
+            for mb, ref in zip(microbatches, self.row_log_probs(microbatches, self.reference)):
+                mb["ref_logps"] = ref["row_logps"]
         for module in self.ddp:
             module.train()
             module.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._run_schedule(microbatches, forward_only=False)
-        loss, num = self._reduce_loss(reports)
+        loss, num, metrics = self._reduce_loss(reports)
         self.step += 1  # iterations count skipped updates too (as Megatron-LM's), so step == trainer.global_step
         if not math.isfinite(loss):  # every rank sees the same reduced loss: all skip together
-            return StepResult(loss, num, None, self.optimizer.param_groups[0]["lr"], skipped=True)
+            return StepResult(loss, num, None, self.optimizer.param_groups[0]["lr"], skipped=True, metrics=metrics)
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
-        return StepResult(loss, num, grad_norm, self.optimizer.param_groups[0]["lr"], skipped=not updated)
+        return StepResult(loss, num, grad_norm, self.optimizer.param_groups[0]["lr"], skipped=not updated,
+                          metrics=metrics)
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[dict[str, Any]]) -> float:
