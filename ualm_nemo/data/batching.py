@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ualm_nemo.data.formatting import sample_clips
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
 
 
@@ -119,7 +120,7 @@ def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVo
     batch: dict[str, Any] = {"tokens": tokens, "labels": labels, "loss_weights": weights,
                              "position_ids": position_ids, "segment_ids": segment_ids, "lengths": lengths,
                              "audio_features": None, "audio_feature_lens": None}
-    feats = [s["audio_features"] for s in flat if s.get("audio_features") is not None]
+    feats = [clip for s in flat for clip in sample_clips(s)]
     if feats:
         lens = torch.tensor([f.shape[1] for f in feats], dtype=torch.long)
         audio = torch.zeros(len(feats), feats[0].shape[0], int(lens.max()))

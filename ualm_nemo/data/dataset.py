@@ -11,7 +11,8 @@ Batch (``collate``)::
     loss_weights      FloatTensor [B, S, 8]  padded with 0
     position_ids      LongTensor  [B, S]     0..S-1 per row
     lengths           LongTensor  [B]        unpadded length of each row
-    audio_features    FloatTensor [N_audio, n_mel, F_max] zero-padded, clips batch-major, or None
+    audio_features    FloatTensor [N_audio, n_mel, F_max] zero-padded, clips batch-major (each sample's in
+                                             placeholder order; a sample may hold several), or None
     audio_feature_lens LongTensor [N_audio], or None
     tasks             list[str]   [B]
 S is the longest row rounded up to ``pad_to_multiple``.
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ualm_nemo.codec.xcodec import CodecTokenizer
-from ualm_nemo.data.formatting import Sample, SampleFormatter
+from ualm_nemo.data.formatting import Sample, SampleFormatter, sample_clips
 from ualm_nemo.data.raw import (Record, Reject, TTARecord, UnderstandingRecord, load_audio, read_text_manifest,
                                 read_tta_manifest, read_understanding_manifest)
 from ualm_nemo.data.tokenizer import TextTokenizer
@@ -118,22 +119,24 @@ def collate(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_mu
     tokens = pad_row.expand(b, seq, streams).clone()  # [B, S, 8]
     labels = torch.full((b, seq, streams), IGNORE_INDEX, dtype=torch.long)
     weights = torch.zeros(b, seq, streams, dtype=torch.float32)
+    clips: list[torch.Tensor] = []
     for i, s in enumerate(samples):
         n = s["tokens"].shape[0]
         tokens[i, :n], labels[i, :n], weights[i, :n] = s["tokens"], s["labels"], s["loss_weights"]
-
-    feats = [s["audio_features"] for s in samples if s.get("audio_features") is not None]
+        own = sample_clips(s)
+        # the model writes one encoder frame per placeholder: a mismatch would be a silent misalignment there
+        placeholders = int((s["tokens"][:, 0] == vocab.audio_in_id).sum())
+        frames = sum(num_encoder_frames_from_mel(int(c.shape[1])) for c in own)
+        if placeholders != frames:
+            raise ValueError(f"sample {i} has {placeholders} <|audio_in|> positions but its {len(own)} clip(s) give "
+                             f"{frames} frames")
+        clips += own
     audio_features = audio_feature_lens = None
-    if feats:
-        audio_feature_lens = torch.tensor([f.shape[1] for f in feats], dtype=torch.long)
-        audio_features = torch.zeros(len(feats), feats[0].shape[0], int(audio_feature_lens.max()))
-        for i, f in enumerate(feats):
-            audio_features[i, :, : f.shape[1]] = f
-    # the model writes one encoder frame per placeholder: a mismatch here would be a silent misalignment there
-    placeholders = int((tokens[..., 0] == vocab.audio_in_id).sum())
-    frames = sum(num_encoder_frames_from_mel(int(n)) for n in (audio_feature_lens if feats else []))
-    if placeholders != frames:
-        raise ValueError(f"batch has {placeholders} <|audio_in|> positions but its features give {frames} frames")
+    if clips:
+        audio_feature_lens = torch.tensor([c.shape[1] for c in clips], dtype=torch.long)
+        audio_features = torch.zeros(len(clips), clips[0].shape[0], int(audio_feature_lens.max()))
+        for i, c in enumerate(clips):
+            audio_features[i, :, : c.shape[1]] = c
     return {
         "tokens": tokens,
         "labels": labels,

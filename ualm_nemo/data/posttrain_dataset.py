@@ -16,7 +16,7 @@ dropout drawn from ``random.Random`` seeded by (seed, epoch, index)). ``Preferen
 ``{"id", "chosen": Sample, "rejected": Sample}``, each side ``format_conversation(prompt + [("assistant",
 side)], learn=[False] * len(prompt) + [True])`` with cfg_dropout 0 (DPO never drops the condition).
 
-Batches: ``collate_conversations`` has ``dataset.collate``'s keys and layout, taking samples with several
+Batches: ``collate_conversations`` is ``dataset.collate`` (it takes samples with several
 heard clips (``formatting.sample_clips``): ``audio_features`` [N_audio, n_mel, F_max] holds every clip
 batch-major, each sample's in placeholder order. ``collate_pairs`` is that over chosen, rejected, chosen,
 rejected, ... (pair k at rows 2k and 2k + 1, what ``training/objectives.DPOObjective`` reads) plus
@@ -37,16 +37,14 @@ import torch
 from torch.utils.data import Dataset
 
 from ualm_nemo.codec.xcodec import CodecTokenizer, num_codec_frames
-from ualm_nemo.data.batching import _check_placeholders
 from ualm_nemo.data.conversation import (AudioRef, CodesRef, ContentPart, ConversationRecord, ConversationTurn,
                                          PreferenceRecord, TextPart, load_codes_file, read_conversation_manifest,
                                          read_preference_manifest)
-from ualm_nemo.data.dataset import encode_tta_codes
+from ualm_nemo.data.dataset import collate, encode_tta_codes
 from ualm_nemo.data.formatting import (AudioIn, AudioInLength, AudioOut, AudioOutLength, ChatTurn, Part, Sample,
-                                       SampleFormatter, sample_clips)
+                                       SampleFormatter)
 from ualm_nemo.data.raw import Reject, TTARecord, load_audio, num_samples_loaded
-from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
-from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
+from ualm_nemo.model.vocab import UnifiedVocab
 
 log = logging.getLogger(__name__)
 
@@ -246,48 +244,7 @@ def load_preference_dataset(manifest: str | Path, formatter: SampleFormatter, co
 # --------------------------------------------------------------------------------------------- batches
 
 
-def collate_conversations(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8
-                          ) -> dict[str, Any]:
-    """``dataset.collate``'s batch (same keys, padding and layout) for samples holding any number of heard clips:
-    every clip batch-major, each sample's in placeholder order; each sample's placeholders match its clips."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    lengths = torch.tensor([s["tokens"].shape[0] for s in samples], dtype=torch.long)
-    seq = -(-int(lengths.max()) // pad_to_multiple) * pad_to_multiple
-    b, streams = len(samples), samples[0]["tokens"].shape[1]
-    pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id), dtype=torch.long)  # [8]
-    tokens = pad_row.expand(b, seq, streams).clone()  # [B, S, 8]
-    labels = torch.full((b, seq, streams), IGNORE_INDEX, dtype=torch.long)
-    weights = torch.zeros(b, seq, streams, dtype=torch.float32)
-    clips: list[torch.Tensor] = []
-    for i, s in enumerate(samples):
-        n = s["tokens"].shape[0]
-        tokens[i, :n], labels[i, :n], weights[i, :n] = s["tokens"], s["labels"], s["loss_weights"]
-        own = sample_clips(s)
-        placeholders = int((s["tokens"][:, 0] == vocab.audio_in_id).sum())
-        frames = sum(num_encoder_frames_from_mel(int(c.shape[1])) for c in own)
-        if placeholders != frames:
-            raise ValueError(f"sample {i} has {placeholders} <|audio_in|> positions but its {len(own)} clips give "
-                             f"{frames} frames")
-        clips += own
-    audio_features = audio_feature_lens = None
-    if clips:
-        audio_feature_lens = torch.tensor([c.shape[1] for c in clips], dtype=torch.long)
-        audio_features = torch.zeros(len(clips), clips[0].shape[0], int(audio_feature_lens.max()))
-        for i, c in enumerate(clips):
-            audio_features[i, :, : c.shape[1]] = c
-    batch = {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_weights": weights,
-        "position_ids": torch.arange(seq).expand(b, seq).clone(),
-        "lengths": lengths,
-        "audio_features": audio_features,
-        "audio_feature_lens": audio_feature_lens,
-        "tasks": [s["task"] for s in samples],
-    }
-    _check_placeholders(batch, vocab)
-    return batch
+collate_conversations = collate  # one collate: dataset.collate takes any number of heard clips per sample
 
 
 def collate_pairs(items: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8
