@@ -420,7 +420,8 @@ class PairsFolder:
         (self.path / CANDIDATE_DIR).mkdir(exist_ok=True)
         for leftover in (self.path / CANDIDATE_DIR).glob("*/.*.partial"):
             leftover.unlink()
-        _write_atomic(self.path / SETTINGS_FILE, json.dumps(self.settings, indent=1) + "\n")
+        if not (self.path / SETTINGS_FILE).is_file():  # else check_settings found the same ones there
+            _write_atomic(self.path / SETTINGS_FILE, json.dumps(self.settings, indent=1) + "\n")
         if plan.rewrite:
             _write_atomic(self.path / CANDIDATES, "".join(_line(e) for e in plan.kept))
         self._kept = list(plan.kept)
