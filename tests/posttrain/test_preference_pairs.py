@@ -139,8 +139,11 @@ def test_output_format_and_rule(main_run, metric_files):
         worst = min(cands.values(), key=lambda e: e["combined"])
         assert chosen == {"codes": best["codes"]} and rejected == {"codes": worst["codes"]}
         scores = pair["scores"]
-        assert scores["rule"] == "best-vs-worst" and scores["chosen"] == {**best["scores"], "combined": best["combined"]}
-        assert scores["margin"] > 0 and scores["chosen"]["combined"] >= scores["rejected"]["combined"] + scores["margin"] - 1e-12
+        assert scores["rule"] == "best-vs-worst"
+        assert scores["chosen"] == {**best["scores"], "combined": best["combined"]}
+        assert scores["rejected"] == {**worst["scores"], "combined": worst["combined"]}
+        assert scores["margin"] > 0
+        assert scores["chosen"]["combined"] >= scores["rejected"]["combined"] + scores["margin"] - 1e-12
 
     report = json.loads((out / pp.REPORT).read_text())
     assert (report["prompts"], report["candidates"], report["pairs"]) == (2, 4, 2)
@@ -217,7 +220,8 @@ def test_min_margin_skips_are_counted_and_a_killed_run_resumes(tiny_export, metr
     assert "0 pairs of 3 prompts (skipped: 3 margin_below_min)" in printed
     assert (out / pp.PAIRS).read_text() == ""
     report = json.loads((out / pp.REPORT).read_text())
-    assert report["skipped"]["margin_below_min"] == 3 and report["skipped_ids"] == {"margin_below_min": ["dog", "beep", "7"]}
+    assert report["skipped"]["margin_below_min"] == 3
+    assert report["skipped_ids"] == {"margin_below_min": ["dog", "beep", "7"]}
     lines = _read(out / pp.CANDIDATES)
     assert [set(e["scores"]) for e in lines] == [{"clap"}] * 9 and "aes" not in report["metric_models"]
     assert lines[-1]["prompt_id"] == "7" and lines[-1]["caption"] == "wind"
@@ -281,3 +285,49 @@ def test_bad_input_is_refused_before_any_work(tiny_export, metric_files, tmp_pat
     for part in (message if isinstance(message, tuple) else (message,)):
         assert part in err, err
     assert "cannot load" not in err and not (tmp_path / "out").exists()
+
+
+def test_auto_mode_keeps_text_parts_in_order_and_text_only_candidates_are_not_ranked(tmp_path):
+    """pp.generate with a stand-in generator (auto mode: text, audio, both) and scorer: the assistant turn's parts
+    as written, a candidate without audio listed but not ranked, K candidates of two prompts in one call."""
+    from ualm_nemo.inference.pipeline import Reply, ReplyAudio
+
+    calls = []
+
+    class Infer:
+        def reply(self, conversations, mode, seeds, cfg):
+            calls.append((len(conversations), mode, list(seeds)))
+            replies = []
+            for seed in seeds:
+                codes = torch.full((3, 8), seed % 1000, dtype=torch.long)
+                audio = ReplyAudio(codes, torch.zeros(1, 960) + 0.01 * (seed % 7), 16000)
+                replies.append({0: Reply(["only words"]), 1: Reply(["here:", audio]),
+                                2: Reply([audio, "done"])}[len(replies) % 3])
+            return replies
+
+    class Scorer:
+        def scores(self, audio, caption):
+            return {"clap": float(np.load(Path(str(audio)[:-4] + ".npy"))[0, 0]) / 1000}
+
+    rule = pp.Rule({"clap": 1.0})
+    prompts = [pp.Prompt("a", (("user", "rain"),), "rain"), pp.Prompt("b", (("user", "wind"),), "wind")]
+    settings = {"num_candidates": 3}
+    with pp.PairsFolder(tmp_path, settings) as folder:
+        plan = folder.plan(prompts)
+        folder.prepare(plan)
+        assert pp.generate(Infer(), None, folder, plan.todo, Scorer(), rule, 0, "auto", 6) == 2
+        report = folder.finish(rule, {}, {})
+    assert [(n, mode) for n, mode, _ in calls] == [(6, "auto")]  # both prompts' K candidates in one call
+    lines = _read(tmp_path / pp.CANDIDATES)
+    assert lines[0]["codes"] is None and lines[0]["response"] == [{"text": "only words"}]
+    assert lines[1]["response"] == [{"text": "here:"}, {"codes": "candidates/a/1.npy"}]
+    assert lines[2]["response"] == [{"codes": "candidates/a/2.npy"}, {"text": "done"}]
+    pairs = _read(tmp_path / pp.PAIRS)
+    assert len(pairs) == 2 and report["candidates_without_audio"] == 2
+    for pair in pairs:
+        cands = [e for e in lines if e["prompt_id"] == pair["id"] and e["combined"] is not None]
+        best, worst = max(cands, key=lambda e: e["combined"]), min(cands, key=lambda e: e["combined"])
+        assert (pair["chosen"], pair["rejected"]) == (best["response"], worst["response"])
+    # the same folder planned again: everything finished (text-only candidates have no files to check)
+    with pp.PairsFolder(tmp_path, settings) as folder:
+        assert folder.plan(prompts).todo == []

@@ -232,7 +232,8 @@ class Rule:
             return None
         return float(sum(w * v for w, v in zip(self.weights.values(), values)))
 
-    def select(self, candidates: Sequence[Mapping[str, Any]]) -> tuple[dict | None, dict | None, float | None, str | None]:
+    def select(self, candidates: Sequence[Mapping[str, Any]]
+               ) -> tuple[dict | None, dict | None, float | None, str | None]:
         """(chosen, rejected, margin, None) or (None, None, margin or None, skip reason) over a prompt's candidate
         lines (k order); chosen / rejected are the first best / worst by k."""
         scored = [(c["combined"], c) for c in candidates if c.get("combined") is not None]
@@ -430,6 +431,7 @@ class PairsFolder:
                    rule: Rule) -> list[dict]:
         """Prompt's K replies -> codes and wavs written (atomically), scored, then their K lines appended and
         flushed to disk. Returns the lines."""
+        from ualm_nemo.eval.audio_prep import AudioError
         from ualm_nemo.inference.jobs import write_wav
 
         folder = self.path / CANDIDATE_DIR / prompt.id
@@ -449,7 +451,10 @@ class PairsFolder:
                 write_wav(folder, str(k), audio.wav, audio.sample_rate)
                 entry.update(codes=f"{relative}.npy", audio=f"{relative}.wav", frames=int(codes.shape[0]),
                              sample_rate=audio.sample_rate)
-                entry["scores"] = scorer.scores(self.path / entry["audio"], prompt.caption)
+                try:
+                    entry["scores"] = scorer.scores(self.path / entry["audio"], prompt.caption)
+                except AudioError as err:  # a clip the metrics cannot read: kept, not ranked (counted unscored)
+                    entry["skipped"] = str(err)
                 entry["combined"] = rule.combined(entry["scores"])
             else:
                 entry["skipped"] = f"no audio (stop={reply.stop!r})"
