@@ -145,6 +145,13 @@ def test_output_format_and_rule(main_run, metric_files):
         assert scores["margin"] > 0
         assert scores["chosen"]["combined"] >= scores["rejected"]["combined"] + scores["margin"] - 1e-12
 
+    from ualm_nemo.data.conversation import CodesRef, read_preference_manifest
+
+    read = read_preference_manifest(out / pp.PAIRS)  # what the DPO data side reads, every codes file checked
+    assert not read.rejects and [r.id for r in read.records] == ["dog", "chat"]
+    assert read.records[0].chosen == (CodesRef(out / pairs[0]["chosen"][0]["codes"]),)
+    assert [t.role for t in read.records[1].prompt] == ["system", "user"]
+
     report = json.loads((out / pp.REPORT).read_text())
     assert (report["prompts"], report["candidates"], report["pairs"]) == (2, 4, 2)
     assert report["skipped"] == {"too_few_scored": 0, "tie": 0, "margin_below_min": 0}
@@ -274,8 +281,9 @@ def test_rule_selection():
     (PROMPTS, [], "--aes: no checkpoint given, and --metric aes_pq needs it"),
     (PROMPTS, ["--aes", "/nonexistent/checkpoint.pt"], "--aes /nonexistent/checkpoint.pt: no such checkpoint file"),
     ([{"id": "a", "caption": "ok"}, {"id": "a", "caption": "x"}, {"id": "c", "caption": " "}, {"caption": "no id"},
-      "[1]", {"id": "b", "prompt": [{"role": "assistant", "content": "hi"}]}],
-     ["--metric", "clap=1"], ("5 bad prompt line(s)", ":2: duplicate id 'a' (first at line 1)", ":3: empty caption",
+      "[1]", {"id": "b", "prompt": [{"role": "assistant", "content": "hi"}]},
+      {"id": "d", "prompt": [{"role": "user", "content": "hi"}, {"role": "system", "content": "be loud"}]}],
+     ["--metric", "clap=1"], ("6 bad prompt line(s)", ":7: the prompt's last turn is a system turn", ":2: duplicate id 'a' (first at line 1)", ":3: empty caption",
                               ':4: no "id"', ":5: expected a JSON object", ":6: the prompt has no user turn")),
 ])
 def test_bad_input_is_refused_before_any_work(tiny_export, metric_files, tmp_path, capsys, lines, extra, message):

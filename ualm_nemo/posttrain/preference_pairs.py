@@ -70,7 +70,7 @@ class SettingsConflict(PairsError):
 # --- prompts -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt: its conversation (text turns, ending with a user or system turn) and the caption the CLAP score
+    """One prompt: its conversation (text turns, ending with a user turn) and the caption the CLAP score
     compares the audio with (the caption itself, or the conversation's last user turn)."""
 
     id: str
@@ -162,8 +162,8 @@ def _prompt(obj: Any, max_chars: int) -> tuple[str | None, Prompt | None]:
     roles = [role for role, _ in parsed]
     if "user" not in roles:
         return "the prompt has no user turn", None
-    if roles[-1] == "assistant":
-        return "the prompt ends with an assistant turn: nothing is left to generate", None
+    if roles[-1] != "user":
+        return f"the prompt's last turn is a {roles[-1]} turn, expected a user turn (the one answered)", None
     if caption is None:
         caption = [content for role, content in parsed if role == "user"][-1]
     return None, Prompt(prompt_id, tuple(parsed), caption)
