@@ -27,7 +27,44 @@ def build_codec(data: DataConfig, output_dir: Path):
     return CodecTokenizer(model)
 
 
+def _log_rejects(rejects, what: str, size: int) -> None:
+    for reject in rejects:
+        log.warning("rejected %s", reject)
+    log.info("%s: %d samples, %d rejected records", what, size, len(rejects))
+
+
+def build_posttrain_dataset(data: DataConfig, model: UALMConfig, output_dir: str | Path):
+    """data.sft_manifest (conversations) or data.dpo_manifest (pairs) -> (dataset, rejects). Written wav clips are
+    codec-encoded once into ``output_dir/codes_cache.pt``; pairs of pre-sampled ``codes`` need no codec."""
+    from ualm_nemo.data.conversation import read_conversation_manifest, read_preference_manifest
+    from ualm_nemo.data.formatting import SampleFormatter
+    from ualm_nemo.data.posttrain_dataset import ConversationDataset, PreferenceDataset, written_clips
+    from ualm_nemo.data.tokenizer import build_tokenizer
+
+    output_dir = Path(output_dir)
+    formatter = SampleFormatter.from_config(build_tokenizer(data.tokenizer), model, cfg_dropout=data.cfg_dropout)
+    sft = bool(data.sft_manifest)
+    manifest = data.sft_manifest or data.dpo_manifest
+    read = (read_conversation_manifest if sft else read_preference_manifest)(manifest)
+    codec = build_codec(data, output_dir) if written_clips(read.records) else None
+    # rank 0 encodes the written clips and writes the cache; the other ranks then read it instead of encoding
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if not first:
+        dist.barrier()
+    dataset = (ConversationDataset if sft else PreferenceDataset).from_records(
+        read.records, formatter, codec, seed=data.seed, seq_len=data.seq_len, cache_path=output_dir / "codes_cache.pt")
+    if first and dist.is_initialized():
+        dist.barrier()
+    rejects = read.rejects + dataset.skipped
+    _log_rejects(rejects, "SFT conversations" if sft else "DPO pairs", len(dataset))
+    if len(dataset) == 0:
+        raise ConfigError(f"{manifest}: no usable record ({len(rejects)} rejected, the reasons are logged above)")
+    return dataset, rejects
+
+
 def build_train_dataset(data: DataConfig, model: UALMConfig, output_dir: str | Path):
+    if data.sft_manifest or data.dpo_manifest:
+        return build_posttrain_dataset(data, model, output_dir)
     from ualm_nemo.data.dataset import build_demo_dataset
     from ualm_nemo.data.synthetic import synthesize_demo_data
     from ualm_nemo.data.tokenizer import build_tokenizer
@@ -55,7 +92,5 @@ def build_train_dataset(data: DataConfig, model: UALMConfig, output_dir: str | P
                                           seq_len=data.seq_len, cfg_dropout=data.cfg_dropout,
                                           text_weight=model.audio_out.text_weight,
                                           audio_stream_weight=model.audio_out.audio_stream_weight)
-    for reject in rejects:
-        log.warning("rejected %s", reject)
-    log.info("training data: %d samples, %d rejected records", len(dataset), len(rejects))
+    _log_rejects(rejects, "training data", len(dataset))
     return dataset, rejects

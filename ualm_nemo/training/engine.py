@@ -42,6 +42,25 @@ def _forward_step(objective, data_iterator, model):
     return output, partial(objective.loss, batch)
 
 
+def run_schedule(modules: list[torch.nn.Module], objective, microbatches: list[dict[str, Any]], forward_only: bool):
+    """One pass of Megatron's (pipeline) schedule over ``microbatches`` -> the last stage's loss reports."""
+    first = microbatches[0]["tokens"]
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, objective), data_iterator=iter(microbatches), model=modules,
+        num_microbatches=len(microbatches), seq_length=first.shape[1], micro_batch_size=first.shape[0],
+        forward_only=forward_only)
+
+
+@torch.no_grad()
+def row_log_probs(modules: list[torch.nn.Module], vocab, microbatches: list[dict[str, Any]]
+                  ) -> list[dict[str, torch.Tensor]]:
+    """Per-stream sequence log-probs of every row (``objectives.RowLogProbs``) on the last pipeline stage (an
+    empty list elsewhere): one {"row_logps" [b, N] float64, "row_counts" [b, N]} per micro-batch."""
+    for module in modules:
+        module.eval()
+    return run_schedule(modules, RowLogProbs(vocab), microbatches, forward_only=True)
+
+
 class MegatronEngine:
     def __init__(self, model_cfg: UALMConfig, optim_cfg: OptimConfig | None, max_steps: int, stage: str = "pretrain",
                  train: bool = True, initialize: bool = True, objective=None) -> None:
@@ -68,12 +87,8 @@ class MegatronEngine:
     def modules(self) -> list[torch.nn.Module]:
         return self.ddp if self.ddp is not None else self.chunks
 
-    def _run_schedule(self, microbatches: list[dict[str, Any]], forward_only: bool, objective=None, modules=None):
-        first = microbatches[0]["tokens"]
-        return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, objective or self.objective), data_iterator=iter(microbatches),
-            model=modules or self.modules, num_microbatches=len(microbatches), seq_length=first.shape[1],
-            micro_batch_size=first.shape[0], forward_only=forward_only)
+    def _run_schedule(self, microbatches: list[dict[str, Any]], forward_only: bool):
+        return run_schedule(self.modules, self.objective, microbatches, forward_only)
 
     def _reduce(self, reports: list[dict]) -> torch.Tensor:
         """Sum the report vectors over micro-batches and DP on the last stage, then share them with every rank."""
@@ -101,20 +116,17 @@ class MegatronEngine:
             module.requires_grad_(False)
         self.reference = modules
 
-    @torch.no_grad()
     def row_log_probs(self, microbatches: list[dict[str, Any]], modules=None) -> list[dict[str, torch.Tensor]]:
-        """Per-stream sequence log-probs of every row (``objectives.RowLogProbs``), on the last pipeline stage
-        (an empty list elsewhere): one {"row_logps" [b, N], "row_counts" [b, N]} per micro-batch."""
-        modules = modules or self.chunks
-        for module in modules:
-            module.eval()
-        return self._run_schedule(microbatches, True, RowLogProbs(self.cfg.vocab), modules)
+        return row_log_probs(modules or self.chunks, self.cfg.vocab, microbatches)
 
     def train_step(self, microbatches: list[dict[str, Any]]) -> StepResult:
         if self.weights_pending:
             raise RuntimeError("the model was built without initialisation for a checkpoint load that has not "
                                "happened (resume or train.init_from): refusing to train on uninitialised memory")
         if self.reference is not None:  # online reference: its log-probs for this step's rows, before the update
+            device = next(self.chunks[0].parameters()).device
+            for module in self.reference:  # built on CPU; Lightning moved the policy only (no-op once moved)
+                module.to(device)
             for mb, ref in zip(microbatches, self.row_log_probs(microbatches, self.reference)):
                 mb["ref_logps"] = ref["row_logps"]
         for module in self.ddp:
@@ -172,7 +184,11 @@ def split_microbatches(batch: dict[str, Any], num_microbatches: int, audio_in_id
     out, first_clip = [], 0
     for i in range(num_microbatches):
         rows = slice(i * step, (i + 1) * step)
-        part = {k: batch[k][rows] for k in ("tokens", "labels", "loss_weights")}
+        part = {k: batch[k][rows] for k in ("tokens", "labels", "loss_weights", "ref_logps") if k in batch}
+        if "pair_ids" in batch:  # DPO: rows interleave chosen and rejected, so pair k is rows 2k and 2k + 1
+            if step % 2:
+                raise ValueError(f"micro-batches of {step} rows would split a chosen/rejected pair")
+            part["pair_ids"] = batch["pair_ids"][i * step // 2:(i + 1) * step // 2]
         if counts is not None and int(counts[rows].sum()):
             n = int(counts[rows].sum())
             part["audio_features"] = audio[first_clip:first_clip + n]

@@ -54,6 +54,19 @@ def _as_is(item):
     return item
 
 
+class _WithReference:
+    """Pair batches with the offline reference's log-probs attached (online: the engine adds them per step)."""
+
+    def __init__(self, collate, table: dict | None) -> None:
+        self.collate, self.table = collate, table
+
+    def __call__(self, items):
+        from ualm_nemo.posttrain.reference import attach
+
+        batch = self.collate(items)
+        return attach(batch, self.table) if self.table is not None else batch
+
+
 class StepGroups(torch.utils.data.IterableDataset):
     """Groups a micro-batch iterable into lists of ``n``: one list per optimizer step."""
 
@@ -73,7 +86,7 @@ class UALMModel(ModelPT):
         super().__init__(cfg=cfg, trainer=trainer)
         plain = OmegaConf.to_container(cfg, resolve=True)
         plain["model"] = plain.pop("ualm")
-        plain = {k: v for k, v in plain.items() if k in ("model", "optim", "train", "data", "output_dir")}
+        plain = {k: v for k, v in plain.items() if k in ("model", "optim", "train", "data", "dpo", "output_dir")}
         self.run: RunConfig = run_config_from_dict(plain)
         self.automatic_optimization = False
         self.engine: MegatronEngine | None = None
@@ -86,6 +99,7 @@ class UALMModel(ModelPT):
         self.train_dataset = None  # the map-style demo/manifest data set (built in setup)
         self.data_state: dict | None = None  # Shar loader position after the last trained micro-batch
         self.pending_loader_state: dict | None = None  # restored from a checkpoint, applied to the new loader
+        self.reference_table: dict | None = None  # DPO offline reference: pair id -> [2, N] log-probs
 
     # --- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -94,7 +108,19 @@ class UALMModel(ModelPT):
             from ualm_nemo.training.data_setup import build_train_dataset
 
             self.train_dataset, self.rejects = build_train_dataset(self.run.data, self.run.model, self.run.output_dir)
+            if self.run.dpo is not None and self.run.dpo.reference == "offline":
+                self.reference_table = self._offline_reference()
         super().setup(stage)
+
+    def _offline_reference(self) -> dict:
+        from ualm_nemo.posttrain.reference import check_coverage, fingerprint, load_sidecar
+
+        dpo, data = self.run.dpo, self.run.data
+        expected = fingerprint(dpo.reference_checkpoint, None, data.dpo_manifest, data.tokenizer,
+                               self.run.model.vocab.text_vocab_size, self.run.model.vocab.num_codebooks)
+        table = load_sidecar(dpo.reference_logps, expected)
+        check_coverage(table, [r.id for r in self.train_dataset.records], dpo.reference_logps)
+        return table
 
     def configure_model(self) -> None:
         if self.engine is None:
@@ -103,9 +129,21 @@ class UALMModel(ModelPT):
             resuming = find_resumable(Path(self.run.output_dir) / "checkpoints") is not None
             self.engine = MegatronEngine(self.run.model, self.run.optim, self.run.train.max_steps,
                                          stage=self.run.train.stage,
-                                         initialize=not (resuming or self.run.train.init_from))
+                                         initialize=not (resuming or self.run.train.init_from),
+                                         objective=self._objective())
             self.chunks = torch.nn.ModuleList(self.engine.chunks)  # visible to Lightning (summary, device moves)
             self._maybe_init_weights(resuming)
+            if self.run.dpo is not None and self.run.dpo.reference == "online":
+                from ualm_nemo.posttrain.reference import load_reference_model
+
+                self.engine.set_reference(load_reference_model(self.run.model, self.run.dpo.reference_checkpoint))
+
+    def _objective(self):
+        if self.run.dpo is None:
+            return None  # the LM loss
+        from ualm_nemo.training.objectives import DPOObjective
+
+        return DPOObjective(self.run.dpo, self.run.model.vocab)
 
     def _maybe_init_weights(self, resuming: bool) -> None:
         """A new run may start from converted weights (train.init_from); a resumed run never does."""
@@ -125,7 +163,12 @@ class UALMModel(ModelPT):
             raise RuntimeError("UALMModel.train_dataset is not set (examples/train.py builds it from cfg.data)")
         from ualm_nemo.data.dataset import Collator
 
-        stream = GlobalBatchStream(self.train_dataset, Collator(self.run.model.vocab),
+        collate = Collator(self.run.model.vocab)
+        if self.run.dpo is not None:
+            from ualm_nemo.data.posttrain_dataset import PairCollator
+
+            collate = _WithReference(PairCollator(self.run.model.vocab), self.reference_table)
+        stream = GlobalBatchStream(self.train_dataset, collate,
                                    self.run.train.global_batch_size, parallel_state.get_data_parallel_rank(),
                                    parallel_state.get_data_parallel_world_size(), self.run.data.seed, self.position)
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
@@ -191,10 +234,11 @@ class UALMModel(ModelPT):
             return
         if step % t.log_every_n_steps and step != t.max_steps:
             return
-        self.logger.log_metrics({"train/loss": result.loss, "train/lr": result.lr,
-                                 "train/skipped_steps": self.skipped_steps,
-                                 "train/grad_norm": result.grad_norm if result.grad_norm is not None
-                                 else float("nan")}, step=step)
+        metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/skipped_steps": self.skipped_steps,
+                   "train/grad_norm": result.grad_norm if result.grad_norm is not None else float("nan")}
+        if result.metrics is not None:
+            metrics.update(result.metrics.as_log())
+        self.logger.log_metrics(metrics, step=step)
 
     @staticmethod
     def _global_count(local: int) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ualm_nemo.distributed.optim import OptimConfig
+from ualm_nemo.posttrain.dpo import DPOConfig
 from ualm_nemo.model.config import (BACKBONES, AudioInputConfig, AudioOutputConfig, BackboneConfig, ConfigError,
                                     ParallelConfig, UALMConfig)
 from ualm_nemo.training.config_types import build_section
@@ -42,6 +43,8 @@ class DataConfig:
     tta_manifest: str | None = None
     understanding_manifest: str | None = None
     text_manifest: str | None = None
+    sft_manifest: str | None = None  # conversations (data/conversation.py): the whole SFT set of a run
+    dpo_manifest: str | None = None  # preference pairs (data/conversation.py): stage=dpo
     synthesize: bool = False  # write the demo data set first (make demo)
     synthetic_samples_per_task: int = 40
     shar: dict | None = None  # Lhotse Shar sources + loader keys (conf/data/shar.yaml); replaces the manifests
@@ -56,6 +59,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig | None = None  # stage=dpo only
     output_dir: str = "outputs/ualm"
 
     def validate(self, world_size: int | None = None) -> "RunConfig":
@@ -83,9 +87,11 @@ class RunConfig:
                                   f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
         if not 0.0 <= self.data.cfg_dropout < 1.0:
             raise ConfigError(f"data.cfg_dropout={self.data.cfg_dropout} must lie in [0, 1)")
+        self._validate_posttraining()
         if self.data.shar is not None:
             d = self.data
-            if d.synthesize or d.tta_manifest or d.understanding_manifest or d.text_manifest:
+            if d.synthesize or d.tta_manifest or d.understanding_manifest or d.text_manifest or d.sft_manifest \
+                    or d.dpo_manifest:
                 raise ConfigError("data.shar replaces data.synthesize and the data.*_manifest keys: set only one")
             from ualm_nemo.data.shar_dataset import SharLoaderConfig
 
@@ -96,11 +102,36 @@ class RunConfig:
         return self
 
 
+    def _validate_posttraining(self) -> None:
+        d, stage = self.data, self.train.stage
+        pretraining = (d.tta_manifest, d.understanding_manifest, d.text_manifest)
+        if d.sft_manifest and (any(pretraining) or d.synthesize or d.dpo_manifest):
+            raise ConfigError("data.sft_manifest is the whole SFT set of a run: write TTA / understanding / text "
+                              "records as conversations too (data/conversation.py), or blend Shar sources")
+        if stage in ("sft", "dpo") and not self.train.init_from:
+            raise ConfigError(f"train.stage={stage} starts from a trained model: set train.init_from (a pre-training "
+                              "or SFT checkpoint folder)")
+        if stage == "dpo":
+            if self.dpo is None:
+                raise ConfigError("train.stage=dpo needs the dpo section (stage=dpo in conf/ sets it)")
+            if not d.dpo_manifest and d.shar is None:
+                raise ConfigError("train.stage=dpo needs preference pairs: set data.dpo_manifest")
+            if any(pretraining) or d.synthesize:
+                raise ConfigError("train.stage=dpo trains on preference pairs only: unset data.*_manifest "
+                                  "(other than dpo_manifest) and data.synthesize")
+            self.dpo.validate(self.model.vocab.num_codebooks)
+        else:
+            if d.dpo_manifest:
+                raise ConfigError(f"data.dpo_manifest is read by train.stage=dpo, not {stage!r}")
+            if self.dpo is not None:
+                raise ConfigError(f"the dpo section is read by train.stage=dpo, not {stage!r}")
+
+
 def check_local_paths(run: RunConfig) -> None:
     """On the machine that trains (the launcher checks through container mounts instead): the manifests exist
     and output_dir can be created and written, each said with its key before any work starts."""
     if not run.data.synthesize:
-        for key in ("tta_manifest", "understanding_manifest", "text_manifest"):
+        for key in ("tta_manifest", "understanding_manifest", "text_manifest", "sft_manifest", "dpo_manifest"):
             value = getattr(run.data, key)
             if value and not Path(value).is_file():
                 raise ConfigError(f"data.{key}={value!r}: no such file")
@@ -139,11 +170,12 @@ def model_config_from_dict(section: Mapping[str, Any]) -> UALMConfig:
 
 def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
     cfg = dict(cfg)
-    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "output_dir", "stage", "name"})
+    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "output_dir", "stage", "name"})
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}")
     return RunConfig(model=model_config_from_dict(cfg.get("model") or {}),
                      optim=_build(OptimConfig, cfg.get("optim"), "optim"),
                      train=_build(TrainConfig, cfg.get("train"), "train"),
                      data=_build(DataConfig, cfg.get("data"), "data"),
+                     dpo=_build(DPOConfig, cfg["dpo"], "dpo") if cfg.get("dpo") is not None else None,
                      output_dir=cfg.get("output_dir", "outputs/ualm"))

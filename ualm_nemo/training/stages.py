@@ -2,7 +2,7 @@
 
 * ``align``: modality alignment; backbone (text rows, decoder) frozen; the adapter, the audio embedding rows,
   the audio head and the stream embeddings / codebook heads train (paper: 1.8k steps).
-* ``pretrain`` / ``sft``: everything but the frozen audio encoder (the codec is never part of the model).
+* ``pretrain`` / ``sft`` / ``dpo``: everything but the frozen audio encoder (the codec is never part of the model).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ualm_nemo.model.config import ConfigError
 _ALIGN_TRAINABLE = ("embedding.audio.", "heads.audio_head.", "heads.stream_embedding", "heads.codebook_heads",
                     "audio_input.adapter.")
 _ALWAYS_FROZEN = ("audio_input.encoder.",)
-STAGES = ("align", "pretrain", "sft")
+STAGES = ("align", "pretrain", "sft", "dpo")
 
 
 def is_trainable(stage: str, name: str) -> bool:

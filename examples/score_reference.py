@@ -1,0 +1,33 @@
+"""Score a DPO run's reference once: python examples/score_reference.py stage=dpo data.dpo_manifest=PAIRS \
+    dpo.reference_checkpoint=SFT_RUN/checkpoints dpo.reference_logps=OUT.json [key=value ...]
+
+Same config (conf/train.yaml + overrides) as the DPO run it serves; any layout (torchrun / srun for several
+processes). Writes the sidecar dpo.reference_logps with a fingerprint that the DPO run checks.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ualm_nemo.model.config import ConfigError
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from ualm_nemo.distributed.parallel import init_distributed, teardown
+    from ualm_nemo.posttrain.score_reference import score_reference
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    init_distributed()
+    try:
+        score_reference(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except ConfigError as e:
+        sys.exit(f"score_reference.py: error: {e}")
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    main()
