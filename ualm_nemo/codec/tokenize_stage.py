@@ -12,6 +12,16 @@ Per cut: the audio is read once (segment, resample to 16 kHz, channel mean), enc
 ``codec_tokens`` int16 [T, 8] (T = ``num_codec_frames(samples)``, lhotse's half-up rounding, so it survives the
 Shar round trip). A cut whose audio fails to load, holds non-finite samples or fails to encode is written to the
 shard's rejects file with the reason and the run goes on. Text sources go through the same stage and get cuts-only shards.
+
+Conversation / preference cuts (data/cuts.py: one cut per record, its clips listed in ``clips``): each clip is
+read with ``raw.load_audio`` (what the in-memory datasets read), the clips are concatenated into the cut's 16 kHz
+recording, every written clip is encoded ON ITS OWN (in the shard's length-sorted batches; never the
+concatenation, whose clip boundaries would bleed into each other's frames) and the codes files are loaded as they
+are; ``codec_tokens`` is their concatenation in the order of the cut's frame spans (int16 [T, 8], a plain lhotse
+Array: its frames do not follow the recording's time line). These tasks always encode
+their written clips (``codec_tasks`` does not apply; a shard with written wav clips needs a codec). A clip that
+fails to load, changed length since preparation, holds non-finite samples or fails to encode, or a broken codes
+file, rejects the whole record.
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ from lhotse.serialization import decode_json_line, deserialize_item
 
 from ualm_nemo.codec.stage_settings import StageSettings, check_or_record
 from ualm_nemo.codec.xcodec import CodecTokenizer, num_codec_frames
-from ualm_nemo.data.cuts import cut_task, cut_waveform
+from ualm_nemo.data.conversation import load_codes_file
+from ualm_nemo.data.cuts import POSTTRAIN_TASKS, cut_task, cut_waveform
+from ualm_nemo.data.raw import load_audio
 from ualm_nemo.data.shar import CODEC_FIELD, FRAME_SHIFT, remove_leftovers, shard_done, write_shard
 from ualm_nemo.model.audio_frames import SAMPLE_RATE
 
@@ -110,6 +122,8 @@ def tokenize_shard(cuts: Sequence[Cut], codec: CodecTokenizer | None, codec_task
     if len(tasks) > 1:
         raise ValueError(f"a source holds one task, found {sorted(tasks)} (prepare one manifest per task)")
     task = tasks.pop() if tasks else "text"
+    if task in POSTTRAIN_TASKS:
+        return tokenize_posttrain_shard(cuts, codec)
     fields: dict[str, str] = {}
     if task != "text":
         fields["recording"] = "flac"
@@ -151,6 +165,81 @@ def tokenize_shard(cuts: Sequence[Cut], codec: CodecTokenizer | None, codec_task
                                                  temporal_dim=0))
         out = encoded
     return out, rejects, fields, seconds
+
+
+def _load_posttrain(cut: Cut) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(every clip's 16 kHz mono samples, every codes file's codes) of a conversation / preference cut, checked
+    against the spans written at preparation; raises ValueError naming what is wrong."""
+    wavs = []
+    for k, clip in enumerate(cut.custom["clips"]):
+        try:
+            wav = load_audio(clip["path"], 0.0 if clip["start"] is None else clip["start"], clip["end"])
+        except Exception as e:  # a file changed or broke since preparation
+            raise ValueError(f"clip {k} ({clip['path']}) failed to load: {type(e).__name__}: {e}") from None
+        a, b = clip["samples"]
+        if wav.shape[0] != b - a:
+            raise ValueError(f"clip {k} ({clip['path']}) has {wav.shape[0]} samples, {b - a} at preparation "
+                             "(the file changed: prepare the source again)")
+        if not bool(torch.isfinite(wav).all()):
+            raise ValueError(f"clip {k} ({clip['path']}): non-finite samples (NaN or inf) in the decoded audio")
+        wavs.append(wav)
+    codes = []
+    for k, entry in enumerate(cut.custom["codes"]):
+        c = torch.from_numpy(load_codes_file(Path(entry["path"])))  # raises a ValueError naming the problem
+        a, b = entry["frames"]
+        if c.shape[0] != b - a:
+            raise ValueError(f"codes file {entry['path']} holds {c.shape[0]} frames, {b - a} at preparation")
+        codes.append(c)
+    return wavs, codes
+
+
+def tokenize_posttrain_shard(cuts: Sequence[Cut], codec: CodecTokenizer | None
+                             ) -> tuple[list[Cut], list[dict], dict[str, str], float]:
+    """``tokenize_shard`` for conversation / preference cuts (see the module docstring)."""
+    loaded: list[tuple[Cut, list[torch.Tensor], list[torch.Tensor]]] = []
+    rejects: list[dict] = []
+    for cut in cuts:
+        try:
+            wavs, codes = _load_posttrain(cut)
+        except ValueError as e:
+            rejects.append(_reject(cut, str(e)))
+            continue
+        loaded.append((cut, wavs, codes))
+    # every written clip of the shard, encoded separately (batched by length, like any other clips)
+    todo = [(i, k) for i, (cut, _, _) in enumerate(loaded)
+            for k, clip in enumerate(cut.custom["clips"]) if clip["frames"] is not None]
+    seconds = 0.0
+    encoded: dict[tuple[int, int], torch.Tensor | str] = {}
+    if todo:
+        if codec is None:
+            raise ValueError(f"{len(todo)} written clips need a codec (--codec) for their {CODEC_FIELD}")
+        t0 = time.perf_counter()
+        encoded = dict(zip(todo, encode_or_explain(codec, [loaded[i][1][k] for i, k in todo])))
+        seconds = time.perf_counter() - t0
+    out = []
+    for i, (cut, wavs, codes) in enumerate(loaded):
+        pieces: list[tuple[int, torch.Tensor]] = [(entry["frames"][0], c) for entry, c in
+                                                  zip(cut.custom["codes"], codes)]
+        failed = None
+        for k, clip in enumerate(cut.custom["clips"]):
+            if clip["frames"] is None:
+                continue
+            c = encoded[(i, k)]
+            if isinstance(c, str):
+                failed = f"written clip {k} ({clip['path']}): {c}"
+                break
+            pieces.append((clip["frames"][0], c))
+        if failed:
+            rejects.append(_reject(cut, failed))
+            continue
+        ready = _mono_in_memory(cut, torch.cat(wavs)) if wavs else cut
+        if pieces:
+            tokens = torch.cat([c for _, c in sorted(pieces, key=lambda p: p[0])])  # in the cut's frame order
+            # a plain Array, not a TemporalArray: lhotse slices those by the cut's duration, and these frames
+            # (written clips and codes files) do not follow the recording's time line
+            ready = ready.attach_tensor(CODEC_FIELD, tokens.numpy().astype(np.int16))
+        out.append(ready)
+    return out, rejects, {"recording": "flac", CODEC_FIELD: "numpy"}, seconds
 
 
 def _reject(cut: Cut, reason: str) -> dict:

@@ -30,7 +30,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -90,53 +90,130 @@ def encode_written_audio(records: Sequence[ConversationRecord | PreferenceRecord
 # --------------------------------------------------------------------------------------------- turns
 
 
-def _chat_parts(role: str, parts: Sequence[ContentPart], written: Mapping[ClipKey, torch.Tensor] | None
+class ClipSource(Protocol):
+    """Where a record's clips come from: the files (``FileClips``, ``FileLengths``) or a Shar cut
+    (shar_dataset.py). Each method gets the record's reference and returns the formatter part."""
+
+    def heard(self, ref: AudioRef) -> AudioIn | AudioInLength: ...
+
+    def written(self, ref: AudioRef) -> AudioOut | AudioOutLength: ...
+
+    def codes(self, ref: CodesRef) -> AudioOut | AudioOutLength: ...
+
+
+@dataclass(frozen=True)
+class FileClips:
+    """Heard audio read from its file (``raw.load_audio``), written wavs from ``codes_by_key`` (codec codes per
+    ``AudioRef.key``), codes files loaded as they are."""
+
+    codes_by_key: Mapping[ClipKey, torch.Tensor]
+
+    def heard(self, ref: AudioRef) -> AudioIn:
+        _, start, end = ref.key
+        return AudioIn(load_audio(ref.path, start, end))
+
+    def written(self, ref: AudioRef) -> AudioOut:
+        return AudioOut(self.codes_by_key[ref.key])
+
+    def codes(self, ref: CodesRef) -> AudioOut:
+        return AudioOut(torch.from_numpy(load_codes_file(ref.path)))
+
+
+class FileLengths:
+    """Clip lengths from the audio headers and the codes files' shapes (no audio read, no codec)."""
+
+    def heard(self, ref: AudioRef) -> AudioInLength:
+        _, start, end = ref.key
+        return AudioInLength(num_samples_loaded(ref.path, start, end))
+
+    def written(self, ref: AudioRef) -> AudioOutLength:
+        _, start, end = ref.key
+        return AudioOutLength(num_codec_frames(num_samples_loaded(ref.path, start, end)))
+
+    def codes(self, ref: CodesRef) -> AudioOutLength:
+        return AudioOutLength(int(np.load(ref.path, mmap_mode="r").shape[0]))
+
+
+def _source(written: Mapping[ClipKey, torch.Tensor] | ClipSource | None) -> ClipSource:
+    if written is None:
+        return FileLengths()
+    if isinstance(written, Mapping):
+        return FileClips(written)
+    return written
+
+
+def _chat_parts(role: str, parts: Sequence[ContentPart], clips: ClipSource
                 ) -> list[Part | AudioInLength | AudioOutLength]:
-    """Record parts -> formatter parts; ``written=None`` gives lengths only (no audio read, no codec)."""
+    """Record parts -> formatter parts: an audio part of an assistant turn is written, of any other turn heard."""
     out: list[Any] = []
     for part in parts:
         if isinstance(part, TextPart):
             out.append(part.text)
         elif isinstance(part, CodesRef):
-            if written is None:
-                out.append(AudioOutLength(int(np.load(part.path, mmap_mode="r").shape[0])))
-            else:
-                out.append(AudioOut(torch.from_numpy(load_codes_file(part.path))))
-        elif role == "assistant":  # an AudioRef an assistant writes
-            _, start, end = part.key
-            if written is None:
-                out.append(AudioOutLength(num_codec_frames(num_samples_loaded(part.path, start, end))))
-            else:
-                out.append(AudioOut(written[part.key]))
-        else:  # an AudioRef a system / user turn hears
-            _, start, end = part.key
-            if written is None:
-                out.append(AudioInLength(num_samples_loaded(part.path, start, end)))
-            else:
-                out.append(AudioIn(load_audio(part.path, start, end)))
+            out.append(clips.codes(part))
+        elif role == "assistant":
+            out.append(clips.written(part))
+        else:
+            out.append(clips.heard(part))
     return out
 
 
-def chat_turns(turns: Sequence[ConversationTurn], written: Mapping[ClipKey, torch.Tensor] | None) -> list[ChatTurn]:
-    """Record turns -> ``formatting.ChatTurn``s (heard audio loaded, written audio from ``written``);
-    ``written=None``: the same turns with clip lengths in place of clips (for ``conversation_length``)."""
-    return [(t.role, _chat_parts(t.role, t.parts, written)) for t in turns]
+def chat_turns(turns: Sequence[ConversationTurn], written: Mapping[ClipKey, torch.Tensor] | ClipSource | None
+               ) -> list[ChatTurn]:
+    """Record turns -> ``formatting.ChatTurn``s (heard audio loaded, written audio from ``written``: codes by
+    clip key, or any ``ClipSource``); ``written=None``: the same turns with clip lengths in place of clips (for
+    ``conversation_length``)."""
+    clips = _source(written)
+    return [(t.role, _chat_parts(t.role, t.parts, clips)) for t in turns]
 
 
 def _preference_turns(record: PreferenceRecord, side: Sequence[ContentPart],
-                      written: Mapping[ClipKey, torch.Tensor] | None) -> tuple[list[ChatTurn], list[bool]]:
-    turns = chat_turns(record.prompt, written) + [("assistant", _chat_parts("assistant", side, written))]
+                      written: Mapping[ClipKey, torch.Tensor] | ClipSource | None
+                      ) -> tuple[list[ChatTurn], list[bool]]:
+    clips = _source(written)
+    turns = chat_turns(record.prompt, clips) + [("assistant", _chat_parts("assistant", side, clips))]
     return turns, [False] * len(record.prompt) + [True]
+
+
+def pair_formatter(formatter: SampleFormatter) -> SampleFormatter:
+    """The formatter DPO pairs use: ``formatter`` with cfg_dropout 0 (DPO never drops the condition)."""
+    if formatter.cfg_dropout == 0.0:
+        return formatter
+    formatter = copy.copy(formatter)  # shares tokenizer and log-mel; only the dropout differs
+    formatter.cfg_dropout = 0.0
+    return formatter
+
+
+def format_conversation_record(formatter: SampleFormatter, record: ConversationRecord, clips: ClipSource,
+                               rng: random.Random) -> Sample:
+    """The SFT sample of a record (what ``ConversationDataset`` and the Shar loader both build)."""
+    return formatter.format_conversation(chat_turns(record.turns, clips), rng, learn=[t.learn for t in record.turns])
+
+
+def format_preference_record(formatter: SampleFormatter, record: PreferenceRecord, clips: ClipSource,
+                             rng: random.Random) -> dict[str, Any]:
+    """{"id", "chosen": Sample, "rejected": Sample} of a pair; ``formatter`` must have cfg_dropout 0
+    (``pair_formatter``)."""
+    if formatter.cfg_dropout != 0.0:
+        raise ValueError("DPO pairs are formatted without CFG dropout: pass pair_formatter(formatter)")
+    out: dict[str, Any] = {"id": record.id}
+    for name, side in (("chosen", record.chosen), ("rejected", record.rejected)):
+        turns, learn = _preference_turns(record, side, clips)
+        out[name] = formatter.format_conversation(turns, rng, learn=learn)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- length limit
 
 
-def record_length(record: ConversationRecord | PreferenceRecord, formatter: SampleFormatter) -> int:
-    """Positions of the sample (the longer side of a pair) from headers and codes shapes alone."""
+def record_length(record: ConversationRecord | PreferenceRecord, formatter: SampleFormatter,
+                  lengths: ClipSource | None = None) -> int:
+    """Positions of the sample (the longer side of a pair) from clip lengths alone (default: the audio headers
+    and codes shapes, ``FileLengths``)."""
+    lengths = lengths or FileLengths()
     if isinstance(record, ConversationRecord):
-        return formatter.conversation_length(chat_turns(record.turns, None))
-    return max(formatter.conversation_length(_preference_turns(record, side, None)[0])
+        return formatter.conversation_length(chat_turns(record.turns, lengths))
+    return max(formatter.conversation_length(_preference_turns(record, side, lengths)[0])
                for side in (record.chosen, record.rejected))
 
 
@@ -199,9 +276,8 @@ class ConversationDataset(_PostTrainDataset):
     """SFT: ``ConversationRecord``s -> conversation samples."""
 
     def __getitem__(self, index: int) -> Sample:
-        record: ConversationRecord = self.records[index]
-        return self.formatter.format_conversation(chat_turns(record.turns, self.written), self._rng(index),
-                                                  learn=[t.learn for t in record.turns])
+        return format_conversation_record(self.formatter, self.records[index], FileClips(self.written),
+                                          self._rng(index))
 
 
 class PreferenceDataset(_PostTrainDataset):
@@ -210,18 +286,11 @@ class PreferenceDataset(_PostTrainDataset):
     def __init__(self, records: Sequence[PreferenceRecord], formatter: SampleFormatter,
                  written: Mapping[ClipKey, torch.Tensor] | None = None, seed: int = 0,
                  skipped: Sequence[Reject] = ()):
-        if formatter.cfg_dropout != 0.0:
-            formatter = copy.copy(formatter)  # shares tokenizer and log-mel; only the dropout differs
-            formatter.cfg_dropout = 0.0
-        super().__init__(records, formatter, written, seed, skipped)
+        super().__init__(records, pair_formatter(formatter), written, seed, skipped)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record: PreferenceRecord = self.records[index]
-        out: dict[str, Any] = {"id": record.id}
-        for name, side in (("chosen", record.chosen), ("rejected", record.rejected)):
-            turns, learn = _preference_turns(record, side, self.written)
-            out[name] = self.formatter.format_conversation(turns, self._rng(index), learn=learn)
-        return out
+        return format_preference_record(self.formatter, self.records[index], FileClips(self.written),
+                                        self._rng(index))
 
 
 def load_conversation_dataset(manifest: str | Path, formatter: SampleFormatter, codec: CodecTokenizer | None,

@@ -4,7 +4,9 @@ A source folder (what ``sources[].shar_dir`` names in conf/data/shar.yaml)::
 
     {source}/shards/cuts.000007.jsonl.gz        standard Lhotse Shar (CutSet.from_shar(in_dir=.../shards) reads it)
     {source}/shards/recording.000007.tar        flac, 16 kHz (audio tasks)
-    {source}/shards/codec_tokens.000007.tar     int16 [T, 8] at 50 Hz, a TemporalArray (frame_shift 0.02)
+    {source}/shards/codec_tokens.000007.tar     int16 [T, 8] at 50 Hz, a TemporalArray (frame_shift 0.02); for
+                                                conversation / preference cuts a plain Array (the written clips'
+                                                and codes files' frames back to back, spans in the cut: cuts.py)
     {source}/meta/000007.json                   {"num_cuts", "num_rejects", "audio_seconds", "fields"}: shard done
     {source}/meta/rejects.000007.jsonl          cuts whose audio failed to load or encode, with the reason
 
@@ -132,6 +134,17 @@ def shard_counts(source_dir: str | Path) -> dict[int, int]:
         elif not (source_dir / "meta").is_dir():  # a plain Shar folder: every shard present is complete
             counts[shard] = _count_lines(shards_dir(source_dir) / f"cuts.{shard:06d}.jsonl.gz")
     return counts
+
+
+def source_task(source_dir: str | Path) -> str | None:
+    """The task of a source (``custom["task"]`` of its first cut; a source holds one task), None if it is empty."""
+    folder = shards_dir(source_dir)
+    for shard in _shard_ids(Path(source_dir)):
+        with gzip.open(folder / f"cuts.{shard:06d}.jsonl.gz", "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    return (json.loads(line).get("custom") or {}).get("task")
+    return None
 
 
 def read_rejects(source_dir: str | Path) -> list[dict]:

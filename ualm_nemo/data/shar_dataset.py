@@ -39,10 +39,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ualm_nemo.data.batching import bucket_batches, collate_packed, pack_rows
 from ualm_nemo.data.blend import SourceSpec, blend_probabilities, window_choices, window_counts
-from ualm_nemo.data.cuts import cut_caption, cut_task, cut_turns, cut_waveform
+from ualm_nemo.data.cuts import (POSTTRAIN_TASKS, CutClips, cut_caption, cut_record, cut_task, cut_turns,
+                                 cut_waveform)
 from ualm_nemo.data.dataset import collate
 from ualm_nemo.data.formatting import Sample, SampleFormatter
-from ualm_nemo.data.shar import CODEC_FIELD, ShardReader, shard_counts
+from ualm_nemo.data.posttrain_dataset import (collate_pairs, format_conversation_record, format_preference_record,
+                                              pair_formatter, record_length)
+from ualm_nemo.data.shar import CODEC_FIELD, ShardReader, shard_counts, source_task
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,7 @@ class _Plan:
     sizes: list[dict[int, int]]
     rank: int
     world: int
+    pairs: bool = False  # DPO: every source holds preference cuts; batches of pairs, never packed
     views: list[SourceView] = field(default_factory=list)
     readers: list[ShardReader] = field(default_factory=list)
 
@@ -152,6 +156,15 @@ class _Plan:
         self.views = [SourceView(s.name, c, self.cfg.seed, self.rank, self.world)
                       for s, c in zip(self.cfg.sources, self.sizes)]
         self.readers = [ShardReader(s.shar_dir) for s in self.cfg.sources]
+        self.pair_fmt = pair_formatter(self.formatter) if self.pairs else None
+
+    @property
+    def limit(self) -> int:
+        """Longest sample (a pair: its longer side) a micro-batch takes; longer ones are skipped."""
+        cfg = self.cfg
+        if self.pairs:  # two rows, chosen and rejected
+            return min(cfg.seq_len, cfg.max_tokens // 2)
+        return cfg.seq_len if cfg.pack else min(cfg.seq_len, cfg.max_tokens)
 
     def counts(self, window: int) -> np.ndarray:
         return window_counts(self.probs, self.cfg.seed, self.rank, window, self.cfg.window_size)
@@ -163,6 +176,8 @@ class _Plan:
         rng = random.Random(f"{self.cfg.seed}:{name}:{epoch}:{cut.id}")
         task = cut_task(cut)
         fmt = self.formatter
+        if task in POSTTRAIN_TASKS:
+            return self._posttrain(cut, f"{name}/{cut.id}", rng)
         if task == "tta":
             codes = torch.from_numpy(cut.load_custom(CODEC_FIELD).astype(np.int64))  # [T, 8]
             sample = fmt.format_tta(cut_caption(cut), codes, rng)
@@ -173,6 +188,31 @@ class _Plan:
         sample["id"] = f"{name}/{cut.id}"
         return sample
 
+    def _posttrain(self, cut: Any, sample_id: str, rng: random.Random) -> dict[str, Any]:
+        """A conversation sample, or a pair {"id": record id, "chosen", "rejected"}, through the functions the
+        in-memory datasets use (posttrain_dataset.py); its length is computed from the cut's spans first, and a
+        sample longer than ``limit`` comes back as ``{"id", "length"}`` without any audio loaded."""
+        record = cut_record(cut)
+        length = record_length(record, self.formatter, CutClips(cut, lengths_only=True))
+        if length > self.limit:
+            return {"id": sample_id, "length": length}
+        if cut_task(cut) == "conversation":
+            sample = format_conversation_record(self.formatter, record, CutClips(cut), rng)
+            sample["id"] = sample_id
+            return sample
+        if self.pair_fmt is None:
+            raise ValueError(f"{sample_id} is a preference pair in a loader of other tasks (DPO sources are loaded "
+                             "alone)")
+        item = format_preference_record(self.pair_fmt, record, CutClips(cut), rng)
+        item["sample_id"] = sample_id
+        return item
+
+    @staticmethod
+    def _length(x: dict[str, Any]) -> int:
+        if "chosen" in x:
+            return max(x["chosen"]["tokens"].shape[0], x["rejected"]["tokens"].shape[0])
+        return x["tokens"].shape[0] if "tokens" in x else x["length"]
+
     def window(self, w: int, cursors: Sequence[int]) -> dict[str, Any]:
         """Window w's batches, given the source cursors at its start."""
         cfg, fmt = self.cfg, self.formatter
@@ -181,15 +221,20 @@ class _Plan:
         for s in window_choices(self.probs, cfg.seed, self.rank, w, cfg.window_size):
             samples.append(self.sample(int(s), next_j[s]))
             next_j[s] += 1
-        limit = cfg.seq_len if cfg.pack else min(cfg.seq_len, cfg.max_tokens)
-        kept = [x for x in samples if x["tokens"].shape[0] <= limit]
+        limit = self.limit
+        kept = [x for x in samples if self._length(x) <= limit]
         if len(kept) < len(samples):
             log.warning("window %d: skipped %d samples longer than %d positions (data.seq_len): %s", w,
                         len(samples) - len(kept), limit,
-                        ", ".join(f"{x['id']} ({x['tokens'].shape[0]})" for x in samples
-                                  if x["tokens"].shape[0] > limit))
-        lengths = [x["tokens"].shape[0] for x in kept]
-        if cfg.pack:
+                        ", ".join(f"{x.get('sample_id', x['id'])} ({self._length(x)})" for x in samples
+                                  if self._length(x) > limit))
+        lengths = [self._length(x) for x in kept]
+        if self.pairs:  # rows chosen, rejected, chosen, ... (collate_pairs): a pair is two rows of its longer side
+            groups = bucket_batches(lengths, cfg.max_tokens // 2, cfg.max_rows // 2 if cfg.max_rows else None,
+                                    cfg.pad_to_multiple)
+            batches = [collate_pairs([kept[i] for i in g], fmt.vocab, cfg.pad_to_multiple) for g in groups]
+            ids = [[kept[i]["sample_id"] for i in g] for g in groups]
+        elif cfg.pack:
             rows = pack_rows(lengths, cfg.seq_len)
             per_batch = max(1, min(cfg.max_tokens // cfg.seq_len, cfg.max_rows or 1 << 30))
             groups = [rows[k:k + per_batch] for k in range(0, len(rows), per_batch)]
@@ -230,6 +275,25 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one process per core: intra-op threads would only contend
 
 
+def _check_pairs(cfg: SharLoaderConfig, tasks: dict[str, str | None]) -> bool:
+    """True when the sources are DPO pairs (all of them); refuses a mix with other tasks, and packing."""
+    dpo = sorted(name for name, task in tasks.items() if task == "preference")
+    if not dpo:
+        return False
+    others = sorted(f"{name} ({task})" for name, task in tasks.items() if task != "preference")
+    if others:
+        raise ValueError(f"data.sources mixes DPO preference sources ({', '.join(dpo)}) with other tasks "
+                         f"({', '.join(others)}): a DPO run loads preference sources alone")
+    if cfg.pack:
+        raise ValueError(f"data.pack: true with preference sources ({', '.join(dpo)}): DPO batches are pairs "
+                         "(chosen, rejected rows), never packed; set data.pack: false")
+    if cfg.max_rows is not None and cfg.max_rows < 2:
+        raise ValueError(f"data.max_rows={cfg.max_rows}: a DPO micro-batch needs at least 2 rows (one pair)")
+    if cfg.max_tokens // 2 < 1:
+        raise ValueError(f"data.max_tokens={cfg.max_tokens} cannot hold a pair")
+    return True
+
+
 class SharBatchLoader:
     """Iterable of micro-batches for one DP rank (see the module docstring); ``state_dict`` for checkpoints."""
 
@@ -242,7 +306,9 @@ class SharBatchLoader:
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.source_sizes = dict(zip([s.name for s in cfg.sources], totals))
         self.probabilities = dict(zip([s.name for s in cfg.sources], probs.tolist()))
-        self._plan = _Plan(cfg, formatter, probs, sizes, dp_rank, dp_size)
+        self.source_tasks = {s.name: source_task(s.shar_dir) for s in cfg.sources}
+        self.pairs = _check_pairs(cfg, self.source_tasks)
+        self._plan = _Plan(cfg, formatter, probs, sizes, dp_rank, dp_size, self.pairs)
         self._state = {"window": 0, "batch_in_window": 0, "cursors": [0] * len(cfg.sources)}
 
     def _fingerprint(self) -> dict[str, Any]:
