@@ -3,10 +3,15 @@
   python examples/prepare_data.py --out /data/prepared \
       --source audiocaps=tta:/raw/etta.jsonl --source af3=understanding:/raw/af3.json \
       --source text=text:/raw/text.jsonl
+  # post-training: SFT conversations and DPO preference pairs (formats: ualm_nemo/data/conversation.py)
+  python examples/prepare_data.py --out /data/prepared \
+      --source sft=conversation:/raw/sft.jsonl --source dpo=preference:/raw/pairs.jsonl
 
-Each --source is NAME=TASK:MANIFEST (TASK: tta | understanding | text); --max-duration SECONDS rejects longer
-audio (counted and listed like every other reject). Writes {out}/{NAME}/cuts.jsonl.gz,
-rejects.jsonl and summary.json, then prints the counts. Next: examples/tokenize_audio.py on each cuts.jsonl.gz.
+Each --source is NAME=TASK:MANIFEST (TASK: tta | understanding | text | conversation | preference);
+--max-duration SECONDS rejects longer audio (counted and listed like every other reject; for a conversation or
+a pair: all its distinct clips together, the audio its one cut holds). Writes {out}/{NAME}/cuts.jsonl.gz,
+rejects.jsonl and summary.json, then prints the counts. Next: examples/tokenize_audio.py on each cuts.jsonl.gz
+(conversation / preference sources with written wav clips need --codec: each written clip is encoded).
 """
 
 import argparse
@@ -31,7 +36,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the prepared sources")
     parser.add_argument("--source", action="append", type=parse_source, required=True, metavar="NAME=TASK:MANIFEST")
     parser.add_argument("--max-duration", type=positive_float, default=None, metavar="SECONDS",
-                        help="reject audio longer than this (listed in rejects.jsonl); default: no limit")
+                        help="reject audio longer than this (a conversation / pair: its clips together; listed in "
+                        "rejects.jsonl); default: no limit")
     args = parser.parse_args()
     names = [name for name, _, _ in args.source]
     repeated = sorted({n for n in names if names.count(n) > 1})

@@ -10,6 +10,10 @@
 
 Re-running skips finished shards (a killed run resumes; its temporary files are removed). The settings (shard
 size, manifest, codec, codec tasks) are recorded in {out}/meta/stage.json: a rerun with others is refused. ``--codec tiny`` uses the tiny random codec (tests, demo).
+
+Conversation and preference sources (post-training) always encode their written clips, each on its own
+(--codec-tasks does not apply to them); their codes files are carried verbatim. ``--batch-size 1`` makes every
+clip's codes independent of the clips it is batched with (a padded batch can change them).
 """
 
 import argparse
@@ -53,7 +57,8 @@ def main() -> None:
                         help="START:STOP shard range (default: split by rank/world)")
     parser.add_argument("--rank", type=non_negative_int, default=None, help="default: Slurm array task / SLURM_PROCID")
     parser.add_argument("--world", type=positive_int, default=None, help="default: Slurm array size / SLURM_NTASKS")
-    parser.add_argument("--codec-tasks", default="tta", help="comma list of tasks to encode (default: tta)")
+    parser.add_argument("--codec-tasks", default="tta", help="comma list of tasks to encode (default: tta; "
+                        "conversation / preference sources always encode their written clips)")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()

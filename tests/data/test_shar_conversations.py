@@ -295,3 +295,44 @@ def test_codec_stage_rejects_a_record_whose_clips_broke(data, tmp_path):
     assert sorted(c.custom["origin"] for c in ready) == ["conv-2", "conv-3"]
     assert "at preparation (the file changed" in reasons["conv-0"] and "shape" in reasons["conv-1"]
     assert set(reasons) == {"conv-0", "conv-1", "conv-4"}
+
+
+def test_preference_batches_do_not_depend_on_worker_count(data):
+    base = dict(sources=[{"name": "dpo", "shar_dir": data["dpo"]}], window_size=4, max_tokens=800, seq_len=400,
+                seed=2)
+    alone = _take(SharBatchLoader(SharLoaderConfig(**base), _fmt()), 5)
+    pooled = _take(SharBatchLoader(SharLoaderConfig(**base, num_workers=2), _fmt()), 5)
+    assert all(_equal(x, y) for x, y in zip(alone, pooled, strict=True))
+
+
+def test_cli_prepares_and_tokenizes_post_training_sources(data, tmp_path, monkeypatch, capsys):
+    from ualm_nemo.testing.examples import load_example
+
+    root = data["root"]
+    monkeypatch.setattr("sys.argv", ["prepare_data.py", "--out", str(tmp_path / "prep"),
+                                     "--source", f"sft=conversation:{root / 'sft.jsonl'}",
+                                     "--source", f"dpo=preference:{root / 'dpo.jsonl'}", "--max-duration", "1.39"])
+    with pytest.raises(SystemExit) as done:
+        load_example("prepare_data").main()
+    assert done.value.code == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # all distinct clips together: conv-0 1.4 s (dog, hall, hall[0.1:0.4], bird[0.05:0.35]), conv-5 1.7 s (bird
+    # instead of dog), conv-8 1.66 s (bird, cat, dog[0.1:], 22 kHz tone); conv-3 1.36 s (dog, not bird) is kept
+    long = 3
+    assert counts == {"cuts": N_CONV - long + N_PAIRS, "rejects": 1 + long}
+    assert "--max-duration" in (tmp_path / "prep" / "sft" / "rejects.jsonl").read_text()
+    monkeypatch.setattr("sys.argv", ["tokenize_audio.py", "--cuts", str(tmp_path / "prep" / "dpo" / "cuts.jsonl.gz"),
+                                     "--out", str(tmp_path / "shar"), "--codec", "tiny", "--shard-size", "4",
+                                     "--no-progress"])
+    load_example("tokenize_audio").main()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["cuts"], summary["rejects"], summary["written"]) == (N_PAIRS, 0, 2)
+    assert source_task(tmp_path / "shar") == "preference"
+
+
+def test_length_limit_hands_post_training_records_to_their_length(data):
+    from ualm_nemo.data.length_limit import record_length as any_length
+
+    fmt = _fmt()
+    for record in read_preference_manifest(data["root"] / "dpo.jsonl").records[:3]:
+        assert any_length(record, fmt) == record_length(record, fmt) > 0

@@ -4,6 +4,10 @@ A record's sample length is computed from its text and its audio's header alone 
 any audio is encoded, so a record far too long for the model (a 100k-character caption, an hour-long clip) is
 skipped with its ``file:line`` and length instead of becoming one padded batch of that length (the collator
 pads every row to the longest, and attention memory grows with its square).
+
+Post-training records (conversations, preference pairs) have their own ``posttrain_dataset.record_length``
+(clip lengths from headers and codes shapes; a pair: its longer side); ``record_length`` here hands them to it,
+and the Shar loader uses it too (clip lengths from the cut's spans).
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ def record_length(record: Record, formatter: SampleFormatter) -> int:
         return formatter.understanding_length(record.turns, num_samples_loaded(record.audio_path))
     if isinstance(record, TextRecord):
         return formatter.text_length(record.turns)
+    from ualm_nemo.data.conversation import ConversationRecord, PreferenceRecord
+
+    if isinstance(record, (ConversationRecord, PreferenceRecord)):
+        from ualm_nemo.data.posttrain_dataset import record_length as posttrain_length  # imports dataset.py
+
+        return posttrain_length(record, formatter)
     raise TypeError(f"unknown record type {type(record).__name__}")
 
 

@@ -16,6 +16,11 @@ dropout drawn from ``random.Random`` seeded by (seed, epoch, index)). ``Preferen
 ``{"id", "chosen": Sample, "rejected": Sample}``, each side ``format_conversation(prompt + [("assistant",
 side)], learn=[False] * len(prompt) + [True])`` with cfg_dropout 0 (DPO never drops the condition).
 
+Where the clips come from is a ``ClipSource``: the files here (``FileClips``: heard audio read, written wavs
+from their codec codes, codes files loaded; ``FileLengths``: lengths only), a Shar cut on the Shar path
+(``cuts.CutClips``). ``format_conversation_record`` / ``format_preference_record`` are the one way a record
+becomes a sample, for both paths.
+
 Batches: ``collate_conversations`` is ``dataset.collate`` (it takes samples with several
 heard clips (``formatting.sample_clips``): ``audio_features`` [N_audio, n_mel, F_max] holds every clip
 batch-major, each sample's in placeholder order. ``collate_pairs`` is that over chosen, rejected, chosen,

@@ -20,8 +20,20 @@ its window and skips the batches already consumed, so it yields exactly the next
 DataLoader workers each build whole windows (worker k of K: windows start + k, start + k + K, ...) and the
 DataLoader returns them in window order, so the batches are the same for any ``num_workers``.
 
-Each yielded micro-batch is ``dataset.collate``'s dict (or ``batching.collate_packed``'s when packing), plus
-``ids`` (source/cut id per sample, row-major) and ``loader_state``. Batch sizes vary (token budget); a training
+Post-training cuts (cuts.py: one cut per SFT conversation or DPO pair) are formatted by the functions the
+in-memory datasets use (posttrain_dataset.format_conversation_record / format_preference_record, their clips
+served from the cut by ``cuts.CutClips``), so a record gives the same sample on both paths. Their length is
+computed from the cut's spans first (``conversation_length``): an over-long one is skipped before any audio
+is loaded. Conversation samples blend, bucket and pack like the other tasks. Preference sources are DPO: they
+must be the loader's only sources (a mix with other tasks is refused) and are never packed (``pack: true`` is
+refused); a window's pairs are bucketed by their longer side, two rows each (``max_tokens // 2`` per pair row
+budget, ``max_rows // 2`` pairs), and collated by ``posttrain_dataset.collate_pairs``: rows chosen, rejected,
+chosen, ... (pair k at rows 2k, 2k + 1), ``pair_ids`` the records' ids (what DPO reference log-probs are
+keyed by), ``ids`` one source/cut id per pair; a side longer than ``min(seq_len, max_tokens // 2)`` skips the
+pair.
+
+Each yielded micro-batch is ``dataset.collate``'s dict (or ``batching.collate_packed``'s when packing, or
+``collate_pairs``'s for DPO), plus ``ids`` (source/cut id per sample, row-major) and ``loader_state``. Batch sizes vary (token budget); a training
 step takes ``num_microbatches`` consecutive micro-batches on every rank.
 """
 
