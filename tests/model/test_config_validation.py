@@ -42,7 +42,9 @@ def test_run_config_rejects_unknown_and_bad_values():
         run_config_from_dict({"model": {"parallel": {"tensor_parallel": 2}}})
     with pytest.raises(ConfigError, match="model.backbone='qwen3'"):
         run_config_from_dict({"model": {"backbone": "qwen3"}})
-    with pytest.raises(ConfigError, match="train.stage='dpo'"):
+    with pytest.raises(ConfigError, match="train.stage='rlhf'"):
+        run_config_from_dict({"train": {"stage": "rlhf"}}).validate(1)
+    with pytest.raises(ConfigError, match="train.stage=dpo starts from a trained model"):
         run_config_from_dict({"train": {"stage": "dpo"}}).validate(1)
     with pytest.raises(ConfigError, match="global_batch_size=8 must be divisible by micro_batch_size x data-parallel"):
         run_config_from_dict({"train": {"global_batch_size": 8, "micro_batch_size": 4}}).validate(4)
