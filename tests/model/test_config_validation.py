@@ -79,6 +79,20 @@ def test_readme_overrides_work_as_written():
     assert run_config_from_dict(OmegaConf.to_container(cfg, resolve=True)).train.stop_at_step == 6
 
 
+@pytest.mark.parametrize("stage,max_steps,lr,weight_decay,cfg_dropout", [
+    ("pretrain", 300, 1e-4, 0.1, 0.05), ("align", 1800, 1e-4, 0.1, 0.05), ("sft", 4000, 2e-5, 0.1, 0.05),
+    ("dpo", 1000, 5e-7, 0.0, 0.0)])
+def test_a_stage_config_sets_its_own_schedule(stage, max_steps, lr, weight_decay, cfg_dropout):
+    """conf/stage/*.yaml win over conf/train.yaml's base values and over the data group (a DPO run on the demo
+    data group used to train at the pre-training lr with CFG dropout on); the command line wins over both."""
+    cfg = _composed(f"stage={stage}")
+    assert (cfg["train"]["max_steps"], cfg["optim"]["lr"], cfg["optim"]["weight_decay"]) == (max_steps, lr,
+                                                                                              weight_decay)
+    assert cfg["data"]["cfg_dropout"] == cfg_dropout and cfg["data"]["synthesize"] is (stage not in ("sft", "dpo"))
+    assert _composed(f"stage={stage}", "optim.lr=0.5", "data.cfg_dropout=0.2")["optim"]["lr"] == 0.5
+    assert _composed(f"stage={stage}", "data.cfg_dropout=0.2")["data"]["cfg_dropout"] == 0.2
+
+
 BAD_NUMBERS = [  # (command-line override, the message's start): each typed as a user would, parsed by Hydra
     ("train.max_steps=abc", "train.max_steps='abc' must be a whole number"),
     ("optim.lr=fast", "optim.lr='fast' must be a number"),
