@@ -4,7 +4,6 @@ short wavs (mono and stereo, 16 / 44.1 kHz)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,26 +11,11 @@ import pytest
 import soundfile
 import torch
 
-
-def write_roberta_tokenizer(folder: Path) -> int:
-    """A byte-level BPE vocabulary (specials + the 256 byte symbols, no merges) in roberta-base's file layout;
-    returns its size."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for symbol in ByteLevel.alphabet():
-        vocab.setdefault(symbol, len(vocab))
-    vocab["<mask>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return len(vocab)
+from ualm_nemo.testing.metric_models import write_random_aes, write_random_clap
 
 
 def save_metric_models(root: Path) -> dict[str, Path]:
-    from audiobox_aesthetics.model.aes import AesMultiOutput
-
-    from ualm_nemo.eval import clap_score, openl3_fd, panns, passt_kl
+    from ualm_nemo.eval import openl3_fd, panns, passt_kl
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -41,16 +25,8 @@ def save_metric_models(root: Path) -> dict[str, Path]:
     torch.save(openl3_fd.build_model("env").state_dict(), paths["openl3"])
     torch.save(passt_kl.build_model().net.state_dict(), paths["passt"])  # the release file: the net alone
     torch.save({"model": panns.Cnn14().state_dict(), "iteration": 0}, paths["panns"])
-    paths["clap_tokenizer"] = root / "roberta-tokenizer"
-    vocab = write_roberta_tokenizer(paths["clap_tokenizer"])
-    model, _ = clap_score.build_model({"vocab_size": vocab, "hidden_size": 768, "num_hidden_layers": 1,
-                                       "intermediate_size": 256})
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, paths["clap"])
-    aes = AesMultiOutput(target_transform={a: {"mean": 5.0, "std": 1.5} for a in ("CE", "CU", "PC", "PQ")})
-    config = {k: getattr(aes, k) for k in ("proj_num_layer", "proj_ln", "proj_act_fn", "proj_dropout", "nth_layer",
-                                          "use_weighted_layer_sum", "normalize_embed", "output_dim")}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in aes.state_dict().items()},
-                "model_cfg": config | {"precision": "32"}, "target_transform": aes.target_transform}, paths["aes"])
+    paths.update(write_random_clap(root))
+    write_random_aes(paths["aes"])
     return paths
 
 

@@ -10,7 +10,6 @@ min-margin skip counted, bad input refused before any work.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -32,35 +31,17 @@ MORE = [{"id": "beep", "caption": "a high beep"}, {"id": 7, "prompt": [{"role": 
 AES = ("aes_ce", "aes_cu", "aes_pc", "aes_pq")
 
 
-def _eval_conftest():
-    spec = importlib.util.spec_from_file_location("_eval_conftest", ROOT / "tests" / "eval" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def metric_files(tmp_path_factory) -> dict[str, Path]:
     """CLAP (RoBERTa cut to one layer, byte-level vocabulary) and aesthetics checkpoints with random weights, in
-    the formats of tests/eval/conftest.py's save_metric_models (which also builds three models not needed here)."""
-    from audiobox_aesthetics.model.aes import AesMultiOutput
-
-    from ualm_nemo.eval import clap_score
+    their release formats."""
+    from ualm_nemo.testing.metric_models import write_random_aes, write_random_clap
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("metric_models")
     torch.manual_seed(0)
-    paths = {"clap": root / "630k-audioset-fusion-best.pt", "aes": root / "checkpoint.pt",
-             "clap_tokenizer": root / "roberta-tokenizer"}
-    vocab = _eval_conftest().write_roberta_tokenizer(paths["clap_tokenizer"])
-    model, _ = clap_score.build_model({"vocab_size": vocab, "hidden_size": 768, "num_hidden_layers": 1,
-                                       "intermediate_size": 256})
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, paths["clap"])
-    aes = AesMultiOutput(target_transform={a: {"mean": 5.0, "std": 1.5} for a in ("CE", "CU", "PC", "PQ")})
-    config = {k: getattr(aes, k) for k in ("proj_num_layer", "proj_ln", "proj_act_fn", "proj_dropout", "nth_layer",
-                                          "use_weighted_layer_sum", "normalize_embed", "output_dim")}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in aes.state_dict().items()},
-                "model_cfg": config | {"precision": "32"}, "target_transform": aes.target_transform}, paths["aes"])
+    paths = write_random_clap(root)
+    paths["aes"] = write_random_aes(root / "checkpoint.pt")
     return paths
 
 
