@@ -67,7 +67,8 @@ def test_train_fails_before_training_on_a_bad_layout(tmp_path):
 
 
 def test_readme_overrides_work_as_written():
-    """`train.stop_at_step=N` (README, launcher README) needs no `+`: the key is in conf/train.yaml."""
+    """`train.stop_at_step=N`, `train.init_from=...` and the post-training manifests (README, launcher README)
+    need no `+`: the keys are in conf/."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -75,8 +76,16 @@ def test_readme_overrides_work_as_written():
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
-        cfg = compose("train", overrides=["train.stop_at_step=6"])
-    assert run_config_from_dict(OmegaConf.to_container(cfg, resolve=True)).train.stop_at_step == 6
+        cfg = compose("train", overrides=["train.stop_at_step=6", "train.init_from=/ckpt/ualm-init"])
+        sft = compose("train", overrides=["stage=sft", "data.sft_manifest=/d/sft.jsonl", "train.init_from=/c"])
+        dpo = compose("train", overrides=["stage=dpo", "data.dpo_manifest=/d/pairs.jsonl", "train.init_from=/c",
+                                          "dpo.reference_logps=/r.json", "dpo.reference_checkpoint=/c"])
+    run = run_config_from_dict(OmegaConf.to_container(cfg, resolve=True))
+    assert run.train.stop_at_step == 6 and run.train.init_from == "/ckpt/ualm-init"
+    assert run_config_from_dict(OmegaConf.to_container(sft, resolve=True)).data.sft_manifest == "/d/sft.jsonl"
+    run = run_config_from_dict(OmegaConf.to_container(dpo, resolve=True))
+    run.validate(1)
+    assert run.data.dpo_manifest == "/d/pairs.jsonl" and run.dpo.reference_logps == "/r.json"
 
 
 @pytest.mark.parametrize("stage,max_steps,lr,weight_decay,cfg_dropout", [
