@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test test-fast test-gpu lint clean-venv
+.PHONY: demo posttrain-demo test test-fast test-gpu lint clean-venv
 
 $(STAMP): requirements.txt requirements-test.txt requirements-eval.txt requirements.lock setup.py
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): requirements.txt requirements-test.txt requirements-eval.txt requireme
 
 demo: $(STAMP)
 	$(VENV)/bin/python -W ignore examples/demo.py --output-dir demo_out
+
+posttrain-demo: $(STAMP)
+	$(VENV)/bin/python -W ignore examples/posttrain_demo.py --output-dir posttrain_demo_out
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -23,7 +23,8 @@ Conversation (SFT), ``read_conversation_manifest``::
   default true). Assistant turns are learned (text, audio and their ``<|im_end|>``) unless ``"learn": false``;
   system and user turns never are. A conversation needs at least one learned assistant turn.
 * ``content``: a non-empty string (one text part) or a non-empty list of parts, each one of
-    ``{"text": str}``
+    ``{"text": str}`` (non-empty; whitespace alone is a part too: ``"\n"`` between a heard clip and the text is
+        what inference writes, tokenized on its own)
     ``{"rich_caption": {"keywords": [str], "layout": str, "description": str}}`` -> the text
         ``RichCaption.render()`` writes (data/rich_caption.py, the one formatter of rich captions)
     ``{"audio": path, "start"?: seconds, "end"?: seconds}`` -> a clip (or its segment). In a system / user turn
@@ -169,7 +170,7 @@ def _part(value: Any, root: Path, where: str) -> ContentPart:
         raise _Bad(f"{where} has unknown key {sorted(unknown)[0]!r} for a {kind} part")
     if kind == "text":
         text = value["text"]
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not text:  # whitespace is kept: "\n" after a heard clip is what inference writes
             raise _Bad(f"{where}.text must be a non-empty string")
         return TextPart(text)
     if kind == "rich_caption":
