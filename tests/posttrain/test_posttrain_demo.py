@@ -82,14 +82,32 @@ def test_reflection_data_counts_what_it_cannot_use(tmp_path):
     read = read_conversation_manifest(out.path)
     assert [r.id for r in read.records] == ["a", "d"] and not read.rejects
     assert json.loads(out.path.read_text().splitlines()[1])["turns"][5]["content"] == [{"text": "Keywords: bark, dog"}]
+    # resume: both files' ids are done; a torn last line (a killed run) is dropped and its prompt redone
+    from ualm_nemo.posttrain.reflection_data import ReflectionFolder
+
+    with open(out.path, "a") as f:
+        f.write('{"id": "e", "tur')
+    folder = ReflectionFolder(tmp_path)
+    assert folder.done == {"a", "b", "c", "d"} and len(out.path.read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="one new, unique id each"):
+        folder.add([good], ["a"])
+    assert folder.add([good], ["e"]).written == 1 and "e" in ReflectionFolder(tmp_path).done
 
 
 def _chain(output_dir: str) -> dict:
+    """The shortened demo, then examples/make_reflection_data.py twice on its DPO-1 model."""
     from ualm_nemo.posttrain.demo import DemoSizes, run_posttrain_demo
 
     result = run_posttrain_demo(output_dir, DemoSizes(pretrain_steps=4, sft_steps=2, dpo_steps=2, prompts=2,
                                                       candidates=2, max_frames=12, max_text_tokens=8))
-    return {k: v for k, v in result.items()}
+    # the runbook's reflection command on the DPO-1 model, then again: the second run resumes, generating nothing
+    from ualm_nemo.testing.examples import load_example
+
+    argv = ["--checkpoint", f"{output_dir}/dpo1/checkpoints", "--codec", f"{output_dir}/pretrain/codec", "--prompts",
+            f"{output_dir}/prompts.jsonl", "--output", f"{output_dir}/reflection_cli", "--max-frames", "12",
+            "--min-frames", "5", "--max-text-tokens", "8", "--batch-size", "1", "--no-progress"]
+    result["cli"] = [load_example("make_reflection_data").main(argv), load_example("make_reflection_data").main(argv)]
+    return result
 
 
 @pytest.mark.slow
@@ -97,6 +115,10 @@ def test_posttrain_demo_runs_the_two_rounds(tmp_path):
     from ualm_nemo.data.conversation import read_conversation_manifest
 
     out = run_distributed(1, _chain, str(tmp_path / "demo"), timeout=600)[0]
+    cli = tmp_path / "demo" / "reflection_cli"
+    records = [json.loads(line)["id"] for name in ("reflection.jsonl", "skipped.jsonl")
+               for line in (cli / name).read_text().splitlines()]
+    assert out["cli"] == [0, 0] and sorted(records) == ["p0", "p1"]  # each prompt once, written or skipped
     stages = ("pretrain", "sft1", "dpo1", "sft2", "dpo2")
     assert [out[s]["step"] for s in stages] == [4, 2, 2, 2, 2] and [out[s]["rejects"] for s in stages] == [0] * 5
     for stage in ("dpo1", "dpo2"):  # policy == reference (the SFT model it starts from) at step 1

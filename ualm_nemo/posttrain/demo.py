@@ -134,24 +134,29 @@ def _captions(tta_manifest: Path, n: int) -> list[str]:
 
 
 def make_reflection_data(checkpoint: Path, codec: Path, prompts: Sequence[str], folder: Path,
-                         sizes: DemoSizes) -> Any:
-    """Self-reflection transcripts of the model at ``checkpoint`` -> folder/reflection.jsonl (+ clips, codes)."""
+                         sizes: DemoSizes) -> dict[str, Any]:
+    """Self-reflection transcripts of the model at ``checkpoint`` -> folder/reflection.jsonl (+ clips, codes), as
+    examples/make_reflection_data.py writes them, with the demo's stand-in texts; prompts already done are kept."""
     from ualm_nemo.codec.xcodec import CodecTokenizer
     from ualm_nemo.data.tokenizer import build_tokenizer
     from ualm_nemo.inference.engine import GenerationConfig
     from ualm_nemo.inference.load import load_for_inference
     from ualm_nemo.inference.pipeline import UALMInference
     from ualm_nemo.inference.reasoning import self_reflect
-    from ualm_nemo.posttrain.reflection_data import write_reflection_manifest
+    from ualm_nemo.posttrain.reflection_data import ReflectionFolder
 
-    model, _, _ = load_for_inference(checkpoint)
-    infer = UALMInference(model, build_tokenizer("byte"), CodecTokenizer.from_pretrained(codec))
-    cfg = GenerationConfig(max_frames=sizes.max_frames, min_frames=min(10, sizes.max_frames),
-                           max_text_tokens=sizes.max_text_tokens)
-    transcripts = self_reflect(infer, list(prompts), cfg=cfg)
-    _teardown()
-    return write_reflection_manifest(transcripts, [f"reflect-{k}" for k in range(len(prompts))], folder,
-                                     texts=[stand_in_texts(p, t) for p, t in zip(prompts, transcripts)])
+    out = ReflectionFolder(folder)
+    todo = [(f"reflect-{k}", p) for k, p in enumerate(prompts) if f"reflect-{k}" not in out.done]
+    if todo:
+        model, _, _ = load_for_inference(checkpoint)
+        infer = UALMInference(model, build_tokenizer("byte"), CodecTokenizer.from_pretrained(codec))
+        cfg = GenerationConfig(max_frames=sizes.max_frames, min_frames=min(10, sizes.max_frames),
+                               max_text_tokens=sizes.max_text_tokens)
+        transcripts = self_reflect(infer, [p for _, p in todo], cfg=cfg)
+        _teardown()
+        out.add(transcripts, [i for i, _ in todo], texts=[stand_in_texts(p, t) for (_, p), t in zip(todo, transcripts)])
+    skipped = [(r["id"], r["reason"]) for r in out.read(out.skipped_path)]
+    return {"records": len(out.read(out.path)), "skipped": skipped, "path": out.path}
 
 
 def stand_in_texts(prompt: str, transcript) -> dict[str, str]:
@@ -213,9 +218,9 @@ def run_posttrain_demo(output_dir: str | Path = "posttrain_demo_out", sizes: Dem
     # round 2
     reflection = make_reflection_data(out / "dpo1" / "checkpoints", codec, _captions(tta, sizes.prompts),
                                       out / "reflection", sizes)
-    result["reflection"] = {"records": reflection.written, "skipped": reflection.skipped}
+    result["reflection"] = reflection
     sft2_manifest = out / "reflection" / "sft2.jsonl"  # the reflection records + the SFT-1 set (absolute paths)
-    sft2_manifest.write_text(reflection.path.read_text() + (out / "sft1_data" / "sft.jsonl").read_text())
+    sft2_manifest.write_text(reflection["path"].read_text() + (out / "sft1_data" / "sft.jsonl").read_text())
     result["sft2"] = _summary(sft("sft2", sft2_manifest, out / "dpo1" / "checkpoints"))
     result["pairs2"] = pairs("pairs2", out / "sft2" / "checkpoints", prompts)
     result["dpo2"] = _summary(dpo("dpo2", out / "pairs2" / "pairs.jsonl", out / "sft2" / "checkpoints"))

@@ -81,25 +81,59 @@ def reflection_record(transcript: Transcript, record_id: str, folder: str | Path
     return {"id": record_id, "turns": turns, "source": {"mode": transcript.mode, **transcript.meta}}
 
 
+class ReflectionFolder:
+    """``folder/reflection.jsonl`` (+ clips/, codes/) and ``skipped.jsonl``, appended batch by batch: a killed run
+    resumes at the first prompt id in neither file (a torn last line is dropped: its prompt is redone)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path, self.skipped_path = self.folder / "reflection.jsonl", self.folder / "skipped.jsonl"
+        for sub in ("clips", "codes"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        self.done: set[str] = {r["id"] for path in (self.path, self.skipped_path) for r in self.read(path)}
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        """The lines of reflection.jsonl / skipped.jsonl (none when absent)."""
+        if not path.is_file():
+            return []
+        lines, kept = path.read_text().splitlines(), []
+        for k, line in enumerate(lines):
+            try:
+                kept.append(json.loads(line))
+            except json.JSONDecodeError:
+                if k != len(lines) - 1:
+                    raise ValueError(f"{path}:{k + 1}: not JSON (only a torn last line is repaired)") from None
+                path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # the kill tore it: redo that prompt
+        return kept
+
+    def add(self, transcripts: Sequence[Transcript], ids: Sequence[str], learn_first_audio: bool = False,
+            texts: Sequence[Mapping[str, str]] | None = None) -> ReflectionManifest:
+        """Write the records of one batch (flushed to disk before returning); -> this batch's counts."""
+        if len(ids) != len(transcripts) or len(set(ids)) != len(ids) or self.done & set(ids):
+            raise ValueError(f"{len(ids)} ids for {len(transcripts)} transcripts: one new, unique id each")
+        result = ReflectionManifest(self.path)
+        lines, skipped = [], []
+        for k, (transcript, record_id) in enumerate(zip(transcripts, ids)):
+            try:
+                record = reflection_record(transcript, record_id, self.folder, learn_first_audio,
+                                           texts[k] if texts else None)
+                lines.append(json.dumps(record))
+            except ValueError as err:
+                result.skipped.append((record_id, str(err)))
+                skipped.append(json.dumps({"id": record_id, "reason": str(err)}))
+        for path, new in ((self.path, lines), (self.skipped_path, skipped)):
+            with open(path, "a") as f:
+                f.write("".join(line + "\n" for line in new))
+                f.flush()
+                os.fsync(f.fileno())
+        self.done |= set(ids)
+        result.written = len(lines)
+        return result
+
+
 def write_reflection_manifest(transcripts: Sequence[Transcript], ids: Sequence[str], folder: str | Path,
                               learn_first_audio: bool = False, texts: Sequence[Mapping[str, str]] | None = None
                               ) -> ReflectionManifest:
-    """``folder/reflection.jsonl`` (+ clips/, codes/): one record per usable transcript, written atomically."""
-    if len(ids) != len(transcripts) or len(set(ids)) != len(ids):
-        raise ValueError(f"{len(ids)} ids for {len(transcripts)} transcripts (one unique id each)")
-    folder = Path(folder)
-    (folder / "clips").mkdir(parents=True, exist_ok=True)
-    (folder / "codes").mkdir(parents=True, exist_ok=True)
-    result = ReflectionManifest(folder / "reflection.jsonl")
-    lines = []
-    for k, (transcript, record_id) in enumerate(zip(transcripts, ids)):
-        try:
-            record = reflection_record(transcript, record_id, folder, learn_first_audio, texts[k] if texts else None)
-            lines.append(json.dumps(record))
-        except ValueError as err:
-            result.skipped.append((record_id, str(err)))
-    tmp = result.path.with_name(f".{result.path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, result.path)
-    result.written = len(lines)
-    return result
+    """All transcripts at once into ``folder`` (see ReflectionFolder)."""
+    return ReflectionFolder(folder).add(transcripts, ids, learn_first_audio, texts)
