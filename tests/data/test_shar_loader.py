@@ -120,6 +120,13 @@ def test_too_long_samples_are_skipped_and_counted(shar_sources, caplog):
     assert "longer than 120 positions" in caplog.text
 
 
+def test_a_loader_where_no_sample_fits_stops_with_an_error(shar_sources):
+    """Every sample skipped would otherwise draw windows forever: the loader stops once it has drawn more samples
+    than all its sources hold without making a batch."""
+    with pytest.raises(ValueError, match="every sample is longer than 4 positions"):
+        _take(SharBatchLoader(_cfg(shar_sources, seq_len=4, max_tokens=512), _formatter()), 1)
+
+
 def test_loader_state_refuses_other_settings(shar_sources):
     loader = SharBatchLoader(_cfg(shar_sources), _formatter())
     _take(loader, 2)

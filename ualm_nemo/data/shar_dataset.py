@@ -356,8 +356,15 @@ class SharBatchLoader:
         start = dict(self._state)
         skip = start["batch_in_window"]
         cursors = list(start["cursors"])
+        unbatched = 0  # samples drawn since the last batch: past a whole epoch of every source, none ever fits
         for win in self._windows(start["window"], cursors):
             w, batches = win["window"], win["batches"]
+            unbatched = 0 if batches else unbatched + self.cfg.window_size
+            if unbatched > sum(self.source_sizes.values()):
+                raise ValueError(f"no batch in {unbatched} samples drawn from data.shar (more than all its sources "
+                                 f"hold, {sum(self.source_sizes.values())}): every sample is longer than "
+                                 f"{self._plan.limit} positions (data.seq_len / max_tokens; see the skipped ids "
+                                 "logged above)")
             for k in range(skip, len(batches)):
                 last = k + 1 == len(batches)
                 self._state = ({"window": w + 1, "batch_in_window": 0, "cursors": list(win["next_cursors"])}

@@ -111,11 +111,18 @@ class RunConfig:
         if stage in ("sft", "dpo") and not self.train.init_from:
             raise ConfigError(f"train.stage={stage} starts from a trained model: set train.init_from (a pre-training "
                               "or SFT checkpoint folder)")
+        if stage == "sft" and not d.sft_manifest and d.shar is None:
+            raise ConfigError("train.stage=sft needs conversations: set data.sft_manifest (or data=shar with "
+                              "conversation sources)")
         if stage == "dpo":
             if self.dpo is None:
                 raise ConfigError("train.stage=dpo needs the dpo section (stage=dpo in conf/ sets it)")
             if not d.dpo_manifest and d.shar is None:
                 raise ConfigError("train.stage=dpo needs preference pairs: set data.dpo_manifest")
+            if d.shar is not None and self.dpo.reference == "offline":
+                raise ConfigError("dpo.reference=offline reads a sidecar scored for data.dpo_manifest: with data.shar "
+                                  "set dpo.reference=online (a frozen copy of dpo.reference_checkpoint), or train "
+                                  "from data.dpo_manifest")
             if any(pretraining) or d.synthesize:
                 raise ConfigError("train.stage=dpo trains on preference pairs only: unset data.*_manifest "
                                   "(other than dpo_manifest) and data.synthesize")
@@ -135,6 +142,8 @@ def check_local_paths(run: RunConfig) -> None:
             value = getattr(run.data, key)
             if value and not Path(value).is_file():
                 raise ConfigError(f"data.{key}={value!r}: no such file")
+    if run.data.shar is not None:
+        _check_shar_tasks(run)
     path = Path(run.output_dir).absolute()
     output_dir = run.output_dir
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -142,6 +151,24 @@ def check_local_paths(run: RunConfig) -> None:
         raise ConfigError(f"output_dir={output_dir!r} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir={output_dir!r} cannot be written: no write permission on {existing}")
+
+
+def _check_shar_tasks(run: RunConfig) -> None:
+    """stage=dpo loads preference sources only, every other stage none: said per source before a model is built."""
+    from ualm_nemo.data.shar import shards_dir, source_task
+
+    dpo = run.train.stage == "dpo"
+    for i, source in enumerate(run.data.shar.get("sources") or []):
+        name, shar_dir = source.get("name", f"#{i}"), source.get("shar_dir")
+        if not shar_dir or not shards_dir(shar_dir).is_dir():
+            raise ConfigError(f"data.shar.sources[{i}] ({name}): shar_dir={shar_dir!r} has no shards/ folder (run "
+                              "examples/prepare_data.py, then examples/tokenize_audio.py)")
+        task = source_task(shar_dir)
+        if dpo != (task == "preference"):
+            wanted = "preference pairs" if dpo else "no preference pairs (those are for train.stage=dpo)"
+            held = f"{task!r} cuts" if task else "no cuts"
+            raise ConfigError(f"data.shar.sources[{i}] ({name}) holds {held}: train.stage="
+                              f"{run.train.stage} loads {wanted}")
 
 
 def _build(cls, values: Mapping[str, Any] | None, where: str):
