@@ -1,5 +1,5 @@
-"""Score a DPO run's reference once: python examples/score_reference.py stage=dpo data.dpo_manifest=PAIRS \
-    dpo.reference_checkpoint=SFT_RUN/checkpoints dpo.reference_logps=OUT.json [key=value ...]
+"""Score a DPO run's reference once: python examples/score_reference.py stage=dpo train.init_from=SFT_RUN/checkpoints \
+    data.dpo_manifest=PAIRS dpo.reference_checkpoint=SFT_RUN/checkpoints dpo.reference_logps=OUT.json [key=value ...]
 
 Same config (conf/train.yaml + overrides) as the DPO run it serves; any layout (torchrun / srun for several
 processes). Writes the sidecar dpo.reference_logps with a fingerprint that the DPO run checks.

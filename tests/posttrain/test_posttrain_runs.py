@@ -107,7 +107,8 @@ def test_dpo_from_the_sidecar_resumes_bit_exactly(chain):
 
 
 def test_dpo_refuses_a_sidecar_for_other_data(chain):
-    """A changed pair manifest (fingerprint) and a pair the sidecar does not hold are refused before training."""
+    """A changed pair manifest (fingerprint), a pair the sidecar does not hold and a sidecar scored at another step of
+the reference run are refused before training."""
     root = chain["root"]
     if not Path(f"{root}/reference.json").exists():  # this test run alone
         run_distributed(1, _score, _dpo_cfg(root, f"{root}/score1"))
@@ -132,3 +133,12 @@ def test_dpo_refuses_a_sidecar_for_other_data(chain):
     cfg["dpo"]["reference_logps"] = f"{root}/reference_stale.json"
     message = run_distributed(1, _refused, cfg)[0]
     assert "has no entry for 1 of 5 training pairs (pair-new)" in message
+
+    # scored at an earlier step of the reference run than the one dpo.reference_checkpoint now resolves to
+    sidecar = json.loads(open(f"{root}/reference.json").read())
+    sidecar["fingerprint"]["reference_step"] = 2
+    open(f"{root}/reference_earlier.json", "w").write(json.dumps(sidecar))
+    cfg = _dpo_cfg(root, f"{root}/dpo_earlier")
+    cfg["dpo"]["reference_logps"] = f"{root}/reference_earlier.json"
+    message = run_distributed(1, _refused, cfg)[0]
+    assert "reference_step: sidecar 2, this run 3" in message

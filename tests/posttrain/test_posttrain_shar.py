@@ -108,6 +108,9 @@ def test_post_training_refuses_the_wrong_shar_source_before_building_a_model(cha
     sft_on_pairs = _cfg(f"{root}/x", "sft", 2, f"{root}/pre/checkpoints", _shar("pairs", f"{root}/shar/pairs", False))
     assert "holds 'preference' cuts: train.stage=sft" in _refused(sft_on_pairs)
     assert "dpo.reference=online" in _refused(_dpo(root, f"{root}/x", reference="offline"))
+    packed = _dpo(root, f"{root}/x")
+    packed["data"]["shar"]["pack"] = True
+    assert "data.shar: data.pack: true with preference sources (pairs)" in _refused(packed)
     missing = _cfg(f"{root}/x", "sft", 2, f"{root}/pre/checkpoints", _shar("convs", f"{root}/nowhere", True))
     assert "has no shards/ folder" in _refused(missing)
     no_data = _cfg(f"{root}/x", "sft", 2, f"{root}/pre/checkpoints", {})

@@ -287,7 +287,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one process per core: intra-op threads would only contend
 
 
-def _check_pairs(cfg: SharLoaderConfig, tasks: dict[str, str | None]) -> bool:
+def check_pair_sources(cfg: SharLoaderConfig, tasks: dict[str, str | None]) -> bool:
     """True when the sources are DPO pairs (all of them); refuses a mix with other tasks, and packing."""
     dpo = sorted(name for name, task in tasks.items() if task == "preference")
     if not dpo:
@@ -319,7 +319,7 @@ class SharBatchLoader:
         self.source_sizes = dict(zip([s.name for s in cfg.sources], totals))
         self.probabilities = dict(zip([s.name for s in cfg.sources], probs.tolist()))
         self.source_tasks = {s.name: source_task(s.shar_dir) for s in cfg.sources}
-        self.pairs = _check_pairs(cfg, self.source_tasks)
+        self.pairs = check_pair_sources(cfg, self.source_tasks)
         self._plan = _Plan(cfg, formatter, probs, sizes, dp_rank, dp_size, self.pairs)
         self._state = {"window": 0, "batch_in_window": 0, "cursors": [0] * len(cfg.sources)}
 

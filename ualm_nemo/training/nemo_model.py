@@ -113,10 +113,12 @@ class UALMModel(ModelPT):
         super().setup(stage)
 
     def _offline_reference(self) -> dict:
-        from ualm_nemo.posttrain.reference import check_coverage, fingerprint, load_sidecar
+        from ualm_nemo.posttrain.reference import check_coverage, fingerprint, load_sidecar, reference_step
 
         dpo, data = self.run.dpo, self.run.data
-        expected = fingerprint(dpo.reference_checkpoint, None, data.dpo_manifest, data.tokenizer,
+        # a reference run folder resolves to its newest iteration: its step tells a sidecar scored before it trained on
+        step = reference_step(dpo.reference_checkpoint) if dpo.reference_checkpoint else None
+        expected = fingerprint(dpo.reference_checkpoint, step, data.dpo_manifest, data.tokenizer,
                                self.run.model.vocab.text_vocab_size, self.run.model.vocab.num_codebooks)
         table = load_sidecar(dpo.reference_logps, expected)
         check_coverage(table, [r.id for r in self.train_dataset.records], dpo.reference_logps)

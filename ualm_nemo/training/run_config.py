@@ -156,8 +156,10 @@ def check_local_paths(run: RunConfig) -> None:
 def _check_shar_tasks(run: RunConfig) -> None:
     """stage=dpo loads preference sources only, every other stage none: said per source before a model is built."""
     from ualm_nemo.data.shar import shards_dir, source_task
+    from ualm_nemo.data.shar_dataset import SharLoaderConfig, check_pair_sources
 
     dpo = run.train.stage == "dpo"
+    tasks = {}
     for i, source in enumerate(run.data.shar.get("sources") or []):
         name, shar_dir = source.get("name", f"#{i}"), source.get("shar_dir")
         if not shar_dir or not shards_dir(shar_dir).is_dir():
@@ -169,6 +171,11 @@ def _check_shar_tasks(run: RunConfig) -> None:
             held = f"{task!r} cuts" if task else "no cuts"
             raise ConfigError(f"data.shar.sources[{i}] ({name}) holds {held}: train.stage="
                               f"{run.train.stage} loads {wanted}")
+        tasks[name] = task
+    try:  # the loader's own rules for pair batches (never packed, room for two rows)
+        check_pair_sources(SharLoaderConfig(**run.data.shar), tasks)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"data.shar: {err}") from err
 
 
 def _build(cls, values: Mapping[str, Any] | None, where: str):
