@@ -60,16 +60,14 @@ def _refused(cfg: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """A 2-step pre-training run, then 3 SFT steps from it on conversations that write a clip and hear it again."""
+def chain(tmp_path_factory, pretrained):
+    """The 2-step pre-training run, then 3 SFT steps from it on conversations that write a clip and hear it again."""
     from ualm_nemo.testing.pairs import write_conversation_manifest, write_pair_manifest
 
     root = tmp_path_factory.mktemp("posttrain")
-    pre = _base(str(root / "pre"), "pretrain", 2, None, {"synthesize": True, "synthetic_samples_per_task": 4})
-    run_distributed(1, _train, pre)
     sft_manifest = write_conversation_manifest(root / "convs", 4)
-    sft = _base(str(root / "sft"), "sft", 3, str(root / "pre" / "checkpoints"),
-                {"sft_manifest": str(sft_manifest), "codec_path": str(root / "pre" / "codec"), "cfg_dropout": 0.05})
+    sft = _base(str(root / "sft"), "sft", 3, f"{pretrained}/checkpoints",
+                {"sft_manifest": str(sft_manifest), "codec_path": f"{pretrained}/codec", "cfg_dropout": 0.05})
     sft_out = run_distributed(1, _train, sft)[0]
     write_pair_manifest(root / "pairs", 4)
     return {"root": str(root), "sft": sft_out}

@@ -61,16 +61,15 @@ def _refused(cfg: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """2 pre-training steps; conversations and pairs -> prepare -> codec stage -> Shar; 3 SFT steps from Shar."""
+def chain(tmp_path_factory, pretrained):
+    """The 2-step pre-training run; conversations and pairs -> prepare -> codec stage -> Shar; 3 SFT steps from
+    Shar."""
     from ualm_nemo.codec.tokenize_stage import tokenize_source
     from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
     from ualm_nemo.data.cuts import prepare_source
     from ualm_nemo.testing.pairs import write_conversation_manifest, write_pair_manifest
 
     root = tmp_path_factory.mktemp("posttrain_shar")
-    run_distributed(1, _train, _cfg(str(root / "pre"), "pretrain", 2, None,
-                                    {"synthesize": True, "synthetic_samples_per_task": 4}))
     codec = CodecTokenizer(build_tiny_xcodec(seed=0), max_batch_size=1)
     for name, task, manifest in (("convs", "conversation", write_conversation_manifest(root / "raw_convs", 6)),
                                  ("pairs", "preference", write_pair_manifest(root / "raw_pairs", 6))):
@@ -78,9 +77,9 @@ def chain(tmp_path_factory):
         assert report.num_rejects == 0
         tokenize_source(root / "prepared" / name / "cuts.jsonl.gz", root / "shar" / name, codec, shard_size=4,
                         progress=False)
-    sft = run_distributed(1, _train, _cfg(str(root / "sft"), "sft", 3, str(root / "pre" / "checkpoints"),
+    sft = run_distributed(1, _train, _cfg(str(root / "sft"), "sft", 3, f"{pretrained}/checkpoints",
                                           _shar("convs", str(root / "shar" / "convs"), True)))[0]
-    return {"root": str(root), "sft": sft}
+    return {"root": str(root), "pre": pretrained, "sft": sft}
 
 
 def test_sft_trains_on_conversations_from_shar(chain):
@@ -102,16 +101,16 @@ def test_dpo_from_shar_with_the_online_reference_resumes_bit_exactly(chain):
 
 
 def test_post_training_refuses_the_wrong_shar_source_before_building_a_model(chain):
-    root = chain["root"]
+    root, init = chain["root"], f"{chain['pre']}/checkpoints"
     message = _refused(_dpo(root, f"{root}/x", source="convs"))
     assert "sources[0] (convs) holds 'conversation' cuts" in message and "preference pairs" in message
-    sft_on_pairs = _cfg(f"{root}/x", "sft", 2, f"{root}/pre/checkpoints", _shar("pairs", f"{root}/shar/pairs", False))
+    sft_on_pairs = _cfg(f"{root}/x", "sft", 2, init, _shar("pairs", f"{root}/shar/pairs", False))
     assert "holds 'preference' cuts: train.stage=sft" in _refused(sft_on_pairs)
     assert "dpo.reference=online" in _refused(_dpo(root, f"{root}/x", reference="offline"))
     packed = _dpo(root, f"{root}/x")
     packed["data"]["shar"]["pack"] = True
     assert "data.shar: data.pack: true with preference sources (pairs)" in _refused(packed)
-    missing = _cfg(f"{root}/x", "sft", 2, f"{root}/pre/checkpoints", _shar("convs", f"{root}/nowhere", True))
+    missing = _cfg(f"{root}/x", "sft", 2, init, _shar("convs", f"{root}/nowhere", True))
     assert "has no shards/ folder" in _refused(missing)
-    no_data = _cfg(f"{root}/x", "sft", 2, f"{root}/pre/checkpoints", {})
+    no_data = _cfg(f"{root}/x", "sft", 2, init, {})
     assert "train.stage=sft needs conversations" in _refused(no_data)
