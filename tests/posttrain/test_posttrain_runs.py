@@ -12,24 +12,14 @@ from pathlib import Path
 import pytest
 
 from ualm_nemo.testing.dist import run_distributed
+from ualm_nemo.testing.runs import tiny_run
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
-OPTIM = {"lr": 2e-3, "min_lr": 2e-3, "warmup_steps": 0, "weight_decay": 0.0}
-
-
-def _base(output_dir: str, stage: str, max_steps: int, init_from: str | None, data: dict,
-          stop_at: int | None = None) -> dict:
-    return {"model": {"backbone": "tiny"}, "optim": dict(OPTIM),
-            "train": {"stage": stage, "max_steps": max_steps, "global_batch_size": 2, "micro_batch_size": 1,
-                      "checkpoint_every_n_steps": 100, "log_every_n_steps": 1, "init_from": init_from,
-                      "stop_at_step": stop_at},
-            "data": data, "output_dir": output_dir}
-
 
 def _dpo_cfg(root: str, output_dir: str, max_steps: int = 4, stop_at: int | None = None) -> dict:
-    cfg = _base(output_dir, "dpo", max_steps, f"{root}/sft/checkpoints",
-                {"dpo_manifest": f"{root}/pairs/pairs.jsonl", "cfg_dropout": 0.0}, stop_at)
+    cfg = tiny_run(output_dir, "dpo", max_steps, f"{root}/sft/checkpoints",
+                   {"dpo_manifest": f"{root}/pairs/pairs.jsonl", "cfg_dropout": 0.0}, stop_at)
     cfg["dpo"] = {"beta": 0.1, "reference": "offline", "reference_logps": f"{root}/reference.json",
                   "reference_checkpoint": f"{root}/sft/checkpoints"}
     return cfg
@@ -66,8 +56,8 @@ def chain(tmp_path_factory, pretrained):
 
     root = tmp_path_factory.mktemp("posttrain")
     sft_manifest = write_conversation_manifest(root / "convs", 4)
-    sft = _base(str(root / "sft"), "sft", 3, f"{pretrained}/checkpoints",
-                {"sft_manifest": str(sft_manifest), "codec_path": f"{pretrained}/codec", "cfg_dropout": 0.05})
+    sft = tiny_run(str(root / "sft"), "sft", 3, f"{pretrained}/checkpoints",
+                   {"sft_manifest": str(sft_manifest), "codec_path": f"{pretrained}/codec", "cfg_dropout": 0.05})
     sft_out = run_distributed(1, _train, sft)[0]
     write_pair_manifest(root / "pairs", 4)
     return {"root": str(root), "sft": sft_out}

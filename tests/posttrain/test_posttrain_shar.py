@@ -10,19 +10,9 @@ import math
 import pytest
 
 from ualm_nemo.testing.dist import run_distributed
+from ualm_nemo.testing.runs import tiny_run
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
-
-OPTIM = {"lr": 2e-3, "min_lr": 2e-3, "warmup_steps": 0, "weight_decay": 0.0}
-
-
-def _cfg(output_dir: str, stage: str, max_steps: int, init_from: str | None, data: dict,
-         stop_at: int | None = None) -> dict:
-    return {"model": {"backbone": "tiny"}, "optim": dict(OPTIM),
-            "train": {"stage": stage, "max_steps": max_steps, "global_batch_size": 2, "micro_batch_size": 1,
-                      "checkpoint_every_n_steps": 100, "log_every_n_steps": 1, "init_from": init_from,
-                      "stop_at_step": stop_at},
-            "data": data, "output_dir": output_dir}
 
 
 def _shar(source: str, shar_dir: str, pack: bool) -> dict:
@@ -33,8 +23,8 @@ def _shar(source: str, shar_dir: str, pack: bool) -> dict:
 
 def _dpo(root: str, output_dir: str, max_steps: int = 4, stop_at: int | None = None, source: str = "pairs",
          reference: str = "online") -> dict:
-    cfg = _cfg(output_dir, "dpo", max_steps, f"{root}/sft/checkpoints", _shar(source, f"{root}/shar/{source}", False),
-               stop_at)
+    cfg = tiny_run(output_dir, "dpo", max_steps, f"{root}/sft/checkpoints",
+                   _shar(source, f"{root}/shar/{source}", False), stop_at)
     cfg["dpo"] = {"beta": 0.1, "reference": reference, "reference_checkpoint": f"{root}/sft/checkpoints",
                   "reference_logps": f"{root}/unused.json" if reference == "offline" else None}
     return cfg
@@ -77,8 +67,8 @@ def chain(tmp_path_factory, pretrained):
         assert report.num_rejects == 0
         tokenize_source(root / "prepared" / name / "cuts.jsonl.gz", root / "shar" / name, codec, shard_size=4,
                         progress=False)
-    sft = run_distributed(1, _train, _cfg(str(root / "sft"), "sft", 3, f"{pretrained}/checkpoints",
-                                          _shar("convs", str(root / "shar" / "convs"), True)))[0]
+    sft = run_distributed(1, _train, tiny_run(str(root / "sft"), "sft", 3, f"{pretrained}/checkpoints",
+                                              _shar("convs", str(root / "shar" / "convs"), True)))[0]
     return {"root": str(root), "pre": pretrained, "sft": sft}
 
 
@@ -104,13 +94,13 @@ def test_post_training_refuses_the_wrong_shar_source_before_building_a_model(cha
     root, init = chain["root"], f"{chain['pre']}/checkpoints"
     message = _refused(_dpo(root, f"{root}/x", source="convs"))
     assert "sources[0] (convs) holds 'conversation' cuts" in message and "preference pairs" in message
-    sft_on_pairs = _cfg(f"{root}/x", "sft", 2, init, _shar("pairs", f"{root}/shar/pairs", False))
+    sft_on_pairs = tiny_run(f"{root}/x", "sft", 2, init, _shar("pairs", f"{root}/shar/pairs", False))
     assert "holds 'preference' cuts: train.stage=sft" in _refused(sft_on_pairs)
     assert "dpo.reference=online" in _refused(_dpo(root, f"{root}/x", reference="offline"))
     packed = _dpo(root, f"{root}/x")
     packed["data"]["shar"]["pack"] = True
     assert "data.shar: data.pack: true with preference sources (pairs)" in _refused(packed)
-    missing = _cfg(f"{root}/x", "sft", 2, init, _shar("convs", f"{root}/nowhere", True))
+    missing = tiny_run(f"{root}/x", "sft", 2, init, _shar("convs", f"{root}/nowhere", True))
     assert "has no shards/ folder" in _refused(missing)
-    no_data = _cfg(f"{root}/x", "sft", 2, init, {})
+    no_data = tiny_run(f"{root}/x", "sft", 2, init, {})
     assert "train.stage=sft needs conversations" in _refused(no_data)
