@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -45,7 +47,10 @@ def transformer_config(cfg: UALMConfig, perform_initialization: bool = True) -> 
 
 
 def layer_spec(cfg: UALMConfig) -> ModuleSpec:
-    """Local (pure torch) spec on CPU, Transformer Engine spec on GPU when configured and installed."""
+    """Local (pure torch) spec on CPU, Transformer Engine spec on GPU when configured and installed.
+
+    ``model.attention_backend=sdpa``: the local spec with its core attention on torch's SDPA (sdpa_attention.py).
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if cfg.parallel.transformer_impl == "transformer_engine":
@@ -55,7 +60,18 @@ def layer_spec(cfg: UALMConfig) -> ModuleSpec:
             raise ConfigError("model.parallel.transformer_impl=transformer_engine but transformer_engine is not "
                               "installed (pip install '.[gpu]' or use the NGC container)") from err
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return with_sdpa_attention(spec) if cfg.attention_backend == "sdpa" else spec
+
+
+def with_sdpa_attention(spec: ModuleSpec) -> ModuleSpec:
+    """A copy of the layer ``spec`` whose self-attention's core attention is ``SDPAAttention`` (spec untouched)."""
+    from ualm_nemo.model.sdpa_attention import SDPAAttention
+
+    attention = spec.submodules.self_attention
+    core = dataclasses.replace(attention.submodules, core_attention=SDPAAttention)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, self_attention=dataclasses.replace(attention, submodules=core)))
 
 
 def build_model(cfg: UALMConfig, pre_process: bool | None = None, post_process: bool | None = None,

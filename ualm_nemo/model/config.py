@@ -90,6 +90,9 @@ class UALMConfig:
     audio_out: AudioOutputConfig = field(default_factory=AudioOutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     params_dtype: Literal["fp32", "bf16"] = "fp32"
+    # core attention of the local spec: megatron's DotProductAttention (materialises [b, heads, s, s]) or
+    # torch's scaled_dot_product_attention (flash / memory-efficient kernels; model/sdpa_attention.py)
+    attention_backend: Literal["megatron", "sdpa"] = "megatron"
     init_std: float = 0.02
     seed: int = 1234
 
@@ -140,6 +143,12 @@ class UALMConfig:
             raise ConfigError(f"model.audio_out.head={self.audio_out.head!r}: choose 'shared' or 'per_codebook'")
         if self.audio_in.adapter not in ("linear", "mlp"):
             raise ConfigError(f"model.audio_in.adapter={self.audio_in.adapter!r}: choose 'linear' or 'mlp'")
+        if self.attention_backend not in ("megatron", "sdpa"):
+            raise ConfigError(f"model.attention_backend={self.attention_backend!r}: choose 'megatron' or 'sdpa'")
+        if self.attention_backend == "sdpa" and p.transformer_impl == "transformer_engine":
+            raise ConfigError("model.attention_backend=sdpa replaces the local spec's attention; Transformer Engine "
+                              "brings its own fused attention: set model.attention_backend=megatron or "
+                              "model.parallel.transformer_impl=local")
         if self.params_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"model.params_dtype={self.params_dtype!r}: choose 'fp32' or 'bf16'")
         return self
