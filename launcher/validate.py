@@ -14,14 +14,13 @@ from omegaconf import OmegaConf
 
 from launcher.cluster import REPO, ClusterConfig
 from ualm_nemo.model.config import ConfigError
-from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
+from ualm_nemo.training.run_config import RunConfig, check_data_paths, run_config_from_dict
 
 log = logging.getLogger(__name__)
 
-# (config key, what it is) for every input that must exist before the job starts
+# (config key, what it is) for every input besides the data (run_config.check_data_paths) that must exist
 _PATHS = (("data.tokenizer", "tokenizer folder"), ("data.codec_path", "X-Codec folder"),
-          ("data.tta_manifest", "text-to-audio manifest"), ("data.understanding_manifest", "understanding manifest"),
-          ("data.text_manifest", "text manifest"), ("model.audio_in.encoder_path", "audio encoder folder"))
+          ("model.audio_in.encoder_path", "audio encoder folder"), ("train.init_from", "initial weights folder"))
 
 
 def hydra_value(key: str, value: str) -> str:
@@ -79,7 +78,10 @@ def check_layout(run: RunConfig, cluster: ClusterConfig) -> None:
              run.train.global_batch_size // (run.train.micro_batch_size * dp), run.train.micro_batch_size)
 
 
-def check_paths(cfg: dict[str, Any], cluster: ClusterConfig) -> None:
+def check_paths(cfg: dict[str, Any], run: RunConfig, cluster: ClusterConfig) -> None:
+    """Every input through the container mounts: the folders of ``_PATHS``, the manifests and each Shar source
+    (its shards/ folder and task, as training checks them)."""
+    where = " (container mounts mapped)" if cluster.container_mounts else ""
     for key, what in _PATHS:
         section, *rest = key.split(".")
         value: Any = cfg.get(section) or {}
@@ -88,13 +90,11 @@ def check_paths(cfg: dict[str, Any], cluster: ClusterConfig) -> None:
         if key == "data.tokenizer" and value == "byte":
             continue
         if value and not Path(cluster.mount_to_host(str(value))).exists():
-            where = " (container mounts mapped)" if cluster.container_mounts else ""
             raise ConfigError(f"{key}={value!r}: no such {what} on this host{where}")
-    data = cfg.get("data") or {}
-    if not data.get("synthesize") and not any(data.get(k) for k in ("tta_manifest", "understanding_manifest",
-                                                                   "text_manifest")):
-        raise ConfigError("no training data: set data.tta_manifest / understanding_manifest / text_manifest "
-                          "or data.synthesize=true")
+    try:
+        check_data_paths(run, cluster.mount_to_host)
+    except ConfigError as err:
+        raise ConfigError(f"{err}{where}") from None
 
 
 def check_progress(run: RunConfig, cluster: ClusterConfig) -> list[str]:
@@ -117,7 +117,7 @@ def validate_stage(overrides: list[str], cluster: ClusterConfig) -> tuple[RunCon
     cfg = compose_run(overrides)
     run = run_config_from_dict(cfg)
     check_layout(run, cluster)
-    check_paths(cfg, cluster)
+    check_paths(cfg, run, cluster)
     return run, check_progress(run, cluster)
 
 

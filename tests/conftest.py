@@ -1,6 +1,7 @@
 """Suite-wide settings: offline hubs, GPU-marked tests skipped (with the reason) where CUDA is absent, and one
 tiny exported UALM for the command tests (a random Qwen2 folder imported to a training checkpoint with random
-audio rows and a tiny random audio tower, exported to an HF folder; a tiny X-Codec; a test tone)."""
+audio rows and a tiny random audio tower, exported to an HF folder; a tiny X-Codec; a test tone), and the demo
+set as Shar sources (training and launcher tests)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ def tiny_export(tmp_path_factory) -> dict[str, Path]:
     soundfile.write(root / "tone.wav", wav, 16000)
     return {"ckpt": root / "ckpt", "hf": root / "hf", "codec": root / "codec", "tone": root / "tone.wav",
             "root": root}
+
+
+@pytest.fixture(scope="session")
+def demo_shar(tmp_path_factory) -> dict[str, str]:
+    """{task: shar_dir}: the synthetic demo set (tta / understanding / text) as real Shar sources on disk."""
+    from ualm_nemo.testing.shar_sources import write_demo_shar
+
+    return write_demo_shar(tmp_path_factory.mktemp("demo_shar"))

@@ -1,5 +1,6 @@
 """On a real single-node Slurm (started here when absent, stopped only if this session started it): a tiny stage
-with 2 tasks submitted by `launcher.submit` trains, is signalled (SIGUSR1, what --signal=USR1@N delivers), saves,
+with 2 tasks submitted by `launcher.submit` (the paper's Shar blend, data=pretrain_blend, for the requeue case)
+trains, is signalled (SIGUSR1, what --signal=USR1@N delivers), saves,
 requeues (or chains a dependent job), resumes from its checkpoint and ends at max_steps; a run whose losses are
 non-finite stops with a clear message and is not requeued. Job names and paths are hostile on purpose."""
 
@@ -23,6 +24,14 @@ MAX_STEPS = 20
 TINY = [f"train.max_steps={MAX_STEPS}", "train.checkpoint_every_n_steps=1000", "train.global_batch_size=4",
         "train.micro_batch_size=2", "train.log_every_n_steps=1", "+data.synthetic_samples_per_task=4"]
 HOSTILE_NAME = "ualm t \"q\" 'r' $(touch pwned); #x"
+
+
+def shar_blend(demo_shar: dict[str, str]) -> list[str]:
+    """data=pretrain_blend (understanding / generation / text) over the demo set's Shar sources, packed rows."""
+    dirs = (demo_shar["understanding"], demo_shar["tta"], demo_shar["text"])
+    return [*TINY[:-1], "data=pretrain_blend", "data.tokenizer=byte", "data.shar.max_tokens=512",
+            "data.shar.seq_len=256", "data.shar.window_size=8", "data.shar.num_workers=0",
+            *(f"data.shar.sources.{i}.shar_dir={d}" for i, d in enumerate(dirs))]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +96,8 @@ def _assert_resumed_and_finished(log: str, out: Path) -> None:
     assert not list(Path.cwd().glob("pwned")) and not list(out.parent.glob("pwned"))
 
 
-def test_signal_checkpoint_requeue_resume_to_max_steps(slurm, tmp_path, capsys):
-    job_id, out = _submit(tmp_path, capsys)
+def test_signal_checkpoint_requeue_resume_to_max_steps(slurm, tmp_path, capsys, demo_shar):
+    job_id, out = _submit(tmp_path, capsys, overrides=shar_blend(demo_shar))
     name = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%j"], capture_output=True, text=True).stdout
     assert name.rstrip("\n") == HOSTILE_NAME  # through the #SBATCH parser verbatim
     _signal_when_training(out, job_id)
@@ -98,6 +107,7 @@ def test_signal_checkpoint_requeue_resume_to_max_steps(slurm, tmp_path, capsys):
     assert _job("Restarts", job_id) == "1"
     assert f"[launcher] requeueing job {job_id}" in log and f"[launcher] job {job_id} restart 1" in log
     _assert_resumed_and_finished(log, out)
+    assert "Shar blend of 3 source(s) (weighting=size, pack=True): understanding [understanding]" in log
     assert log.rstrip().endswith("[launcher] max_steps reached: no further job")
 
 

@@ -3,6 +3,8 @@ key or flag to change; dry runs print the script (or the local command) and subm
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from launcher.cluster import ClusterConfig, load_cluster
@@ -113,3 +115,49 @@ def test_submit_without_cluster_states_the_gpus_per_node_it_assumes(tmp_path, ca
     caplog.clear()
     prepare(["--gpus-per-node", "8", *base])
     assert "assuming" not in caplog.text
+
+
+def _blend(dirs: list[str]) -> list[str]:
+    return [*TINY[:-1], "data=pretrain_blend", "data.tokenizer=byte",
+            *(f"data.shar.sources.{i}.shar_dir={d}" for i, d in enumerate(dirs))]
+
+
+def test_a_shar_blend_is_checked_source_by_source_through_container_mounts(tmp_path, demo_shar):
+    """data=pretrain_blend: every source's shards/ folder (mapped through the mounts) and its task, the weights,
+    the tokenizer; an accepted blend is written into the script."""
+    host = Path(demo_shar["tta"]).parent  # .../shar on this host is /data/shar in the container
+    flags = ["--container-image", "img", "--container-mounts", f"{host}:/data/shar", "--python", "python"]
+    dirs = ["/data/shar/understanding", "/data/shar/tta", "/data/shar/text"]
+    job = prepare(_argv(tmp_path, *flags, overrides=_blend(dirs)))
+    assert all(f"data.shar.sources.{i}.shar_dir={d}" in job.text for i, d in enumerate(dirs))
+    cases = [
+        (_blend([dirs[0], "/data/shar/nope", dirs[2]]),
+         r"data.shar.sources\[1\] \(generation\): shar_dir='/data/shar/nope' \(on this host: .*/nope\) has no "
+         r"shards/ folder.*container mounts mapped"),
+        (_blend(["/elsewhere/understanding", *dirs[1:]]), r"sources\[0\] \(understanding\).*no shards/ folder"),
+        ([*_blend(dirs), "data.shar.sources.1.weight=0"], r"data.shar: .*weight=0.* must be > 0"),
+        ([*_blend(dirs), "data.tokenizer=/data/qwen"], r"data.tokenizer='/data/qwen': no such tokenizer folder"),
+        ([*TINY[:-1], "data=pretrain_blend"], r"Missing mandatory value.*give it on the command line"),
+        ([*_blend(dirs), "+data.tta_manifest=/data/x.jsonl"], "data.shar replaces data.synthesize and the data"),
+    ]
+    for overrides, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            prepare(_argv(tmp_path, *flags, overrides=overrides))
+
+
+def test_post_training_stages_submit_with_their_own_data(tmp_path, demo_shar):
+    """stage=sft / dpo read data.sft_manifest / dpo_manifest (or Shar) and train.init_from: all checked here."""
+    (tmp_path / "sft.jsonl").write_text("")
+    (tmp_path / "init").mkdir()
+    sft = ["train.global_batch_size=4", "train.micro_batch_size=2", "stage=sft",
+           f"data.sft_manifest={tmp_path / 'sft.jsonl'}"]
+    prepare(_argv(tmp_path, overrides=[*sft, f"train.init_from={tmp_path / 'init'}"]))
+    with pytest.raises(ConfigError, match=r"train.init_from='.*/nope': no such initial weights folder"):
+        prepare(_argv(tmp_path, overrides=[*sft, f"train.init_from={tmp_path / 'nope'}"]))
+    with pytest.raises(ConfigError, match=r"sources\[0\] \(tta\) holds 'tta' cuts: train.stage=dpo loads "
+                                          "preference pairs"):
+        prepare(_argv(tmp_path, overrides=[
+            "train.global_batch_size=4", "train.micro_batch_size=2", "stage=dpo", "data=shar", "data.tokenizer=byte",
+            "dpo.reference=online", f"dpo.reference_checkpoint={tmp_path / 'init'}",
+            f"train.init_from={tmp_path / 'init'}", f"data.shar.sources.0.shar_dir={demo_shar['tta']}",
+            "data.shar.pack=false"]))

@@ -9,26 +9,6 @@ from ualm_nemo.testing.dist import run_distributed
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def shar_dirs(tmp_path_factory) -> dict[str, str]:
-    """The synthetic demo set, prepared and tokenised into Shar shards with the tiny (real) X-Codec."""
-    from ualm_nemo.codec.tokenize_stage import tokenize_source
-    from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
-    from ualm_nemo.data.cuts import prepare_source
-    from ualm_nemo.data.synthetic import synthesize_demo_data
-
-    root = tmp_path_factory.mktemp("shar_train")
-    manifests = synthesize_demo_data(root / "raw", num_tta=10, num_understanding=6, num_text=8, seed=1)
-    codec = CodecTokenizer(build_tiny_xcodec(seed=0))
-    out = {}
-    for task, manifest in manifests.items():
-        prepare_source(task, manifest, root / "prepared" / task)
-        tokenize_source(root / "prepared" / task / "cuts.jsonl.gz", root / "shar" / task, codec, shard_size=4,
-                        progress=False)
-        out[task] = str(root / "shar" / task)
-    return out
-
-
 def _train(output_dir: str, shar_dirs: dict, stop_at: int | None) -> dict:
     from ualm_nemo.training.train import train
 
@@ -45,11 +25,11 @@ def _train(output_dir: str, shar_dirs: dict, stop_at: int | None) -> dict:
     return {"history": model.loss_history, "consumed": model.trained_samples}
 
 
-def test_shar_training_resumes_at_the_next_sample(tmp_path, shar_dirs):
+def test_shar_training_resumes_at_the_next_sample(tmp_path, demo_shar):
     """DP2 (2 processes): a job ended at step 3 + a resumed job == an uninterrupted run, bit for bit."""
-    straight = run_distributed(2, _train, str(tmp_path / "straight"), shar_dirs, None)[0]
-    first = run_distributed(2, _train, str(tmp_path / "resumed"), shar_dirs, 3)[0]
-    second = run_distributed(2, _train, str(tmp_path / "resumed"), shar_dirs, None)[0]
+    straight = run_distributed(2, _train, str(tmp_path / "straight"), demo_shar, None)[0]
+    first = run_distributed(2, _train, str(tmp_path / "resumed"), demo_shar, 3)[0]
+    second = run_distributed(2, _train, str(tmp_path / "resumed"), demo_shar, None)[0]
     assert [s for s, _ in second["history"]] == [4, 5, 6]
     assert first["history"] + second["history"] == straight["history"]
     assert second["consumed"] == straight["consumed"] > 0

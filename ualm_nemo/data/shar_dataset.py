@@ -322,6 +322,10 @@ class SharBatchLoader:
         self.pairs = check_pair_sources(cfg, self.source_tasks)
         self._plan = _Plan(cfg, formatter, probs, sizes, dp_rank, dp_size, self.pairs)
         self._state = {"window": 0, "batch_in_window": 0, "cursors": [0] * len(cfg.sources)}
+        if dp_rank == 0:
+            log.info("Shar blend of %d source(s) (weighting=%s, pack=%s): %s", len(cfg.sources), cfg.weighting,
+                     cfg.pack, "; ".join(f"{n} [{self.source_tasks[n]}] {self.source_sizes[n]} samples p={p:.3f}"
+                                         for n, p in self.probabilities.items()))
 
     def _fingerprint(self) -> dict[str, Any]:
         c = asdict(self.cfg)

@@ -80,9 +80,6 @@ def build_train_dataset(data: DataConfig, model: UALMConfig, output_dir: str | P
             dist.barrier()
         manifests = {k: output_dir / "data" / name for k, name in
                      (("tta", "tta.jsonl"), ("understanding", "understanding.json"), ("text", "text.jsonl"))}
-    if not manifests:
-        raise ConfigError("no training data: set data.tta_manifest / understanding_manifest / text_manifest "
-                          "or data.synthesize=true")
     tokenizer = build_tokenizer(data.tokenizer)
     if tokenizer.vocab_size > model.backbone.text_vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.backbone.text_vocab_size is "

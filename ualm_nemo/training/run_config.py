@@ -11,7 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ualm_nemo.distributed.optim import OptimConfig
 from ualm_nemo.posttrain.dpo import DPOConfig
@@ -88,8 +88,12 @@ class RunConfig:
         if not 0.0 <= self.data.cfg_dropout < 1.0:
             raise ConfigError(f"data.cfg_dropout={self.data.cfg_dropout} must lie in [0, 1)")
         self._validate_posttraining()
-        if self.data.shar is not None:
-            d = self.data
+        d = self.data
+        if not (d.synthesize or d.shar is not None or d.tta_manifest or d.understanding_manifest or d.text_manifest
+                or d.sft_manifest or d.dpo_manifest):
+            raise ConfigError("no training data: set data=shar (or data=pretrain_blend) with Shar sources, "
+                              "data.tta_manifest / understanding_manifest / text_manifest, or data.synthesize=true")
+        if d.shar is not None:
             if d.synthesize or d.tta_manifest or d.understanding_manifest or d.text_manifest or d.sft_manifest \
                     or d.dpo_manifest:
                 raise ConfigError("data.shar replaces data.synthesize and the data.*_manifest keys: set only one")
@@ -134,16 +138,22 @@ class RunConfig:
                 raise ConfigError(f"the dpo section is read by train.stage=dpo, not {stage!r}")
 
 
-def check_local_paths(run: RunConfig) -> None:
-    """On the machine that trains (the launcher checks through container mounts instead): the manifests exist
-    and output_dir can be created and written, each said with its key before any work starts."""
+def check_data_paths(run: RunConfig, to_host: Callable[[str], str] = str) -> None:
+    """The run's data exists, each said with its key: the manifests, and every Shar source's shards/ folder with a
+    task that fits the stage. ``to_host`` maps a path as the job sees it to this machine (the launcher passes its
+    container mounts; training, the identity)."""
     if not run.data.synthesize:
         for key in ("tta_manifest", "understanding_manifest", "text_manifest", "sft_manifest", "dpo_manifest"):
             value = getattr(run.data, key)
-            if value and not Path(value).is_file():
+            if value and not Path(to_host(value)).is_file():
                 raise ConfigError(f"data.{key}={value!r}: no such file")
     if run.data.shar is not None:
-        _check_shar_tasks(run)
+        _check_shar_sources(run, to_host)
+
+
+def check_local_paths(run: RunConfig) -> None:
+    """On the machine that trains: the data (check_data_paths), and output_dir can be created and written."""
+    check_data_paths(run)
     path = Path(run.output_dir).absolute()
     output_dir = run.output_dir
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -153,8 +163,9 @@ def check_local_paths(run: RunConfig) -> None:
         raise ConfigError(f"output_dir={output_dir!r} cannot be written: no write permission on {existing}")
 
 
-def _check_shar_tasks(run: RunConfig) -> None:
-    """stage=dpo loads preference sources only, every other stage none: said per source before a model is built."""
+def _check_shar_sources(run: RunConfig, to_host: Callable[[str], str]) -> None:
+    """Each source has shards; stage=dpo loads preference sources only, every other stage none: said per source
+    before a model is built (or a job submitted)."""
     from ualm_nemo.data.shar import shards_dir, source_task
     from ualm_nemo.data.shar_dataset import SharLoaderConfig, check_pair_sources
 
@@ -162,10 +173,12 @@ def _check_shar_tasks(run: RunConfig) -> None:
     tasks = {}
     for i, source in enumerate(run.data.shar.get("sources") or []):
         name, shar_dir = source.get("name", f"#{i}"), source.get("shar_dir")
-        if not shar_dir or not shards_dir(shar_dir).is_dir():
-            raise ConfigError(f"data.shar.sources[{i}] ({name}): shar_dir={shar_dir!r} has no shards/ folder (run "
-                              "examples/prepare_data.py, then examples/tokenize_audio.py)")
-        task = source_task(shar_dir)
+        host_dir = to_host(str(shar_dir)) if shar_dir else None
+        if not host_dir or not shards_dir(host_dir).is_dir():
+            shown = f" (on this host: {host_dir})" if host_dir and host_dir != shar_dir else ""
+            raise ConfigError(f"data.shar.sources[{i}] ({name}): shar_dir={shar_dir!r}{shown} has no shards/ folder "
+                              "(run examples/prepare_data.py, then examples/tokenize_audio.py)")
+        task = source_task(host_dir)
         if dpo != (task == "preference"):
             wanted = "preference pairs" if dpo else "no preference pairs (those are for train.stage=dpo)"
             held = f"{task!r} cuts" if task else "no cuts"
