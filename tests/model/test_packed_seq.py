@@ -4,8 +4,6 @@ samples compute alone (on CPU, with a torch stand-in for Transformer Engine's TH
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,51 +143,59 @@ class _THDAttention(torch.nn.Module):
         return out.reshape(out.shape[0], -1)
 
 
-def _thd_forward_vs_alone() -> dict:
+def _pad_to(x: dict, n: int, pad: torch.Tensor) -> dict:
+    """A sample padded at the end to n positions (pad tokens, IGNORE labels, zero weight)."""
+    from ualm_nemo.model.vocab import IGNORE_INDEX
+
+    m = n - x["tokens"].shape[0]
+    return {"tokens": torch.cat([x["tokens"], pad.repeat(m, 1)]),
+            "labels": torch.cat([x["labels"], torch.full((m, x["labels"].shape[1]), IGNORE_INDEX)]),
+            "loss_weights": torch.cat([x["loss_weights"], torch.zeros(m, x["loss_weights"].shape[1])])}
+
+
+def _thd_forward_vs_alone(tp: int) -> dict:
+    """Two packed rows ([a, b, pads], [c, pads]) through the mask path and the THD path vs each sample alone;
+    tp=2 runs with sequence parallelism (the THD line of b*s tokens is what SP splits)."""
+    from ualm_nemo.data.batching import collate_packed
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.model.builder import build_model
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
-    from ualm_nemo.model.vocab import IGNORE_INDEX
     from ualm_nemo.testing.batches import random_sample
+    from ualm_nemo.training.objectives import model_inputs
 
     cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(enabled=False))
+    if tp > 1:
+        cfg = cfg.with_parallel(tensor_model_parallel_size=tp, sequence_parallel=True)
     init_model_parallel(cfg.parallel, seed=4)
     model = build_model(cfg).eval()
     gen = torch.Generator().manual_seed(0)
-    samples = [random_sample(cfg.vocab, n, f, gen) for n, f in ((5, 6), (7, 3), (4, 9))]
+    samples = [dict(random_sample(cfg.vocab, n, f, gen), task="tta") for n, f in ((5, 6), (7, 3), (4, 9))]
     lengths = [x["tokens"].shape[0] for x in samples]
-    s = max(lengths[0] + lengths[1], lengths[2]) + 2
     pad = torch.tensor(cfg.vocab.text_position_streams(cfg.vocab.pad_id))
-    rows = ([samples[0], samples[1]], [samples[2]])
-    batch = {"tokens": [], "labels": [], "loss_weights": [], "position_ids": [], "segment_ids": []}
-    for row in rows:
-        n = s - sum(x["tokens"].shape[0] for x in row)
-        batch["tokens"].append(torch.cat([x["tokens"] for x in row] + [pad.repeat(n, 1)]))
-        batch["labels"].append(torch.cat([x["labels"] for x in row] + [torch.full((n, 8), IGNORE_INDEX)]))
-        batch["loss_weights"].append(torch.cat([x["loss_weights"] for x in row] + [torch.zeros(n, 8)]))
-        batch["position_ids"].append(torch.cat([torch.arange(x["tokens"].shape[0]) for x in row]
-                                               + [torch.arange(s - n, s)]))
-        batch["segment_ids"].append(torch.cat([torch.full((x["tokens"].shape[0],), k) for k, x in enumerate(row)]
-                                              + [torch.full((n,), -1)]))
-    batch = {k: torch.stack(v) for k, v in batch.items()}
+    s = -(-(max(lengths[0] + lengths[1], lengths[2]) + 2) // tp) * tp
+    batch = model_inputs(collate_packed([[samples[0], samples[1]], [samples[2]]], cfg.vocab, s))  # loader layout
     with torch.no_grad():
-        alone = [model(x["tokens"][None], x["labels"][None], x["loss_weights"][None])[0] for x in samples]
+        alone = []
+        for x, n in zip(samples, lengths):  # alone, padded to a multiple of tp (SP splits the sequence)
+            x = _pad_to(x, -(-n // tp) * tp, pad)
+            alone.append(model(x["tokens"][None], x["labels"][None], x["loss_weights"][None])[0, :n])
         masked = model(**batch)  # the local spec: block-causal mask
-        model.ualm = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel,
-                                                                          transformer_impl="transformer_engine"))
+        model.ualm = cfg.with_parallel(transformer_impl="transformer_engine")
         for layer in model.decoder.layers:
             layer.self_attention.core_attention = _THDAttention()
         thd = model(**batch)
         logits = model(batch["tokens"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        shapes = [tuple(x.shape) for x in logits] + [tuple(model(**batch, per_stream=True).shape)]
     expected = torch.zeros(2, s)
     expected[0, :lengths[0]], expected[0, lengths[0]:lengths[0] + lengths[1]] = alone[0], alone[1]
     expected[1, :lengths[2]] = alone[2]
-    return {"thd": thd, "masked": masked, "expected": expected, "logit_shapes": [tuple(x.shape) for x in logits]}
+    return {"thd": thd, "masked": masked, "expected": expected, "shapes": shapes}
 
 
-def test_thd_forward_equals_samples_alone():
-    out = run_distributed(1, _thd_forward_vs_alone)[0]
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_thd_forward_equals_samples_alone(tp):
+    out = run_distributed(tp, _thd_forward_vs_alone, tp)[0]
     torch.testing.assert_close(out["masked"], out["expected"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["thd"], out["expected"], rtol=1e-5, atol=1e-5)
-    (b, s), vocab_shape, codebook_shape = out["expected"].shape, *out["logit_shapes"]
-    assert vocab_shape[:2] == (b, s) and codebook_shape[:2] == (b, s)
+    b, s = out["expected"].shape
+    assert [shape[:2] for shape in out["shapes"]] == [(b, s)] * 3  # logits pair and per-stream nll back as [b, s]
