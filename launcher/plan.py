@@ -41,6 +41,8 @@ class Part:
     sharded: int = 0
     replicated: int = 0
     norms: bool = False  # the replicated elements are RMSNorm weights (fp32 under the local spec, see state_bytes)
+    rows: int = 0  # vocab tables: rows (split over TP in contiguous blocks)
+    special: tuple[int, int] = (0, 0)  # vocab tables: (first row, count) of the UALM specials
 
 
 def backbone_parameters(b: BackboneConfig, tied: bool = False) -> int:
@@ -70,7 +72,9 @@ def parameter_counts(cfg: UALMConfig, encoder_params: int, encoder_dim: int) -> 
     h, d, a, g, f = b.hidden_size, b.kv_channels, b.num_attention_heads, b.num_query_groups, b.ffn_hidden_size
     text_rows, audio_rows = padded(cfg.num_text_rows), padded(cfg.num_audio_rows)
     extra, span = out.num_codebooks - 1, cfg.vocab.codebook_span
-    parts = [Part("text embedding", "embedding.text.weight", "first", sharded=text_rows * h),
+    specials = (b.text_vocab_size, cfg.num_text_rows - b.text_vocab_size)
+    parts = [Part("text embedding", "embedding.text.weight", "first", sharded=text_rows * h, rows=text_rows,
+                  special=specials),
              Part("audio embedding", "embedding.audio.weight", "first", sharded=audio_rows * h)]
     if cfg.audio_in.enabled:
         adapter = encoder_dim * h + h + ((h * h + h) if cfg.audio_in.adapter == "mlp" else 0)
@@ -79,7 +83,8 @@ def parameter_counts(cfg: UALMConfig, encoder_params: int, encoder_dim: int) -> 
     parts += [Part("decoder layers", "decoder.layers.0.mlp.linear_fc1.weight", "layer",
                    sharded=(a + 2 * g) * d * (h + 1) + h * a * d + 3 * f * h, replicated=2 * h, norms=True),
               Part("final norm", "decoder.final_layernorm.weight", "last", replicated=h, norms=True),
-              Part("text head", "heads.text_head.weight", "last", sharded=text_rows * h),
+              Part("text head", "heads.text_head.weight", "last", sharded=text_rows * h, rows=text_rows,
+                   special=specials),
               Part("audio head", "heads.audio_head.weight", "last", sharded=audio_rows * h)]
     if out.head == "shared":
         parts.append(Part("stream embedding", "heads.stream_embedding", "last", replicated=extra * h))
@@ -93,14 +98,23 @@ def model_total(parts: list[Part], num_layers: int) -> int:
     return sum((p.sharded + p.replicated) * (num_layers if p.where == "layer" else 1) for p in parts)
 
 
+def _special_rows_only(train_stage: str, name: str) -> bool:
+    from ualm_nemo.training import stages
+
+    rule = getattr(stages, "special_rows_only", None)  # align: only the specials' rows of the text tables train
+    return bool(rule and rule(train_stage, name))
+
+
 def per_rank_parameters(parts: list[Part], num_layers: int, tp: int, pp: int, stage: int,
-                        train_stage: str = "pretrain") -> dict[str, Any]:
+                        train_stage: str = "pretrain", tp_rank: int = 0) -> dict[str, Any]:
     """Parameters held by one rank of pipeline stage ``stage``: sharded / tp + replicated per part, L / pp decoder
     layers, the first stage's and the last stage's parts. Trainable or frozen as ``train_stage`` decides
-    (training.stages). Returns {"trainable", "frozen", "total", "trainable_norms" / "frozen_norms" (RMSNorm
-    weights among them), "parts": {label: numel}}."""
+    (training.stages); a table of which only the special rows train (align) counts those rows of TP rank
+    ``tp_rank`` as trainable but has gradients and optimizer state for all its rows ("with_grad", what memory
+    follows). Returns {"trainable", "frozen", "total", "with_grad", "trainable_norms" / "frozen_norms" (RMSNorm
+    weights among the parameters with / without gradients), "parts": {label: numel}}."""
     counts: dict[str, int] = {}
-    trainable = frozen = norms = frozen_norms = 0
+    trainable = frozen = norms = frozen_norms = with_grad = 0
     for p in parts:
         if p.where == "layer":
             n = num_layers // pp * (p.sharded // tp + p.replicated)
@@ -109,15 +123,24 @@ def per_rank_parameters(parts: list[Part], num_layers: int, tp: int, pp: int, st
         else:
             continue
         counts[p.label] = n
-        if is_trainable(train_stage, p.name):
+        if _special_rows_only(train_stage, p.name):
+            local = p.rows // tp
+            first, count = p.special
+            mine = max(0, min(first + count, (tp_rank + 1) * local) - max(first, tp_rank * local))
+            trainable += mine * (p.sharded // p.rows)
+            frozen += n - mine * (p.sharded // p.rows)
+            with_grad += n
+        elif is_trainable(train_stage, p.name):
             trainable += n
+            with_grad += n
         else:
             frozen += n
         if p.norms:
             count = p.replicated * (num_layers // pp if p.where == "layer" else 1)
             norms, frozen_norms = (norms + count, frozen_norms) if is_trainable(train_stage, p.name) \
                 else (norms, frozen_norms + count)
-    return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen, "trainable_norms": norms,
+    return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen, "with_grad": with_grad,
+            "trainable_norms": norms,
             "frozen_norms": frozen_norms, "parts": counts}
 
 
@@ -354,7 +377,7 @@ def make_plan(run, cluster, placeholders: list[str], recompute: str = "none", mf
     for stage in range(pp):
         params = per_rank_parameters(parts, layers, tp, pp, stage, t.stage)
         local = cfg.parallel.transformer_impl == "local"
-        memory = state_bytes(params["trainable"], params["frozen"], cfg.params_dtype, dp,
+        memory = state_bytes(params["with_grad"], params["total"] - params["with_grad"], cfg.params_dtype, dp,
                              cfg.parallel.use_distributed_optimizer, params["trainable_norms"] * local,
                              params["frozen_norms"] * local)
         memory["activations"] = activation_bytes(cfg, batch, tp, pp, stage, recompute)
@@ -404,11 +427,14 @@ def render(plan: dict[str, Any]) -> str:
     if plan["placeholders"]:
         lines.append(f"filled for planning only (unset in conf/, give them to launcher.submit): "
                      f"{', '.join(plan['placeholders'])}")
-    lines += ["", row.format("parameters", *heads)]
-    for label in plan["parameters"]["whole_model"]:
-        lines.append(row.format(label, *(_n(s["parameters"]["parts"].get(label, 0)) for s in stages)))
+    prow = row + "{:>16}"
+    whole = plan["parameters"]["whole_model"]
+    lines += ["", prow.format("parameters", *heads, "whole model")]
+    for label, n in whole.items():
+        lines.append(prow.format(label, *(_n(s["parameters"]["parts"].get(label, 0)) for s in stages), _n(n)))
     for key in ("trainable", "frozen", "total"):
-        lines.append(row.format(key, *(_n(s["parameters"][key]) for s in stages)))
+        total = plan["parameters"]["total"] if key == "total" else ""
+        lines.append(prow.format(key, *(_n(s["parameters"][key]) for s in stages), total and _n(total)))
     dtype_bytes = 2 if L["params_dtype"] == "bf16" else 4
     optim = ("fp32 master + Adam m, v" if L["params_dtype"] == "bf16" else "Adam m, v") + \
         (f"; / DP {L['dp']}" if L["distributed_optimizer"] else "")
@@ -420,12 +446,11 @@ def render(plan: dict[str, Any]) -> str:
         lines.append(row.format(label, *(f"{s['memory'][key] / GiB:.2f}" for s in stages)))
     worst = max(s["memory"]["total"] for s in stages)
     verdict = "fits" if worst < tm["gpu_memory"] else "does NOT fit"
-    lines.append(f"  {tm['gpu'].upper()} has {tm['gpu_memory'] / 1e9:.0f} GB = {tm['gpu_memory'] / GiB:.1f} GiB: {verdict}"
+    lines.append(f"  {tm['gpu'].upper()} (--gpu) has {tm['gpu_memory'] / 1e9:.0f} GB = {tm['gpu_memory'] / GiB:.1f} GiB: {verdict}"
                  f" ({(tm['gpu_memory'] - worst) / GiB:+.1f} GiB left before the CUDA context, NCCL buffers and "
                  "allocator fragmentation, typically 3-8 GiB)")
     pt = f["per_token"]
-    lines += ["", f"whole model: {_n(plan['parameters']['total'])} parameters (audio tower shape: "
-                  f"{plan['parameters']['encoder_shape_from']})",
+    lines += ["", f"audio tower shape: {plan['parameters']['encoder_shape_from']}",
               f"FLOPs per token: 6 x {_n(pt['matmul_params'])} matmul weights + attention 12 L h s = "
               f"{pt['dense'] / 1e9:.1f} + {pt['attention'] / 1e9:.1f} = {pt['total'] / 1e9:.1f} GFLOP",
               f"FLOPs per step: {f['per_step']:.3e} ({b['tokens_per_step']:,} positions)",

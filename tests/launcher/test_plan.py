@@ -51,8 +51,10 @@ def _measure() -> dict:
             model = build_model(cfg)
             for stage in ("pretrain", "align"):
                 trainable, total = apply_stage(model, stage)
-                out["counts"][(tp, pp, head, adapter, stage)] = (ps.get_pipeline_model_parallel_rank(), trainable,
-                                                                 total - trainable)
+                grads = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                out["counts"][(tp, pp, head, adapter, stage)] = (ps.get_pipeline_model_parallel_rank(),
+                                                                 ps.get_tensor_model_parallel_rank(), trainable,
+                                                                 total - trainable, grads)
     cfg = _tiny(1, 1, "shared", "linear", "bf16")  # DP2, distributed optimizer (the default)
     init_model_parallel(cfg.parallel, seed=1)
     model = build_model(cfg)
@@ -95,10 +97,11 @@ def _parts(cfg: UALMConfig) -> list[plan.Part]:
 def test_per_rank_parameters_equal_the_built_models(measured):
     checked = 0
     for rank, result in measured.items():
-        for (tp, pp, head, adapter, stage), (pp_rank, trainable, frozen) in result["counts"].items():
+        for (tp, pp, head, adapter, stage), (pp_rank, tp_rank, trainable, frozen, grads) in result["counts"].items():
             cfg = _tiny(tp, pp, head, adapter)
-            got = plan.per_rank_parameters(_parts(cfg), cfg.backbone.num_layers, tp, pp, pp_rank, stage)
-            assert (got["trainable"], got["frozen"]) == (trainable, frozen), (rank, tp, pp, head, adapter, stage)
+            got = plan.per_rank_parameters(_parts(cfg), cfg.backbone.num_layers, tp, pp, pp_rank, stage, tp_rank)
+            assert (got["trainable"], got["frozen"], got["with_grad"]) == (trainable, frozen, grads), \
+                (rank, tp, pp, head, adapter, stage)
             checked += 1
     assert checked == 2 * len(LAYOUTS) * len(VARIANTS) * 2
     # PP2's two stages hold different parts; TP2 halves the sharded tables
@@ -125,6 +128,7 @@ def test_memory_formula_matches_megatron_allocations(measured):
     cfg = _tiny(1, 1, "shared", "linear", "bf16")
     params = plan.per_rank_parameters(_parts(cfg), cfg.backbone.num_layers, 1, 1, 0, "pretrain")
     dp = 2
+    assert params["with_grad"] == params["trainable"]  # pretrain: every non-encoder parameter trains
     formula = plan.state_bytes(params["trainable"], params["frozen"], "bf16", dp, True,
                                params["trainable_norms"], params["frozen_norms"])
     whole = plan.state_bytes(params["trainable"], params["frozen"], "bf16", 1, True,
