@@ -28,13 +28,13 @@ def _bench(hidden: int, heads: int, groups: int, seq: int, batch: int, repeats: 
     from ualm_nemo.data.batching import packed_attention_mask
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.model.builder import transformer_config
-    from ualm_nemo.model.config import BACKBONES, UALMConfig
+    from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
     from ualm_nemo.model.sdpa_attention import SDPAAttention
 
     torch.set_num_threads(torch.get_num_threads() if torch.cuda.is_available() else 2)
     backbone = dataclasses.replace(BACKBONES["tiny"], hidden_size=hidden, num_attention_heads=heads,
                                    num_query_groups=groups)
-    cfg = UALMConfig(backbone=backbone)
+    cfg = UALMConfig(backbone=backbone, audio_in=AudioInputConfig(enabled=False))
     init_model_parallel(cfg.parallel, seed=0)
     config, d = transformer_config(cfg), hidden // heads
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"

@@ -27,7 +27,7 @@ DEMO_CAPTION = "a high beep"
 
 def demo_config(output_dir: str, max_steps: int = 300) -> dict[str, Any]:
     return {
-        "model": {"backbone": "tiny"},
+        "model": {"backbone": "tiny", "audio_in": {"random_encoder": True}},
         "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 20, "weight_decay": 0.01},
         "train": {"stage": "pretrain", "max_steps": max_steps, "global_batch_size": 8, "micro_batch_size": 4,
                   "checkpoint_every_n_steps": 100, "log_every_n_steps": 10},

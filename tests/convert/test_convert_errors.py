@@ -72,7 +72,7 @@ def test_import_rejects_bad_inputs(hf, tmp_path, fails):
         fails("convert_hf_to_ualm", [str(hf), out, "--model", "tiny", "--pipeline-parallel", "3"])
     assert "model config 'huge' is neither a file nor one of" in \
         fails("convert_hf_to_ualm", [str(hf), out, "--model", "huge"])
-    assert "audio_in.encoder_path must be set" in fails("convert_hf_to_ualm", [str(hf), out, "--model", "qwen2.5-0.5b"])
+    assert "model.audio_in.encoder_path is not set" in fails("convert_hf_to_ualm", [str(hf), out, "--model", "qwen2.5-0.5b"])
     assert not (tmp_path / "ckpt").exists()
 
 

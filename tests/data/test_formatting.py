@@ -219,9 +219,10 @@ def test_format_dispatch_needs_audio_inputs(tmp_path):
 
 
 def test_from_config_uses_the_model_weights():
-    from ualm_nemo.model.config import BACKBONES, AudioOutputConfig, UALMConfig
+    from ualm_nemo.model.config import AudioInputConfig, AudioOutputConfig, BACKBONES, UALMConfig
 
-    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_out=AudioOutputConfig(audio_stream_weight=0.25))
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True),
+                     audio_out=AudioOutputConfig(audio_stream_weight=0.25))
     fmt = SampleFormatter.from_config(TOK, cfg, cfg_dropout=0.0)
     assert fmt.vocab == V and fmt.audio_stream_weight == 0.25 and fmt.text_weight == 1.0 and fmt.n_mels == 128
     assert fmt.format_tta("hum", CODES, random.Random(0))["loss_weights"][22].tolist() == [0.25] * 8

@@ -12,11 +12,12 @@ def _bf16_losses(head: str) -> dict:
 
     from ualm_nemo.distributed.optim import OptimConfig
     from ualm_nemo.distributed.parallel import init_model_parallel
-    from ualm_nemo.model.config import BACKBONES, AudioOutputConfig, UALMConfig
+    from ualm_nemo.model.config import AudioInputConfig, AudioOutputConfig, BACKBONES, UALMConfig
     from ualm_nemo.testing.batches import random_batch
     from ualm_nemo.training.engine import MegatronEngine
 
-    cfg = UALMConfig(backbone=BACKBONES["tiny"], params_dtype="bf16", audio_out=AudioOutputConfig(head=head))
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True), params_dtype="bf16",
+                     audio_out=AudioOutputConfig(head=head))
     init_model_parallel(cfg.parallel, seed=1)
     engine = MegatronEngine(cfg, OptimConfig(lr=3e-3), max_steps=5)
     # megatron's local spec keeps torch norms in fp32 (its Float16Module would cast them; we do not wrap)

@@ -138,10 +138,10 @@ def _tp_attributes() -> dict:
 
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.model.builder import build_model, layer_spec, transformer_config
-    from ualm_nemo.model.config import BACKBONES, UALMConfig
+    from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
     from ualm_nemo.model.ualm import UALMLanguageModel
 
-    cfg = UALMConfig(backbone=BACKBONES["tiny"])
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True))
     cfg = replace(cfg, audio_out=replace(cfg.audio_out, head="per_codebook")).with_parallel(
         tensor_model_parallel_size=2)
     init_model_parallel(cfg.parallel, seed=0)

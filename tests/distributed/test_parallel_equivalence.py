@@ -19,7 +19,7 @@ GLOBAL_BATCHES = [(0, 1), (2, 3)]  # per step: micro-batch seeds of the global b
 def _tiny(tp: int = 1, pp: int = 1, head: str = "shared", sp: bool = False):
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, AudioOutputConfig, UALMConfig
 
-    return UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(adapter="mlp"),
+    return UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(adapter="mlp", random_encoder=True),
                       audio_out=AudioOutputConfig(head=head)).with_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
 

@@ -17,7 +17,7 @@ from ualm_nemo.data.tokenizer import ByteChatTokenizer
 from ualm_nemo.inference.engine import Decoder, GenerationConfig, Request
 from ualm_nemo.inference.generate import decode, make_decoder
 from ualm_nemo.inference.sampling import cfg_mix, sample_top_k
-from ualm_nemo.model.config import BACKBONES, UALMConfig
+from ualm_nemo.model.config import AudioInputConfig, BACKBONES, UALMConfig
 from ualm_nemo.model.delay_pattern import apply_delay
 
 
@@ -25,7 +25,7 @@ from ualm_nemo.model.delay_pattern import apply_delay
 def tiny():
     from ualm_nemo.testing.hf_ualm import random_hf_ualm
 
-    cfg = UALMConfig(backbone=BACKBONES["tiny"])
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True))
     model = random_hf_ualm(cfg, seed=0, std=0.05)
     tok = ByteChatTokenizer()
     return model, tok, SampleFormatter(tok, cfg.vocab, cfg_dropout=0.0)

@@ -13,9 +13,10 @@ from ualm_nemo.testing.dist import run_distributed
 def _model(tp: int, pp: int = 1, head: str = "shared"):
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.model.builder import build_model
-    from ualm_nemo.model.config import BACKBONES, AudioOutputConfig, UALMConfig
+    from ualm_nemo.model.config import AudioInputConfig, AudioOutputConfig, BACKBONES, UALMConfig
 
-    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_out=AudioOutputConfig(head=head)).with_parallel(
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True),
+                     audio_out=AudioOutputConfig(head=head)).with_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     init_model_parallel(cfg.parallel, seed=1)
     return build_model(cfg).eval(), cfg

@@ -12,10 +12,11 @@ from ualm_nemo.data.rich_caption import RichCaption
 def infer_parts():
     from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
     from ualm_nemo.data.tokenizer import ByteChatTokenizer
-    from ualm_nemo.model.config import BACKBONES, UALMConfig
+    from ualm_nemo.model.config import AudioInputConfig, BACKBONES, UALMConfig
     from ualm_nemo.testing.hf_ualm import random_hf_ualm
 
-    model = random_hf_ualm(UALMConfig(backbone=BACKBONES["tiny"]), seed=1, std=0.05)
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True))
+    model = random_hf_ualm(cfg, seed=1, std=0.05)
     return model, ByteChatTokenizer(), CodecTokenizer(build_tiny_xcodec(0))
 
 

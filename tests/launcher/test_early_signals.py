@@ -109,7 +109,8 @@ def _catches(pid: int, signum: int) -> bool:
 def test_train_entry_point_requeues_on_a_signal_during_its_imports(tmp_path):
     """examples/train.py gets SIGUSR1 as soon as its first line has installed the handler (torch, Lightning and
     megatron are still to be imported): it exits 0 with state=preempted, without building a model."""
-    proc = subprocess.Popen([sys.executable, "examples/train.py", f"output_dir={tmp_path}", "train.max_steps=5"],
+    proc = subprocess.Popen([sys.executable, "examples/train.py", f"output_dir={tmp_path}", "train.max_steps=5",
+                             "optim.warmup_steps=1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not _catches(proc.pid, signal.SIGUSR1):

@@ -21,7 +21,8 @@ from ualm_nemo.training.preemption import read_run_state
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MAX_STEPS = 20
-TINY = [f"train.max_steps={MAX_STEPS}", "train.checkpoint_every_n_steps=1000", "train.global_batch_size=4",
+TINY = [f"train.max_steps={MAX_STEPS}", "optim.warmup_steps=2", "train.checkpoint_every_n_steps=1000",
+        "train.global_batch_size=4",
         "train.micro_batch_size=2", "train.log_every_n_steps=1", "+data.synthetic_samples_per_task=4"]
 HOSTILE_NAME = "ualm t \"q\" 'r' $(touch pwned); #x"
 

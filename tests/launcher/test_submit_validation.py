@@ -12,7 +12,8 @@ from launcher.submit import main, prepare
 from launcher.validate import hydra_value
 from ualm_nemo.model.config import ConfigError
 
-TINY = ["train.global_batch_size=4", "train.micro_batch_size=2", "+data.synthetic_samples_per_task=4"]
+TINY = ["optim.warmup_steps=2", "train.global_batch_size=4",
+        "train.micro_batch_size=2", "+data.synthetic_samples_per_task=4"]
 
 
 def _argv(tmp_path, *flags: str, overrides=TINY) -> list[str]:

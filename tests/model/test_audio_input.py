@@ -17,7 +17,9 @@ HIDDEN = 48
 
 
 def _cfg(**kw) -> AudioInputConfig:
-    return AudioInputConfig(**{"encoder_dim": 32, "encoder_layers": 2, "encoder_heads": 2, **kw})
+    """The tiny random tower, or the folder given as encoder_path."""
+    return AudioInputConfig(**{"encoder_dim": 32, "encoder_layers": 2, "encoder_heads": 2,
+                               "random_encoder": "encoder_path" not in kw, **kw})
 
 
 def _batch(seconds: list[float], n_mel: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

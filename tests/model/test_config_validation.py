@@ -6,12 +6,13 @@ import dataclasses
 
 import pytest
 
-from ualm_nemo.model.config import BACKBONES, ConfigError, UALMConfig
+from ualm_nemo.model.config import AudioInputConfig, BACKBONES, ConfigError, UALMConfig
 from ualm_nemo.training.run_config import run_config_from_dict
 
 
 def _cfg(**parallel) -> UALMConfig:
-    return UALMConfig(backbone=BACKBONES["tiny"]).with_parallel(**parallel)
+    return UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True)).with_parallel(
+        **parallel)
 
 
 @pytest.mark.parametrize("parallel,world,message", [
@@ -28,13 +29,20 @@ def test_parallel_layout_errors(parallel, world, message):
 
 def test_valid_layouts_pass():
     _cfg(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).validate(8)
-    UALMConfig(backbone=BACKBONES["qwen2.5-7b"]).with_parallel(tensor_model_parallel_size=4).validate(64)
+    UALMConfig(backbone=BACKBONES["qwen2.5-7b"], audio_in=AudioInputConfig(enabled=False)).with_parallel(
+        tensor_model_parallel_size=4).validate(64)
 
 
 def test_backbone_shape_errors():
     bad = dataclasses.replace(BACKBONES["tiny"], num_query_groups=3)
     with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible by num_query_groups=3"):
-        UALMConfig(backbone=bad).validate()
+        UALMConfig(backbone=bad, audio_in=AudioInputConfig(enabled=False)).validate()
+
+
+def test_a_warmup_longer_than_the_run_is_said(caplog):
+    run_config_from_dict({"model": {"audio_in": {"random_encoder": True}}, "train": {"max_steps": 10},
+                          "optim": {"warmup_steps": 10}, "data": {"synthesize": True}}).validate(1)
+    assert "optim.warmup_steps=10 >= train.max_steps=10: the learning rate never reaches optim.lr" in caplog.text
 
 
 def test_run_config_rejects_unknown_and_bad_values():
@@ -42,14 +50,15 @@ def test_run_config_rejects_unknown_and_bad_values():
         run_config_from_dict({"model": {"parallel": {"tensor_parallel": 2}}})
     with pytest.raises(ConfigError, match="model.backbone='qwen3'"):
         run_config_from_dict({"model": {"backbone": "qwen3"}})
+    tiny = {"audio_in": {"random_encoder": True}}
     with pytest.raises(ConfigError, match="train.stage='rlhf'"):
-        run_config_from_dict({"train": {"stage": "rlhf"}}).validate(1)
+        run_config_from_dict({"model": tiny, "train": {"stage": "rlhf"}}).validate(1)
     with pytest.raises(ConfigError, match="train.stage=dpo starts from a trained model"):
-        run_config_from_dict({"train": {"stage": "dpo"}}).validate(1)
+        run_config_from_dict({"model": tiny, "train": {"stage": "dpo"}}).validate(1)
     with pytest.raises(ConfigError, match="global_batch_size=8 must be divisible by micro_batch_size x data-parallel"):
-        run_config_from_dict({"train": {"global_batch_size": 8, "micro_batch_size": 4}}).validate(4)
+        run_config_from_dict({"model": tiny, "train": {"global_batch_size": 8, "micro_batch_size": 4}}).validate(4)
     with pytest.raises(ConfigError, match="optim.min_lr"):
-        run_config_from_dict({"optim": {"lr": 1e-4, "min_lr": 1e-3}}).validate(1)
+        run_config_from_dict({"model": tiny, "optim": {"lr": 1e-4, "min_lr": 1e-3}}).validate(1)
 
 
 def test_backbone_overrides_from_a_base():
@@ -89,7 +98,7 @@ def test_readme_overrides_work_as_written():
 
 
 @pytest.mark.parametrize("stage,max_steps,lr,weight_decay,cfg_dropout", [
-    ("pretrain", 300, 1e-4, 0.1, 0.05), ("align", 1800, 1e-4, 0.1, 0.05), ("sft", 4000, 2e-5, 0.1, 0.05),
+    ("pretrain", 660000, 1e-4, 0.1, 0.05), ("align", 1800, 1e-4, 0.1, 0.05), ("sft", 4000, 2e-5, 0.1, 0.05),
     ("dpo", 1000, 5e-7, 0.0, 0.0)])
 def test_a_stage_config_sets_its_own_schedule(stage, max_steps, lr, weight_decay, cfg_dropout):
     """conf/stage/*.yaml win over conf/train.yaml's base values and over the data group (a DPO run on the demo
@@ -186,3 +195,22 @@ def test_prepare_names_a_missing_manifest(tmp_path, monkeypatch, capsys):
         load_example("prepare_data").main()
     assert done.value.code == 2 and f"manifest(s) not found: {tmp_path / 'nope.jsonl'}" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_no_silent_random_audio_encoder_in_production_configs():
+    """A real backbone's config demands model.audio_in.encoder_path only while audio input is on; the tiny random
+    tower is asked for by name (conf/model/tiny.yaml), never a fallback."""
+    base = ["model=qwen2.5-7b", "data.synthesize=true"]
+    with pytest.raises(ConfigError, match=r"model.audio_in.encoder_path is not set.*enabled=false.*random_encoder"):
+        run_config_from_dict(_composed(*base)).validate(4)
+    run = run_config_from_dict(_composed(*base, "model.audio_in.enabled=false")).validate(4)
+    assert run.model.audio_in.encoder_path is None and not run.model.audio_in.random_encoder
+    run = run_config_from_dict(_composed(*base, "model.audio_in.encoder_path=/models/omni")).validate(4)
+    assert run.model.audio_in.encoder_path == "/models/omni"
+    with pytest.raises(ConfigError, match="random_encoder=true and encoder_path are both set"):
+        run_config_from_dict(_composed("model.audio_in.encoder_path=/models/omni")).validate(1)
+    assert run_config_from_dict(_composed()).validate(1).model.audio_in.random_encoder  # model=tiny: said in conf/
+    from ualm_nemo.model.audio_input import build_audio_encoder
+
+    with pytest.raises(ConfigError, match="model.audio_in.encoder_path is not set"):
+        build_audio_encoder(AudioInputConfig())

@@ -10,10 +10,10 @@ from ualm_nemo.testing.dist import run_distributed
 def _embedding_by_hand() -> dict:
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.model.builder import transformer_config
-    from ualm_nemo.model.config import BACKBONES, UALMConfig, padded
+    from ualm_nemo.model.config import AudioInputConfig, BACKBONES, UALMConfig, padded
     from ualm_nemo.model.embedding import MultiStreamEmbedding
 
-    cfg = UALMConfig(backbone=BACKBONES["tiny"])
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True))
     init_model_parallel(cfg.parallel, seed=0)
     emb = MultiStreamEmbedding(transformer_config(cfg), cfg)
     with torch.no_grad():  # make the text table's padding rows non-zero, as training might

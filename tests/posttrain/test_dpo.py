@@ -66,7 +66,8 @@ def test_score_mask_leaves_out_what_the_delay_pattern_forces():
 def _tiny(tp: int = 1, pp: int = 1):
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
 
-    return UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(adapter="mlp")).with_parallel(
+    return UALMConfig(backbone=BACKBONES["tiny"],
+                      audio_in=AudioInputConfig(adapter="mlp", random_encoder=True)).with_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 

@@ -74,7 +74,8 @@ def test_dpo_from_the_sidecar_resumes_bit_exactly(chain):
     is ln 2 (policy == reference); the margin series is in TensorBoard."""
     root = chain["root"]
     run_distributed(2, _score, {**_dpo_cfg(root, f"{root}/score"),
-                                "model": {"backbone": "tiny", "parallel": {"tensor_model_parallel_size": 2}}})
+                                "model": {"backbone": "tiny", "audio_in": {"random_encoder": True},
+                                          "parallel": {"tensor_model_parallel_size": 2}}})
     stamp = json.loads(open(f"{root}/reference.json").read())
     assert sorted(stamp["logps"]) == [f"pair-{k}" for k in range(4)] and stamp["fingerprint"]["reference_step"] == 3
 

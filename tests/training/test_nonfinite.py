@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def _config(output_dir: str, max_steps: int, max_nonfinite: int) -> dict:
-    return {"model": {"backbone": "tiny"},
+    return {"model": {"backbone": "tiny", "audio_in": {"random_encoder": True}},
             "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 1},
             "train": {"max_steps": max_steps, "global_batch_size": 4, "micro_batch_size": 2,
                       "checkpoint_every_n_steps": 1000, "log_every_n_steps": 1,

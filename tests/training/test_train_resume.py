@@ -10,7 +10,8 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 def _config(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_at: int | None = None) -> dict:
-    return {"model": {"backbone": "tiny", "parallel": {"tensor_model_parallel_size": tp}},
+    return {"model": {"backbone": "tiny", "audio_in": {"random_encoder": True},
+                      "parallel": {"tensor_model_parallel_size": tp}},
             "optim": {"lr": lr, "min_lr": lr / 10, "warmup_steps": 2, "weight_decay": 0.01},
             "train": {"max_steps": max_steps, "global_batch_size": 4, "micro_batch_size": 2,
                       "checkpoint_every_n_steps": 4, "log_every_n_steps": 1, "stop_at_step": stop_at},

@@ -15,7 +15,7 @@ def _train(output_dir: str, shar_dirs: dict, stop_at: int | None) -> dict:
     sources = [{"name": task, "shar_dir": path, "weight": 2.0 if task == "tta" else 1.0}
                for task, path in shar_dirs.items()]
     model = train({
-        "model": {"backbone": "tiny"},
+        "model": {"backbone": "tiny", "audio_in": {"random_encoder": True}},
         "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 1},
         "train": {"max_steps": 6, "global_batch_size": 4, "micro_batch_size": 1, "checkpoint_every_n_steps": 4,
                   "stop_at_step": stop_at},

@@ -115,7 +115,7 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
         if cfg.audio_in.enabled:
             encoder_config.save_pretrained(tmp / ENCODER_DIR)
             # relative: the folder can move; inference.hf_model resolves it against the folder
-            exported = replace(exported, audio_in=replace(cfg.audio_in, encoder_path=ENCODER_DIR))
+            exported = replace(exported, audio_in=replace(cfg.audio_in, encoder_path=ENCODER_DIR, random_encoder=False))
         (tmp / UALM_CONFIG_FILE).write_text(json.dumps(config_to_dict(exported), indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)

@@ -250,4 +250,5 @@ def with_encoder(cfg: UALMConfig, encoder_path: str | None) -> UALMConfig:
     """``cfg`` with the audio encoder read from ``encoder_path`` (a Qwen2.5-Omni or encoder-only folder)."""
     if encoder_path is None:
         return cfg
-    return replace(cfg, audio_in=replace(cfg.audio_in, enabled=True, encoder_path=str(encoder_path)))
+    return replace(cfg, audio_in=replace(cfg.audio_in, enabled=True, encoder_path=str(encoder_path),
+                                        random_encoder=False))

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
 from ualm_nemo.compat import mcore_patches
 from ualm_nemo.model.config import ConfigError, UALMConfig
+
+# attribute of a parameter whose gradient is masked to some rows (training/stages.py): no weight decay for it
+PARTIALLY_FROZEN = "partially_frozen"
 
 
 @dataclass(kw_only=True)
@@ -59,7 +63,10 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, m
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=model_cfg.parallel.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(cfg, chunks)
+    # megatron's standard groups (no decay on biases and 1-d params), plus no decay on a partly frozen table:
+    # decoupled decay would move its frozen rows (training/stages.py)
+    overrides = {**get_standard_config_overrides(cfg), ParamKey(attr=PARTIALLY_FROZEN): ParamGroupOverride(wd_mult=0.0)}
+    return get_megatron_optimizer(cfg, chunks, config_overrides=overrides)
 
 
 def build_scheduler(optimizer, optim: OptimConfig, max_steps: int) -> OptimizerParamScheduler:

@@ -149,9 +149,12 @@ def tiny_encoder_config(cfg: AudioInputConfig) -> Qwen2_5OmniAudioEncoderConfig:
 
 
 def build_audio_encoder(cfg: AudioInputConfig) -> FrozenAudioEncoder:
-    """Frozen tower: tiny random one from ``cfg`` (deterministic under torch.manual_seed), or from cfg.encoder_path."""
-    if cfg.encoder_path is None:
+    """Frozen tower from cfg.encoder_path, or the tiny random one ``cfg.random_encoder`` asks for (deterministic
+    under torch.manual_seed)."""
+    if cfg.random_encoder:
         return FrozenAudioEncoder(Qwen2_5OmniAudioEncoder(tiny_encoder_config(cfg)))
+    if not cfg.encoder_path:
+        raise ConfigError("model.audio_in.encoder_path is not set (or model.audio_in.random_encoder=true for tests)")
     tower = load_audio_tower(cfg.encoder_path)
     if tower.config.num_mel_bins != cfg.num_mel_bins:
         raise ConfigError(f"model.audio_in.num_mel_bins={cfg.num_mel_bins} but the encoder at {cfg.encoder_path} "

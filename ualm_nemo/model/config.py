@@ -55,9 +55,10 @@ class AudioInputConfig:
     """Frozen audio encoder (Qwen2.5-Omni audio tower, Whisper-style, 25 Hz) + trainable adapter."""
 
     enabled: bool = True
-    encoder_path: str | None = None  # local HF folder; None builds the tiny encoder from config (tests/demo)
+    encoder_path: str | None = None  # local HF folder (Qwen2.5-Omni / Audio Flamingo 3 / encoder-only): required
+    random_encoder: bool = False  # instead of encoder_path: a tiny random tower from the fields below (tests, demo)
     num_mel_bins: int = 128
-    encoder_dim: int = 64  # d_model of the tiny encoder; read from the folder when encoder_path is set
+    encoder_dim: int = 64  # d_model of the tiny random encoder; read from the folder when encoder_path is set
     encoder_layers: int = 2
     encoder_heads: int = 2
     adapter: Literal["linear", "mlp"] = "linear"
@@ -141,6 +142,14 @@ class UALMConfig:
                               "(model.parallel.*): change the GPU count or the parallel sizes")
         if self.audio_out.head not in ("shared", "per_codebook"):
             raise ConfigError(f"model.audio_out.head={self.audio_out.head!r}: choose 'shared' or 'per_codebook'")
+        a = self.audio_in
+        if a.enabled and not a.encoder_path and not a.random_encoder:
+            raise ConfigError("model.audio_in.encoder_path is not set: give the local audio encoder folder "
+                              "(Qwen2.5-Omni / Audio Flamingo 3), set model.audio_in.enabled=false for a model "
+                              "without audio input, or model.audio_in.random_encoder=true for a random tiny tower "
+                              "(tests only)")
+        if a.enabled and a.encoder_path and a.random_encoder:
+            raise ConfigError("model.audio_in.random_encoder=true and encoder_path are both set: choose one")
         if self.audio_in.adapter not in ("linear", "mlp"):
             raise ConfigError(f"model.audio_in.adapter={self.audio_in.adapter!r}: choose 'linear' or 'mlp'")
         if self.attention_backend not in ("megatron", "sdpa"):

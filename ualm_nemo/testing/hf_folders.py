@@ -8,10 +8,10 @@ import torch
 
 
 def tiny_cfg(tp: int = 1, pp: int = 1):
-    from ualm_nemo.model.config import BACKBONES, UALMConfig
+    from ualm_nemo.model.config import AudioInputConfig, BACKBONES, UALMConfig
 
-    return UALMConfig(backbone=BACKBONES["tiny"]).with_parallel(tensor_model_parallel_size=tp,
-                                                                 pipeline_model_parallel_size=pp)
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True))
+    return cfg.with_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
 def make_hf_folder(path: Path, max_shard_size: str = "200KB") -> Path:

@@ -9,7 +9,7 @@ def tiny_run(output_dir: str, stage: str, max_steps: int, init_from: str | None,
              stop_at: int | None = None) -> dict:
     """A run config dict of the tiny model: 2 samples (DPO: pairs) per step in micro-batches of 1, logged each step,
     a constant learning rate (so a resumed run's schedule cannot hide a difference)."""
-    return {"model": {"backbone": "tiny"}, "optim": dict(OPTIM),
+    return {"model": {"backbone": "tiny", "audio_in": {"random_encoder": True}}, "optim": dict(OPTIM),
             "train": {"stage": stage, "max_steps": max_steps, "global_batch_size": 2, "micro_batch_size": 1,
                       "checkpoint_every_n_steps": 100, "log_every_n_steps": 1, "init_from": init_from,
                       "stop_at_step": stop_at},

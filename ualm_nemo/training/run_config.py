@@ -8,6 +8,7 @@ dotted key (config_types.py), and validates the whole run before any process gro
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from ualm_nemo.model.config import (BACKBONES, AudioInputConfig, AudioOutputConf
                                     ParallelConfig, UALMConfig)
 from ualm_nemo.training.config_types import build_section
 from ualm_nemo.training.stages import STAGES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -72,6 +75,10 @@ class RunConfig:
                     "checkpoint_every_n_steps", "keep_last_checkpoints", "max_consecutive_nonfinite"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+        if self.optim.warmup_steps >= t.max_steps > 1:
+            log.warning("optim.warmup_steps=%d >= train.max_steps=%d: the learning rate never reaches optim.lr "
+                        "(stage=pretrain warms up for 2000 steps; a short run sets optim.warmup_steps too)",
+                        self.optim.warmup_steps, t.max_steps)
         if t.stop_at_step is not None and t.stop_at_step < 1:
             raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be at least 1 (or null)")
         for key in ("seq_len", "synthetic_samples_per_task"):
