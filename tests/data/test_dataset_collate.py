@@ -83,6 +83,11 @@ def test_codes_cache_is_reused(manifests, codec, dataset, tmp_path, monkeypatch)
     second, _ = build_demo_dataset({"tta": manifests["tta"]}, ByteChatTokenizer(), codec, V, cache_path=cache)
     for a, b, c in zip(first.codes, second.codes, dataset.codes):
         assert torch.equal(a, b) and torch.equal(a, c) and b.dtype == torch.long
+    monkeypatch.undo()
+    other = CodecTokenizer(build_tiny_xcodec(seed=7))  # another codec: its codes, not the cached ones
+    third, _ = build_demo_dataset({"tta": manifests["tta"]}, ByteChatTokenizer(), other, V, cache_path=cache)
+    assert not all(torch.equal(a, b) for a, b in zip(first.codes, third.codes))
+    assert torch.load(cache, weights_only=True)["codec"] == other.fingerprint() != codec.fingerprint()
 
 
 def test_collate_shapes_and_padding(dataset: UALMDataset):

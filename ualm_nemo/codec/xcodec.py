@@ -15,6 +15,7 @@ slightly from encoding it alone. ``max_batch_size=1`` gives exact per-clip codes
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -89,6 +90,15 @@ class CodecTokenizer:
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path))
+
+    def fingerprint(self) -> str:
+        """Hash of everything the codes depend on (weights, bandwidth, batching): a codes cache written with
+        another codec is recognised as stale, not reused."""
+        digest = hashlib.blake2b(f"{self.bandwidth}:{self.max_batch_size}".encode(), digest_size=16)
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def codebook_size(self) -> int:

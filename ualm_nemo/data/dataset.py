@@ -20,6 +20,8 @@ S is the longest row rounded up to ``pad_to_multiple``.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,21 +38,29 @@ from ualm_nemo.data.tokenizer import TextTokenizer
 from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
 
+log = logging.getLogger(__name__)
+
 
 def encode_tta_codes(records: Sequence[TTARecord], codec: CodecTokenizer, cache_path: str | Path | None = None,
                      chunk: int = 256) -> list[torch.Tensor]:
-    """Codec tokens [F, 8] per record (input order); reuses ``cache_path`` if it was written for these records."""
+    """Codec tokens [F, 8] per record (input order); reuses ``cache_path`` if it was written for these records
+    with this codec (``CodecTokenizer.fingerprint``), else encodes and rewrites it."""
     keys = [(str(r.audio_path), r.start, r.end) for r in records]
+    fingerprint = codec.fingerprint() if cache_path is not None else None
     if cache_path is not None and Path(cache_path).is_file():
         cached = torch.load(cache_path, weights_only=True)
-        if cached.get("keys") == keys:
+        if cached.get("keys") == keys and cached.get("codec") == fingerprint:
+            log.info("codec tokens of %d clips read from %s", len(keys), cache_path)
             return [c.long() for c in cached["codes"]]
+        log.info("%s was written for other clips or another codec: encoding again", cache_path)
     codes: list[torch.Tensor] = []
     for k in range(0, len(records), chunk):  # bounded memory: only ``chunk`` waveforms loaded at a time
         codes += codec.encode([load_audio(r.audio_path, r.start, r.end) for r in records[k:k + chunk]])
     if cache_path is not None:
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"keys": keys, "codes": [c.to(torch.int16) for c in codes]}, cache_path)  # 1024 < 2**15
+        tmp = Path(f"{cache_path}.tmp-{os.getpid()}")  # renamed when complete: a killed job leaves no torn cache
+        torch.save({"keys": keys, "codec": fingerprint, "codes": [c.to(torch.int16) for c in codes]}, tmp)
+        os.replace(tmp, cache_path)  # int16: codes < 1024 < 2**15
     return codes
 
 
