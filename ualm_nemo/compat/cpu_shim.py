@@ -130,14 +130,42 @@ def install() -> bool:
     # megatron's RNG tracker queues CUDA generator updates via torch.cuda._lazy_call (a silent no-op on CPU).
     mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    _patch_checkpoint_backward(mcore_random.CheckpointFunction)
     _patch_torch_norm_for_sequence_parallel()
     _STATE["installed"] = True
     ensure_device_mode()
     return True
 
 
+@contextlib.contextmanager
+def device_mode_suspended():
+    """Run a block without the device mode on this thread (benchmarks: a plain-torch reference step measured
+    next to a Megatron step without paying for the mode's per-op dispatch)."""
+    mode = getattr(_MODE_BY_THREAD, "mode", None)
+    if mode is None:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
 def is_installed() -> bool:
     return _STATE["installed"]
+
+
+def _patch_checkpoint_backward(function: type) -> None:
+    """Activation recompute re-runs the forward inside the backward, where the device mode is off (torch pops a
+    mode while its __torch_function__ runs the outer ``backward`` call): push one for the recompute."""
+    backward = function.backward
+
+    def with_device_mode(ctx, *grads):
+        with CpuDeviceMode():
+            return backward(ctx, *grads)
+
+    function.backward = staticmethod(with_device_mode)
 
 
 def _patch_torch_norm_for_sequence_parallel() -> None:
