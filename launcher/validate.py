@@ -13,6 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from launcher.cluster import REPO, ClusterConfig
+from ualm_nemo.model.builder import check_buildable
 from ualm_nemo.model.config import ConfigError
 from ualm_nemo.training.run_config import RunConfig, check_data_paths, run_config_from_dict
 
@@ -71,10 +72,10 @@ def check_layout(run: RunConfig, cluster: ClusterConfig) -> None:
     if tp > per_node or per_node % tp:
         raise ConfigError(f"model.parallel.tensor_model_parallel_size={tp} must divide the tasks per node "
                           f"({per_node}, --gpus-per-node): tensor parallelism stays inside a node")
-    run.validate(cluster.world_size)  # TP x PP divides the world and the model; batch % (micro x DP)
-    dp = cluster.world_size // (tp * pp)
-    log.info("layout: %d nodes x %d tasks = %d; TP %d x PP %d x DP %d; %d micro-batches of %d per step",
-             cluster.nodes, per_node, cluster.world_size, tp, pp, dp,
+    run.validate(cluster.world_size)  # TP x PP x CP divides the world and the model; batch % (micro x DP)
+    dp = p.data_parallel_size(cluster.world_size)
+    log.info("layout: %d nodes x %d tasks = %d; TP %d x PP %d x CP %d x DP %d; %d micro-batches of %d per step",
+             cluster.nodes, per_node, cluster.world_size, tp, pp, p.context_parallel_size, dp,
              run.train.global_batch_size // (run.train.micro_batch_size * dp), run.train.micro_batch_size)
 
 
@@ -117,6 +118,9 @@ def validate_stage(overrides: list[str], cluster: ClusterConfig) -> tuple[RunCon
     cfg = compose_run(overrides)
     run = run_config_from_dict(cfg)
     check_layout(run, cluster)
+    # Transformer Engine (FP8, the TE spec) is checked here only when the job runs in this host's environment;
+    # with --container-image it runs in the image, whose TE the host cannot see (build_model checks it there)
+    check_buildable(run.model, check_imports=not cluster.container_image)
     check_paths(cfg, run, cluster)
     return run, check_progress(run, cluster)
 

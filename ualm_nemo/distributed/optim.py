@@ -45,13 +45,41 @@ class OptimConfig:
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], model_cfg: UALMConfig) -> list[DistributedDataParallel]:
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=model_cfg.parallel.use_distributed_optimizer)
+    """Megatron DDP per chunk. Grads accumulate and reduce in an fp32 buffer unless
+    model.parallel.grad_reduce_in_bf16 (bf16 params); model.parallel.overlap_grad_reduce / overlap_param_gather
+    run the bucketed collectives during the backward / the next forward."""
+    p = model_cfg.parallel
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=not p.grad_reduce_in_bf16,
+                                            overlap_grad_reduce=p.overlap_grad_reduce,
+                                            overlap_param_gather=p.overlap_param_gather,
+                                            use_distributed_optimizer=p.use_distributed_optimizer)
     wrapped = [DistributedDataParallel(chunk.config, ddp_cfg, chunk) for chunk in chunks]
+    if p.overlap_param_gather:
+        for ddp, chunk in zip(wrapped, chunks):
+            for part in (getattr(chunk, "embedding", None), getattr(chunk, "heads", None)):
+                if part is not None:
+                    _gather_on_entry(ddp, part)
     config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = wrapped[0].no_sync if len(wrapped) == 1 else [w.no_sync for w in wrapped]
     return wrapped
+
+
+def _gather_on_entry(ddp: DistributedDataParallel, module: torch.nn.Module) -> None:
+    """Finish the param all-gather of every weight under ``module`` when its forward starts.
+
+    Megatron's overlapped gather waits per module for that module's own parameters, in its forward pre-hook. The
+    stream embedding and the heads read their tables' weights directly (embedding.py, heads.py), never calling
+    those child modules, so no hook would wait for them: measured, DP2 trained on stale rows from step 2.
+    """
+    groups = {ddp.param_to_bucket_group[p] for p in module.parameters() if p in ddp.param_to_bucket_group}
+    ordered = [g for g in ddp.bucket_groups if g in groups]
+
+    def hook(*unused):
+        for group in ordered:
+            group.finish_param_sync()
+
+    module.register_forward_pre_hook(hook)
 
 
 def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, model_cfg: UALMConfig):
@@ -62,6 +90,7 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimConfig, m
         adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=optim.clip_grad,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=model_cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=model_cfg.parallel.overlap_param_gather,  # same value as the DDP config (megatron)
     )
     # megatron's standard groups (no decay on biases and 1-d params), plus no decay on a partly frozen table:
     # decoupled decay would move its frozen rows (training/stages.py)

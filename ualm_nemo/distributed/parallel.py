@@ -58,7 +58,7 @@ def init_distributed() -> None:
 
 
 def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
-    """Megatron parallel_state for (TP, PP); the rest of the world is data parallel."""
+    """Megatron parallel_state for (TP, PP, CP, virtual PP); the rest of the world is data parallel."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -66,6 +66,8 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

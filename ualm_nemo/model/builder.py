@@ -43,7 +43,64 @@ def transformer_config(cfg: UALMConfig, perform_initialization: bool = True) -> 
         bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
         masked_softmax_fusion=on_gpu and p.transformer_impl == "transformer_engine",
         gradient_accumulation_fusion=False, persist_layer_norm=False,
+        context_parallel_size=p.context_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        **_recompute_fields(cfg), **_fp8_fields(cfg),
     )
+
+
+def _recompute_fields(cfg: UALMConfig) -> dict:
+    """model.recompute -> megatron's recompute_* (validated in config.py)."""
+    r = cfg.recompute
+    if r.granularity is None:
+        return {}
+    if r.granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(r.modules)}
+    method = r.method or "uniform"
+    per_stage = cfg.backbone.num_layers // cfg.parallel.pipeline_model_parallel_size
+    num_layers = r.num_layers or (1 if method == "uniform" else per_stage)
+    return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
+
+
+def _fp8_fields(cfg: UALMConfig) -> dict:
+    """model.fp8 -> megatron's fp8 fields. The embeddings and output heads are not TE layers: never FP8."""
+    f = cfg.fp8
+    if not f.enabled:
+        return {}
+    ends = f.bf16_layers_at_ends
+    return {"fp8": f.format, "fp8_recipe": f.recipe, "fp8_margin": f.margin,
+            "fp8_amax_history_len": f.amax_history_len, "fp8_amax_compute_algo": f.amax_compute_algo,
+            "first_last_layers_bf16": ends > 0, "num_layers_at_start_in_bf16": max(ends, 1),
+            "num_layers_at_end_in_bf16": max(ends, 1)}
+
+
+def check_buildable(cfg: UALMConfig, check_imports: bool = True) -> None:
+    """What a validated config still cannot build: features not wired yet and, with ``check_imports``,
+    Transformer Engine missing for model.fp8 / transformer_impl=transformer_engine.
+
+    build_model calls it on the machine (container) that trains. The launcher passes ``check_imports`` only when
+    no container image is given (launcher/validate.py): a submitting host may lack TE while the job's image has it.
+    """
+    p = cfg.parallel
+    if p.context_parallel_size > 1:
+        raise ConfigError(f"model.parallel.context_parallel_size={p.context_parallel_size} is not supported yet: "
+                          "the model does not split each sequence per CP rank (after the audio splice) nor reduce "
+                          "the loss over CP; set it to 1")
+    if p.virtual_pipeline_model_parallel_size is not None:
+        raise ConfigError("model.parallel.virtual_pipeline_model_parallel_size is not supported yet (the engine "
+                          "builds one model chunk per rank): set it to null")
+    if not check_imports or not (cfg.fp8.enabled or p.transformer_impl == "transformer_engine"):
+        return
+    key = "model.fp8.enabled=true" if cfg.fp8.enabled else "model.parallel.transformer_impl=transformer_engine"
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"{key} needs Transformer Engine, which does not import here: pip install '.[gpu]' "
+                          "(transformer-engine) or run in the NGC PyTorch container (--container-image)") from err
+    if cfg.fp8.enabled and cfg.fp8.recipe == "mxfp8" and torch.cuda.is_available() \
+            and torch.cuda.get_device_capability()[0] < 10:
+        raise ConfigError("model.fp8.recipe=mxfp8 needs a Blackwell GPU (compute capability 10+): choose delayed, "
+                          "tensorwise or blockwise")
 
 
 def layer_spec(cfg: UALMConfig) -> ModuleSpec:
@@ -83,7 +140,9 @@ def build_model(cfg: UALMConfig, pre_process: bool | None = None, post_process: 
     present (converters); default: the current GPU when there is one.
     """
     cfg.validate(parallel_state.get_tensor_model_parallel_world_size()
-                 * parallel_state.get_pipeline_model_parallel_world_size())
+                 * parallel_state.get_pipeline_model_parallel_world_size()
+                 * parallel_state.get_context_parallel_world_size())
+    check_buildable(cfg)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

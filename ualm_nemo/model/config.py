@@ -82,6 +82,55 @@ class ParallelConfig:
     sequence_parallel: bool = False
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     use_distributed_optimizer: bool = True
+    context_parallel_size: int = 1  # validated; the build refuses > 1 for now (no per-CP-rank sequence split)
+    virtual_pipeline_model_parallel_size: int | None = None  # validated; the build refuses it for now
+    overlap_grad_reduce: bool = False  # DDP: grad all-reduce / reduce-scatter in buckets during the backward
+    overlap_param_gather: bool = False  # distributed optimizer: param all-gather during the next forward
+    grad_reduce_in_bf16: bool = False  # bf16 params: reduce grads in bf16 (default: an fp32 grad buffer)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks of one model replica: TP x PP x CP (the data-parallel size is the world over this)."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+
+@dataclass(kw_only=True)
+class RecomputeConfig:
+    """Activation recompute (megatron's recompute_granularity / recompute_method / recompute_num_layers).
+
+    ``selective`` recomputes the ``modules`` of every layer (core attention: the [b, heads, s, s] scores);
+    ``full`` recomputes whole layers: ``method=uniform`` checkpoints units of ``num_layers`` layers (1: every
+    layer), ``method=block`` the first ``num_layers`` layers of each pipeline stage.
+    """
+
+    granularity: Literal["selective", "full"] | None = None  # null: no recompute
+    method: Literal["uniform", "block"] | None = None  # full only (null: uniform)
+    num_layers: int | None = None  # full only (null: 1 with uniform, every layer of a stage with block)
+    modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective only: core_attn and/or mlp
+
+
+@dataclass(kw_only=True)
+class FP8Config:
+    """FP8 GEMMs of the decoder layers through Transformer Engine (megatron's fp8 / fp8_recipe / fp8_margin /
+    fp8_amax_history_len / fp8_amax_compute_algo).
+
+    Only the decoder's TE linear layers run in FP8: the text/audio embeddings and the output heads are megatron's
+    VocabParallelEmbedding / ColumnParallelLinear (not TE), so they stay in the params dtype (bf16) always.
+    """
+
+    enabled: bool = False
+    format: Literal["hybrid", "e4m3"] = "hybrid"  # hybrid: e4m3 forward, e5m2 gradients
+    recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"  # mxfp8: Blackwell GPUs only
+    margin: int = 0
+    amax_history_len: int = 1024  # delayed scaling's amax window
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    bf16_layers_at_ends: int = 0  # first and last N decoder layers kept in bf16 (not with recipe=delayed)
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp")
 
 
 @dataclass(kw_only=True)
@@ -90,6 +139,8 @@ class UALMConfig:
     audio_in: AudioInputConfig = field(default_factory=AudioInputConfig)
     audio_out: AudioOutputConfig = field(default_factory=AudioOutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     params_dtype: Literal["fp32", "bf16"] = "fp32"
     # core attention of the local spec: megatron's DotProductAttention (materialises [b, heads, s, s]) or
     # torch's scaled_dot_product_attention (flash / memory-efficient kernels; model/sdpa_attention.py)
@@ -137,9 +188,9 @@ class UALMConfig:
                               f"num_layers={b.num_layers} (model.backbone.num_layers)")
         if p.sequence_parallel and tp == 1:
             raise ConfigError("model.parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
-        if world_size is not None and world_size % (tp * pp):
-            raise ConfigError(f"world size {world_size} is not divisible by tensor x pipeline parallel = {tp * pp} "
-                              "(model.parallel.*): change the GPU count or the parallel sizes")
+        if world_size is not None and world_size % p.model_parallel_size:
+            raise ConfigError(f"world size {world_size} is not divisible by tensor x pipeline x context parallel = "
+                              f"{p.model_parallel_size} (model.parallel.*): change the GPU count or the parallel sizes")
         if self.audio_out.head not in ("shared", "per_codebook"):
             raise ConfigError(f"model.audio_out.head={self.audio_out.head!r}: choose 'shared' or 'per_codebook'")
         a = self.audio_in
@@ -160,10 +211,89 @@ class UALMConfig:
                               "model.parallel.transformer_impl=local")
         if self.params_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"model.params_dtype={self.params_dtype!r}: choose 'fp32' or 'bf16'")
+        _validate_parallel_features(self)
+        _validate_recompute(self)
+        _validate_fp8(self)
         return self
 
     def with_parallel(self, **kw) -> "UALMConfig":
         return replace(self, parallel=replace(self.parallel, **kw))
+
+
+def _validate_parallel_features(cfg: UALMConfig) -> None:
+    p, layers = cfg.parallel, cfg.backbone.num_layers
+    pp, cp, vpp = p.pipeline_model_parallel_size, p.context_parallel_size, p.virtual_pipeline_model_parallel_size
+    if cp < 1:
+        raise ConfigError(f"model.parallel.context_parallel_size={cp} must be >= 1")
+    if cp > 1 and p.transformer_impl != "transformer_engine":
+        raise ConfigError(f"model.parallel.context_parallel_size={cp} needs Transformer Engine's attention (ring "
+                          "exchange of K/V): set model.parallel.transformer_impl=transformer_engine")
+    if vpp is not None:
+        if vpp < 2:
+            raise ConfigError(f"model.parallel.virtual_pipeline_model_parallel_size={vpp} must be >= 2 (or null)")
+        if pp < 2:
+            raise ConfigError(f"model.parallel.virtual_pipeline_model_parallel_size={vpp} interleaves pipeline "
+                              "stages: it needs model.parallel.pipeline_model_parallel_size > 1")
+        if layers % (pp * vpp):
+            raise ConfigError(f"model.parallel.virtual_pipeline_model_parallel_size={vpp} x pipeline_model_parallel"
+                              f"_size={pp} does not divide num_layers={layers} (model.backbone.num_layers)")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise ConfigError("model.parallel.overlap_param_gather=true overlaps the distributed optimizer's param "
+                          "all-gather: it needs model.parallel.use_distributed_optimizer=true")
+    if p.overlap_param_gather and not p.overlap_grad_reduce:
+        raise ConfigError("model.parallel.overlap_param_gather=true needs model.parallel.overlap_grad_reduce=true "
+                          "(megatron overlaps the param all-gather only together with the grad reduce-scatter)")
+    if p.grad_reduce_in_bf16 and cfg.params_dtype != "bf16":
+        raise ConfigError("model.parallel.grad_reduce_in_bf16=true reduces grads in the params dtype: it needs "
+                          f"model.params_dtype=bf16 (is {cfg.params_dtype!r}; fp32 params reduce in fp32)")
+
+
+def _validate_recompute(cfg: UALMConfig) -> None:
+    r = cfg.recompute
+    per_stage = cfg.backbone.num_layers // cfg.parallel.pipeline_model_parallel_size
+    if r.granularity not in (None, "selective", "full"):
+        raise ConfigError(f"model.recompute.granularity={r.granularity!r}: choose null, 'selective' or 'full'")
+    if r.method not in (None, "uniform", "block"):
+        raise ConfigError(f"model.recompute.method={r.method!r}: choose null, 'uniform' or 'block'")
+    if r.granularity != "full" and (r.method is not None or r.num_layers is not None):
+        raise ConfigError(f"model.recompute.method / num_layers choose the layers of granularity=full; with "
+                          f"granularity={r.granularity!r} set both to null")
+    if r.granularity == "full" and r.num_layers is not None and not 1 <= r.num_layers <= per_stage:
+        raise ConfigError(f"model.recompute.num_layers={r.num_layers} must lie in [1, {per_stage}] (the layers of "
+                          "one pipeline stage)")
+    bad = sorted(set(r.modules) - set(RECOMPUTE_MODULES))
+    if bad or not r.modules:
+        raise ConfigError(f"model.recompute.modules={list(r.modules)}: choose from {list(RECOMPUTE_MODULES)}")
+
+
+def _validate_fp8(cfg: UALMConfig) -> None:
+    """The shape of an FP8 run. Whether Transformer Engine imports is checked where the model is built (and by
+    the launcher only when no container image is given): the submitting host may lack TE while the job's
+    container has it."""
+    f, b, tp = cfg.fp8, cfg.backbone, cfg.parallel.tensor_model_parallel_size
+    if not f.enabled:
+        return
+    if cfg.parallel.transformer_impl != "transformer_engine":
+        raise ConfigError("model.fp8.enabled=true runs the decoder's GEMMs in Transformer Engine's FP8: set "
+                          "model.parallel.transformer_impl=transformer_engine (the local spec has no FP8)")
+    if cfg.params_dtype != "bf16":
+        raise ConfigError("model.fp8.enabled=true needs model.params_dtype=bf16 (FP8 GEMMs with bf16 weights; the "
+                          "embeddings and output heads stay bf16)")
+    if f.margin < 0 or f.amax_history_len < 1:
+        raise ConfigError(f"model.fp8.margin={f.margin} must be >= 0 and model.fp8.amax_history_len="
+                          f"{f.amax_history_len} >= 1")
+    for name, dim in (("hidden_size", b.hidden_size), ("ffn_hidden_size / TP", b.ffn_hidden_size // tp)):
+        if dim % 16:
+            raise ConfigError(f"model.fp8.enabled=true: FP8 GEMMs need dimensions divisible by 16, "
+                              f"model.backbone.{name}={dim} is not")
+    per_stage = b.num_layers // cfg.parallel.pipeline_model_parallel_size
+    if f.bf16_layers_at_ends:
+        if f.recipe == "delayed":
+            raise ConfigError("model.fp8.bf16_layers_at_ends needs a current-scaling recipe: megatron's delayed "
+                              "scaling cannot keep layers in bf16 (set model.fp8.recipe=tensorwise)")
+        if not 0 < f.bf16_layers_at_ends <= per_stage:
+            raise ConfigError(f"model.fp8.bf16_layers_at_ends={f.bf16_layers_at_ends} must lie in [0, {per_stage}] "
+                              "(the layers of one pipeline stage)")
 
 
 def padded(n: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:

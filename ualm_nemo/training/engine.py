@@ -90,6 +90,14 @@ class MegatronEngine:
     def _run_schedule(self, microbatches: list[dict[str, Any]], forward_only: bool):
         return run_schedule(self.modules, self.objective, microbatches, forward_only)
 
+    def _gather_params(self) -> None:
+        """With model.parallel.overlap_param_gather the optimizer step leaves other ranks' shards of the weights
+        stale until the next training forward gathers them: gather now, before an eval forward or a save reads
+        them (what Megatron-LM's disable_forward_pre_hook does). A no-op without the overlap."""
+        if self.ddp is not None and self.cfg.parallel.overlap_param_gather:
+            for module in self.ddp:
+                module.start_param_sync(force_sync=True)
+
     def _reduce(self, reports: list[dict]) -> torch.Tensor:
         """Sum the report vectors over micro-batches and DP on the last stage, then share them with every rank."""
         size = torch.tensor([len(reports[0][REPORT]) if reports else 0], device=comm_device())
@@ -117,6 +125,8 @@ class MegatronEngine:
         self.reference = modules
 
     def row_log_probs(self, microbatches: list[dict[str, Any]], modules=None) -> list[dict[str, torch.Tensor]]:
+        if modules is None:
+            self._gather_params()
         return row_log_probs(modules or self.chunks, self.cfg.vocab, microbatches)
 
     def train_step(self, microbatches: list[dict[str, Any]]) -> StepResult:
@@ -146,6 +156,7 @@ class MegatronEngine:
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[dict[str, Any]]) -> float:
+        self._gather_params()
         for module in self.modules:
             module.eval()
         return self._reduce_loss(self._run_schedule(microbatches, forward_only=True))[0]
@@ -153,6 +164,7 @@ class MegatronEngine:
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, root: str, extra: dict[str, Any] | None = None, per_rank: dict[str, Any] | None = None,
              keep_last: int | None = None):
+        self._gather_params()
         common = {"scheduler": self.scheduler.state_dict() if self.scheduler else None,
                   "ualm_config": dataclasses.asdict(self.cfg), **(extra or {})}
         return checkpoint.save_checkpoint(root, self.step, self.chunks, self.optimizer, common, per_rank, keep_last)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 from ualm_nemo.distributed.optim import OptimConfig
 from ualm_nemo.posttrain.dpo import DPOConfig
 from ualm_nemo.model.config import (BACKBONES, AudioInputConfig, AudioOutputConfig, BackboneConfig, ConfigError,
-                                    ParallelConfig, UALMConfig)
+                                    FP8Config, ParallelConfig, RecomputeConfig, UALMConfig)
 from ualm_nemo.training.config_types import build_section
 from ualm_nemo.training.stages import STAGES
 
@@ -87,8 +87,14 @@ class RunConfig:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={t.micro_batch_size}")
+        if p.context_parallel_size > 1:  # megatron's load-balanced causal split: 2 x CP chunks per sequence
+            for key, seq in (("data.seq_len", self.data.seq_len), ("data.shar.seq_len", (self.data.shar or {}).get(
+                    "seq_len"))):
+                if seq is not None and seq % (2 * p.context_parallel_size):
+                    raise ConfigError(f"{key}={seq} must be divisible by 2 x model.parallel.context_parallel_size = "
+                                      f"{2 * p.context_parallel_size}")
         if world_size is not None:
-            dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+            dp = p.data_parallel_size(world_size)
             if t.global_batch_size % (t.micro_batch_size * dp):
                 raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                                   f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
@@ -217,7 +223,8 @@ def model_config_from_dict(section: Mapping[str, Any]) -> UALMConfig:
         base = backbone.pop("base", None)
         backbone_cfg = _build(BackboneConfig, {**(dataclasses.asdict(BACKBONES[base]) if base else {}), **backbone},
                               "model.backbone")
-    parts = {"audio_in": AudioInputConfig, "audio_out": AudioOutputConfig, "parallel": ParallelConfig}
+    parts = {"audio_in": AudioInputConfig, "audio_out": AudioOutputConfig, "parallel": ParallelConfig,
+             "recompute": RecomputeConfig, "fp8": FP8Config}
     built = {name: _build(cls, section.pop(name, None), f"model.{name}") for name, cls in parts.items()}
     return _build(UALMConfig, {"backbone": backbone_cfg, **built, **section}, "model")
 
