@@ -3,6 +3,7 @@ key or flag to change; dry runs print the script (or the local command) and subm
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ def _argv(tmp_path, *flags: str, overrides=TINY) -> list[str]:
     (["--tasks-per-node", "4"], ["model.parallel.pipeline_model_parallel_size=3"], "pipeline_model_parallel_size=3"),
     (["--tasks-per-node", "1", "--nodes", "2"], ["model.parallel.tensor_model_parallel_size=2"],
      "tensor parallelism stays inside a node"),
+    # GPU features that cannot run as asked (FP8 / CP without Transformer Engine's layers, VPP without PP)
+    ([], ["model.fp8.enabled=true"], "model.fp8.enabled=true runs the decoder's GEMMs in Transformer Engine"),
+    ([], ["model.parallel.context_parallel_size=2"], "context_parallel_size=2 needs Transformer Engine"),
+    ([], ["model.parallel.virtual_pipeline_model_parallel_size=2"], "needs model.parallel.pipeline_model_parallel"),
     # batch arithmetic
     ([], ["train.global_batch_size=6", "train.micro_batch_size=2"], r"micro_batch_size x data-parallel size"),
     ([], ["train.global_batch_size=5", "train.micro_batch_size=2"], "not a multiple of train.micro_batch_size"),
@@ -162,3 +167,14 @@ def test_post_training_stages_submit_with_their_own_data(tmp_path, demo_shar):
             "dpo.reference=online", f"dpo.reference_checkpoint={tmp_path / 'init'}",
             f"train.init_from={tmp_path / 'init'}", f"data.shar.sources.0.shar_dir={demo_shar['tta']}",
             "data.shar.pack=false"]))
+
+
+def test_fp8_without_transformer_engine_is_refused_unless_a_container_brings_it(tmp_path, monkeypatch):
+    """The host's TE is checked only when the job runs in the host's environment (no --container-image)."""
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # not importable, whatever this host has
+    fp8 = [*TINY, "model.parallel.transformer_impl=transformer_engine", "model.params_dtype=bf16",
+           "model.fp8.enabled=true"]
+    with pytest.raises(ConfigError, match=r"model.fp8.enabled=true needs Transformer Engine.*--container-image"):
+        prepare(_argv(tmp_path, overrides=fp8))
+    prepare(_argv(tmp_path, "--container-image", "img", "--python", "python", overrides=fp8))
+    assert not (tmp_path / "run").exists()
