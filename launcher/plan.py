@@ -145,12 +145,13 @@ def per_rank_parameters(parts: list[Part], num_layers: int, tp: int, pp: int, st
 
 
 def state_bytes(trainable: int, frozen: int, params_dtype: str, dp: int, distributed_optimizer: bool,
-                fp32_trainable: int = 0, fp32_frozen: int = 0) -> dict[str, float]:
+                fp32_trainable: int = 0, fp32_frozen: int = 0, grad_bytes: float = 4.0) -> dict[str, float]:
     """Weights, gradients and optimizer states of one rank, in bytes (Megatron DDP + optimizer, megatron-core
     0.16.1, as ualm_nemo.distributed.optim configures them).
 
     * weights: 2 bytes (bf16) or 4 (fp32) per parameter, trainable and frozen (the encoder is cast too);
-    * grads: 4 per trainable parameter (fp32 grad buffer, ``grad_reduce_in_fp32=True``; frozen ones have none);
+    * grads: ``grad_bytes`` per trainable parameter (4: fp32 grad buffer; 2 with model.parallel.grad_reduce_in_bf16
+      in a bf16 model; frozen ones have none);
     * optimizer: bf16 -> fp32 master copy + Adam m and v = 12 per trainable parameter; fp32 -> m and v = 8
       (the master is the weight itself). The distributed optimizer shards this part over DP (``/ dp``); the
       grad buffer stays whole on every rank. So bf16: 18 bytes/param without, 6 + 12/DP with it.
@@ -163,7 +164,7 @@ def state_bytes(trainable: int, frozen: int, params_dtype: str, dp: int, distrib
         fp32_trainable, fp32_frozen = trainable, frozen
     low = trainable - fp32_trainable  # bf16 trainable parameters
     return {"weights": 2.0 * (low + frozen - fp32_frozen) + 4.0 * (fp32_trainable + fp32_frozen),
-            "grads": 4.0 * trainable,
+            "grads": grad_bytes * trainable,
             "optimizer": (12 * low + 8 * fp32_trainable) / (dp if distributed_optimizer else 1)}
 
 
@@ -379,7 +380,7 @@ def make_plan(run, cluster, placeholders: list[str], recompute: str = "none", mf
         local = cfg.parallel.transformer_impl == "local"
         memory = state_bytes(params["with_grad"], params["total"] - params["with_grad"], cfg.params_dtype, dp,
                              cfg.parallel.use_distributed_optimizer, params["trainable_norms"] * local,
-                             params["frozen_norms"] * local)
+                             params["frozen_norms"] * local, 2.0 if cfg.parallel.grad_reduce_in_bf16 else 4.0)
         memory["activations"] = activation_bytes(cfg, batch, tp, pp, stage, recompute)
         memory["total"] = sum(memory.values())
         stages.append({"stage": stage, "parameters": params, "memory": memory})
@@ -479,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     parser.prog = "python -m launcher.plan"
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
-                        help="activation recomputation assumed (none, selective: attention scores, full: per layer)")
+    parser.add_argument("--recompute", choices=RECOMPUTE, default=None,
+                        help="activation recomputation assumed (none, selective: attention scores, full: per layer; "
+                             "default: model.recompute.granularity)")
     parser.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed (default 0.40)")
     parser.add_argument("--gpu", choices=sorted(GPUS), help="peak FLOP/s and memory (default: from the preset name, "
                                                             "else h100)")
@@ -498,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    plan = make_plan(run, cluster, placeholders, args.recompute, args.mfu, args.gpu or _default_gpu(args.cluster))
+    recompute = args.recompute or run.model.recompute.granularity or "none"
+    plan = make_plan(run, cluster, placeholders, recompute, args.mfu, args.gpu or _default_gpu(args.cluster))
     print(json.dumps(plan, indent=1) if args.json else render(plan), end="" if not args.json else "\n")
     return 0
 
