@@ -131,3 +131,17 @@ def test_build_refuses_what_is_not_wired_and_fp8_without_transformer_engine(monk
     monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
     check_buildable(fp8)
     check_buildable(_model().validate())  # plain local runs need nothing
+
+
+def test_inference_and_conversion_drop_the_training_features():
+    """A model trained with every feature on rebuilds on the local spec at TP1/PP1 (inference/load.py, convert)."""
+    trained = _model(params_dtype="bf16", fp8={"enabled": True}, recompute={"granularity": "full"},
+                     parallel={"transformer_impl": "transformer_engine", "context_parallel_size": 2,
+                               "pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2,
+                               "overlap_grad_reduce": True, "overlap_param_gather": True,
+                               "grad_reduce_in_bf16": True}).validate(8)
+    plain = trained.without_training_features().with_parallel(pipeline_model_parallel_size=1,
+                                                               transformer_impl="local")
+    assert plain.validate(1).fp8.enabled is False and plain.recompute.granularity is None
+    assert plain.parallel.context_parallel_size == 1 and plain.parallel.virtual_pipeline_model_parallel_size is None
+    assert plain.backbone == trained.backbone and plain.params_dtype == "bf16"

@@ -110,8 +110,8 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
         hf_config = qwen2_config_for(cfg, architectures=["Qwen2ForCausalLM"])
         hf_config.dtype = _TORCH_DTYPE_NAMES.get(model_dtype, "float32")
         hf_config.save_pretrained(tmp)
-        exported = replace(cfg, parallel=replace(cfg.parallel, tensor_model_parallel_size=1,
-                                                 pipeline_model_parallel_size=1, sequence_parallel=False))
+        exported = cfg.without_training_features().with_parallel(tensor_model_parallel_size=1,
+                                                                 pipeline_model_parallel_size=1, sequence_parallel=False)
         if cfg.audio_in.enabled:
             encoder_config.save_pretrained(tmp / ENCODER_DIR)
             # relative: the folder can move; inference.hf_model resolves it against the folder
@@ -184,8 +184,8 @@ def open_checkpoint(iteration: Path,
 
     # conversion always builds the local (pure torch) spec: its dist-checkpoint keys are the TE spec's, so
     # the result loads into Transformer Engine training unchanged (megatron maps the fused-norm names)
-    cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
-                             transformer_impl="local")
+    cfg1 = cfg.without_training_features().with_parallel(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False, transformer_impl="local")
     init_model_parallel(cfg1.parallel, seed=cfg.seed)
     model = build_model(cfg1, initialize=False, device="cpu")  # describes the checkpoint; never touched
     try:

@@ -198,8 +198,8 @@ def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConf
     folder = check_import(hf_dir, cfg, target_layout)
     # conversion always builds the local (pure torch) spec: its dist-checkpoint keys are the TE spec's, so
     # the result loads into Transformer Engine training unchanged (megatron maps the fused-norm names)
-    cfg1 = cfg.with_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
-                             transformer_impl="local")
+    cfg1 = cfg.without_training_features().with_parallel(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False, transformer_impl="local")
     seed = cfg.seed if seed is None else seed
     init_model_parallel(cfg1.parallel, seed=seed)
     model = build_model(cfg1, initialize=False, device="cpu")  # Megatron tensors: allocated, never touched

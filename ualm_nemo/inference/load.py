@@ -23,6 +23,7 @@ def load_for_inference(path: str | Path, seed: int = 0, tensor_parallel: int = 1
     cfg = checkpoint.stored_model_config(resolved)
     if cfg is None:
         raise ValueError(f"{resolved} was written without its model config; pass the config explicitly")
+    cfg = cfg.without_training_features()
     cfg = replace(cfg, parallel=replace(cfg.parallel, tensor_model_parallel_size=tensor_parallel,
                                         pipeline_model_parallel_size=1, sequence_parallel=False,
                                         transformer_impl="local"))

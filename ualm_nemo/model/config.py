@@ -219,6 +219,13 @@ class UALMConfig:
     def with_parallel(self, **kw) -> "UALMConfig":
         return replace(self, parallel=replace(self.parallel, **kw))
 
+    def without_training_features(self) -> "UALMConfig":
+        """Recompute, FP8, CP, VPP and the DDP overlap options off: a trained model's config for inference and
+        conversion, which rebuild it on the local spec at another layout."""
+        return replace(self, recompute=RecomputeConfig(), fp8=FP8Config(), parallel=replace(
+            self.parallel, context_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+            overlap_grad_reduce=False, overlap_param_gather=False, grad_reduce_in_bf16=False))
+
 
 def _validate_parallel_features(cfg: UALMConfig) -> None:
     p, layers = cfg.parallel, cfg.backbone.num_layers
