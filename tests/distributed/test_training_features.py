@@ -1,6 +1,6 @@
 """GPU training features that the local spec runs on CPU change nothing but memory / overlap: activation recompute
-(selective: core attention, also on the SDPA backend, and the MLP; full: uniform units of 1 and of all layers,
-block), overlap of the grad reduce and of the param all-gather (DP2, distributed optimizer), and bf16 grad
+(selective: core attention, also on the SDPA backend; full: uniform units of 1 and of all layers; the block
+method and MLP recompute are mapped in tests/model/test_gpu_features_config.py), overlap of the grad reduce and of the param all-gather (DP2, distributed optimizer), and bf16 grad
 reduction (bf16 tolerance). One launch of two gloo processes (DP2) trains every variant from the same weights.
 """
 
@@ -15,10 +15,8 @@ pytestmark = pytest.mark.timeout(300)
 VARIANTS = {  # name: (recompute, parallel, model keys)
     "base": ({}, {}, {}),
     "selective": ({"granularity": "selective"}, {}, {}),
-    "selective-mlp": ({"granularity": "selective", "modules": ["core_attn", "mlp"]}, {}, {}),
     "full-uniform-1": ({"granularity": "full", "method": "uniform", "num_layers": 1}, {}, {}),
     "full-uniform-all": ({"granularity": "full", "method": "uniform", "num_layers": 4}, {}, {}),
-    "full-block-2": ({"granularity": "full", "method": "block", "num_layers": 2}, {}, {}),
     "overlap-grad": ({}, {"overlap_grad_reduce": True}, {}),
     "overlap-both": ({}, {"overlap_grad_reduce": True, "overlap_param_gather": True}, {}),
     "sdpa": ({}, {}, {"attention_backend": "sdpa"}),
@@ -74,8 +72,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("name,reference", [
-    ("selective", "base"), ("selective-mlp", "base"), ("full-uniform-1", "base"), ("full-uniform-all", "base"),
-    ("full-block-2", "base"), ("overlap-grad", "base"), ("overlap-both", "base"), ("sdpa-selective", "sdpa")])
+    ("selective", "base"), ("full-uniform-1", "base"), ("full-uniform-all", "base"), ("overlap-grad", "base"),
+    ("overlap-both", "base"), ("sdpa-selective", "sdpa")])
 def test_same_losses_gradients_and_weights(results, name, reference):
     for rank, got in results.items():
         ref, var = got[reference], got[name]
@@ -93,7 +91,6 @@ def test_recompute_maps_to_megatron_and_bf16_reduce_stays_close(results):
     assert r["base"]["recompute"] == (None, None, None)
     assert r["selective"]["recompute"] == ("selective", None, None)
     assert r["full-uniform-1"]["recompute"] == ("full", "uniform", 1)
-    assert r["full-block-2"]["recompute"] == ("full", "block", 2)
     assert r["bf16"]["grad_dtype"] == "torch.float32" and r["bf16-reduce"]["grad_dtype"] == "torch.bfloat16"
     for rank, got in results.items():
         assert got["bf16-reduce"]["loss"][0] == got["bf16"]["loss"][0], f"rank {rank}"  # same forward
