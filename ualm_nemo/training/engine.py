@@ -161,6 +161,15 @@ class MegatronEngine:
             module.eval()
         return self._reduce_loss(self._run_schedule(microbatches, forward_only=True))[0]
 
+    @torch.no_grad()
+    def evaluate(self, microbatches: list[dict[str, Any]], objective) -> torch.Tensor:
+        """Forward only under another ``objective`` (validation): its report summed over micro-batches and DP,
+        on every rank (all ranks call it together)."""
+        self._gather_params()
+        for module in self.modules:
+            module.eval()
+        return self._reduce(run_schedule(self.modules, objective, microbatches, forward_only=True))
+
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, root: str, extra: dict[str, Any] | None = None, per_rank: dict[str, Any] | None = None,
              keep_last: int | None = None):

@@ -100,6 +100,8 @@ class UALMModel(ModelPT):
         self.data_state: dict | None = None  # Shar loader position after the last trained micro-batch
         self.pending_loader_state: dict | None = None  # restored from a checkpoint, applied to the new loader
         self.reference_table: dict | None = None  # DPO offline reference: pair id -> [2, N] log-probs
+        self.val_batches: list | None = None  # this DP rank's held-out micro-batches (built at the first validation)
+        self.last_validation: dict | None = None  # {"step", **figures} of the newest validation (checkpointed)
 
     # --- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -227,6 +229,9 @@ class UALMModel(ModelPT):
         self.last_result = result
         self.loss_history.append((self.engine.step, result.loss))
         self._log_step(result)
+        every = self.run.train.val_every_n_steps
+        if every and self.engine.step % every == 0:
+            self._validate()
 
     def _log_step(self, result) -> None:
         """TensorBoard at the engine's step, given explicitly: Lightning's own step counter for logging is not part
@@ -242,6 +247,25 @@ class UALMModel(ModelPT):
             metrics.update(result.metrics.as_log())
         self.logger.log_metrics(metrics, step=step)
 
+    def _validate(self) -> None:
+        """Score the fixed held-out set (training/validation.py) on every rank together; rank 0 logs the figures
+        to TensorBoard at this step and appends them to ``<output_dir>/validation.jsonl``."""
+        from ualm_nemo.training.validation import ValidationLog, ValidationLoss, build_val_batches, to_device
+
+        if self.val_batches is None:
+            self.val_batches = build_val_batches(self.run, parallel_state.get_data_parallel_rank(),
+                                                 parallel_state.get_data_parallel_world_size())
+        objective = ValidationLoss(self.run.model.vocab.num_codebooks)
+        total = self.engine.evaluate([to_device(b, self.device) for b in self.val_batches], objective)
+        figures = objective.summarise(total)
+        step = self.engine.step
+        self.last_validation = {"step": step, **figures}
+        if not self.trainer.is_global_zero:
+            return
+        ValidationLog(self.run.output_dir).append(step, figures)
+        if self.logger is not None:
+            self.logger.log_metrics({f"val/{k}": v for k, v in figures.items() if k.startswith("loss")}, step=step)
+
     @staticmethod
     def _global_count(local: int) -> int:
         count = torch.tensor([local], dtype=torch.long, device=comm_device())
@@ -250,7 +274,8 @@ class UALMModel(ModelPT):
 
     # --- checkpoint extras ----------------------------------------------------------------------
     def checkpoint_extra(self) -> dict[str, Any]:
-        extra = {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps}
+        extra = {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps,
+                 "validation": self.last_validation}
         if self.run.data.shar is not None:  # one loader position per DP rank, all saved by rank 0
             states = [None] * parallel_state.get_data_parallel_world_size()
             torch.distributed.all_gather_object(states, self.data_state,
@@ -269,3 +294,4 @@ class UALMModel(ModelPT):
         self.trained_samples = int(state.get("consumed_samples", 0))
         self.position.consumed_samples = self.trained_samples
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.last_validation = state.get("validation")

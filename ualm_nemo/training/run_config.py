@@ -23,6 +23,8 @@ from ualm_nemo.training.stages import STAGES
 
 log = logging.getLogger(__name__)
 
+VAL_MANIFEST_KEYS = ("val_tta_manifest", "val_understanding_manifest", "val_text_manifest")
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -36,6 +38,8 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     stop_at_step: int | None = None  # end this job here (checkpoint first), as a time-limited job would
     init_from: str | None = None  # weights to start a new run from (e.g. an HF import); ignored when resuming
+    val_every_n_steps: int | None = None  # score the held-out data (data.val_*) every N steps; None: never
+    val_batches: int = 8  # held-out micro-batches per data-parallel rank, the same ones at every validation
     seed: int = 1234
 
 
@@ -54,6 +58,12 @@ class DataConfig:
     cfg_dropout: float = 0.05
     seq_len: int = 4096  # longest sample (positions); longer ones are skipped and listed (Shar: data.shar.seq_len)
     seed: int = 0
+    # held-out data for train.val_every_n_steps (training/validation.py): Shar sources ({name, shar_dir, weight},
+    # read with data.shar's loader keys), or manifests in the formats of the training ones; not both
+    val_sources: list | None = None
+    val_tta_manifest: str | None = None
+    val_understanding_manifest: str | None = None
+    val_text_manifest: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -116,7 +126,36 @@ class RunConfig:
                 SharLoaderConfig(**d.shar)
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"data.shar: {err}") from err
+        self._validate_validation()
         return self
+
+    def _validate_validation(self) -> None:
+        t, d = self.train, self.data
+        if t.val_every_n_steps is not None and t.val_every_n_steps < 1:
+            raise ConfigError(f"train.val_every_n_steps={t.val_every_n_steps} must be at least 1 (or null: never)")
+        if t.val_batches < 1:
+            raise ConfigError(f"train.val_batches={t.val_batches} must be at least 1")
+        manifests = [key for key in VAL_MANIFEST_KEYS if getattr(d, key)]
+        if d.val_sources is not None and manifests:
+            raise ConfigError(f"data.val_sources and data.{manifests[0]} are two held-out sets: set only one")
+        if d.val_sources is not None:
+            from ualm_nemo.data.shar_dataset import SharLoaderConfig
+
+            if not isinstance(d.val_sources, list) or not all(isinstance(s, dict) for s in d.val_sources):
+                raise ConfigError("data.val_sources must be a list of {name, shar_dir, weight} (as data.shar.sources)")
+            try:
+                SharLoaderConfig(sources=d.val_sources)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"data.val_sources: {str(err).replace('data.sources', 'data.val_sources')}") from err
+        if t.val_every_n_steps is None:
+            return
+        if d.val_sources is None and not manifests:
+            raise ConfigError(f"train.val_every_n_steps={t.val_every_n_steps} needs held-out data: set "
+                              "data.val_sources (Shar) or data.val_tta_manifest / val_understanding_manifest / "
+                              "val_text_manifest")
+        if t.stage == "dpo":
+            raise ConfigError("train.val_every_n_steps scores the LM loss, not preference pairs: unset it for "
+                              "train.stage=dpo")
 
 
     def _validate_posttraining(self) -> None:
@@ -160,8 +199,14 @@ def check_data_paths(run: RunConfig, to_host: Callable[[str], str] = str) -> Non
             value = getattr(run.data, key)
             if value and not Path(to_host(value)).is_file():
                 raise ConfigError(f"data.{key}={value!r}: no such file")
+    for key in VAL_MANIFEST_KEYS:
+        value = getattr(run.data, key)
+        if value and not Path(to_host(value)).is_file():
+            raise ConfigError(f"data.{key}={value!r}: no such file")
     if run.data.shar is not None:
         _check_shar_sources(run, to_host)
+    if run.data.val_sources:
+        _source_tasks(run.data.val_sources, "data.val_sources", False, "validation", to_host)
 
 
 def check_local_paths(run: RunConfig) -> None:
@@ -179,29 +224,37 @@ def check_local_paths(run: RunConfig) -> None:
 def _check_shar_sources(run: RunConfig, to_host: Callable[[str], str]) -> None:
     """Each source has shards; stage=dpo loads preference sources only, every other stage none: said per source
     before a model is built (or a job submitted)."""
-    from ualm_nemo.data.shar import shards_dir, source_task
     from ualm_nemo.data.shar_dataset import SharLoaderConfig, check_pair_sources
 
     dpo = run.train.stage == "dpo"
-    tasks = {}
-    for i, source in enumerate(run.data.shar.get("sources") or []):
-        name, shar_dir = source.get("name", f"#{i}"), source.get("shar_dir")
-        host_dir = to_host(str(shar_dir)) if shar_dir else None
-        if not host_dir or not shards_dir(host_dir).is_dir():
-            shown = f" (on this host: {host_dir})" if host_dir and host_dir != shar_dir else ""
-            raise ConfigError(f"data.shar.sources[{i}] ({name}): shar_dir={shar_dir!r}{shown} has no shards/ folder "
-                              "(run examples/prepare_data.py, then examples/tokenize_audio.py)")
-        task = source_task(host_dir)
-        if dpo != (task == "preference"):
-            wanted = "preference pairs" if dpo else "no preference pairs (those are for train.stage=dpo)"
-            held = f"{task!r} cuts" if task else "no cuts"
-            raise ConfigError(f"data.shar.sources[{i}] ({name}) holds {held}: train.stage="
-                              f"{run.train.stage} loads {wanted}")
-        tasks[name] = task
+    tasks = _source_tasks(run.data.shar.get("sources") or [], "data.shar.sources", dpo,
+                          f"train.stage={run.train.stage}", to_host)
     try:  # the loader's own rules for pair batches (never packed, room for two rows)
         check_pair_sources(SharLoaderConfig(**run.data.shar), tasks)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"data.shar: {err}") from err
+
+
+def _source_tasks(sources: list, key: str, pairs: bool, reader: str, to_host: Callable[[str], str]
+                  ) -> dict[str, str | None]:
+    """{name: task} of Shar sources, each checked to have shards and to hold preference pairs iff ``pairs``."""
+    from ualm_nemo.data.shar import shards_dir, source_task
+
+    tasks = {}
+    for i, source in enumerate(sources):
+        name, shar_dir = source.get("name", f"#{i}"), source.get("shar_dir")
+        host_dir = to_host(str(shar_dir)) if shar_dir else None
+        if not host_dir or not shards_dir(host_dir).is_dir():
+            shown = f" (on this host: {host_dir})" if host_dir and host_dir != shar_dir else ""
+            raise ConfigError(f"{key}[{i}] ({name}): shar_dir={shar_dir!r}{shown} has no shards/ folder "
+                              "(run examples/prepare_data.py, then examples/tokenize_audio.py)")
+        task = source_task(host_dir)
+        if pairs != (task == "preference"):
+            wanted = "preference pairs" if pairs else "no preference pairs (those are for train.stage=dpo)"
+            held = f"{task!r} cuts" if task else "no cuts"
+            raise ConfigError(f"{key}[{i}] ({name}) holds {held}: {reader} loads {wanted}")
+        tasks[name] = task
+    return tasks
 
 
 def _build(cls, values: Mapping[str, Any] | None, where: str):

@@ -39,7 +39,7 @@ def build_trainer(run: RunConfig) -> Trainer:
                                       run.train.stop_at_step), StepProgressBar(), PreemptionCheckpoint(run.output_dir)],
         log_every_n_steps=run.train.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-        limit_val_batches=0)
+        limit_val_batches=0)  # validation runs inside the training step (train.val_every_n_steps, validation.py)
 
 
 def train(cfg: Mapping[str, Any]) -> UALMModel:
