@@ -55,13 +55,37 @@ def _runs(root: str, shar_dirs: dict) -> dict:
     first = train(_config(f"{root}/resumed", shar_dirs, stop_at=3))
     second = train(_config(f"{root}/resumed", shar_dirs))
     out.update(first=first.loss_history, second=second.loss_history, first_last=first.last_validation)
+    out["pp2"] = _pipeline_figures(straight.run, f"{root}/straight/checkpoints")
     return out
 
 
+def _pipeline_figures(run, checkpoints: str) -> dict:
+    """The straight run's weights at PP2 (2 stages, DP1): validation figures (computed on the last stage, then
+    shared) and eval_loss on the same held-out batches, seen from every stage."""
+    from ualm_nemo.distributed.checkpoint_check import find_resumable
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.training.engine import MegatronEngine
+    from ualm_nemo.training.validation import build_val_batches
+
+    cfg = run.model.with_parallel(pipeline_model_parallel_size=2)
+    init_model_parallel(cfg.parallel, seed=run.train.seed)
+    engine = MegatronEngine(cfg, None, run.train.max_steps, train=False, initialize=False)
+    engine.load(str(find_resumable(checkpoints)), load_optimizer=False)
+    batches = build_val_batches(run, 0, 1)
+    objective = ValidationLoss(8)
+    return {"figures": objective.summarise(engine.evaluate(batches, objective)), "eval_loss": engine.eval_loss(batches)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_validation_series_survives_a_resume(tmp_path, demo_shar):
     """DP2 (2 processes): val at steps 2, 4, 6; a job ended at step 3 + a resumed job == an uninterrupted run,
-    bit for bit (jsonl, TensorBoard, checkpoint); the figures against an independent computation."""
-    out = run_distributed(2, _runs, str(tmp_path), demo_shar)[0]
+    bit for bit (jsonl, TensorBoard, checkpoint); the figures against an independent computation; and at PP2."""
+    runs = run_distributed(2, _runs, str(tmp_path), demo_shar)
+    out = runs[0]
+    # PP2: the last stage computes, every stage gets the same figures; the loss is the training loss there too
+    assert runs[0]["pp2"] == runs[1]["pp2"]
+    assert runs[0]["pp2"]["figures"]["loss"] == runs[0]["pp2"]["eval_loss"]
     assert out["first"] + out["second"] == out["straight"]  # validating changes nothing in training
     straight = ValidationLog(tmp_path / "straight").read()
     resumed = ValidationLog(tmp_path / "resumed").read()
@@ -161,7 +185,8 @@ def test_held_out_manifests(tmp_path, demo_shar):
     cfg = _config(str(tmp_path), demo_shar)
     cfg["train"].update(val_batches=3, micro_batch_size=2)
     cfg["data"] = {"tokenizer": "byte", "tta_manifest": str(raw / "tta.jsonl"),
-                   "val_tta_manifest": str(raw / "tta.jsonl"), "val_understanding_manifest": str(raw / "understanding.json"),
+                   "val_tta_manifest": str(raw / "tta.jsonl"),
+                   "val_understanding_manifest": str(raw / "understanding.json"),
                    "val_text_manifest": str(raw / "text.jsonl")}
     run = run_config_from_dict(cfg).validate()
     check_data_paths(run)
