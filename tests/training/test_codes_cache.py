@@ -8,6 +8,7 @@ from ualm_nemo.testing.dist import run_distributed
 
 
 def _build_twice(output_dir: str) -> dict:
+    import torch.distributed
     from ualm_nemo.codec.xcodec import CodecTokenizer
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
     from ualm_nemo.training.data_setup import build_train_dataset
@@ -20,6 +21,7 @@ def _build_twice(output_dir: str) -> dict:
     data = DataConfig(synthesize=True, synthetic_samples_per_task=6)
     first, _ = build_train_dataset(data, model, output_dir)  # the first job
     encoded_first = sum(calls)
+    torch.distributed.barrier()  # the next job starts after this one ended on every rank (it re-synthesises)
     second, _ = build_train_dataset(data, model, output_dir)  # the next job of the run
     return {"first_job": encoded_first, "second_job": sum(calls) - encoded_first,
             "codes": [c for c in first.codes if c is not None], "again": [c for c in second.codes if c is not None]}
