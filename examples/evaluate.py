@@ -20,9 +20,11 @@ from pathlib import Path
 
 from ualm_nemo.eval import understanding
 from ualm_nemo.eval.audio_qa import BREAKDOWNS, read_benchmark
-from ualm_nemo.inference.cli import add_generation_args, add_model_args, check_paths, load_inference
+from ualm_nemo.inference.cli import (add_generation_args, add_model_args, add_shard_arg, check_paths, load_inference,
+                                     shard_of)
 from ualm_nemo.inference.engine import GenerationConfig
 from ualm_nemo.inference.jobs import JobError, ManifestConflict, OutputFolder
+from ualm_nemo.inference.shards import job_folder, refuse_unmerged, shard_items
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="the first N items only (a quick look; not a benchmark score)")
     parser.add_argument("--out-dir", default="eval_out")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier answers in --out-dir")
+    add_shard_arg(parser)
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_paths(args, parser)
+    shard = shard_of(args, parser)
     if args.max_answer_tokens < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--max-answer-tokens and --limit must be >= 1")
     try:
@@ -63,18 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"benchmark": args.benchmark, "checkpoint": str(Path(args.checkpoint).resolve()),
                 "dtype": args.dtype or "stored", "max_answer_tokens": args.max_answer_tokens}
     try:
-        with OutputFolder(args.out_dir, settings) as folder:
-            plan = folder.plan(understanding.job_items(items), overwrite=args.overwrite)
-            for note in plan.notes:
+        folder_path, notes = job_folder(args.out_dir, settings, shard, args.overwrite)
+        mine = shard_items(items, shard, args.out_dir)
+        with OutputFolder(folder_path, settings) as folder:
+            plan = folder.plan(understanding.job_items(mine), overwrite=args.overwrite)
+            for note in notes + plan.notes:
                 print(note)
             if plan.done:
-                print(f"resuming {folder.path}: {plan.done} of {len(items)} already answered")
+                print(f"resuming {folder.path}: {plan.done} of {len(mine)} already answered")
             infer = load_inference(args, parser) if plan.todo else None
             if infer is not None and not infer.listens:
                 parser.error("this checkpoint has no audio input (model.audio_in.enabled=false)")
             folder.prepare(plan)
             if plan.todo:
                 understanding.answer(infer, items, folder, plan.todo, args.batch_size, cfg, not args.no_progress)
+            if shard is not None:
+                print(f"shard {shard}: {len(mine)} questions answered in {folder.path}; run the command without "
+                      "--shard to merge the shards and score")
+                return 0
             answered, skipped = understanding.predictions(folder)
     except ManifestConflict as err:
         parser.error(f"{err}: use --overwrite to start over, or a new --out-dir")
@@ -134,6 +144,7 @@ def build_tta_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-direction", choices=["gen||ref", "ref||gen"], default="gen||ref")
     parser.add_argument("--out-dir", default="eval_tta")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier generations in --out-dir")
+    add_shard_arg(parser)
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -165,11 +176,19 @@ def tta_main(argv: list[str]) -> int:
         parser.error(f"--cfg {args.cfg}: comma-separated numbers, e.g. 1,2,3")
     if args.cfg and not generating:
         parser.error("--cfg sweeps generate: give --checkpoint (a --generated folder has one scale)")
+    shard = shard_of(args, parser)
+    if shard is not None and not generating:
+        parser.error("--shard splits the generation: give --checkpoint")
     out_dir = Path(args.out_dir)
     try:
         items, references = _tta_eval_set(args, needs_reference)
-        runs = _tta_generate(args, parser, items, cfgs, out_dir) if generating else []
+        runs = _tta_generate(args, parser, items, cfgs, out_dir, shard) if generating else []
+        if shard is not None:
+            print(f"shard {shard} generated in {', '.join(str(shard.folder(f)) for _, _, f in runs)}; run the "
+                  "command without --shard to merge the shards and score")
+            return 0
         if args.generated:
+            refuse_unmerged(args.generated, "--generated")
             runs = [(Path(args.generated).name or "generated", None, Path(args.generated))]
         models = tta.load_models(metrics, {n: getattr(args, n) for n in ("openl3", "passt", "panns", "clap", "aes")},
                                  args.device, args.openl3_content, args.openl3_channels, args.clap_tokenizer,
@@ -204,8 +223,9 @@ def _tta_eval_set(args, needs_reference: bool):
     return items, references
 
 
-def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path) -> list[tuple[str, float, Path]]:
-    """Generate every item at each CFG scale into out_dir/cfg{scale}/ (resumable job folders)."""
+def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path, shard=None) -> list[tuple[str, float, Path]]:
+    """Generate every item (or the shard's) at each CFG scale into out_dir/cfg{scale}/ (resumable job folders;
+    a shard's in cfg{scale}/shard-K-of-N/); returns (row name, scale, the scale's folder) per scale."""
     from tqdm import tqdm
 
     from ualm_nemo.inference.cli import check_paths, generation_config
@@ -219,12 +239,16 @@ def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path) -> list
         cfg = generation_config(args, parser)
         settings = {k: getattr(cfg, k) for k in ("cfg_scale", "temperature", "top_k", "max_frames", "min_frames")}
         settings |= {"checkpoint": str(Path(args.checkpoint).resolve()), "dtype": args.dtype or "stored"}
-        folder_path = out_dir / f"cfg{scale:g}"
+        scale_dir = out_dir / f"cfg{scale:g}"
         try:
+            folder_path, notes = job_folder(scale_dir, settings, shard, args.overwrite)
+            mine = shard_items(items, shard, scale_dir)
             with OutputFolder(folder_path, settings) as folder:
-                plan = folder.plan(items, overwrite=args.overwrite)
+                plan = folder.plan(mine, overwrite=args.overwrite)
+                for note in notes + plan.notes:
+                    print(note)
                 if plan.done:
-                    print(f"resuming {folder_path}: {plan.done} of {len(items)} clips already generated")
+                    print(f"resuming {folder_path}: {plan.done} of {len(mine)} clips already generated")
                 if plan.todo and infer is None:
                     infer = load_inference(args, parser)
                 folder.prepare(plan)
@@ -243,7 +267,7 @@ def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path) -> list
                         bar.update(len(chunk))
         except ManifestConflict as err:
             parser.error(f"{err}: use --overwrite to start over, or a new --out-dir")
-        runs.append((f"cfg={scale:g}", scale, folder_path))
+        runs.append((f"cfg={scale:g}", scale, scale_dir))
     return runs
 
 

@@ -25,6 +25,10 @@ is its manifest line appended (flushed to disk), so the manifest never lists a h
 Re-running the same command resumes: items already in the manifest are skipped and the rest generated. If the
 manifest holds an item with other settings (caption, seed, cfg scale, temperature, top-k, frame limits) the run
 is refused; --overwrite starts over (or use a new --out-dir).
+
+--shard K/N (or 'slurm' in an array job) generates every N-th item, from the K-th, into
+<out-dir>/shard-K-of-N/; the same command without --shard then merges the finished shards into --out-dir and
+generates whatever is still missing.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ualm_nemo.inference.cli import add_generation_args, add_model_args, check_paths, generation_config, \
-    load_inference
+from ualm_nemo.inference.cli import add_generation_args, add_model_args, add_shard_arg, check_paths, \
+    generation_config, load_inference, shard_of
 from ualm_nemo.inference.jobs import MANIFEST, Item, JobError, ManifestConflict, OutputFolder, read_items
+from ualm_nemo.inference.shards import job_folder, shard_items
 
 SETTINGS = ("cfg_scale", "temperature", "top_k", "max_frames", "min_frames")  # recorded in each manifest line
 
@@ -53,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run): wavs are written at 48 kHz stereo instead of the codec's 16 kHz mono")
     parser.add_argument("--out-dir", default="generated")
     parser.add_argument("--overwrite", action="store_true", help="discard the out dir's manifest and wavs first")
+    add_shard_arg(parser)
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = generation_config(args, parser)  # every check before any work: nothing is written when one fails
     check_paths(args, parser)
+    shard = shard_of(args, parser)
     if args.max_caption_chars < 1:
         parser.error(f"--max-caption-chars {args.max_caption_chars}: must be >= 1")
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
@@ -79,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                                                               "dtype": args.dtype or "stored",
                                                               "enhancer": args.enhancer and str(Path(
                                                                   args.enhancer).resolve())}
-        with OutputFolder(args.out_dir, settings) as folder:
+        folder_path, notes = job_folder(args.out_dir, settings, shard, args.overwrite)
+        items = shard_items(items, shard, args.out_dir)
+        with OutputFolder(folder_path, settings) as folder:
             plan = folder.plan(items, overwrite=args.overwrite)
-            for note in plan.notes:
+            for note in notes + plan.notes:
                 print(note)
             if plan.done:
                 print(f"resuming {folder.path}: {plan.done} of {len(items)} items already done (skipped), "

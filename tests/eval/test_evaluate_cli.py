@@ -7,22 +7,12 @@ import json
 
 import pytest
 
+from conftest import write_mmau_set
 from ualm_nemo.testing.examples import load_example
 
 
-def _benchmark(tmp_path, tone):
-    entries = [{"id": f"q{i}", "audio_id": str(tone), "question": "What is it?", "choices": ["a tone", "a dog"],
-                "answer": "a tone", "task": "sound", "difficulty": "easy", "category": "c", "sub-category": "s"}
-               for i in range(3)]
-    entries.append(entries[0] | {"id": "gone", "audio_id": str(tmp_path / "missing.wav")})
-    entries.append(entries[0] | {"id": "bad", "answer": "a cat"})  # answer not among the choices: rejected
-    path = tmp_path / "mmau.json"
-    path.write_text(json.dumps(entries))
-    return path
-
-
 def test_understanding_suite_end_to_end(tiny_export, tmp_path, capsys):
-    data, out = _benchmark(tmp_path, tiny_export["tone"]), tmp_path / "eval"
+    data, out = write_mmau_set(tmp_path, tiny_export["tone"]), tmp_path / "eval"
     argv = ["understanding", "--benchmark", "mmau", "--data", str(data), "--checkpoint", str(tiny_export["hf"]),
             "--max-answer-tokens", "4", "--batch-size", "2", "--out-dir", str(out), "--no-progress"]
     assert load_example("evaluate").main(argv) == 0

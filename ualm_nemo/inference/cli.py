@@ -41,6 +41,24 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-text-tokens", type=int, default=d.max_text_tokens)
 
 
+def add_shard_arg(parser: argparse.ArgumentParser) -> None:
+    from ualm_nemo.inference.shards import SHARD_HELP
+
+    parser.add_argument("--shard", metavar="K/N|slurm", help=SHARD_HELP)
+
+
+def shard_of(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """``--shard`` as a Shard (None without it); a bad value ends the command naming the flag."""
+    from ualm_nemo.inference.shards import parse_shard
+
+    if args.shard is None:
+        return None
+    try:
+        return parse_shard(args.shard)
+    except ValueError as err:
+        parser.error(f"--shard {err}")
+
+
 def generation_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GenerationConfig:
     """The flags as a GenerationConfig; a bad value is reported with its flag name."""
     try:

@@ -241,7 +241,7 @@ class OutputFolder:
                                    f"other settings ({shown})")
         kept = {}
         for item_id, entry in entries.items():
-            if "audio" not in entry or _readable(self.path / entry["audio"]):  # text outputs live in the line
+            if "audio" not in entry or readable_wav(self.path / entry["audio"]):  # text outputs live in the line
                 kept[item_id] = entry
             else:  # listed but its wav is gone: redone (if requested) and dropped from the manifest
                 rewrite = True
@@ -327,7 +327,7 @@ def write_wav(folder: Path, item_id: str, wav: torch.Tensor, sample_rate: int) -
     return name
 
 
-def _readable(path: Path) -> bool:
+def readable_wav(path: Path) -> bool:
     try:
         return path.is_file() and soundfile.info(str(path)).frames > 0
     except RuntimeError:  # soundfile's errors (unreadable, truncated header)
