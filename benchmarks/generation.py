@@ -22,14 +22,13 @@ Every HF run comes before the first Megatron model is built: on a CPU, building 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from _timing import device_name, timed
 from ualm_nemo.inference.engine import Decoder, GenerationConfig, Request
 from ualm_nemo.model.config import UALMConfig
 
@@ -82,15 +81,6 @@ def requests(cfg: UALMConfig, batch: int, mode: str, min_prompt: int, max_prompt
     return out
 
 
-def timed(fn: Callable[[], object], device: str) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
 def measure(decoder: Decoder, cfg: UALMConfig, mode: str, batch: int, length: int, args: argparse.Namespace) -> float:
     """Seconds to decode ``batch`` requests of ``length`` frames / tokens each (after one short warm-up)."""
     def gen_cfg(n: int) -> GenerationConfig:
@@ -130,17 +120,6 @@ def bench_form(name: str, form: str, args: argparse.Namespace, log: Callable[[Ru
     del model
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} ({len(names)} logical cores)" if names else platform.processor()
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
 def main() -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -162,8 +141,7 @@ def main() -> None:
     if args.device == "cuda" and not cuda:
         p.error("--device cuda: CUDA is not available")
     models = args.models.split(",")
-    load = f"; load average {os.getloadavg()[0]:.2f} (busy cores skew small-op timings)" if args.device == "cpu" else ""
-    print(f"device: {device_name(args.device)}{load}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}; "
           f"dtype {args.dtype}; prompts {args.min_prompt}-{args.max_prompt} positions", flush=True)
     runs: list[Run] = []
     header = (f"{'model':<14} {'form':<9} {'path':<10} {'mode':<6} {'batch':>5} {'length':>6} {'seconds':>8} "

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
-import time
-from typing import Callable
 
 import torch
+
+from _timing import device_name, timed
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -126,15 +125,6 @@ def build_reference(cfg, args: argparse.Namespace):
     return step
 
 
-def timed(fn: Callable[[], object], device: str) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
 def summary(seconds: list[float]) -> str:
     return f"{statistics.median(seconds) * 1e3:8.1f} ms [{min(seconds) * 1e3:.1f}, {max(seconds) * 1e3:.1f}]"
 
@@ -162,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_ualm(cfg, args.device)
     kinds = ["text", "tta"] if args.rows == "both" else [args.rows]
     batches = {kind: ualm_rows(cfg, kind, args.batch, args.seq, args.device) for kind in kinds}
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads)"
+    device = device_name(args.device)
     print(f"device: {device}; torch {torch.__version__}; {args.dtype}; attention {args.attention_backend}")
     print(f"shape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.groups} KV, ffn {args.ffn}, "
           f"text vocab {args.text_vocab}, seq {args.seq}, batch {args.batch}; {args.repeats} steps each after "
