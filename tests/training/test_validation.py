@@ -175,8 +175,9 @@ def test_bad_validation_keys_are_named(tmp_path, demo_shar):
     assert "data.val_tta_manifest=" in gone and "no such file" in gone
 
 
-def test_held_out_manifests(tmp_path, demo_shar):
-    """data.val_*_manifest: the same micro-batches at every build, each DP rank its own, refused when too few."""
+def test_held_out_manifests(tmp_path, demo_shar, caplog):
+    """data.val_*_manifest: the same micro-batches at every build (the held-out clips encoded once, then read from
+    <output_dir>/val_codes_cache.pt), each DP rank its own, refused when too few."""
     from pathlib import Path
 
     from ualm_nemo.training.validation import build_val_batches
@@ -190,7 +191,12 @@ def test_held_out_manifests(tmp_path, demo_shar):
                    "val_text_manifest": str(raw / "text.jsonl")}
     run = run_config_from_dict(cfg).validate()
     check_data_paths(run)
-    rank0, again, rank1 = build_val_batches(run, 0, 2), build_val_batches(run, 0, 2), build_val_batches(run, 1, 2)
+    rank0 = build_val_batches(run, 0, 2)
+    cache = Path(run.output_dir) / "val_codes_cache.pt"
+    assert cache.is_file()
+    with caplog.at_level("INFO", logger="ualm_nemo.data.dataset"):
+        again, rank1 = build_val_batches(run, 0, 2), build_val_batches(run, 1, 2)
+    assert f"read from {cache}" in caplog.text  # a later job start (or another rank) does not encode again
     assert len(rank0) == len(rank1) == 3 and all(len(b["tasks"]) == 2 for b in rank0)
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(rank0, again))
     assert not torch.equal(rank0[0]["tokens"][:, :8], rank1[0]["tokens"][:, :8])

@@ -30,7 +30,7 @@ def build_codec(data: DataConfig, output_dir: Path):
 CODES_CACHE = "codes_cache.pt"  # under output_dir: the codec tokens of every clip, encoded once per run
 
 
-def _rank0_first(build):
+def rank0_first(build):
     """``build()`` on rank 0 first (it encodes the clips and writes the codes cache), then on the other ranks
     (they read the cache instead of encoding): every rank encoding every clip at every job start is hours at
     scale."""
@@ -63,7 +63,7 @@ def build_posttrain_dataset(data: DataConfig, model: UALMConfig, output_dir: str
     manifest = data.sft_manifest or data.dpo_manifest
     read = (read_conversation_manifest if sft else read_preference_manifest)(manifest)
     codec = build_codec(data, output_dir) if written_clips(read.records) else None
-    dataset = _rank0_first(lambda: (ConversationDataset if sft else PreferenceDataset).from_records(
+    dataset = rank0_first(lambda: (ConversationDataset if sft else PreferenceDataset).from_records(
         read.records, formatter, codec, seed=data.seed, seq_len=data.seq_len, cache_path=output_dir / CODES_CACHE))
     rejects = read.rejects + dataset.skipped
     _log_rejects(rejects, "SFT conversations" if sft else "DPO pairs", len(dataset))
@@ -95,7 +95,7 @@ def build_train_dataset(data: DataConfig, model: UALMConfig, output_dir: str | P
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.backbone.text_vocab_size is "
                           f"{model.backbone.text_vocab_size}")
     codec = build_codec(data, output_dir) if "tta" in manifests else None
-    dataset, rejects = _rank0_first(lambda: build_demo_dataset(
+    dataset, rejects = rank0_first(lambda: build_demo_dataset(
         manifests, tokenizer, codec, model.vocab, seed=data.seed, seq_len=data.seq_len,
         cache_path=output_dir / CODES_CACHE, cfg_dropout=data.cfg_dropout, text_weight=model.audio_out.text_weight,
         audio_stream_weight=model.audio_out.audio_stream_weight))

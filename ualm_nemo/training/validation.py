@@ -34,6 +34,7 @@ from ualm_nemo.training.run_config import RunConfig
 log = logging.getLogger(__name__)
 
 VAL_TASKS = ("tta", "understanding", "text", "conversation")
+VAL_CODES_CACHE = "val_codes_cache.pt"  # under output_dir, next to training's codes_cache.pt
 VAL_MANIFESTS = {"tta": "val_tta_manifest", "understanding": "val_understanding_manifest",
                  "text": "val_text_manifest"}
 
@@ -109,15 +110,15 @@ def _shar_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> list
 
 def _manifest_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> list[dict[str, Any]]:
     from ualm_nemo.data.dataset import Collator, build_demo_dataset
-    from ualm_nemo.training.data_setup import build_codec
+    from ualm_nemo.training.data_setup import build_codec, rank0_first
 
     data, model, size = run.data, run.model, run.train.micro_batch_size
     manifests = {task: getattr(data, key) for task, key in VAL_MANIFESTS.items() if getattr(data, key)}
     codec = build_codec(data, Path(run.output_dir)) if "tta" in manifests else None
-    dataset, rejects = build_demo_dataset(manifests, formatter.tokenizer, codec, model.vocab, seed=data.seed,
-                                          seq_len=data.seq_len, cfg_dropout=0.0,
-                                          text_weight=model.audio_out.text_weight,
-                                          audio_stream_weight=model.audio_out.audio_stream_weight)
+    dataset, rejects = rank0_first(lambda: build_demo_dataset(  # held-out clips encoded once per run, as training's
+        manifests, formatter.tokenizer, codec, model.vocab, seed=data.seed, seq_len=data.seq_len, cfg_dropout=0.0,
+        cache_path=Path(run.output_dir) / VAL_CODES_CACHE, text_weight=model.audio_out.text_weight,
+        audio_stream_weight=model.audio_out.audio_stream_weight))
     for reject in rejects:
         log.warning("rejected (validation) %s", reject)
     mine = list(range(dp_rank, len(dataset), dp_size))  # DP rank r: items r, r + W, ... in manifest order
