@@ -25,7 +25,7 @@ def _bench(hidden: int, heads: int, groups: int, seq: int, batch: int, repeats: 
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from ualm_nemo.data.batching import packed_attention_mask
+    from ualm_nemo.model.attention_mask import packed_attention_mask
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.model.builder import transformer_config
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ualm_nemo.codec.tokenize_stage import pick_device, tokenize_source
+from ualm_nemo.data.tokenize_stage import pick_device, tokenize_source
 from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
 from ualm_nemo.data.cuts import prepare_source
 from ualm_nemo.data.formatting import SampleFormatter

@@ -38,7 +38,7 @@ def model_config(args):
     import json
     from pathlib import Path
 
-    from ualm_nemo.convert.configs import backbone_from_hf_config, load_model_config, model_config_from_dict
+    from ualm_nemo.convert.configs import backbone_from_hf_config, load_model_config
     from ualm_nemo.convert.importer import with_encoder
     from ualm_nemo.model.config import AudioInputConfig, UALMConfig
 
@@ -56,7 +56,7 @@ def model_config(args):
             from ualm_nemo.convert.configs import config_to_dict
 
             merged = OmegaConf.merge(OmegaConf.create(config_to_dict(cfg)), OmegaConf.from_dotlist(args.set))
-            cfg = model_config_from_dict(OmegaConf.to_container(merged))
+            cfg = UALMConfig.from_dict(OmegaConf.to_container(merged))
     cfg = with_encoder(cfg, args.audio_encoder)
     if args.no_audio_input:
         cfg = replace(cfg, audio_in=replace(cfg.audio_in, enabled=False))

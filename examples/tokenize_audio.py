@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 
 from ualm_nemo.cli_numbers import non_negative_int, positive_int
-from ualm_nemo.codec.stage_settings import StageSettings, StageSettingsError, check_or_record
-from ualm_nemo.codec.tokenize_stage import count_cuts, num_shards, pick_device, select_shards, tokenize_source
+from ualm_nemo.data.stage_settings import StageSettings, StageSettingsError, check_or_record
+from ualm_nemo.data.tokenize_stage import count_cuts, num_shards, pick_device, select_shards, tokenize_source
 from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
 
 

@@ -5,7 +5,7 @@ does not hide the others' results:
 
 1. ``examples/convert_hf_to_ualm.py`` imports a random tiny HF Qwen2 folder (sharded safetensors) with the
    audio input on (tiny random encoder), then ``examples/convert_ualm_to_hf.py`` exports it again;
-2. ``load_initial_weights`` puts the import into engines at (TP2, PP1) and (TP1, PP2): text logits vs HF;
+2. ``MegatronEngine.load_initial_weights`` puts the import into engines at (TP2, PP1) and (TP1, PP2): text logits vs HF;
 3. the TP2 engine trains 2 steps and saves (optimizer included, no config recorded); its logits on a text
    batch and on an audio batch (audio input + audio tokens) are kept;
 4. that TP2 checkpoint is exported (resharding load to TP1) -- and once more with a wrong config, and once
@@ -80,7 +80,6 @@ def _worker(root: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from ualm_nemo.convert.importer import load_initial_weights
     from ualm_nemo.testing.batches import random_batch
 
     r = Path(root)
@@ -93,7 +92,7 @@ def _worker(root: str) -> dict:
 
     def layout(tp, pp):
         engine = _engine(tp, pp)
-        load_initial_weights(engine, r / "imported")
+        engine.load_initial_weights(r / "imported")
         return engine, _logits(engine.chunks[0], {"tokens": inputs["text_tokens"]})
 
     _phase(out, "pp2", lambda: layout(1, 2)[1])
@@ -216,7 +215,7 @@ def _worker(root: str) -> dict:
         cfg = with_encoder(_cfg(), str(r / "af3"))
         init_model_parallel(cfg.parallel, seed=99)
         engine = MegatronEngine(cfg, OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.0), max_steps=2)
-        load_initial_weights(engine, r / "imported_af3")
+        engine.load_initial_weights(r / "imported_af3")
         return {"rc": rcs, "audio": _logits(engine.chunks[0], inputs["audio_batch"]),
                 "encoder": type(engine.chunks[0].audio_input.encoder.tower).__name__}
 

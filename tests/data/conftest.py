@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from ualm_nemo.codec.tokenize_stage import tokenize_source
+from ualm_nemo.data.tokenize_stage import tokenize_source
 from ualm_nemo.data.cuts import prepare_source
 from ualm_nemo.data.synthetic import synthesize_demo_data
 from ualm_nemo.testing.fake_codec import HashCodec

@@ -17,7 +17,8 @@ from ualm_nemo.data.length_limit import record_length
 from ualm_nemo.data.tokenizer import build_tokenizer
 from ualm_nemo.testing.examples import load_example
 from ualm_nemo.training.data_setup import build_train_dataset
-from ualm_nemo.training.run_config import DataConfig, model_config_from_dict
+from ualm_nemo.model.config import UALMConfig
+from ualm_nemo.training.run_config import DataConfig
 
 SEQ_LEN = 400
 CONV = [{"from": "human", "value": "<sound>\nWhat is it?"}, {"from": "gpt", "value": "A tone."}]
@@ -60,7 +61,7 @@ def test_record_length_is_the_formatted_length(manifests):
     from ualm_nemo.codec.xcodec import num_codec_frames
     from ualm_nemo.data.raw import load_audio
 
-    fmt = SampleFormatter.from_config(build_tokenizer("byte"), model_config_from_dict({}))
+    fmt = SampleFormatter.from_config(build_tokenizer("byte"), UALMConfig.from_dict({}))
     checked = 0
     for task, name in (("tta", "tta.jsonl"), ("understanding", "und.json"), ("text", "text.jsonl")):
         for record in read_manifest(task, manifests / name).records:
@@ -81,7 +82,7 @@ def test_manifest_training_skips_overlong_records_by_source(manifests, caplog):
     data = DataConfig(tta_manifest=str(manifests / "tta.jsonl"), understanding_manifest=str(manifests / "und.json"),
                       text_manifest=str(manifests / "text.jsonl"), seq_len=SEQ_LEN)
     t0 = time.perf_counter()
-    dataset, rejects = build_train_dataset(data, model_config_from_dict({}), manifests / "out")
+    dataset, rejects = build_train_dataset(data, UALMConfig.from_dict({}), manifests / "out")
     assert time.perf_counter() - t0 < 60  # no batch of 100k positions was ever built
     assert sorted(r.source for r in rejects) == ["text.jsonl:2", "tta.jsonl:3", "tta.jsonl:4", "und.json[3]"]
     assert all(f"longer than data.seq_len={SEQ_LEN}" in r.reason for r in rejects)
@@ -98,7 +99,7 @@ def test_shar_path_names_the_skipped_samples(shar_sources, caplog):
 
     cfg = SharLoaderConfig(sources=[{"name": "und", "shar_dir": shar_sources["understanding"]}], window_size=8,
                            max_tokens=512, seq_len=125, seed=1)  # the 8 clips' samples: 89..163 positions
-    fmt = SampleFormatter.from_config(build_tokenizer("byte"), model_config_from_dict({}))
+    fmt = SampleFormatter.from_config(build_tokenizer("byte"), UALMConfig.from_dict({}))
     batch = next(iter(SharBatchLoader(cfg, fmt)))  # window 0 holds the source's 8 samples once
     assert "skipped 4 samples longer than 125 positions" in caplog.text
     assert caplog.text.count("und/understanding-000000") == 4 and batch["tokens"].shape[1] <= 125

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ualm_nemo.data.batching import bucket_batches, collate_packed, pack_rows, packed_attention_mask
+from ualm_nemo.data.batching import bucket_batches, collate_packed, pack_rows
+from ualm_nemo.model.attention_mask import packed_attention_mask
 from ualm_nemo.data.blend import SourceSpec, blend_probabilities, window_choices, window_counts
 from ualm_nemo.data.formatting import SampleFormatter
 from ualm_nemo.data.tokenizer import ByteChatTokenizer

@@ -18,7 +18,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from ualm_nemo.codec.tokenize_stage import tokenize_shard, tokenize_source
+from ualm_nemo.data.tokenize_stage import tokenize_shard, tokenize_source
 from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec, num_codec_frames
 from ualm_nemo.data.conversation import read_conversation_manifest, read_preference_manifest
 from ualm_nemo.data.cuts import CutClips, cut_record, prepare_source
@@ -284,7 +284,7 @@ def test_codec_stage_rejects_a_record_whose_clips_broke(data, tmp_path):
     prepare_source("conversation", tmp_path / "sft.jsonl", tmp_path / "prep")
     sf.write(clips / "bird.wav", np.zeros(1000, np.float32), 16000)  # changed length since preparation
     np.save(clips / "sampled.npy", np.zeros((6, 4)))  # no longer [F, 8]
-    from ualm_nemo.codec.tokenize_stage import iter_shard_cuts
+    from ualm_nemo.data.tokenize_stage import iter_shard_cuts
 
     (_, prepared), = list(iter_shard_cuts(tmp_path / "prep" / "cuts.jsonl.gz", 10, [0]))
     with pytest.raises(ValueError, match="need a codec"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ualm_nemo.codec.tokenize_stage import (count_cuts, iter_shard_cuts, num_shards, select_shards, tokenize_shard,
+from ualm_nemo.data.tokenize_stage import (count_cuts, iter_shard_cuts, num_shards, select_shards, tokenize_shard,
                                             tokenize_source)
 from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec, num_codec_frames
 from ualm_nemo.data.cuts import cut_turns, cut_waveform, prepare_source, read_manifest

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ualm_nemo.codec.tokenize_stage import tokenize_source
+from ualm_nemo.data.tokenize_stage import tokenize_source
 from ualm_nemo.data.cuts import prepare_source
 from ualm_nemo.data.shar import read_rejects, read_shar
 from ualm_nemo.testing.examples import load_example

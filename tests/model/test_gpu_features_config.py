@@ -9,14 +9,14 @@ import types
 
 import pytest
 
-from ualm_nemo.model.config import ConfigError
-from ualm_nemo.training.run_config import model_config_from_dict, run_config_from_dict
+from ualm_nemo.model.config import ConfigError, UALMConfig
+from ualm_nemo.training.run_config import run_config_from_dict
 
 TE = {"parallel": {"transformer_impl": "transformer_engine"}, "params_dtype": "bf16"}
 
 
 def _model(**section):
-    return model_config_from_dict({"audio_in": {"random_encoder": True}, **section})
+    return UALMConfig.from_dict({"audio_in": {"random_encoder": True}, **section})
 
 
 @pytest.mark.parametrize("section,world,message", [

@@ -1,5 +1,5 @@
 """Packed rows as THD sequences (model/packed_seq.py): the cu_seqlens built from segment ids describe exactly the
-attention of the mask path (data/batching.packed_attention_mask), and the model's THD forward computes what the
+attention of the mask path (model/attention_mask.packed_attention_mask), and the model's THD forward computes what the
 samples compute alone (on CPU, with a torch stand-in for Transformer Engine's THD attention)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ualm_nemo.data.batching import packed_attention_mask
+from ualm_nemo.model.attention_mask import packed_attention_mask
 from ualm_nemo.model.packed_seq import check_segments, flatten_rows, packed_seq_params, unflatten_rows
 from ualm_nemo.testing.dist import run_distributed
 

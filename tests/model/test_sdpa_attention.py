@@ -28,7 +28,7 @@ def _attention_cases() -> dict:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from ualm_nemo.data.batching import packed_attention_mask
+    from ualm_nemo.model.attention_mask import packed_attention_mask
     from ualm_nemo.model.builder import transformer_config
     from ualm_nemo.model.sdpa_attention import SDPAAttention
 
@@ -142,12 +142,12 @@ def test_model_loss_and_grads_equal_megatron_attention(layout, request):
 
 def test_bad_attention_backend_is_refused():
     from ualm_nemo.model.config import ConfigError
-    from ualm_nemo.training.run_config import model_config_from_dict
+    from ualm_nemo.model.config import UALMConfig
 
     with pytest.raises(ConfigError, match="model.attention_backend"):
         _tiny("flash").validate()
     with pytest.raises(ConfigError, match="model.attention_backend"):
-        model_config_from_dict({"backbone": "tiny", "attention_backend": "flash"})
+        UALMConfig.from_dict({"backbone": "tiny", "attention_backend": "flash"})
     with pytest.raises(ConfigError, match="model.attention_backend=sdpa .*transformer_impl=local"):
         _tiny("sdpa").with_parallel(transformer_impl="transformer_engine").validate()
 

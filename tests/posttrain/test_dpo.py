@@ -106,7 +106,6 @@ def _row_logps(root: str, manifest: str, tp: int, pp: int):
 
 
 def _dpo_steps(root: str, manifest: str, reference: str, steps: int, sft_weight: float = 0.0) -> dict:
-    from ualm_nemo.convert.importer import load_initial_weights
     from ualm_nemo.distributed.optim import OptimConfig
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.posttrain.reference import load_reference_model
@@ -119,7 +118,7 @@ def _dpo_steps(root: str, manifest: str, reference: str, steps: int, sft_weight:
                     reference_checkpoint=root)
     engine = MegatronEngine(cfg, OptimConfig(lr=2e-3, min_lr=2e-3, weight_decay=0.0), steps, stage="dpo",
                             initialize=False, objective=DPOObjective(dpo, cfg.vocab))
-    load_initial_weights(engine, root)
+    engine.load_initial_weights(root)
     batches = _batches(manifest, cfg)
     if reference == "online":
         engine.set_reference(load_reference_model(cfg, root))

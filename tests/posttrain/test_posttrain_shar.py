@@ -54,7 +54,7 @@ def _refused(cfg: dict) -> str:
 def chain(tmp_path_factory, pretrained):
     """The 2-step pre-training run; conversations and pairs -> prepare -> codec stage -> Shar; 3 SFT steps from
     Shar."""
-    from ualm_nemo.codec.tokenize_stage import tokenize_source
+    from ualm_nemo.data.tokenize_stage import tokenize_source
     from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
     from ualm_nemo.data.cuts import prepare_source
     from ualm_nemo.testing.pairs import write_conversation_manifest, write_pair_manifest

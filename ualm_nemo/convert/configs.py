@@ -12,12 +12,6 @@ from ualm_nemo.model.config import BackboneConfig, ConfigError, UALMConfig
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
-def model_config_from_dict(section: dict[str, Any]) -> UALMConfig:
-    from ualm_nemo.training.run_config import model_config_from_dict as build
-
-    return build(section)
-
-
 def config_to_dict(cfg: UALMConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -43,7 +37,7 @@ def load_model_config(spec: str, overrides: Sequence[str] = ()) -> UALMConfig:
         values = OmegaConf.to_container(section, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
         raise ConfigError(f"model config {path}: {err.full_key} must be set (e.g. --set {err.full_key}=...)") from err
-    return model_config_from_dict(values)
+    return UALMConfig.from_dict(values)
 
 
 def backbone_from_hf_config(hf: dict[str, Any]) -> BackboneConfig:
@@ -62,18 +56,3 @@ def backbone_from_hf_config(hf: dict[str, Any]) -> BackboneConfig:
                           text_vocab_size=hf["vocab_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                           rope_base=float(theta), max_position_embeddings=hf.get("max_position_embeddings", 32768),
                           tie_word_embeddings_in_source=bool(hf.get("tie_word_embeddings", False)))
-
-
-def check_same_model(stored: UALMConfig, given: UALMConfig) -> None:
-    """Raise ConfigError if two configs describe different weights (layout, dtype and paths may differ)."""
-    diffs = []
-    for section in ("backbone", "audio_out"):
-        a, b = dataclasses.asdict(getattr(stored, section)), dataclasses.asdict(getattr(given, section))
-        diffs += [f"model.{section}.{k}: checkpoint {a[k]!r} != given {b[k]!r}" for k in a
-                  if a[k] != b[k] and k != "tie_word_embeddings_in_source"]
-    a, b = stored.audio_in, given.audio_in
-    for k in ("enabled", "adapter"):
-        if getattr(a, k) != getattr(b, k):
-            diffs.append(f"model.audio_in.{k}: checkpoint {getattr(a, k)!r} != given {getattr(b, k)!r}")
-    if diffs:
-        raise ConfigError("the given model config does not match the checkpoint's: " + "; ".join(diffs))

@@ -23,12 +23,12 @@ import torch
 
 from ualm_nemo.convert.audio_parts import (ADAPTER_PREFIX, AUDIO_FILE, ENCODER_DIR, UALM_CONFIG_FILE, encoder_keys,
                                           expected_audio_shapes, iter_audio_parts)
-from ualm_nemo.convert.configs import check_same_model, config_to_dict
+from ualm_nemo.convert.configs import config_to_dict
 from ualm_nemo.convert.hf_folder import TOKENIZER_FILES, ShardedWriter, atomic_folder, copy_tokenizer_files
 from ualm_nemo.distributed.checkpoint import error_cause, resolve_checkpoint, stored_model_config
 from ualm_nemo.convert.qwen2_keymap import expected_hf_shapes, iter_ualm_to_hf, qwen2_config_for
 from ualm_nemo.distributed.streaming import StreamedCheckpointReader
-from ualm_nemo.model.config import ConfigError, UALMConfig
+from ualm_nemo.model.config import ConfigError, UALMConfig, check_same_model
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

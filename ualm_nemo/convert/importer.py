@@ -22,7 +22,7 @@ import logging
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Literal, Mapping
 
 import torch
 
@@ -223,27 +223,6 @@ def import_hf_checkpoint(hf_dir: str | Path, out_root: str | Path, cfg: UALMConf
             raise RuntimeError(f"import into {out_root} failed: {checkpoint.error_cause(err)}") from err
     folder.close()
     return path
-
-
-def load_initial_weights(engine, path: str | Path) -> dict[str, Any]:
-    """Load model weights only (any saved layout -> the engine's layout) to start a run from, e.g. an import.
-
-    The engine's step stays 0 and its optimizer / scheduler stay fresh; the optimizer's fp32 main copies (bf16
-    training) are refreshed from the loaded weights, or its first step would revert to the random init.
-    """
-    from ualm_nemo.distributed import checkpoint
-
-    iteration = checkpoint.resolve_checkpoint(path)
-    stored = checkpoint.stored_model_config(iteration)
-    if stored is not None:
-        from ualm_nemo.convert.configs import check_same_model
-
-        check_same_model(stored, engine.cfg)
-    state = checkpoint.load_checkpoint(iteration, engine.chunks, None, restore_rng=False)
-    if engine.optimizer is not None:
-        engine.optimizer.reload_model_params()
-    engine.weights_pending = False
-    return state
 
 
 def with_encoder(cfg: UALMConfig, encoder_path: str | None) -> UALMConfig:

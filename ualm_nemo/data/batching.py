@@ -14,16 +14,8 @@ decreasing). A packed batch has the keys of ``dataset.collate`` plus ``segment_i
     tasks                           list[str]   one per *sample*, row-major (len >= B)
 
 Labels never cross a sample boundary: a sample's last position has label IGNORE (formatting.py builds labels
-inside a sample), and ``collate_packed`` checks it. Attention stays inside a sample through
-``packed_attention_mask(segment_ids)``::
-
-    segment_ids  0 0 0 1 1 -1        mask (True = masked), row = query, column = key
-                                     q0  . X X X X X
-                                     q1  . . X X X X
-                                     q2  . . . X X X
-                                     q3  X X X . X X
-                                     q4  X X X . . X
-                                     q5  X X X X X .      padding attends to itself only (no all-masked row)
+inside a sample), and ``collate_packed`` checks it. Attention stays inside a sample through the model's
+``model/attention_mask.packed_attention_mask(segment_ids)`` (or, on Transformer Engine, model/packed_seq.py).
 """
 
 from __future__ import annotations
@@ -34,23 +26,6 @@ import torch
 
 from ualm_nemo.data.formatting import sample_clips
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
-
-
-def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """segment_ids [B, S] (int, -1 = padding) -> BoolTensor [B, 1, S, S], True where attention is masked.
-
-    Megatron's convention: ``attention_mask[b, 0, q, k]`` True means query q must not see key k. A query sees the
-    keys of its own segment at or before it; a padding position sees only itself.
-    """
-    if segment_ids.dim() != 2:
-        raise ValueError(f"segment_ids must be [B, S], got {tuple(segment_ids.shape)}")
-    s = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, S(q), S(k)]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()  # k <= q
-    real = (segment_ids >= 0)[:, :, None]
-    eye = torch.eye(s, dtype=torch.bool, device=segment_ids.device)
-    allowed = (same & causal & real) | eye
-    return ~allowed[:, None]
 
 
 def bucket_batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None,

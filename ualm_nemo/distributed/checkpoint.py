@@ -70,10 +70,10 @@ def error_cause(err: BaseException) -> str:
 
 def stored_model_config(path: str | Path):
     """The UALMConfig recorded in an iteration folder's ``ualm_common.pt`` (training and imports record it)."""
-    from ualm_nemo.training.run_config import model_config_from_dict  # config parsing lives with the run config
+    from ualm_nemo.model.config import UALMConfig
 
     stored = torch.load(Path(path) / "ualm_common.pt", weights_only=False).get("ualm_config")
-    return model_config_from_dict(stored) if stored else None
+    return UALMConfig.from_dict(stored) if stored else None
 
 
 def _sharded_state(chunks, optimizer, loading: bool) -> dict:

@@ -11,7 +11,7 @@ from math import prod
 from typing import Any, Mapping
 
 from ualm_nemo.model.config import ConfigError
-from ualm_nemo.training.config_types import build_section
+from ualm_nemo.config_types import build_section
 
 INPUT_RATE = 16000
 OUTPUT_RATE = 48000

@@ -53,7 +53,7 @@ class UALMForConditionalGeneration(nn.Module):
 
         from ualm_nemo.convert.hf_folder import load_safetensors
 
-        from ualm_nemo.convert.configs import model_config_from_dict
+        from ualm_nemo.model.config import UALMConfig
         from ualm_nemo.convert.qwen2_keymap import check_compatible
 
         folder = Path(folder)
@@ -61,7 +61,7 @@ class UALMForConditionalGeneration(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{folder} is not a UALM export: no {UALM_CONFIG_FILE} "
                                     "(write one with examples/convert_ualm_to_hf.py)")
-        cfg = model_config_from_dict(json.loads(config_file.read_text()))
+        cfg = UALMConfig.from_dict(json.loads(config_file.read_text()))
         if not (folder / AUDIO_FILE).is_file():
             raise FileNotFoundError(f"{folder} has no {AUDIO_FILE} (the audio rows, heads and adapter)")
         lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)

@@ -17,7 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from ualm_nemo.data.batching import packed_attention_mask
+from ualm_nemo.model.attention_mask import packed_attention_mask
 from ualm_nemo.inference.backends import FullForward, Logits, batch_features, left_pad, positions
 
 

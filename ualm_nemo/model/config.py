@@ -6,16 +6,13 @@ failed Slurm log knows what to edit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Mapping
 
+from ualm_nemo.config_types import ConfigError, build_section
 from ualm_nemo.model.vocab import UnifiedVocab
 
 VOCAB_PAD_MULTIPLE = 128  # fixed (not TP-dependent) so every layout sees the same padded vocabulary
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key to fix."""
 
 
 @dataclass(kw_only=True)
@@ -147,6 +144,28 @@ class UALMConfig:
     attention_backend: Literal["megatron", "sdpa"] = "megatron"
     init_std: float = 0.02
     seed: int = 1234
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> "UALMConfig":
+        """The ``model`` section of a run (or a stored ``ualm_config``): ``backbone`` a name of BACKBONES or its
+        fields (optionally on a ``base``); unknown keys and mistyped values raise ConfigError naming
+        ``model.<key>``. Checkpoints, converters and the run config all parse a model config here."""
+        section = dict(section)
+        backbone = section.pop("backbone", "tiny")
+        if isinstance(backbone, str):
+            if backbone not in BACKBONES:
+                raise ConfigError(f"model.backbone={backbone!r}: choose one of {sorted(BACKBONES)} or give the "
+                                  "fields")
+            backbone_cfg = BACKBONES[backbone]
+        else:
+            backbone = dict(backbone)
+            base = backbone.pop("base", None)
+            backbone_cfg = build_section(BackboneConfig, {**(asdict(BACKBONES[base]) if base else {}), **backbone},
+                                         "model.backbone")
+        parts = {"audio_in": AudioInputConfig, "audio_out": AudioOutputConfig, "parallel": ParallelConfig,
+                 "recompute": RecomputeConfig, "fp8": FP8Config}
+        built = {name: build_section(part, section.pop(name, None), f"model.{name}") for name, part in parts.items()}
+        return build_section(cls, {"backbone": backbone_cfg, **built, **section}, "model")
 
     @property
     def vocab(self) -> UnifiedVocab:
@@ -305,3 +324,18 @@ def _validate_fp8(cfg: UALMConfig) -> None:
 
 def padded(n: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
+
+
+def check_same_model(stored: UALMConfig, given: UALMConfig) -> None:
+    """Raise ConfigError if two configs describe different weights (layout, dtype and paths may differ)."""
+    diffs = []
+    for section in ("backbone", "audio_out"):
+        a, b = asdict(getattr(stored, section)), asdict(getattr(given, section))
+        diffs += [f"model.{section}.{k}: checkpoint {a[k]!r} != given {b[k]!r}" for k in a
+                  if a[k] != b[k] and k != "tie_word_embeddings_in_source"]
+    a, b = stored.audio_in, given.audio_in
+    for k in ("enabled", "adapter"):
+        if getattr(a, k) != getattr(b, k):
+            diffs.append(f"model.audio_in.{k}: checkpoint {getattr(a, k)!r} != given {getattr(b, k)!r}")
+    if diffs:
+        raise ConfigError("the given model config does not match the checkpoint's: " + "; ".join(diffs))

@@ -1,6 +1,6 @@
 r"""Packed rows as Transformer Engine THD sequences: ``segment_ids`` [b, s] -> megatron ``PackedSeqParams``.
 
-The local spec keeps packed samples apart with a block-causal mask (``data/batching.packed_attention_mask``).
+The local spec keeps packed samples apart with a block-causal mask (``model/attention_mask.packed_attention_mask``).
 Transformer Engine's fused attention takes no such mask; it takes THD input instead: batch size 1, every token
 of the micro-batch in one line ``[t, 1, h]``, and ``cu_seqlens`` marking where each sequence starts. The rule:
 

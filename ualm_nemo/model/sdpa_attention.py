@@ -10,7 +10,7 @@ Masks follow megatron's convention (True = masked out) and megatron's semantics:
 
 * ``attention_mask=None`` with a causal layer: causal attention (SDPA's ``is_causal``, which the flash kernel takes).
 * a given mask ([b or 1, 1, sq, sk], bool): used as is, without the causal mask on top (as megatron's softmax does);
-  packed rows give a block-causal one (data/batching.packed_attention_mask).
+  packed rows give a block-causal one (model/attention_mask.packed_attention_mask).
 * a query row that masks every key: megatron fills masked scores with -10000, so such a row attends uniformly to
   all keys (the mean of the values; no gradient to q or k); SDPA would return NaN there. Such a row is unmasked
   for SDPA and its output replaced by the mean of the values: megatron's result and gradients, all finite.

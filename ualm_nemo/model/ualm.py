@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ualm_nemo.model.attention_mask import packed_attention_mask
 from ualm_nemo.model.config import ConfigError, UALMConfig
 from ualm_nemo.model.embedding import MultiStreamEmbedding
 from ualm_nemo.model.heads import StreamHeads
@@ -121,6 +122,4 @@ class UALMLanguageModel(MegatronModule):
 
     @staticmethod
     def _block_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-        from ualm_nemo.data.batching import packed_attention_mask  # the data package only where needed
-
         return packed_attention_mask(segment_ids)

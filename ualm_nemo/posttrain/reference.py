@@ -98,7 +98,7 @@ def pair_table(pair_ids: Sequence[str], row_logps: torch.Tensor) -> dict[str, di
 def load_reference_model(model_cfg, path: str | Path) -> list[torch.nn.Module]:
     """The frozen reference of online DPO: the model built at this run's layout with the weights of ``path`` (a
     run's checkpoint folder or one iteration, any saved layout), no optimizer, RNG untouched (exact resume)."""
-    from ualm_nemo.convert.configs import check_same_model
+    from ualm_nemo.model.config import check_same_model
     from ualm_nemo.distributed import checkpoint
     from ualm_nemo.model.builder import build_model
 

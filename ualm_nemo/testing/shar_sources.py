@@ -8,7 +8,7 @@ from pathlib import Path
 def write_demo_shar(root: str | Path, num_tta: int = 10, num_understanding: int = 6, num_text: int = 8,
                     seed: int = 1, shard_size: int = 4) -> dict[str, str]:
     """{task: shar_dir} for the tasks tta / understanding / text, each written through prepare -> tokenize."""
-    from ualm_nemo.codec.tokenize_stage import tokenize_source
+    from ualm_nemo.data.tokenize_stage import tokenize_source
     from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
     from ualm_nemo.data.cuts import prepare_source
     from ualm_nemo.data.synthetic import synthesize_demo_data

@@ -21,7 +21,7 @@ from ualm_nemo.distributed import checkpoint
 from ualm_nemo.distributed.optim import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.model.builder import build_model
-from ualm_nemo.model.config import UALMConfig
+from ualm_nemo.model.config import UALMConfig, check_same_model
 from ualm_nemo.training.objectives import REPORT, LMObjective, RowLogProbs, model_inputs
 from ualm_nemo.training.stages import apply_stage
 
@@ -183,6 +183,22 @@ class MegatronEngine:
         if load_optimizer and self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self.weights_pending = False
+        return state
+
+    def load_initial_weights(self, path: str) -> dict[str, Any]:
+        """Model weights only (any saved layout -> this engine's), to start a run from, e.g. an HF import.
+
+        The step stays 0 and the optimizer / scheduler stay fresh; the optimizer's fp32 main copies (bf16
+        training) are refreshed from the loaded weights, or its first step would revert to the random init. A
+        checkpoint of another model (its recorded config's shapes) is refused, naming the keys."""
+        iteration = checkpoint.resolve_checkpoint(path)
+        stored = checkpoint.stored_model_config(iteration)
+        if stored is not None:
+            check_same_model(stored, self.cfg)
+        state = checkpoint.load_checkpoint(iteration, self.chunks, None, restore_rng=False)
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()
         self.weights_pending = False
         return state
 

@@ -153,9 +153,7 @@ class UALMModel(ModelPT):
         """A new run may start from converted weights (train.init_from); a resumed run never does."""
         init_from = self.run.train.init_from
         if init_from and not resuming:
-            from ualm_nemo.convert.importer import load_initial_weights
-
-            load_initial_weights(self.engine, init_from)
+            self.engine.load_initial_weights(init_from)
 
     def configure_optimizers(self):
         return _SteppedByEngine(self.engine)

@@ -7,7 +7,6 @@ dotted key (config_types.py), and validates the whole run before any process gro
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,9 +15,8 @@ from typing import Any, Callable, Mapping
 
 from ualm_nemo.distributed.optim import OptimConfig
 from ualm_nemo.posttrain.dpo import DPOConfig
-from ualm_nemo.model.config import (BACKBONES, AudioInputConfig, AudioOutputConfig, BackboneConfig, ConfigError,
-                                    FP8Config, ParallelConfig, RecomputeConfig, UALMConfig)
-from ualm_nemo.training.config_types import build_section
+from ualm_nemo.model.config import ConfigError, UALMConfig
+from ualm_nemo.config_types import build_section
 from ualm_nemo.training.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -264,30 +262,12 @@ def _build(cls, values: Mapping[str, Any] | None, where: str):
     return build_section(cls, values, where)
 
 
-def model_config_from_dict(section: Mapping[str, Any]) -> UALMConfig:
-    section = dict(section)
-    backbone = section.pop("backbone", "tiny")
-    if isinstance(backbone, str):
-        if backbone not in BACKBONES:
-            raise ConfigError(f"model.backbone={backbone!r}: choose one of {sorted(BACKBONES)} or give the fields")
-        backbone_cfg = BACKBONES[backbone]
-    else:
-        backbone = dict(backbone)
-        base = backbone.pop("base", None)
-        backbone_cfg = _build(BackboneConfig, {**(dataclasses.asdict(BACKBONES[base]) if base else {}), **backbone},
-                              "model.backbone")
-    parts = {"audio_in": AudioInputConfig, "audio_out": AudioOutputConfig, "parallel": ParallelConfig,
-             "recompute": RecomputeConfig, "fp8": FP8Config}
-    built = {name: _build(cls, section.pop(name, None), f"model.{name}") for name, cls in parts.items()}
-    return _build(UALMConfig, {"backbone": backbone_cfg, **built, **section}, "model")
-
-
 def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
     cfg = dict(cfg)
     unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "output_dir", "stage", "name"})
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}")
-    return RunConfig(model=model_config_from_dict(cfg.get("model") or {}),
+    return RunConfig(model=UALMConfig.from_dict(cfg.get("model") or {}),
                      optim=_build(OptimConfig, cfg.get("optim"), "optim"),
                      train=_build(TrainConfig, cfg.get("train"), "train"),
                      data=_build(DataConfig, cfg.get("data"), "data"),

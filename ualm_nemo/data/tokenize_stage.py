@@ -42,12 +42,12 @@ from lhotse import MonoCut, Recording
 from lhotse.cut import Cut
 from lhotse.serialization import decode_json_line, deserialize_item
 
-from ualm_nemo.codec.stage_settings import StageSettings, check_or_record
 from ualm_nemo.codec.xcodec import CodecTokenizer, num_codec_frames
 from ualm_nemo.data.conversation import load_codes_file
 from ualm_nemo.data.cuts import POSTTRAIN_TASKS, cut_task, cut_waveform
 from ualm_nemo.data.raw import load_audio
 from ualm_nemo.data.shar import CODEC_FIELD, FRAME_SHIFT, remove_leftovers, shard_done, write_shard
+from ualm_nemo.data.stage_settings import StageSettings, check_or_record
 from ualm_nemo.model.audio_frames import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
