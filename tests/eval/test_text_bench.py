@@ -210,6 +210,10 @@ def test_text_suite_command_gsm8k_humaneval_resume(model, tmp_path, capsys, capl
     with pytest.raises(SystemExit):  # the same folder with other settings is refused, naming them
         _cli(other)
     assert "holds a run with other settings (limit): use --overwrite" in capsys.readouterr().err
+    assert _cli(argv + ["--allow-code-execution"]) == 0  # the same run, now executed: nothing regenerated
+    h = json.loads((out / "report.json").read_text())["figures"]["humaneval"]
+    assert h["executed"] and h["n"] == 2 and h["pass@1"] == h["passed"] / 2
+    assert (out / "humaneval" / "completions.jsonl").read_text().splitlines() == completions
 
 def _bad(tmp_path: Path, model) -> list[tuple[list[str], str]]:
     good = _jsonl(tmp_path / "good.jsonl", [{"question": "Q?", "choices": ["a", "b"], "answer": "B"}])
