@@ -19,15 +19,19 @@ from ualm_nemo.testing.hf_folders import write_byte_tokenizer
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Any attempt to reach a hub fails the test (local sockets, e.g. multiprocessing's, still work)."""
-    connect = socket.socket.connect
+    """Every internet connection is refused and recorded; any attempt fails the test, even one that the library
+    caught (local sockets, e.g. multiprocessing's, still work)."""
+    connect, attempts = socket.socket.connect, []
 
     def guarded(self, address):
         if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
+            attempts.append(address)
+            raise OSError(f"network access attempted: {address}")
         return connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+    yield
+    assert not attempts, f"network access attempted: {attempts}"
 
 
 @pytest.fixture(scope="module")
