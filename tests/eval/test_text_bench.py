@@ -239,6 +239,7 @@ def _bad(tmp_path: Path, model) -> list[tuple[list[str], str]]:
         (base + ["--gsm8k", str(good), "--gsm8k-shots", "0"], 'no "#### <final answer>" line'),
         (base + ["--mmlu", str(good), "--mmlu-shots", "0", "--allow-code-execution"], "only for --humaneval"),
         (base, "nothing to run"),
+        (base + ["--humaneval", "--limit", "0"], "--limit 0: must be >= 1"),
         (["--hf", str(model["hf"]), "--tokenizer", str(tmp_path), "--humaneval"], "no tokenizer files"),
     ]
 

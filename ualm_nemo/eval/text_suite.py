@@ -75,7 +75,8 @@ def _model_identity(hf: Path) -> dict[str, Any]:
 def _check_numbers(a: TextSuiteArgs) -> None:
     for flag, value, least in (("--mmlu-shots", a.mmlu_shots, 0), ("--gsm8k-shots", a.gsm8k_shots, 0),
                                ("--batch-size", a.batch_size, 1), ("--humaneval-workers", a.humaneval_workers, 1),
-                               ("--max-new-tokens", a.max_new_tokens, 1), ("--limit", a.limit or 1, 1)):
+                               ("--max-new-tokens", a.max_new_tokens, 1),
+                               ("--limit", 1 if a.limit is None else a.limit, 1)):
         if value < least:
             raise TextSuiteError(f"{flag} {value}: must be >= {least}")
     if a.humaneval_timeout <= 0:
