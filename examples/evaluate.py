@@ -337,7 +337,7 @@ def build_text_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, help="context length (default: the model config's)")
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="every lm_eval seed (default: lm_eval's own, as a stock run)")
     parser.add_argument("--out-dir", default="eval_text")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out-dir")
     parser.add_argument("--no-progress", action="store_true")

@@ -122,20 +122,22 @@ def build_lm(hf_dir: str | Path, tokenizer: str | Path, dtype: str, batch_size: 
 
 
 def evaluate(lm, task_names: Sequence[str], task_dir: Path, cache: Path | None, chat_template: bool = False,
-             seed: int = 0) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on our tasks only (``include_defaults=False``: no other task is even read)."""
+             seed: int | None = None) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on our tasks only (``include_defaults=False``: no other task is even read).
+    ``seed`` None keeps lm_eval's own seeds (GSM8K's few-shot draw then matches a stock lm_eval run)."""
     force_offline()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    seeds = {} if seed is None else {k: seed for k in ("random_seed", "numpy_random_seed", "torch_random_seed",
+                                                       "fewshot_random_seed")}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
     return lm_eval.simple_evaluate(model=lm, tasks=list(task_names), task_manager=manager, log_samples=True,
                                    use_cache=str(cache) if cache is not None else None,
                                    apply_chat_template=chat_template, fewshot_as_multiturn=chat_template,
-                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                   fewshot_random_seed=seed, bootstrap_iters=1000)
+                                   **seeds)
 
 
 def _metric(block: dict[str, Any], name: str) -> tuple[float | None, float | None]:

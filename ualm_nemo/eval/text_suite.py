@@ -49,7 +49,7 @@ class TextSuiteArgs:
     batch_size: int = 8
     max_length: int | None = None
     chat_template: bool = False
-    seed: int = 0
+    seed: int | None = None  # None: lm_eval's own seeds
     overwrite: bool = False
     progress: bool = True
 
