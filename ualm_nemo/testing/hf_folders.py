@@ -30,3 +30,23 @@ def make_hf_folder(path: Path, max_shard_size: str = "200KB") -> Path:
     (path / "tokenizer_config.json").write_text('{"model_max_length": 4096}\n')
     (path / "tokenizer.json").write_text('{"version": "1.0"}\n')
     return path
+
+
+def write_byte_tokenizer(folder: Path) -> Path:
+    """A real byte-level BPE tokenizer (the 256 byte symbols, no merges, Qwen's ChatML specials and end of text:
+    259 ids, inside the tiny backbone's 384 text rows) saved as a transformers tokenizer folder, for tests that run
+    text through ``AutoTokenizer`` (lm_eval, generate) on the tiny exported model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {symbol: i for i, symbol in enumerate(sorted(byte_level.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(folder)
+    return folder
