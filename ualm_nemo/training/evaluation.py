@@ -61,7 +61,7 @@ class EvaluationLog(ValidationLog):
     job redoes the steps after its checkpoint: see ValidationLog)."""
 
     def __init__(self, output_dir: str | Path) -> None:
-        self.path = Path(output_dir) / "evaluation.jsonl"
+        super().__init__(output_dir, "evaluation.jsonl")
 
 
 @contextlib.contextmanager
