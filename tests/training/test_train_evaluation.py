@@ -59,7 +59,7 @@ EVAL = {"cfg_scale": 2.0, "max_frames": 6, "max_answer_tokens": 6, "batch_size":
 
 
 def _config(output_dir: str, eval_set: dict, every: int = 2, steps: int = 4, stop_at: int | None = None,
-            tp: int = 1) -> dict:
+            tp: int = 2) -> dict:
     cfg = tiny_run(output_dir, "pretrain", steps, None, {"synthesize": True, "synthetic_samples_per_task": 4},
                    stop_at=stop_at)
     cfg["train"].update(eval_every_n_steps=every, checkpoint_every_n_steps=2, keep_last_checkpoints=5)
@@ -68,8 +68,11 @@ def _config(output_dir: str, eval_set: dict, every: int = 2, steps: int = 4, sto
     return cfg
 
 
-def offline_figures(run_dir: str, step: int, eval_set: dict, out: str, tensor_parallel: int = 1) -> dict:
-    """The reference: the checkpoint of ``step`` decoded by the inference pipeline, scored by the eval modules."""
+def offline_figures(run_dir: str, step: int, eval_set: dict, out: str, tensor_parallel: int) -> dict | None:
+    """The reference: the checkpoint of ``step`` decoded by the inference pipeline, scored by the eval modules
+    (every rank loads and, at TP > 1, decodes in step; rank 0 scores; at TP1 rank 0 alone decodes)."""
+    import torch
+
     from ualm_nemo.codec.xcodec import CodecTokenizer
     from ualm_nemo.data.tokenizer import build_tokenizer
     from ualm_nemo.eval import tta, understanding
@@ -83,8 +86,12 @@ def offline_figures(run_dir: str, step: int, eval_set: dict, out: str, tensor_pa
     cfg = EvalConfig(**{**eval_set, **EVAL})
     model, _, loaded = load_for_inference(f"{run_dir}/checkpoints/iter_{step:07d}", tensor_parallel=tensor_parallel)
     assert loaded == step
+    rank = torch.distributed.get_rank()
+    if tensor_parallel == 1 and rank:
+        return None
+    out = f"{out}/rank{rank}"
     infer = UALMInference(model, build_tokenizer("byte"), CodecTokenizer.from_pretrained(f"{run_dir}/codec"),
-                          batch_size=cfg.batch_size)  # the same batches as the evaluator (DP1)
+                          batch_size=cfg.batch_size)  # the same batches as the evaluator's (DP1)
     items = read_items(cfg.tta_set)
     clips, root = [], Path(cfg.tta_set).parent
     with OutputFolder(f"{out}/tta", {}) as folder:
@@ -93,25 +100,27 @@ def offline_figures(run_dir: str, step: int, eval_set: dict, out: str, tensor_pa
                                                           tta_generation(cfg))):
             entry = folder.add(item, reply.audio[0].wav, reply.audio[0].sample_rate)
             clips.append(tta.Clip(item.id, item.caption, Path(out) / "tta" / entry["audio"]))
-    models = tta.load_models(["clap", "fd_openl3"], {"clap": cfg.clap, "openl3": cfg.openl3},
-                             clap_tokenizer=cfg.clap_tokenizer)
-    reference = tta.extract(models, [tta.Clip(i.id, i.caption, root / i.extra["audio"]) for i in items], ["openl3"])
-    row = tta.score_row(["clap", "fd_openl3"], tta.extract(models, clips, ["openl3", "clap"]),
-                        {i.id: i.caption for i in items}, reference, models)
     questions, _ = read_benchmark(cfg.qa_set, "mmau")
     with OutputFolder(f"{out}/qa", {}) as folder:
         plan = folder.plan(understanding.job_items(questions))
         folder.prepare(plan)
         understanding.answer(infer, questions, folder, plan.todo, 8, qa_generation(cfg), progress=False)
         answers, _ = understanding.predictions(folder)
+    if rank:
+        return None
+    models = tta.load_models(["clap", "fd_openl3"], {"clap": cfg.clap, "openl3": cfg.openl3},
+                             clap_tokenizer=cfg.clap_tokenizer)
+    reference = tta.extract(models, [tta.Clip(i.id, i.caption, root / i.extra["audio"]) for i in items], ["openl3"])
+    row = tta.score_row(["clap", "fd_openl3"], tta.extract(models, clips, ["openl3", "clap"]),
+                        {i.id: i.caption for i in items}, reference, models)
     result = understanding.score(questions, answers)
     return {"clap": row["metrics"]["clap"], "fd_openl3": row["metrics"]["fd_openl3"], "qa_accuracy": result.accuracy,
             "answers": answers, "wavs": {c.id: soundfile.read(c.audio)[0].tolist() for c in clips}}
 
 
 def _runs(root: str, eval_set: dict) -> dict:
-    """In one launch: 4 steps evaluated at 2 and 4; the same without evaluation; a job ended at step 3 and its
-    resumption; the offline figures of the first run's checkpoints at steps 2 and 4."""
+    """In one launch at TP2: 4 steps evaluated at 2 and 4; the same without evaluation; a job ended at step 3
+    and its resumption; the offline figures of the first run's checkpoints (steps 2 and 4 at TP2, 4 at TP1)."""
     from ualm_nemo.training.train import train
 
     out = {"with": train(_config(f"{root}/with", eval_set)).loss_history,
@@ -119,8 +128,9 @@ def _runs(root: str, eval_set: dict) -> dict:
     first = train(_config(f"{root}/resumed", eval_set, stop_at=3))
     out["first_last"] = first.last_evaluation
     out["resumed"] = first.loss_history + train(_config(f"{root}/resumed", eval_set)).loss_history
-    out["offline"] = {step: offline_figures(f"{root}/with", step, eval_set, f"{root}/offline{step}")
+    out["offline"] = {step: offline_figures(f"{root}/with", step, eval_set, f"{root}/offline{step}", 2)
                       for step in (2, 4)}
+    out["tp1"] = offline_figures(f"{root}/with", 4, eval_set, f"{root}/tp1", 1)
     return out
 
 
@@ -133,12 +143,15 @@ def _step_wavs(run_dir: Path, step: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_evaluation_during_training(tmp_path, eval_set):
-    """Figures == the offline pipeline on the checkpoint of the same step; training bit-identical with and
-    without evaluation; a resumed job continues evaluation.jsonl (no duplicate, no gap); TensorBoard eval/*."""
+    """TP2 (2 processes): figures == the offline pipeline on the checkpoint of the same step (at TP2 exactly, at
+    TP1 within round-off); training bit-identical with and without evaluation; a resumed job continues
+    evaluation.jsonl (no duplicate, no gap); TensorBoard eval/*."""
     from ualm_nemo.training.evaluation import EvaluationLog
 
-    out = run_distributed(1, _runs, str(tmp_path), eval_set)[0]
+    runs = run_distributed(2, _runs, str(tmp_path), eval_set, timeout=600)
+    out = runs[0]
     assert out["with"] == out["without"] == out["resumed"]  # evaluating changes nothing in training, bit for bit
+    assert runs[1]["with"] == runs[1]["without"]
     log = EvaluationLog(tmp_path / "with").read()
     assert [r["step"] for r in log] == [2, 4]
     for line in log:
@@ -151,6 +164,8 @@ def test_evaluation_during_training(tmp_path, eval_set):
         assert line["tta_clips"] == line["tta_scored"] == 3 and line["qa_total"] == 2
         assert set(line) >= {"qa_accuracy_sound", "qa_accuracy_music"}
     assert log[0]["clap"] != log[1]["clap"]  # the weights moved: each step's figures are its own
+    for key in ("clap", "fd_openl3", "qa_accuracy"):  # the same checkpoint decoded at TP1
+        assert out["tp1"][key] == pytest.approx(log[1][key], rel=1e-4, abs=1e-6), key
     resumed = EvaluationLog(tmp_path / "resumed").read()
     assert resumed == log  # the job ended at step 3 handed on; the resumed job did step 4 once
     assert out["first_last"] == log[0]
@@ -162,26 +177,6 @@ def test_evaluation_during_training(tmp_path, eval_set):
         scalars = events.Scalars(f"eval/{key}")
         assert [e.step for e in scalars] == [2, 4]
         assert [e.value for e in scalars] == pytest.approx([r[key] for r in log], rel=1e-6)
-
-
-def _tp2(root: str, eval_set: dict) -> dict:
-    from ualm_nemo.training.train import train
-
-    train(_config(f"{root}/tp2", eval_set, steps=2, tp=2))
-    return offline_figures(f"{root}/tp2", 2, eval_set, f"{root}/offline_rank{__import__('os').environ['RANK']}")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_tensor_parallel_evaluation_matches_tp1(tmp_path, eval_set):
-    """TP2 training evaluates (each TP rank decodes in step) to the figures of its checkpoint decoded at TP1."""
-    from ualm_nemo.training.evaluation import EvaluationLog
-
-    ref = run_distributed(2, _tp2, str(tmp_path), eval_set)[0]
-    line, = EvaluationLog(tmp_path / "tp2").read()
-    assert line["step"] == 2
-    for key in ("clap", "fd_openl3", "qa_accuracy"):
-        assert line[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
 
 
 def _bad(tmp_path, eval_set, train=None, evaluation=None, parallel=None) -> str:
@@ -230,3 +225,24 @@ def test_bad_evaluation_keys_are_named(tmp_path, eval_set):
     cfg = _config(str(tmp_path), eval_set, every=0)
     cfg["eval"]["clap"] = str(tmp_path / "no.pt")
     check_data_paths(run_config_from_dict(cfg).validate())
+
+
+def test_training_state_kept_restores_flags_and_generators():
+    """What the evaluation draws or switches inside is undone: train/eval flags, torch, numpy and random."""
+    import random
+
+    import torch
+
+    from ualm_nemo.training.evaluation import training_state_kept
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    model[1].eval()  # a mixed state comes back as it was, not as model.train()
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    torch.set_rng_state(states[0]), np.random.set_state(states[1]), random.setstate(states[2])
+    with training_state_kept(model):
+        model.eval()
+        torch.rand(7), np.random.rand(7), random.random()
+    after = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(after[0], expected[0]) and np.array_equal(after[1], expected[1]) and after[2] == expected[2]
+    assert [m.training for m in model.modules()] == [True, True, False]
