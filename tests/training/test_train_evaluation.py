@@ -131,7 +131,19 @@ def _runs(root: str, eval_set: dict) -> dict:
     out["offline"] = {step: offline_figures(f"{root}/with", step, eval_set, f"{root}/offline{step}", 2)
                       for step in (2, 4)}
     out["tp1"] = offline_figures(f"{root}/with", 4, eval_set, f"{root}/tp1", 1)
+    out["dp2"] = _data_parallel_figures(root, eval_set)
     return out
+
+
+def _data_parallel_figures(root: str, eval_set: dict) -> dict:
+    """The evaluator itself at TP1 x DP2 on the step-4 checkpoint: each DP rank decodes half the items, rank 0
+    gathers, scores and shares the figures."""
+    from ualm_nemo.inference.load import load_for_inference
+    from ualm_nemo.training.evaluation import TrainingEvaluator
+
+    model, _, _ = load_for_inference(f"{root}/with/checkpoints/iter_0000004", tensor_parallel=1)
+    run = run_config_from_dict(_config(f"{root}/dp2", eval_set, tp=1))  # the run's codec: the same tiny one
+    return TrainingEvaluator(run)(model, 4)
 
 
 def _step_wavs(run_dir: Path, step: int) -> dict:
@@ -164,11 +176,19 @@ def test_evaluation_during_training(tmp_path, eval_set):
         assert line["tta_clips"] == line["tta_scored"] == 3 and line["qa_total"] == 2
         assert set(line) >= {"qa_accuracy_sound", "qa_accuracy_music"}
     assert log[0]["clap"] != log[1]["clap"]  # the weights moved: each step's figures are its own
-    for key in ("clap", "fd_openl3", "qa_accuracy"):  # the same checkpoint decoded at TP1
+    for key in ("clap", "fd_openl3", "qa_accuracy"):  # the same checkpoint decoded at TP1, and split over DP2
         assert out["tp1"][key] == pytest.approx(log[1][key], rel=1e-4, abs=1e-6), key
+        assert out["dp2"][key] == pytest.approx(log[1][key], rel=1e-4, abs=1e-6), key
+    assert runs[1]["dp2"] == out["dp2"]  # every rank gets rank 0's figures
+    assert out["dp2"]["tta_clips"] == out["dp2"]["tta_scored"] == 3 and out["dp2"]["qa_total"] == 2
+    assert _step_wavs(tmp_path / "dp2", 4).keys() == {"cap0", "cap1", "cap2"}
     resumed = EvaluationLog(tmp_path / "resumed").read()
     assert resumed == log  # the job ended at step 3 handed on; the resumed job did step 4 once
     assert out["first_last"] == log[0]
+    import torch  # the checkpoint of step 3 keeps the figures of step 2 (what the first job handed on)
+
+    common = torch.load(tmp_path / "resumed" / "checkpoints" / "iter_0000003" / "ualm_common.pt", weights_only=False)
+    assert common["evaluation"] == log[0]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
