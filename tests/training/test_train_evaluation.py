@@ -137,13 +137,22 @@ def _runs(root: str, eval_set: dict) -> dict:
 
 def _data_parallel_figures(root: str, eval_set: dict) -> dict:
     """The evaluator itself at TP1 x DP2 on the step-4 checkpoint: each DP rank decodes half the items, rank 0
-    gathers, scores and shares the figures."""
+    gathers, scores and shares the figures (and a scoring failure on rank 0 reaches every rank)."""
     from ualm_nemo.inference.load import load_for_inference
     from ualm_nemo.training.evaluation import TrainingEvaluator
 
     model, _, _ = load_for_inference(f"{root}/with/checkpoints/iter_0000004", tensor_parallel=1)
     run = run_config_from_dict(_config(f"{root}/dp2", eval_set, tp=1))  # the run's codec: the same tiny one
-    return TrainingEvaluator(run)(model, 4)
+    figures = TrainingEvaluator(run)(model, 4)
+    # the CLAP file gone after the launch check: rank 0 fails while scoring, and every rank must raise instead
+    # of waiting for rank 0's figures
+    broken = run_config_from_dict(_config(f"{root}/broken", {**eval_set, "clap": f"{root}/gone.pt"}, tp=1))
+    try:
+        TrainingEvaluator(broken)(model, 4)
+        failure = "no error"
+    except RuntimeError as err:
+        failure = str(err)
+    return {**figures, "failure": failure}
 
 
 def _step_wavs(run_dir: Path, step: int) -> dict:
@@ -156,8 +165,9 @@ def _step_wavs(run_dir: Path, step: int) -> dict:
 @pytest.mark.timeout(900)
 def test_evaluation_during_training(tmp_path, eval_set):
     """TP2 (2 processes): figures == the offline pipeline on the checkpoint of the same step (at TP2 exactly, at
-    TP1 within round-off); training bit-identical with and without evaluation; a resumed job continues
-    evaluation.jsonl (no duplicate, no gap); TensorBoard eval/*."""
+    TP1 and TP1 x DP2 within round-off); training bit-identical with and without evaluation; a resumed job
+    continues evaluation.jsonl (no duplicate, no gap) and the checkpoint carries the newest figures; TensorBoard
+    eval/*; a failure on rank 0 raises on every rank (no hang)."""
     from ualm_nemo.training.evaluation import EvaluationLog
 
     runs = run_distributed(2, _runs, str(tmp_path), eval_set, timeout=600)
@@ -180,6 +190,9 @@ def test_evaluation_during_training(tmp_path, eval_set):
         assert out["tp1"][key] == pytest.approx(log[1][key], rel=1e-4, abs=1e-6), key
         assert out["dp2"][key] == pytest.approx(log[1][key], rel=1e-4, abs=1e-6), key
     assert runs[1]["dp2"] == out["dp2"]  # every rank gets rank 0's figures
+    for rank in (0, 1):
+        failure = runs[rank]["dp2"]["failure"]
+        assert "evaluation at step 4 failed on rank 0" in failure and "gone.pt" in failure
     assert out["dp2"]["tta_clips"] == out["dp2"]["tta_scored"] == 3 and out["dp2"]["qa_total"] == 2
     assert _step_wavs(tmp_path / "dp2", 4).keys() == {"cap0", "cap1", "cap2"}
     resumed = EvaluationLog(tmp_path / "resumed").read()

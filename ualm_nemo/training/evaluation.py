@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,8 @@ from ualm_nemo.inference.engine import GenerationConfig
 from ualm_nemo.training.eval_config import EvalConfig, read_qa_set, read_tta_set
 from ualm_nemo.training.run_config import RunConfig
 from ualm_nemo.training.validation import ValidationLog
+
+log = logging.getLogger(__name__)
 
 EVAL_DIR = "evaluation"
 TB_KEYS = ("clap", "fd_openl3", "fd_panns", "qa_accuracy")
@@ -101,21 +104,16 @@ class TrainingEvaluator:
             local = self._generate(model)
             shares = [None] * parallel_state.get_data_parallel_world_size()
             dist.all_gather_object(shares, local, group=parallel_state.get_data_parallel_group())
-            figures = None
+            box: list[dict | None] = [None]
             if dist.get_rank() == 0:
                 try:
-                    figures = self._score(step, shares)
+                    box[0] = self._score(step, shares)
                 except Exception as err:  # shared, so that every rank stops here instead of waiting for rank 0
-                    figures = {"error": f"{type(err).__name__}: {err}"}
-                    raise
-                finally:
-                    box = [figures]
-                    dist.broadcast_object_list(box, src=0)
-            else:
-                box = [None]
-                dist.broadcast_object_list(box, src=0)
-        if "error" in box[0]:
-            raise RuntimeError(f"evaluation at step {step} failed on rank 0: {box[0]['error']}")
+                    log.exception("evaluation at step %d failed", step)
+                    box[0] = {"_error": f"{type(err).__name__}: {err}"}
+            dist.broadcast_object_list(box, src=0)
+        if "_error" in box[0]:
+            raise RuntimeError(f"evaluation at step {step} failed on rank 0: {box[0]['_error']}")
         return box[0]
 
     def _generate(self, model: torch.nn.Module) -> dict[str, dict]:
