@@ -38,6 +38,10 @@ def _argv(tmp_path, *flags: str, overrides=TINY) -> list[str]:
     ([], ["data.tokenizer=/nonexistent/qwen"], r"data.tokenizer='/nonexistent/qwen': no such tokenizer folder"),
     ([], ["data.synthesize=false"], "no training data"),
     ([], ["data=manifests"], r"Missing mandatory value.*give it on the command line"),
+    # evaluation during training: the eval set and metric models checked through the mounts, by key
+    ([], ["train.eval_every_n_steps=2"], "train.eval_every_n_steps=2 needs an eval set"),
+    ([], ["train.eval_every_n_steps=2", "eval.tta_set=/nonexistent/tta.jsonl", "eval.clap=/nonexistent/clap.pt",
+          "eval.clap_tokenizer=/nonexistent/roberta"], r"eval.clap='/nonexistent/clap.pt': no such checkpoint file"),
     # Hydra: typos and syntax
     ([], ["train.max_step=3"], r"max_step.*add it with '\+key=value'"),
     ([], ["train.max_steps=[1"], "invalid Hydra override"),

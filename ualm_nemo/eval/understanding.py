@@ -23,6 +23,11 @@ def job_items(items: Sequence[QAItem]) -> list[Item]:
     return [Item(i.id, i.prompt(), 0, {"audio": str(i.audio)}) for i in items]
 
 
+def conversation(item: QAItem, wav) -> list:
+    """The one-turn conversation that asks ``item`` about its audio ``wav`` (16 kHz mono [samples])."""
+    return [("user", [AudioIn(wav), "\n" + item.prompt()])]
+
+
 def answer(infer, items: Sequence[QAItem], folder: OutputFolder, todo: Sequence[Item], batch_size: int,
            cfg: GenerationConfig, progress: bool = True) -> None:
     """Answer the ``todo`` items, batch by batch; each answer is in the manifest as soon as its batch is done."""
@@ -38,7 +43,7 @@ def answer(infer, items: Sequence[QAItem], folder: OutputFolder, todo: Sequence[
                 item = by_id[job.id]
                 try:
                     wav = load_audio(item.audio)
-                    conversations.append([("user", [AudioIn(wav), "\n" + item.prompt()])])
+                    conversations.append(conversation(item, wav))
                     readable.append(job)
                 except Exception as err:  # unreadable audio: recorded, scored as wrong, never dropped
                     folder.add(job, prediction=None, skipped=f"audio unreadable: {err}"[:300])
@@ -76,4 +81,4 @@ def report(result: QAScore, rejected: Sequence[Rejected], skipped: dict[str, str
     return json_path, md_path
 
 
-__all__ = ["answer", "job_items", "predictions", "report", "score"]
+__all__ = ["answer", "conversation", "job_items", "predictions", "report", "score"]

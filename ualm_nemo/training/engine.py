@@ -170,6 +170,12 @@ class MegatronEngine:
             module.eval()
         return self._reduce(run_schedule(self.modules, objective, microbatches, forward_only=True))
 
+    def decoding_model(self) -> torch.nn.Module:
+        """The training model itself for decoding (PP1: one chunk), its weights gathered first; the raw chunk,
+        not the DDP wrapper (no gradient hooks run under no_grad)."""
+        self._gather_params()
+        return self.chunks[0]
+
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, root: str, extra: dict[str, Any] | None = None, per_rank: dict[str, Any] | None = None,
              keep_last: int | None = None):

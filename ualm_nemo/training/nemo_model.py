@@ -86,7 +86,8 @@ class UALMModel(ModelPT):
         super().__init__(cfg=cfg, trainer=trainer)
         plain = OmegaConf.to_container(cfg, resolve=True)
         plain["model"] = plain.pop("ualm")
-        plain = {k: v for k, v in plain.items() if k in ("model", "optim", "train", "data", "dpo", "output_dir")}
+        plain = {k: v for k, v in plain.items() if k in ("model", "optim", "train", "data", "dpo", "eval",
+                                                         "output_dir")}
         self.run: RunConfig = run_config_from_dict(plain)
         self.automatic_optimization = False
         self.engine: MegatronEngine | None = None
@@ -102,6 +103,8 @@ class UALMModel(ModelPT):
         self.reference_table: dict | None = None  # DPO offline reference: pair id -> [2, N] log-probs
         self.val_batches: list | None = None  # this DP rank's held-out micro-batches (built at the first validation)
         self.last_validation: dict | None = None  # {"step", **figures} of the newest validation (checkpointed)
+        self.evaluator = None  # training/evaluation.TrainingEvaluator (built at the first evaluation)
+        self.last_evaluation: dict | None = None  # {"step", **figures} of the newest evaluation (checkpointed)
 
     # --- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -230,6 +233,9 @@ class UALMModel(ModelPT):
         every = self.run.train.val_every_n_steps
         if every and self.engine.step % every == 0:
             self._validate()
+        every = self.run.train.eval_every_n_steps
+        if every and self.engine.step % every == 0:
+            self._evaluate()
 
     def _log_step(self, result) -> None:
         """TensorBoard at the engine's step, given explicitly: Lightning's own step counter for logging is not part
@@ -264,6 +270,24 @@ class UALMModel(ModelPT):
         if self.logger is not None:
             self.logger.log_metrics({f"val/{k}": v for k, v in figures.items() if k.startswith("loss")}, step=step)
 
+    def _evaluate(self) -> None:
+        """Generate for the fixed eval set with the training model and score it (training/evaluation.py) on every
+        rank together; rank 0 logs ``eval/*`` to TensorBoard and appends to ``<output_dir>/evaluation.jsonl``."""
+        from ualm_nemo.training.evaluation import TB_KEYS, EvaluationLog, TrainingEvaluator
+
+        if self.evaluator is None:
+            self.evaluator = TrainingEvaluator(self.run)
+        step = self.engine.step
+        figures = self.evaluator(self.engine.decoding_model(), step)
+        self.last_evaluation = {"step": step, **figures}
+        if not self.trainer.is_global_zero:
+            return
+        EvaluationLog(self.run.output_dir).append(step, figures)
+        if self.logger is not None:
+            scalars = {f"eval/{k}": v for k, v in figures.items()
+                       if v is not None and (k in TB_KEYS or k.startswith("qa_accuracy_"))}
+            self.logger.log_metrics(scalars, step=step)
+
     @staticmethod
     def _global_count(local: int) -> int:
         count = torch.tensor([local], dtype=torch.long, device=comm_device())
@@ -273,7 +297,7 @@ class UALMModel(ModelPT):
     # --- checkpoint extras ----------------------------------------------------------------------
     def checkpoint_extra(self) -> dict[str, Any]:
         extra = {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps,
-                 "validation": self.last_validation}
+                 "validation": self.last_validation, "evaluation": self.last_evaluation}
         if self.run.data.shar is not None:  # one loader position per DP rank, all saved by rank 0
             states = [None] * parallel_state.get_data_parallel_world_size()
             torch.distributed.all_gather_object(states, self.data_state,
@@ -293,3 +317,4 @@ class UALMModel(ModelPT):
         self.position.consumed_samples = self.trained_samples
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.last_validation = state.get("validation")
+        self.last_evaluation = state.get("evaluation")

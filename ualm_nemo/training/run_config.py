@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping
 
 from ualm_nemo.distributed.optim import OptimConfig
 from ualm_nemo.posttrain.dpo import DPOConfig
-from ualm_nemo.model.config import ConfigError, UALMConfig
 from ualm_nemo.config_types import build_section
+from ualm_nemo.model.config import ConfigError, UALMConfig
+from ualm_nemo.training.eval_config import EvalConfig
 from ualm_nemo.training.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class TrainConfig:
     init_from: str | None = None  # weights to start a new run from (e.g. an HF import); ignored when resuming
     val_every_n_steps: int | None = None  # score the held-out data (data.val_*) every N steps; None: never
     val_batches: int = 8  # held-out micro-batches per data-parallel rank, the same ones at every validation
+    eval_every_n_steps: int = 0  # generate for the eval set (the eval section) and score it every N steps; 0: never
     seed: int = 1234
 
 
@@ -71,6 +73,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig | None = None  # stage=dpo only
+    eval: EvalConfig = field(default_factory=EvalConfig)  # train.eval_every_n_steps (training/eval_config.py)
     output_dir: str = "outputs/ualm"
 
     def validate(self, world_size: int | None = None) -> "RunConfig":
@@ -125,7 +128,29 @@ class RunConfig:
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"data.shar: {err}") from err
         self._validate_validation()
+        self._validate_evaluation()
         return self
+
+    def _validate_evaluation(self) -> None:
+        every, p = self.train.eval_every_n_steps, self.model.parallel
+        self.eval.validate(every)
+        if not every:
+            return
+        # evaluation decodes with the training model itself (inference/megatron_backend.py): a layout that
+        # backend cannot drive is refused here rather than at the first evaluation
+        layout = [(p.pipeline_model_parallel_size > 1, f"pipeline_model_parallel_size="
+                   f"{p.pipeline_model_parallel_size} (the decoding loop needs every step's logits on one stage)"),
+                  (p.virtual_pipeline_model_parallel_size is not None, "virtual_pipeline_model_parallel_size set"),
+                  (p.context_parallel_size > 1, f"context_parallel_size={p.context_parallel_size}"),
+                  (p.sequence_parallel, "sequence_parallel=true"),
+                  (p.transformer_impl != "local", f"transformer_impl={p.transformer_impl!r} (decoding uses the "
+                                                  "local spec's explicit padding mask)")]
+        refused = [why for bad, why in layout if bad]
+        if refused:
+            raise ConfigError(f"train.eval_every_n_steps={every} generates with the training model, which needs "
+                              f"PP1 / no CP / no SP / the local spec (any TP); this run has model.parallel."
+                              f"{refused[0]}: set train.eval_every_n_steps=0 and evaluate the saved checkpoints "
+                              "offline (examples/evaluate.py loads any layout at PP1)")
 
     def _validate_validation(self) -> None:
         t, d = self.train, self.data
@@ -205,6 +230,8 @@ def check_data_paths(run: RunConfig, to_host: Callable[[str], str] = str) -> Non
         _check_shar_sources(run, to_host)
     if run.data.val_sources:
         _source_tasks(run.data.val_sources, "data.val_sources", False, "validation", to_host)
+    if run.train.eval_every_n_steps:
+        run.eval.check_paths(to_host)
 
 
 def check_local_paths(run: RunConfig) -> None:
@@ -264,7 +291,7 @@ def _build(cls, values: Mapping[str, Any] | None, where: str):
 
 def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
     cfg = dict(cfg)
-    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "output_dir", "stage", "name"})
+    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "eval", "output_dir", "stage", "name"})
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}")
     return RunConfig(model=UALMConfig.from_dict(cfg.get("model") or {}),
@@ -272,4 +299,5 @@ def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
                      train=_build(TrainConfig, cfg.get("train"), "train"),
                      data=_build(DataConfig, cfg.get("data"), "data"),
                      dpo=_build(DPOConfig, cfg["dpo"], "dpo") if cfg.get("dpo") is not None else None,
+                     eval=_build(EvalConfig, cfg.get("eval"), "eval"),
                      output_dir=cfg.get("output_dir", "outputs/ualm"))

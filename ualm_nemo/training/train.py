@@ -53,7 +53,7 @@ def train(cfg: Mapping[str, Any]) -> UALMModel:
     trainer = build_trainer(run)
     model_cfg = OmegaConf.create({"ualm": cfg.get("model") or {}, "optim": cfg.get("optim") or {},
                                   "train": cfg.get("train") or {}, "data": cfg.get("data") or {},
-                                  "dpo": cfg.get("dpo"), "output_dir": run.output_dir})
+                                  "dpo": cfg.get("dpo"), "eval": cfg.get("eval") or {}, "output_dir": run.output_dir})
     model = UALMModel(model_cfg, trainer=trainer)
     latest = find_resumable(checkpoint_dir(run))
     if latest is not None:

@@ -152,8 +152,8 @@ class ValidationLog:
     drops the lines of step k and later (a job resumed from an earlier checkpoint redoes them), so the file holds
     each step once; written whole to a temporary file and renamed."""
 
-    def __init__(self, output_dir: str | Path) -> None:
-        self.path = Path(output_dir) / "validation.jsonl"
+    def __init__(self, output_dir: str | Path, name: str = "validation.jsonl") -> None:
+        self.path = Path(output_dir) / name
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
