@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ualm_nemo.data.shar_config import SharLoaderConfig
 from ualm_nemo.model.config import BackboneConfig, ConfigError, UALMConfig, padded
 from ualm_nemo.training.stages import is_trainable
 
@@ -224,13 +225,12 @@ class Batch:
         return self.micro_batches * self.tokens_per_micro
 
 
-def batch_shape(global_batch: int, micro_batch: int, dp: int, seq_len: int, shar: dict | None) -> Batch:
+def batch_shape(global_batch: int, micro_batch: int, dp: int, seq_len: int, shar: SharLoaderConfig | None) -> Batch:
     """Manifests: micro_batch_size rows of at most data.seq_len. Shar: a token budget of data.shar.max_tokens
     positions per micro-batch, packed rows of data.shar.seq_len (max_tokens // seq_len rows; unpacked: one
     budget, rows of at most seq_len). Micro-batches per step = global / micro either way."""
     if shar is not None:
-        seq = int(shar.get("seq_len") or seq_len)
-        max_tokens = int(shar.get("max_tokens") or seq)
+        seq, max_tokens = shar.seq_len, shar.max_tokens
         seq = min(seq, max_tokens)
         rows = max(1, max_tokens // seq)
     else:

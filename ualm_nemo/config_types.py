@@ -30,6 +30,10 @@ def build_section(cls: type, values: Mapping[str, Any] | None, where: str) -> An
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
                           f"known: {', '.join(sorted(known))}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{', '.join(f'{where}.{k}' for k in missing)} must be set")
     return cls(**checked_values(cls, values, where))
 
 

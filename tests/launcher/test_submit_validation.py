@@ -145,7 +145,7 @@ def test_a_shar_blend_is_checked_source_by_source_through_container_mounts(tmp_p
          r"data.shar.sources\[1\] \(generation\): shar_dir='/data/shar/nope' \(on this host: .*/nope\) has no "
          r"shards/ folder.*container mounts mapped"),
         (_blend(["/elsewhere/understanding", *dirs[1:]]), r"sources\[0\] \(understanding\).*no shards/ folder"),
-        ([*_blend(dirs), "data.shar.sources.1.weight=0"], r"data.shar: .*weight=0.* must be > 0"),
+        ([*_blend(dirs), "data.shar.sources.1.weight=0"], r"data.shar.sources.1 \(generation\): weight=0.0 must be > 0"),
         ([*_blend(dirs), "data.tokenizer=/data/qwen"], r"data.tokenizer='/data/qwen': no such tokenizer folder"),
         ([*TINY[:-1], "data=pretrain_blend"], r"Missing mandatory value.*give it on the command line"),
         ([*_blend(dirs), "+data.tta_manifest=/data/x.jsonl"], "data.shar replaces data.synthesize and the data"),

@@ -61,6 +61,29 @@ def test_run_config_rejects_unknown_and_bad_values():
         run_config_from_dict({"model": tiny, "optim": {"lr": 1e-4, "min_lr": 1e-3}}).validate(1)
 
 
+def test_shar_section_is_typed_once_with_its_keys_named():
+    """data.shar and data.val_sources become SharLoaderConfig / SourceSpecs when the run config is parsed; every
+    problem names its dotted key (the loader, validation, the launcher's plan and checks read the typed form)."""
+    from ualm_nemo.data.shar_config import SharLoaderConfig
+
+    source = {"name": "tta", "shar_dir": "/data/shar/tta"}
+    run = run_config_from_dict({"data": {"shar": {"sources": [source], "max_tokens": 1024.0, "pack": True,
+                                                  "seq_len": 512}, "val_sources": [source]}})
+    assert isinstance(run.data.shar, SharLoaderConfig) and run.data.shar.max_tokens == 1024
+    assert run.data.shar.sources[0].weight == 1.0 and run.data.val_sources[0].shar_dir == "/data/shar/tta"
+    for data, message in (
+            ({"shar": {"sources": [source], "max_tokens": "lots"}}, "data.shar.max_tokens='lots' must be a whole"),
+            ({"shar": {"sources": [source], "pak": True}}, r"unknown key\(s\) data.shar.pak"),
+            ({"shar": {"sources": [source | {"wieght": 2}]}}, r"unknown key\(s\) data.shar.sources.0.wieght"),
+            ({"shar": {"sources": [source | {"weight": -1}]}}, r"data.shar.sources.0 \(tta\): weight=-1.0 must be"),
+            ({"shar": {"sources": [source, source]}}, "data.shar: data.sources names must be unique"),
+            ({"shar": {"sources": "tta"}}, "data.shar.sources must be a list"),
+            ({"shar": {"sources": [source], "pack": True, "max_tokens": 8}}, "data.shar: data.max_tokens=8 must hold"),
+            ({"val_sources": [{"name": "v"}]}, "data.val_sources.0.shar_dir must be set")):
+        with pytest.raises(ConfigError, match=message):
+            run_config_from_dict({"data": data})
+
+
 def test_backbone_overrides_from_a_base():
     cfg = run_config_from_dict({"model": {"backbone": {"base": "tiny", "num_layers": 2}}})
     assert cfg.model.backbone.num_layers == 2 and cfg.model.backbone.hidden_size == 64

@@ -31,9 +31,9 @@ class SourceSpec:
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise ValueError("data.sources[].name must be set")
+            raise ValueError("name must be set")
         if not self.weight > 0:
-            raise ValueError(f"data.sources[{self.name}].weight={self.weight} must be > 0 (drop the source instead)")
+            raise ValueError(f"weight={self.weight} must be > 0 (drop the source instead)")
 
 
 WEIGHTINGS = ("size", "fixed")

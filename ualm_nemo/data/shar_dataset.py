@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ualm_nemo.data.batching import bucket_batches, collate_packed, pack_rows
-from ualm_nemo.data.blend import SourceSpec, blend_probabilities, window_choices, window_counts
+from ualm_nemo.data.blend import blend_probabilities, window_choices, window_counts
 from ualm_nemo.data.cuts import (POSTTRAIN_TASKS, CutClips, cut_caption, cut_record, cut_task, cut_turns,
                                  cut_waveform)
 from ualm_nemo.data.dataset import collate
@@ -58,37 +58,9 @@ from ualm_nemo.data.formatting import Sample, SampleFormatter
 from ualm_nemo.data.posttrain_dataset import (collate_pairs, format_conversation_record, format_preference_record,
                                               pair_formatter, record_length)
 from ualm_nemo.data.shar import CODEC_FIELD, ShardReader, shard_counts, source_task
+from ualm_nemo.data.shar_config import SharLoaderConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class SharLoaderConfig:
-    """conf/data/shar.yaml's loader keys (``sources`` are SourceSpec dicts)."""
-
-    sources: list[SourceSpec]
-    weighting: str = "size"  # "size": p ~ weight x samples; "fixed": p ~ weight
-    seed: int = 0
-    window_size: int = 256  # samples planned together: the bucketing / packing scope
-    max_tokens: int = 16384  # positions per micro-batch, padding included
-    seq_len: int = 4096  # longest row; longer samples are skipped (counted, logged)
-    pack: bool = False  # several samples per row (segment_ids, restarted position_ids)
-    max_rows: int | None = None  # cap on rows per micro-batch
-    pad_to_multiple: int = 8  # unpacked batches: row length rounded up to this
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        self.sources = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in self.sources]
-        if not self.sources:
-            raise ValueError("data.sources is empty: list at least one {name, shar_dir, weight}")
-        names = [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data.sources names must be unique, got {names}")
-        if self.window_size < 1 or self.max_tokens < 1 or self.seq_len < 1:
-            raise ValueError("data.window_size, data.max_tokens and data.seq_len must be positive")
-        if self.pack and self.max_tokens < self.seq_len:
-            raise ValueError(f"data.max_tokens={self.max_tokens} must hold at least one packed row of "
-                             f"data.seq_len={self.seq_len}")
 
 
 def _key(name: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -10,14 +11,14 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from megatron.core import parallel_state
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from nemo.core.classes import ModelPT
 from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.training.engine import MegatronEngine, split_microbatches
-from ualm_nemo.training.run_config import RunConfig, run_config_from_dict
+from ualm_nemo.training.run_config import RunConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,15 +81,16 @@ class StepGroups(torch.utils.data.IterableDataset):
 
 
 class UALMModel(ModelPT):
-    """cfg keys: ``ualm`` (model section; NeMo forbids a key named ``model``), ``optim``, ``train``, ``data``."""
+    """The NeMo model of one run, built from its parsed RunConfig (training/run_config.py parses the YAML once).
 
-    def __init__(self, cfg: DictConfig, trainer: Trainer | None = None) -> None:
-        super().__init__(cfg=cfg, trainer=trainer)
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        plain["model"] = plain.pop("ualm")
-        plain = {k: v for k, v in plain.items() if k in ("model", "optim", "train", "data", "dpo", "eval",
-                                                         "output_dir")}
-        self.run: RunConfig = run_config_from_dict(plain)
+    NeMo's own ``cfg`` is the run as plain data, the model section under ``ualm`` (NeMo forbids a key named
+    ``model``): a record for NeMo, never read back here."""
+
+    def __init__(self, run: RunConfig, trainer: Trainer | None = None) -> None:
+        record = dataclasses.asdict(run)
+        record["ualm"] = record.pop("model")
+        super().__init__(cfg=OmegaConf.create(record), trainer=trainer)
+        self.run = run
         self.automatic_optimization = False
         self.engine: MegatronEngine | None = None
         self.position = DataPosition()  # the loader's cursor (runs a batch ahead: Lightning prefetches)
@@ -181,13 +183,13 @@ class UALMModel(ModelPT):
     def _shar_dataloader(self):
         """Token-budget (optionally packed) micro-batches from Shar sources, grouped per step; exact resume."""
         from ualm_nemo.data.formatting import SampleFormatter
-        from ualm_nemo.data.shar_dataset import SharBatchLoader, SharLoaderConfig
+        from ualm_nemo.data.shar_dataset import SharBatchLoader
         from ualm_nemo.data.tokenizer import build_tokenizer
 
         data = self.run.data
         formatter = SampleFormatter.from_config(build_tokenizer(data.tokenizer), self.run.model,
                                                 cfg_dropout=data.cfg_dropout)
-        loader = SharBatchLoader(SharLoaderConfig(**data.shar), formatter, parallel_state.get_data_parallel_rank(),
+        loader = SharBatchLoader(data.shar, formatter, parallel_state.get_data_parallel_rank(),
                                  parallel_state.get_data_parallel_world_size())
         if self.pending_loader_state is not None:  # set by restore_extra: continue at the next micro-batch
             loader.load_state_dict(self.pending_loader_state)

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 from ualm_nemo.distributed.optim import OptimConfig
 from ualm_nemo.posttrain.dpo import DPOConfig
 from ualm_nemo.config_types import build_section
+from ualm_nemo.data.blend import SourceSpec
+from ualm_nemo.data.shar_config import SharLoaderConfig, source_specs
 from ualm_nemo.model.config import ConfigError, UALMConfig
 from ualm_nemo.training.eval_config import EvalConfig
 from ualm_nemo.training.stages import STAGES
@@ -54,13 +56,14 @@ class DataConfig:
     dpo_manifest: str | None = None  # preference pairs (data/conversation.py): stage=dpo
     synthesize: bool = False  # write the demo data set first (make demo)
     synthetic_samples_per_task: int = 40
-    shar: dict | None = None  # Lhotse Shar sources + loader keys (conf/data/shar.yaml); replaces the manifests
+    shar: SharLoaderConfig | None = None  # Lhotse Shar sources + loader keys (conf/data/shar.yaml); replaces the
+    # manifests
     cfg_dropout: float = 0.05
     seq_len: int = 4096  # longest sample (positions); longer ones are skipped and listed (Shar: data.shar.seq_len)
     seed: int = 0
     # held-out data for train.val_every_n_steps (training/validation.py): Shar sources ({name, shar_dir, weight},
     # read with data.shar's loader keys), or manifests in the formats of the training ones; not both
-    val_sources: list | None = None
+    val_sources: list[SourceSpec] | None = None
     val_tta_manifest: str | None = None
     val_understanding_manifest: str | None = None
     val_text_manifest: str | None = None
@@ -99,8 +102,8 @@ class RunConfig:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={t.micro_batch_size}")
         if p.context_parallel_size > 1:  # megatron's load-balanced causal split: 2 x CP chunks per sequence
-            for key, seq in (("data.seq_len", self.data.seq_len), ("data.shar.seq_len", (self.data.shar or {}).get(
-                    "seq_len"))):
+            shar_seq = self.data.shar.seq_len if self.data.shar is not None else None
+            for key, seq in (("data.seq_len", self.data.seq_len), ("data.shar.seq_len", shar_seq)):
                 if seq is not None and seq % (2 * p.context_parallel_size):
                     raise ConfigError(f"{key}={seq} must be divisible by 2 x model.parallel.context_parallel_size = "
                                       f"{2 * p.context_parallel_size}")
@@ -121,12 +124,6 @@ class RunConfig:
             if d.synthesize or d.tta_manifest or d.understanding_manifest or d.text_manifest or d.sft_manifest \
                     or d.dpo_manifest:
                 raise ConfigError("data.shar replaces data.synthesize and the data.*_manifest keys: set only one")
-            from ualm_nemo.data.shar_dataset import SharLoaderConfig
-
-            try:
-                SharLoaderConfig(**d.shar)
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"data.shar: {err}") from err
         self._validate_validation()
         self._validate_evaluation()
         return self
@@ -162,13 +159,9 @@ class RunConfig:
         if d.val_sources is not None and manifests:
             raise ConfigError(f"data.val_sources and data.{manifests[0]} are two held-out sets: set only one")
         if d.val_sources is not None:
-            from ualm_nemo.data.shar_dataset import SharLoaderConfig
-
-            if not isinstance(d.val_sources, list) or not all(isinstance(s, dict) for s in d.val_sources):
-                raise ConfigError("data.val_sources must be a list of {name, shar_dir, weight} (as data.shar.sources)")
             try:
-                SharLoaderConfig(sources=d.val_sources)
-            except (TypeError, ValueError) as err:
+                SharLoaderConfig(sources=d.val_sources)  # the loader's rules: some sources, unique names
+            except ValueError as err:
                 raise ConfigError(f"data.val_sources: {str(err).replace('data.sources', 'data.val_sources')}") from err
         if t.val_every_n_steps is None:
             return
@@ -249,25 +242,24 @@ def check_local_paths(run: RunConfig) -> None:
 def _check_shar_sources(run: RunConfig, to_host: Callable[[str], str]) -> None:
     """Each source has shards; stage=dpo loads preference sources only, every other stage none: said per source
     before a model is built (or a job submitted)."""
-    from ualm_nemo.data.shar_dataset import SharLoaderConfig, check_pair_sources
+    from ualm_nemo.data.shar_dataset import check_pair_sources
 
     dpo = run.train.stage == "dpo"
-    tasks = _source_tasks(run.data.shar.get("sources") or [], "data.shar.sources", dpo,
-                          f"train.stage={run.train.stage}", to_host)
+    tasks = _source_tasks(run.data.shar.sources, "data.shar.sources", dpo, f"train.stage={run.train.stage}", to_host)
     try:  # the loader's own rules for pair batches (never packed, room for two rows)
-        check_pair_sources(SharLoaderConfig(**run.data.shar), tasks)
-    except (TypeError, ValueError) as err:
+        check_pair_sources(run.data.shar, tasks)
+    except ValueError as err:
         raise ConfigError(f"data.shar: {err}") from err
 
 
-def _source_tasks(sources: list, key: str, pairs: bool, reader: str, to_host: Callable[[str], str]
+def _source_tasks(sources: list[SourceSpec], key: str, pairs: bool, reader: str, to_host: Callable[[str], str]
                   ) -> dict[str, str | None]:
     """{name: task} of Shar sources, each checked to have shards and to hold preference pairs iff ``pairs``."""
     from ualm_nemo.data.shar import shards_dir, source_task
 
     tasks = {}
     for i, source in enumerate(sources):
-        name, shar_dir = source.get("name", f"#{i}"), source.get("shar_dir")
+        name, shar_dir = source.name, source.shar_dir
         host_dir = to_host(str(shar_dir)) if shar_dir else None
         if not host_dir or not shards_dir(host_dir).is_dir():
             shown = f" (on this host: {host_dir})" if host_dir and host_dir != shar_dir else ""
@@ -289,6 +281,18 @@ def _build(cls, values: Mapping[str, Any] | None, where: str):
     return build_section(cls, values, where)
 
 
+def _data_config(values: Mapping[str, Any] | None) -> DataConfig:
+    """The data section; ``shar`` and ``val_sources`` become typed here, their keys named like every other."""
+    values = dict(values or {})
+    if values.get("shar") is not None:
+        if not isinstance(values["shar"], Mapping):
+            raise ConfigError(f"data.shar must be a section of loader keys and sources, got {values['shar']!r}")
+        values["shar"] = SharLoaderConfig.from_dict(values["shar"])
+    if values.get("val_sources") is not None:
+        values["val_sources"] = source_specs(values["val_sources"], "data.val_sources")
+    return _build(DataConfig, values, "data")
+
+
 def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
     cfg = dict(cfg)
     unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "eval", "output_dir", "stage", "name"})
@@ -297,7 +301,7 @@ def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
     return RunConfig(model=UALMConfig.from_dict(cfg.get("model") or {}),
                      optim=_build(OptimConfig, cfg.get("optim"), "optim"),
                      train=_build(TrainConfig, cfg.get("train"), "train"),
-                     data=_build(DataConfig, cfg.get("data"), "data"),
+                     data=_data_config(cfg.get("data")),
                      dpo=_build(DPOConfig, cfg["dpo"], "dpo") if cfg.get("dpo") is not None else None,
                      eval=_build(EvalConfig, cfg.get("eval"), "eval"),
                      output_dir=cfg.get("output_dir", "outputs/ualm"))

@@ -9,7 +9,6 @@ from typing import Any, Mapping
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import OmegaConf
 
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import launch_layout
@@ -51,10 +50,7 @@ def train(cfg: Mapping[str, Any]) -> UALMModel:
     rank = launch_layout()[0]
     early_signals.arm(run.output_dir, run.train.max_steps, rank)
     trainer = build_trainer(run)
-    model_cfg = OmegaConf.create({"ualm": cfg.get("model") or {}, "optim": cfg.get("optim") or {},
-                                  "train": cfg.get("train") or {}, "data": cfg.get("data") or {},
-                                  "dpo": cfg.get("dpo"), "eval": cfg.get("eval") or {}, "output_dir": run.output_dir})
-    model = UALMModel(model_cfg, trainer=trainer)
+    model = UALMModel(run, trainer=trainer)
     latest = find_resumable(checkpoint_dir(run))
     if latest is not None:
         log.info("resuming from %s", latest)

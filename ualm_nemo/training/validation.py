@@ -17,6 +17,7 @@ learned targets (unweighted). ``ValidationLog`` appends them to ``<output_dir>/v
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -102,9 +103,10 @@ def _shar_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> list
     from ualm_nemo.data.shar_dataset import SharBatchLoader, SharLoaderConfig
 
     data = run.data
-    keys = dict(data.shar) if data.shar is not None else {"seed": data.seed, "seq_len": data.seq_len}
-    keys.update(sources=list(data.val_sources), num_workers=0)  # a fixed order: the loader from its start
-    loader = SharBatchLoader(SharLoaderConfig(**keys), formatter, dp_rank, dp_size)
+    base = data.shar if data.shar is not None else SharLoaderConfig(sources=data.val_sources, seed=data.seed,
+                                                                    seq_len=data.seq_len)
+    keys = dataclasses.replace(base, sources=list(data.val_sources), num_workers=0)  # fixed order, from the start
+    loader = SharBatchLoader(keys, formatter, dp_rank, dp_size)
     return list(itertools.islice(loader, run.train.val_batches))
 
 
