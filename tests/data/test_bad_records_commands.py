@@ -81,7 +81,8 @@ def test_prepare_command_counts_every_bad_record_and_keeps_every_good_one(manife
     cuts, rejects, summary = listed("u")
     assert (summary["num_records"], summary["num_rejects"]) == (2, 3)
     assert [(r["source"], r["reason"].split(" (")[0].split(":")[0]) for r in rejects] == [
-        ("und.json[1]", "duplicate id 'a'"), ("und.json[2]", "non-finite samples"), ("und.json[3]", "field 'duration' is inf, not a finite number")]
+        ("und.json[1]", "duplicate id 'a'"), ("und.json[2]", "non-finite samples"),
+        ("und.json[3]", "field 'duration' is inf, not a finite number")]
     assert [c["origin"] for c in cuts] == ["a", "d"]  # the first "a" kept
 
     cuts, rejects, summary = listed("x")

@@ -63,8 +63,8 @@ def _marked(marker: str) -> list[psutil.Process]:
 def test_nothing_of_a_killed_training_run_is_left(tmp_path, demo_shar):
     out, marker = tmp_path / "run", uuid.uuid4().hex
     sources = ", ".join(f"{{name: {task}, shar_dir: '{demo_shar[task]}', weight: 1.0}}" for task in ("tta", "text"))
-    cmd = [sys.executable, "-c", PAUSE_IN_SECOND_SAVE, str(out), f"output_dir={out}", "train.max_steps=100",
-           "optim.warmup_steps=1", "train.global_batch_size=2", "train.micro_batch_size=1",
+    cmd = [sys.executable, "-c", PAUSE_IN_SECOND_SAVE, str(out), f"output_dir={out}", f"hydra.run.dir={out}/hydra",
+           "train.max_steps=100", "optim.warmup_steps=1", "train.global_batch_size=2", "train.micro_batch_size=1",
            "train.checkpoint_every_n_steps=2", "data=shar", "data.tokenizer=byte", "data.seq_len=256",
            "data.shar.num_workers=2", "data.shar.window_size=8", "data.shar.max_tokens=512",
            f"data.shar.sources=[{sources}]"]
@@ -75,7 +75,7 @@ def test_nothing_of_a_killed_training_run_is_left(tmp_path, demo_shar):
         deadline = time.monotonic() + 240
         while len(list(out.glob("writer.*"))) < 2:  # megatron writes 2 buckets (thread_count=2) per rank
             assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the second checkpoint save never started"
+            assert time.monotonic() < deadline, f"not 2 bucket writers: {list(out.glob('writer.*'))}"
             time.sleep(0.1)
         assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
         before = psutil.Process(proc.pid).children(recursive=True)
