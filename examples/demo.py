@@ -2,15 +2,21 @@
 
 import argparse
 
+from ualm_nemo.cli_numbers import positive_int
 from ualm_nemo.demo import run_demo
+from ualm_nemo.model.config import ConfigError
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output-dir", default="demo_out")
-    parser.add_argument("--max-steps", type=int, default=300)
-    args = parser.parse_args()
-    result = run_demo(args.output_dir, args.max_steps)
+    parser.add_argument("--output-dir", default="demo_out", help="a second run here reports the finished run "
+                        "and generates again")
+    parser.add_argument("--max-steps", type=positive_int, default=300)
+    args = parser.parse_args(argv)
+    try:
+        result = run_demo(args.output_dir, args.max_steps)
+    except ConfigError as e:  # e.g. an output dir that cannot be written: one line, not a traceback
+        parser.error(str(e))
     print("\n=== UALM demo finished ===")
     print(f"training data      {result['data']}")
     if result["final_loss"] is None:  # a rerun: the run in --output-dir had already finished

@@ -5,6 +5,12 @@ files are removed, a repeated prepare --source is refused (class 4); their numbe
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +21,8 @@ from ualm_nemo.data.cuts import prepare_source
 from ualm_nemo.data.shar import read_rejects, read_shar
 from ualm_nemo.testing.examples import load_example
 from ualm_nemo.testing.fake_codec import HashCodec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tone(seconds: float) -> np.ndarray:
@@ -112,19 +120,68 @@ def test_resume_with_another_shard_size_is_refused(prepared, monkeypatch, capsys
     assert json.loads((meta / "stage.json").read_text())["shard_size"] == 2
 
 
-def test_leftovers_of_a_killed_run_are_removed(prepared, monkeypatch, capsys):
-    """What SIGKILL leaves inside write_shard (files placed as write_shard places them): a temporary shard
-    folder, a meta part, and the rejects file of an attempt whose rename completed but whose meta did not."""
-    _tokenize(prepared, monkeypatch, "--shard-size", "2", "--shards", "0:1")
-    shar = prepared / "shar"
-    (shar / ".tmp-000001-424242").mkdir()
-    (shar / ".tmp-000001-424242" / "recording.000001.tar").write_bytes(b"half a tar")
-    (shar / "meta" / "000001.json.tmp").write_text('{"num_cu')
-    (shar / "meta" / "rejects.000001.jsonl").write_text('{"cut_id": "t-00000002", "reason": "stale"}\n')
+PAUSE_IN_SHARD_1 = """
+import os, runpy, sys, time
+from pathlib import Path
+
+marker = Path(sys.argv[1])
+
+def pause():  # the test sends SIGKILL meanwhile
+    marker.write_text(str(os.getpid()))
+    time.sleep(120)
+
+replace = os.replace
+
+def publishing(src, dst, *args, **kwargs):
+    replace(src, dst, *args, **kwargs)
+    if Path(dst).parent.name == "shards" and ".000001." in Path(dst).name:
+        pause()  # shard 1 is half published: one file in shards/, the rest (cuts file last) and meta not
+
+os.replace = publishing
+sys.argv = ["examples/tokenize_audio.py", *sys.argv[2:]]
+runpy.run_path("examples/tokenize_audio.py", run_name="__main__")
+"""
+
+
+def test_a_run_killed_mid_shard_is_cleaned_up_and_every_cut_comes_out_once(prepared, monkeypatch, capsys):
+    """A real tokenize run gets a real SIGKILL from outside inside shard 1 of 3, the moment fixed by a wrapper:
+    shard 1 written to its temporary folder and its first file renamed into shards/ (the cuts file, which lands
+    last, and the meta file not yet). The rerun removes the leftovers, rewrites shard 1 and yields every good cut
+    exactly once and the one reject once."""
+    wav = _tone(0.8)
+    wav[100] = np.nan  # c3 (shard 1) goes bad after preparation: a tokenize-time reject
+    sf.write(str(prepared / "c3.wav"), wav, 16000, subtype="FLOAT")
+    shar, marker = prepared / "shar", prepared / "paused"
+    args = ["--cuts", str(prepared / "prep" / "cuts.jsonl.gz"), "--out", str(shar), "--codec", "tiny",
+            "--shard-size", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_SHARD_1, str(marker), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached shard 1"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    left = sorted(p.name for p in shar.glob(".tmp-000001-*"))
+    assert left == [f".tmp-000001-{proc.pid}"] and not (shar / "meta" / "000001.json").exists()
+    in_shards = sorted(p.name for p in (shar / "shards").glob("*.000001.*"))
+    assert len(in_shards) == 1 and not in_shards[0].startswith("cuts."), in_shards
+    assert sorted(p.name for p in (shar / "meta").glob("0*.json")) == ["000000.json"]
+
     _tokenize(prepared, monkeypatch, "--shard-size", "2")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["written"], summary["skipped_finished"], summary["cuts"], summary["rejects"]) == (2, 1, 2, 1)
     assert not list(shar.glob(".tmp-*")) and not list((shar / "meta").glob("*.tmp"))
-    assert read_rejects(shar) == []
-    assert len(list(read_shar(shar))) == 5
+    cuts = list(read_shar(shar))
+    assert sorted(c.custom["origin"] for c in cuts) == ["c0.wav@0.0", "c1.wav@0.0", "c2.wav@0.0", "c4.wav@0.0"]
+    assert len({c.id for c in cuts}) == 4 and all(c.load_codec_tokens().any() for c in cuts)
+    assert [r["origin"] for r in read_rejects(shar)] == ["c3.wav@0.0"]  # 4 + 1 = the 5 prepared records
 
 
 def test_stage_numbers_are_checked_before_work(prepared, monkeypatch, capsys):

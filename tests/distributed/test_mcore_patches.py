@@ -6,6 +6,8 @@ day megatron-core changes), then shows the fixed behaviour. One process, world s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ualm_nemo.testing.dist import run_distributed
 
 
@@ -162,7 +164,9 @@ def test_uninitialised_build_has_the_tp_attributes_of_an_initialised_one():
     assert missing, "megatron-core now sets TP attributes without initialisation: drop set_missing_tp_attributes"
 
 
-def _save_and_list_children(root: str, patched: bool) -> list[str]:
+def _save_and_list_children(root: str, fixes: tuple[str, ...]) -> dict:
+    import os
+
     import psutil
     import torch
     from megatron.core import dist_checkpointing
@@ -170,20 +174,32 @@ def _save_and_list_children(root: str, patched: bool) -> list[str]:
 
     from ualm_nemo.compat import mcore_patches
 
-    if patched:
-        mcore_patches.apply(("in_process_results",))
-    state = {"w": ShardedTensor.from_rank_offsets("w", torch.arange(8.0))}
+    mcore_patches.apply(fixes)
+    forks = []
+    os.register_at_fork(after_in_parent=lambda: forks.append(1))  # multiprocessing's fork context forks here
+    state = {"w": ShardedTensor.from_rank_offsets("w", torch.arange(8.0)),
+             "v": ShardedTensor.from_rank_offsets("v", torch.arange(5, dtype=torch.int64))}
     dist_checkpointing.save(state, root)
-    loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(8))}, root)
-    assert torch.equal(loaded["w"], torch.arange(8.0))  # the results still reach the writer's finalisation
-    return [" ".join(p.cmdline())[:80] for p in psutil.Process().children(recursive=True)]
+    forked = len(forks)
+    loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(8)),
+                                      "v": ShardedTensor.from_rank_offsets("v", torch.zeros(5, dtype=torch.int64))},
+                                     root)
+    # the results still reach the writer's finalisation, and every bucket's file is read back
+    assert torch.equal(loaded["w"], torch.arange(8.0)) and torch.equal(loaded["v"], torch.arange(5))
+    return {"children": [" ".join(p.cmdline())[:80] for p in psutil.Process().children(recursive=True)],
+            "forks": forked, "files": sorted(p.name for p in Path(root).glob("*.distcp"))}
 
 
-def test_a_save_leaves_no_helper_process_behind(tmp_path):
-    """Upstream, the first save starts a spawn-context Manager server (what survived kill -9 of training, issue 13);
-    with the fix a save starts no process that could outlive the trainer."""
+def test_a_save_starts_no_process_that_could_outlive_the_trainer(tmp_path):
+    """Upstream, the first save starts a spawn-context Manager server, and every save forks a writer per file
+    bucket; both survived kill -9 of training (issue 13: the forked writer hangs forever in task_done). With the
+    fixes a save starts no process at all, and writes the same files."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    upstream = run_distributed(1, _save_and_list_children, str(tmp_path / "a"), False)[0]
-    assert any("multiprocessing" in c or "spawn" in c for c in upstream), upstream  # drop the fix when this fails
-    assert run_distributed(1, _save_and_list_children, str(tmp_path / "b"), True)[0] == []
+    upstream = run_distributed(1, _save_and_list_children, str(tmp_path / "a"), ())[0]
+    assert any("multiprocessing" in c or "spawn" in c for c in upstream["children"]), upstream  # else drop fix 4
+    assert upstream["forks"] >= 2, upstream  # one writer per bucket (thread_count=2); else drop fix 5
+    fixed = run_distributed(1, _save_and_list_children, str(tmp_path / "b"),
+                            ("in_process_results", "in_process_writers"))[0]
+    assert fixed["children"] == [] and fixed["forks"] == 0, fixed
+    assert fixed["files"] == upstream["files"] and len(fixed["files"]) == 2, (fixed, upstream)

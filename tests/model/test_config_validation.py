@@ -237,3 +237,66 @@ def test_no_silent_random_audio_encoder_in_production_configs():
 
     with pytest.raises(ConfigError, match="model.audio_in.encoder_path is not set"):
         build_audio_encoder(AudioInputConfig())
+
+
+
+def _messages_as(uid: int | None, cfgs: list[dict]) -> list[str]:
+    """train(cfg)'s ConfigError message for each config, in a forked child that runs as ``uid`` (None: as is)."""
+    import json
+    import os
+
+    from ualm_nemo.training.train import train  # imported before the fork: the child may not read /root
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: give up root for good, try each config, report, leave without cleanup
+        try:
+            os.close(read)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            messages = []
+            for cfg in cfgs:
+                try:
+                    train(cfg)
+                    messages.append("trained")
+                except ConfigError as e:
+                    messages.append(str(e))
+                except BaseException as e:  # a raw error is what the test is there to catch
+                    messages.append(f"{type(e).__name__}: {e}")
+            os.write(write, json.dumps(messages).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(out)
+
+
+def test_output_dir_without_permission_is_named_before_work():
+    """Folders the run may not write into, or not even look inside: one message naming output_dir and the folder.
+    Root may write anywhere, so as root the check runs in a child that has become user nobody (a real permission
+    denial, no stand-in); as any other user, as that user."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="ualm_perm_"))  # not under pytest's tmp_path: that is private to root
+    try:
+        (base / "locked").mkdir()
+        (base / "private").mkdir()
+        base.chmod(0o755)
+        (base / "locked").chmod(0o555)  # may look inside, may not write
+        (base / "private").chmod(0o000 if os.geteuid() else 0o700)  # may not look inside (root's, for nobody)
+        cfgs = [_composed(f"output_dir={base / name / 'run'}") for name in ("locked", "private")]
+        assert _messages_as(65534 if os.geteuid() == 0 else None, cfgs) == [
+            f"output_dir='{base / 'locked' / 'run'}' cannot be written: no write permission on {base / 'locked'}",
+            f"output_dir='{base / 'private' / 'run'}' cannot be created: no permission to look inside "
+            f"{base / 'private'}"]
+        assert not (base / "locked" / "run").exists()
+    finally:
+        (base / "private").chmod(0o700)
+        shutil.rmtree(base, ignore_errors=True)

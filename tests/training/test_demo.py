@@ -11,15 +11,25 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 def _demo(output_dir: str) -> dict:
+    import contextlib
+    import io
+    from pathlib import Path
+
     import torch
 
     from ualm_nemo.demo import run_demo
     from ualm_nemo.inference.load import load_for_inference
+    from ualm_nemo.testing.examples import load_example
 
     result = run_demo(output_dir, max_steps=4)
     trained = result.pop("model").engine.chunks[0].eval()
-    rerun = run_demo(output_dir, max_steps=4)  # `make demo` again: the finished run is loaded, not retrained
-    result["rerun"] = {"final_loss": rerun["final_loss"], "step": rerun["step"], "frames": rerun["frames"]}
+    # `make demo` again, through its entry point: the finished run is loaded (not retrained), reported, and
+    # generates again
+    Path(result["wav"]).unlink()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        load_example("demo").main(["--output-dir", output_dir, "--max-steps", "4"])
+    result["rerun"] = {"printed": printed.getvalue(), "wav": Path(result["wav"]).is_file()}
     tokens = torch.tensor([trained.ualm.vocab.text_position_streams(i) for i in (257, 65, 66, 67)])[None]
     with torch.no_grad():
         expected = trained(tokens)
@@ -60,5 +70,20 @@ def test_demo_writes_audio_and_checkpoints(tmp_path):
     assert out["answer"] is not None and out["answer"]["question"]
     # the checkpoint alone (config included) rebuilds the trained model for generation
     assert out["reload"] == {"step": 4, "same_config": True, "max_diff": 0.0}
-    assert out["rerun"]["final_loss"] is None and out["rerun"]["step"] == 4 and out["rerun"]["frames"] > 0
+    printed = out["rerun"]["printed"]
+    assert "already trained to step 4: nothing trained this time" in printed and out["rerun"]["wav"], printed
+    assert f"generated audio    {out['wav']}  (" in printed and " codec frames" in printed
     assert out["kv_cache"]["same_codes"] and out["kv_cache"]["frames"] >= 10
+
+
+def test_demo_flags_are_checked_before_work(tmp_path, capsys):
+    from ualm_nemo.testing.examples import load_example
+
+    (tmp_path / "a_file").write_text("x")
+    for argv, message in ((["--max-steps", "0"], "argument --max-steps: 0 must be at least 1"),
+                          (["--max-steps", "abc"], "argument --max-steps: 'abc' is not a whole number"),
+                          (["--output-dir", str(tmp_path / "a_file" / "out")], "is a file, not a folder")):
+        with pytest.raises(SystemExit) as done:
+            load_example("demo").main(["--output-dir", str(tmp_path / "out"), *argv])
+        assert done.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

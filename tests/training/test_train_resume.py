@@ -67,3 +67,19 @@ def test_new_run_starts_from_given_weights(tmp_path):
     assert [s for s, _ in started["history"]] == [1]  # a new run: its own step count
     assert started["history"][0][1] < fresh["history"][0][1] - 1.0  # same first batch, trained weights
     assert abs(started["history"][0][1] - trained["history"][-1][1]) < 1.5
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path):
+    """Issue 13, class 6, through train(): the latest checkpoint (step 8) is truncated, so the rerun resumes from
+    the previous complete one (step 4) and retrains steps 5..8 exactly as the first run did; nothing is lost."""
+    import os
+
+    out = tmp_path / "run"
+    first = run_distributed(1, _train, str(out), 8)[0]
+    assert sorted(p.name for p in (out / "checkpoints").glob("iter_*")) == ["iter_0000004", "iter_0000008"]
+    shard = next((out / "checkpoints" / "iter_0000008").glob("*.distcp"))
+    os.truncate(shard, shard.stat().st_size // 2)
+    again = run_distributed(1, _train, str(out), 8)[0]
+    assert [s for s, _ in again["history"]] == [5, 6, 7, 8]
+    assert again["history"] == first["history"][4:]  # the same losses: weights, optimizer and data order restored
+    assert again["consumed"] == first["consumed"]

@@ -16,7 +16,12 @@ upstream behaviour changes under it:
    about 0.8 GB; it and its resource tracker outlive a ``kill -9`` of the trainer, adopted by PID 1). Our saves
    are synchronous (no async save), so those results never leave the process: a thread-safe in-process queue
    carries them the same way, and no server is started.
-5. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
+5. ``in_process_writers``: every synchronous ``dist_checkpointing.save`` forks one writer process per file
+   bucket (``FileSystemWriterAsync.write_preloaded_data_multiproc``, two per rank). A trainer killed while they
+   write leaves them hanging forever (adopted by PID 1) in ``count_queue.task_done()``: a multiprocessing
+   Condition's notify waits for the dead parent to wake. The buckets are written by threads of the trainer
+   itself instead (the same ``write_preloaded_data``, the same files), so a save starts no process at all.
+6. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
    metadata by ``distributed/checkpoint.py``, not patched.
 """
 
@@ -88,8 +93,48 @@ def _fix_in_process_results() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def _fix_in_process_writers() -> None:
+    import inspect
+    import queue
+    import threading
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import _disable_gc
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    write_bucket = FileSystemWriterAsync.write_preloaded_data  # one bucket -> one file; runs anywhere
+    takes_msc = len(inspect.signature(write_bucket).parameters) > 6  # upstream's own test for the keyword
+
+    @_disable_gc()  # as upstream: no collection while the buckets' tensors are being written
+    def write_in_threads(transform_list, use_msc, rank, write_buckets, global_results_queue) -> None:
+        """``write_preloaded_data_multiproc`` with threads for processes; the same results or exception."""
+        results, count = queue.Queue(), queue.Queue()  # what the upstream worker expects of its two queues
+        threads = []
+        for i, bucket in enumerate(write_buckets):
+            count.put(i)
+            kwargs = {"local_proc_idx": i, "write_bucket": bucket, "results_queue": results, "count_queue": count,
+                      "use_fsync": True, **({"use_msc": use_msc} if use_msc and takes_msc else {})}
+            threads.append(threading.Thread(target=write_bucket, args=(transform_list,), kwargs=kwargs,
+                                            name=f"ckpt-writer-{i}", daemon=True))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out: dict | Exception = {}
+        while not results.empty():
+            index, written = results.get()
+            if isinstance(written, Exception):  # write_preloaded_data caught it: the save fails with it
+                out = written
+                break
+            out[index] = written
+        if isinstance(out, dict) and len(out) != len(write_buckets):
+            out = RuntimeError(f"checkpoint writers returned {len(out)} of {len(write_buckets)} results")
+        global_results_queue.put(out)
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_threads)
+
+
 FIXES = {"fresh_step": _fix_fresh_step, "shared_step": _fix_shared_step, "fresh_state": _fix_fresh_state,
-         "in_process_results": _fix_in_process_results}
+         "in_process_results": _fix_in_process_results, "in_process_writers": _fix_in_process_writers}
 
 
 def apply(names: tuple[str, ...] = tuple(FIXES)) -> None:

@@ -274,6 +274,10 @@ def read_understanding_manifest(path: str | Path, check_audio: bool = True) -> R
         audio = _resolve(path.parent, _text(entry, "sound"))
         turns = _af3_turns(_field(entry, "conversations", list))
         entry_id = str(entry.get("id", ""))
+        # optional (the length is read from the file), but a present one that is NaN, inf, negative or not a
+        # number marks a damaged record, as it does in the TTA format
+        if "duration" in entry and _field(entry, "duration", (int, float)) <= 0:
+            raise _Bad(f"field 'duration' = {entry['duration']} is not positive")
         if entry_id and entry_id in seen:  # rule: the first entry with an id is kept, later ones rejected
             raise _Bad(f"duplicate id {entry_id!r} (first at {seen[entry_id]})")
         if check_audio:

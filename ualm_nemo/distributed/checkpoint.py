@@ -113,7 +113,8 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, common: dict
     """
     from ualm_nemo.compat import mcore_patches
 
-    mcore_patches.apply(("in_process_results",))  # no writer-helper server that could outlive a killed trainer
+    # no writer-helper server and no forked writer that could outlive a killed trainer
+    mcore_patches.apply(("in_process_results", "in_process_writers"))
     root = Path(root)
     final, tmp = root / f"iter_{step:07d}", root / f"iter_{step:07d}.tmp"
     if _rank() == 0:

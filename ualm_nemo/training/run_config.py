@@ -232,7 +232,12 @@ def check_local_paths(run: RunConfig) -> None:
     check_data_paths(run)
     path = Path(run.output_dir).absolute()
     output_dir = run.output_dir
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except PermissionError as e:  # a folder on the way may not be looked inside (stat: EACCES)
+        hidden = Path(e.filename).parent if e.filename else path.parent
+        raise ConfigError(f"output_dir={output_dir!r} cannot be created: no permission to look inside "
+                          f"{hidden}") from None
     if not existing.is_dir():
         raise ConfigError(f"output_dir={output_dir!r} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
