@@ -96,11 +96,12 @@ def test_manifest_training_rejects_the_same_records_and_keeps_the_rest(manifests
     import torch
 
     from ualm_nemo.training.data_setup import build_train_dataset
-    from ualm_nemo.training.run_config import DataConfig, model_config_from_dict
+    from ualm_nemo.model.config import UALMConfig
+    from ualm_nemo.training.run_config import DataConfig
 
     data = DataConfig(synthesize=False, tta_manifest=str(manifests / "tta.jsonl"),
                       understanding_manifest=str(manifests / "und.json"), text_manifest=str(manifests / "text.jsonl"))
-    dataset, rejects = build_train_dataset(data, model_config_from_dict({}), manifests / "out")
+    dataset, rejects = build_train_dataset(data, UALMConfig.from_dict({}), manifests / "out")
     assert sorted(r.source for r in rejects) == sorted(
         [f"tta.jsonl:{line}" for line in TTA_BAD] + ["und.json[1]", "und.json[2]", "und.json[3]", "text.jsonl:2"])
     assert [r.source for r in dataset.records] == ["tta.jsonl:1", "tta.jsonl:8", "tta.jsonl:9", "und.json[0]",
