@@ -68,8 +68,19 @@ class _WithReference:
         return attach(batch, self.table) if self.table is not None else batch
 
 
+@dataclasses.dataclass
+class StepBatch:
+    """One optimizer step's data, whichever loader made it: this DP rank's micro-batches (dicts of the collate
+    functions' keys), how many samples they hold, and (Shar) the loader's position after them, which a
+    checkpoint saves (Lightning prefetches, so the loader itself is already further on)."""
+
+    microbatches: list[dict[str, Any]]
+    samples: int
+    loader_state: dict | None = None
+
+
 class StepGroups(torch.utils.data.IterableDataset):
-    """Groups a micro-batch iterable into lists of ``n``: one list per optimizer step."""
+    """Shar: the token-budget micro-batch stream grouped ``n`` at a time, one StepBatch per optimizer step."""
 
     def __init__(self, microbatches, n: int) -> None:
         self.microbatches, self.n = microbatches, n
@@ -77,7 +88,19 @@ class StepGroups(torch.utils.data.IterableDataset):
     def __iter__(self):
         stream = iter(self.microbatches)
         while len(group := list(itertools.islice(stream, self.n))) == self.n:
-            yield group
+            yield StepBatch(group, sum(len(mb["ids"]) for mb in group), group[-1]["loader_state"])
+
+
+class GlobalBatchSteps(torch.utils.data.IterableDataset):
+    """Manifests / demo: this DP rank's share of each global batch split into ``n`` micro-batches, a StepBatch
+    per optimizer step (GlobalBatchStream gives every rank exactly global_batch_size / DP samples)."""
+
+    def __init__(self, stream: GlobalBatchStream, n: int, samples: int, audio_in_id: int) -> None:
+        self.stream, self.n, self.samples, self.audio_in_id = stream, n, samples, audio_in_id
+
+    def __iter__(self):
+        for batch in self.stream:
+            yield StepBatch(split_microbatches(batch, self.n, self.audio_in_id), self.samples)
 
 
 class UALMModel(ModelPT):
@@ -175,10 +198,12 @@ class UALMModel(ModelPT):
             from ualm_nemo.data.posttrain_dataset import PairCollator
 
             collate = _WithReference(PairCollator(self.run.model.vocab), self.reference_table)
-        stream = GlobalBatchStream(self.train_dataset, collate,
-                                   self.run.train.global_batch_size, parallel_state.get_data_parallel_rank(),
-                                   parallel_state.get_data_parallel_world_size(), self.run.data.seed, self.position)
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
+        dp = parallel_state.get_data_parallel_world_size()
+        stream = GlobalBatchStream(self.train_dataset, collate, self.run.train.global_batch_size,
+                                   parallel_state.get_data_parallel_rank(), dp, self.run.data.seed, self.position)
+        steps = GlobalBatchSteps(stream, self.num_microbatches(), self.run.train.global_batch_size // dp,
+                                 self.run.model.vocab.audio_in_id)
+        return torch.utils.data.DataLoader(steps, batch_size=None, num_workers=0, collate_fn=_as_is)
 
     def _shar_dataloader(self):
         """Token-budget (optionally packed) micro-batches from Shar sources, grouped per step; exact resume."""
@@ -211,15 +236,17 @@ class UALMModel(ModelPT):
         t = self.run.train
         return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
 
-    def training_step(self, batch: dict[str, Any] | list[dict[str, Any]], batch_idx: int) -> None:
-        if isinstance(batch, list):  # Shar path: the step's token-budget micro-batches
-            microbatches = batch
-            self.data_state = batch[-1]["loader_state"]  # after this step's data (Lightning prefetches ahead)
-            self.trained_samples += self._global_count(sum(len(mb["ids"]) for mb in batch))
-        else:
-            microbatches = split_microbatches(batch, self.num_microbatches(), self.run.model.vocab.audio_in_id)
-            self.trained_samples += self.run.train.global_batch_size
-        result = self.engine.train_step(microbatches)
+    def transfer_batch_to_device(self, batch: StepBatch, device: torch.device, dataloader_idx: int) -> StepBatch:
+        """Every loader yields StepBatch (one shape); its micro-batches move, the loader position stays."""
+        from lightning.pytorch.utilities import move_data_to_device
+
+        return dataclasses.replace(batch, microbatches=[move_data_to_device(mb, device) for mb in batch.microbatches])
+
+    def training_step(self, step: StepBatch, batch_idx: int) -> None:
+        if step.loader_state is not None:
+            self.data_state = step.loader_state  # after this step's data (Lightning prefetches ahead)
+        self.trained_samples += self._global_count(step.samples)
+        result = self.engine.train_step(step.microbatches)
         if math.isfinite(result.loss):
             self.nonfinite_in_a_row = 0
         else:
