@@ -72,6 +72,18 @@ def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVo
     for s in flat:
         if int(s["labels"][-1].ne(IGNORE_INDEX).sum()):
             raise ValueError("a sample's last label must be IGNORE, or packing would learn across samples")
+    batch = pad_rows(rows, vocab, seq_len)
+    _check_placeholders(batch, vocab)
+    batch["tasks"] = [s["task"] for s in flat]
+    return batch
+
+
+def pad_rows(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVocab, seq_len: int) -> dict[str, Any]:
+    """The one padding rule of every collate function: each row's samples laid end to end from position 0, then
+    <|pad|> tokens with IGNORE labels and zero weights up to ``seq_len``; position_ids restart at 0 per sample
+    (padding continues the row's count), segment_ids 0, 1, ... per sample and -1 on padding; the samples' audio
+    clips in row-major order, zero-padded to the longest. (An unpacked batch is rows of one sample each.)"""
+    flat = [s for row in rows for s in row]
     b, streams = len(rows), flat[0]["tokens"].shape[1]
     pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id), dtype=torch.long)  # [8]
     tokens = pad_row.expand(b, seq_len, streams).clone()  # [B, S, 8]
@@ -92,19 +104,21 @@ def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVo
             segment_ids[r, sl] = k
             start += n
         lengths[r] = start
-    batch: dict[str, Any] = {"tokens": tokens, "labels": labels, "loss_weights": weights,
-                             "position_ids": position_ids, "segment_ids": segment_ids, "lengths": lengths,
-                             "audio_features": None, "audio_feature_lens": None}
-    feats = [clip for s in flat for clip in sample_clips(s)]
-    if feats:
-        lens = torch.tensor([f.shape[1] for f in feats], dtype=torch.long)
-        audio = torch.zeros(len(feats), feats[0].shape[0], int(lens.max()))
-        for i, f in enumerate(feats):
-            audio[i, :, : f.shape[1]] = f
-        batch["audio_features"], batch["audio_feature_lens"] = audio, lens
-    _check_placeholders(batch, vocab)
-    batch["tasks"] = [s["task"] for s in flat]
-    return batch
+    audio_features, audio_feature_lens = pad_clips([clip for s in flat for clip in sample_clips(s)])
+    return {"tokens": tokens, "labels": labels, "loss_weights": weights, "position_ids": position_ids,
+            "segment_ids": segment_ids, "lengths": lengths, "audio_features": audio_features,
+            "audio_feature_lens": audio_feature_lens}
+
+
+def pad_clips(clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mel clips [mels, frames_i] -> ([clips, mels, max frames] zero-padded, [clips] frames), or (None, None)."""
+    if not clips:
+        return None, None
+    lens = torch.tensor([c.shape[1] for c in clips], dtype=torch.long)
+    features = torch.zeros(len(clips), clips[0].shape[0], int(lens.max()))
+    for i, c in enumerate(clips):
+        features[i, :, : c.shape[1]] = c
+    return features, lens
 
 
 def _check_placeholders(batch: Mapping[str, Any], vocab: UnifiedVocab) -> None:

@@ -31,12 +31,13 @@ import torch
 from torch.utils.data import Dataset
 
 from ualm_nemo.codec.xcodec import CodecTokenizer
+from ualm_nemo.data.batching import pad_rows
 from ualm_nemo.data.formatting import Sample, SampleFormatter, sample_clips
 from ualm_nemo.data.raw import (Record, Reject, TTARecord, UnderstandingRecord, load_audio, read_text_manifest,
                                 read_tta_manifest, read_understanding_manifest)
 from ualm_nemo.data.tokenizer import TextTokenizer
 from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
-from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
+from ualm_nemo.model.vocab import UnifiedVocab
 
 log = logging.getLogger(__name__)
 
@@ -119,44 +120,22 @@ class Collator:
 
 
 def collate(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8) -> dict[str, Any]:
-    """Right-pad samples into a batch (see the module docstring for the keys and shapes)."""
+    """Right-pad samples into a batch, one sample per row (see the module docstring for the keys and shapes)."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
-    lengths = torch.tensor([s["tokens"].shape[0] for s in samples], dtype=torch.long)
-    seq = -(-int(lengths.max()) // pad_to_multiple) * pad_to_multiple
-    b, streams = len(samples), samples[0]["tokens"].shape[1]
-    pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id), dtype=torch.long)  # [8]
-    tokens = pad_row.expand(b, seq, streams).clone()  # [B, S, 8]
-    labels = torch.full((b, seq, streams), IGNORE_INDEX, dtype=torch.long)
-    weights = torch.zeros(b, seq, streams, dtype=torch.float32)
-    clips: list[torch.Tensor] = []
     for i, s in enumerate(samples):
-        n = s["tokens"].shape[0]
-        tokens[i, :n], labels[i, :n], weights[i, :n] = s["tokens"], s["labels"], s["loss_weights"]
-        own = sample_clips(s)
         # the model writes one encoder frame per placeholder: a mismatch would be a silent misalignment there
+        own = sample_clips(s)
         placeholders = int((s["tokens"][:, 0] == vocab.audio_in_id).sum())
         frames = sum(num_encoder_frames_from_mel(int(c.shape[1])) for c in own)
         if placeholders != frames:
             raise ValueError(f"sample {i} has {placeholders} <|audio_in|> positions but its {len(own)} clip(s) give "
                              f"{frames} frames")
-        clips += own
-    audio_features = audio_feature_lens = None
-    if clips:
-        audio_feature_lens = torch.tensor([c.shape[1] for c in clips], dtype=torch.long)
-        audio_features = torch.zeros(len(clips), clips[0].shape[0], int(audio_feature_lens.max()))
-        for i, c in enumerate(clips):
-            audio_features[i, :, : c.shape[1]] = c
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_weights": weights,
-        "position_ids": torch.arange(seq).expand(b, seq).clone(),
-        "lengths": lengths,
-        "audio_features": audio_features,
-        "audio_feature_lens": audio_feature_lens,
-        "tasks": [s["task"] for s in samples],
-    }
+    longest = max(s["tokens"].shape[0] for s in samples)
+    batch = pad_rows([[s] for s in samples], vocab, -(-longest // pad_to_multiple) * pad_to_multiple)
+    del batch["segment_ids"]  # one sample per row: plain causal attention, no block mask
+    batch["tasks"] = [s["task"] for s in samples]
+    return batch
 
 
 def build_demo_dataset(manifests: Mapping[str, str | Path], tokenizer: TextTokenizer, codec: CodecTokenizer | None,
