@@ -15,7 +15,9 @@ def _embedding_by_hand() -> dict:
 
     cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True))
     init_model_parallel(cfg.parallel, seed=0)
-    emb = MultiStreamEmbedding(transformer_config(cfg), cfg)
+    from megatron.core import parallel_state
+
+    emb = MultiStreamEmbedding(transformer_config(cfg), cfg, parallel_state.get_tensor_model_parallel_group())
     with torch.no_grad():  # make the text table's padding rows non-zero, as training might
         emb.text.weight[cfg.num_text_rows:] = 5.0
     v = cfg.vocab

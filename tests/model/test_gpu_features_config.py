@@ -79,7 +79,8 @@ def test_context_parallel_divides_the_sequence_and_shrinks_data_parallel():
         _run(cp2, {"seq_len": 4098})
     with pytest.raises(ConfigError, match=r"data.shar.seq_len=1026 must be divisible by 2 x"):
         run_config_from_dict({"model": {"audio_in": {"random_encoder": True}, **cp2},
-                              "data": {"shar": {"sources": [], "seq_len": 1026}}}).validate()
+                              "data": {"shar": {"sources": [{"name": "a", "shar_dir": "/a"}],
+                                                 "seq_len": 1026}}}).validate()
     # world 8 at CP2 is DP 4: a global batch of 8 in micro-batches of 4 does not split over 4 ranks
     with pytest.raises(ConfigError, match=r"micro_batch_size x data-parallel size = 4 x 4"):
         _run(cp2, world=8, global_batch_size=8, micro_batch_size=4)

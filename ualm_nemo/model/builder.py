@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -139,15 +139,15 @@ def build_model(cfg: UALMConfig, pre_process: bool | None = None, post_process: 
     overwritten before use (conversion). ``device``: ``"cpu"`` keeps the model on the CPU where a GPU is
     present (converters); default: the current GPU when there is one.
     """
-    cfg.validate(parallel_state.get_tensor_model_parallel_world_size()
-                 * parallel_state.get_pipeline_model_parallel_world_size()
-                 * parallel_state.get_context_parallel_world_size())
+    groups = ProcessGroupCollection.use_mpu_process_groups()  # read once, then passed to every parallel part
+    cfg.validate(groups.tp.size() * groups.pp.size() * groups.cp.size())
     check_buildable(cfg)
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = groups.pp.rank() == 0  # no virtual pipeline stages (refused by check_buildable)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
-    model = UALMLanguageModel(transformer_config(cfg, initialize), cfg, layer_spec(cfg), pre_process, post_process)
+        post_process = groups.pp.rank() == groups.pp.size() - 1
+    model = UALMLanguageModel(transformer_config(cfg, initialize), cfg, layer_spec(cfg), pre_process, post_process,
+                              pg_collection=groups)
     if not initialize:
         set_missing_tp_attributes(model)
     if device is None and torch.cuda.is_available():

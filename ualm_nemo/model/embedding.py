@@ -25,15 +25,16 @@ class MultiStreamEmbedding(MegatronModule):
     placeholder positions (they index the full sequence).
     """
 
-    def __init__(self, config: TransformerConfig, ualm: UALMConfig) -> None:
+    def __init__(self, config: TransformerConfig, ualm: UALMConfig, tp_group: torch.distributed.ProcessGroup) -> None:
         super().__init__(config=config)
+        self.tp_group = tp_group
         vocab = ualm.vocab
         self.audio_offset = vocab.audio_offset
         self.num_audio_rows = ualm.num_audio_rows
         self.text = VocabParallelEmbedding(padded(ualm.num_text_rows), config.hidden_size,
-                                           init_method=config.init_method, config=config)
+                                           init_method=config.init_method, config=config, tp_group=self.tp_group)
         self.audio = VocabParallelEmbedding(padded(ualm.num_audio_rows), config.hidden_size,
-                                            init_method=config.init_method, config=config)
+                                            init_method=config.init_method, config=config, tp_group=self.tp_group)
         self.register_buffer("audio_pad_ids", vocab.audio_pad_ids(), persistent=False)
 
     def local_tables(self) -> tuple[IdTable, IdTable]:
@@ -47,4 +48,4 @@ class MultiStreamEmbedding(MegatronModule):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = embed_streams(tokens, self.local_tables(), self.audio_pad_ids)  # [b, s, h], this rank's rows
         hidden = hidden.transpose(0, 1).contiguous()  # [s, b, h]
-        return tensor_parallel.reduce_from_tensor_model_parallel_region(hidden)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(hidden, group=self.tp_group)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -25,18 +25,18 @@ _MASKED = -1.0e30  # logit for padded vocabulary columns (finite: avoids inf - i
 
 
 class StreamHeads(MegatronModule):
-    def __init__(self, config: TransformerConfig, ualm: UALMConfig) -> None:
+    def __init__(self, config: TransformerConfig, ualm: UALMConfig, tp_group: torch.distributed.ProcessGroup) -> None:
         super().__init__(config=config)
+        self.tp_group = tp_group
         vocab = ualm.vocab
         self.kind = ualm.audio_out.head
         self.num_streams = vocab.num_codebooks
         self.span = vocab.codebook_span
         self.audio_offset = vocab.audio_offset
         self.num_text_rows, self.num_audio_rows = ualm.num_text_rows, ualm.num_audio_rows
-        self.tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp, self.tp_rank = self.tp_group.size(), self.tp_group.rank()
         linear = dict(config=config, init_method=config.init_method, bias=False, gather_output=False,
-                      skip_bias_add=True)
+                      skip_bias_add=True, tp_group=self.tp_group)
         self.text_head = tensor_parallel.ColumnParallelLinear(config.hidden_size, padded(self.num_text_rows), **linear)
         self.audio_head = tensor_parallel.ColumnParallelLinear(config.hidden_size, padded(self.num_audio_rows), **linear)
         self.text_part = padded(self.num_text_rows) // self.tp
@@ -91,26 +91,27 @@ class StreamHeads(MegatronModule):
         """hidden [s, b, h] -> logits of streams 1..N-1 over their codebook, [N-1, s_full, b, span] (full)."""
         sp = self.config.sequence_parallel
         if self.kind == "per_codebook":
-            full = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False) \
-                if sp else hidden
+            full = hidden if not sp else tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
             return torch.einsum("sbh,nch->nsbc", full, self.codebook_heads)
         per_stream = hidden.unsqueeze(0) + self.stream_embedding[:, None, None, :]  # [N-1, s, b, h]
         if sp:
-            per_stream = torch.stack([tensor_parallel.gather_from_sequence_parallel_region(x) for x in per_stream])
+            per_stream = torch.stack([tensor_parallel.gather_from_sequence_parallel_region(x, group=self.tp_group)
+                                      for x in per_stream])
         else:
-            per_stream = tensor_parallel.copy_to_tensor_model_parallel_region(per_stream)
+            per_stream = tensor_parallel.copy_to_tensor_model_parallel_region(per_stream, group=self.tp_group)
         # rows of codebook n held by this rank: audio row n*span + c lives at local row (that - rank*audio_part)
         rows = torch.arange(1, self.num_streams, device=hidden.device)[:, None] * self.span \
             + torch.arange(self.span, device=hidden.device) - self.tp_rank * self.audio_part
         here = (rows >= 0) & (rows < self.audio_part)  # [N-1, span]
         weight = self.audio_head.weight[rows.clamp(0, self.audio_part - 1)] * here.unsqueeze(-1).to(hidden.dtype)
         partial = torch.einsum("nsbh,nch->nsbc", per_stream, weight)
-        return tensor_parallel.reduce_from_tensor_model_parallel_region(partial)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
 
     def logits(self, hidden: torch.Tensor, text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """For inference. Returns (stream-0 logits [b, s, vocab], codebook logits [b, s, N-1, span])."""
         local = self._stream0_local_logits(hidden, text)
-        stream0 = self._unpermute(tensor_parallel.gather_from_tensor_model_parallel_region(local))
+        stream0 = self._unpermute(tensor_parallel.gather_from_tensor_model_parallel_region(local, group=self.tp_group))
         codebooks = self._codebook_logits(hidden)
         return stream0.transpose(0, 1), codebooks.permute(2, 1, 0, 3)
 

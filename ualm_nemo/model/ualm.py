@@ -10,6 +10,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -25,14 +26,20 @@ from ualm_nemo.model.packed_seq import flatten_rows, packed_seq_params, unflatte
 
 class UALMLanguageModel(MegatronModule):
     def __init__(self, config: TransformerConfig, ualm: UALMConfig, layer_spec: ModuleSpec,
-                 pre_process: bool = True, post_process: bool = True) -> None:
+                 pre_process: bool = True, post_process: bool = True,
+                 pg_collection: ProcessGroupCollection | None = None) -> None:
+        """``pg_collection``: the process groups every parallel part uses (default: megatron's global ones,
+        read once here); the embedding, the heads, the sequence-parallel scatter and the decoder get them passed."""
         super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.pg_collection = pg_collection
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (untied head)
         self.ualm = ualm
         self.pre_process, self.post_process = pre_process, post_process
         self.audio_in_id = ualm.vocab.audio_in_id
-        self.embedding = MultiStreamEmbedding(config, ualm) if pre_process else None
+        self.embedding = MultiStreamEmbedding(config, ualm, pg_collection.tp) if pre_process else None
         self.audio_input = None
         if pre_process and ualm.audio_in.enabled:
             from ualm_nemo.model.audio_input import AudioInput  # transformers import only where needed
@@ -41,8 +48,8 @@ class UALMLanguageModel(MegatronModule):
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_base=ualm.backbone.rope_base, use_cpu_initialization=True)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
-                                        post_process=post_process)
-        self.heads = StreamHeads(config, ualm) if post_process else None
+                                        post_process=post_process, pg_collection=pg_collection)
+        self.heads = StreamHeads(config, ualm, pg_collection.tp) if post_process else None
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         """Pipeline schedules hand the previous stage's activations here."""
@@ -62,7 +69,7 @@ class UALMLanguageModel(MegatronModule):
             audio = self.audio_input(audio_features, audio_feature_lens).to(hidden.dtype)
             hidden = splice_audio_embeddings(hidden, tokens[..., 0] == self.audio_in_id, audio)
         if self.config.sequence_parallel:
-            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # [s/tp, b, h]
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.pg_collection.tp)
         return hidden
 
     def forward(self, tokens: torch.Tensor | None, labels: torch.Tensor | None = None,
