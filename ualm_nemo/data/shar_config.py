@@ -15,7 +15,7 @@ from ualm_nemo.data.blend import SourceSpec
 
 @dataclass(kw_only=True)
 class SharLoaderConfig:
-    """conf/data/shar.yaml's loader keys (``sources`` are SourceSpec dicts)."""
+    """conf/data/shar.yaml's loader keys; ``sources`` as SourceSpecs (dicts given here are converted)."""
 
     sources: list[SourceSpec]
     weighting: str = "size"  # "size": p ~ weight x samples; "fixed": p ~ weight
@@ -48,9 +48,9 @@ class SharLoaderConfig:
         values["sources"] = source_specs(values.get("sources"), f"{where}.sources")
         try:
             return build_section(cls, values, where)
-        except (TypeError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
+        except ConfigError:
+            raise
+        except ValueError as err:  # the loader's own rules (__post_init__)
             raise ConfigError(f"{where}: {err}") from err
 
 
