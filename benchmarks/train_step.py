@@ -11,7 +11,9 @@ text-to-audio rows (a prompt, then the delayed 8-stream audio grid, loss on ever
 ``--seq`` long. Reference: ``Qwen2ForCausalLM`` (SDPA attention, torch AdamW) with the same decoder shape and an
 output head as wide as UALM's stream-0 vocabulary (text + specials + audio rows, padded), on ``--seq`` random
 tokens per row. Steps alternate (UALM, reference, UALM, ...) after ``--warmup`` untimed ones each; each figure is
-the median [min, max] over ``--repeats``; the ratio is reference time / UALM time (1.0 = as fast; > 1 faster).
+the median [min, max] over ``--repeats``; the ratio is reference time / UALM time (1.0 = as fast; > 1 faster),
+taken per round (a UALM step and the reference step next to it) and reported as median [min, max]: on a shared
+machine a load spike then moves both steps of a round, not one side's median.
 
 On a CPU, Megatron needs the CPU shim (``compat.cpu_shim``): its TorchFunctionMode sees every torch call of the
 process. The reference is timed with the mode suspended (``device_mode_suspended``), so it is not charged for it.
@@ -171,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds = timed(reference_step, args.device)
         if i >= args.warmup:
             times["reference"].append(seconds)
-    ref = statistics.median(times["reference"])
     print(f"  reference (transformers Qwen2ForCausalLM) {summary(times['reference'])}")
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None) if args.device == "cuda" else None
     for kind in kinds:
         mine = statistics.median(times[kind])
-        line = f"  UALM {kind + ' rows':<37} {summary(times[kind])}   ratio {ref / mine:.2f}x"
+        ratios = [r / u for r, u in zip(times["reference"], times[kind])]
+        line = (f"  UALM {kind + ' rows':<37} {summary(times[kind])}   ratio {statistics.median(ratios):.2f}x "
+                f"[{min(ratios):.2f}, {max(ratios):.2f}]")
         if args.device == "cuda":
             tflops = flops_per_step(cfg, args) / mine / 1e12
             line += f"   {tflops:.1f} model TFLOP/s" + (f", MFU {tflops / peak:.1%}" if peak else "")

@@ -30,7 +30,7 @@ class IdTable(NamedTuple):
 
 
 def lookup(table: IdTable, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """ids, keep [b, s] -> [b, s, h]: each id's row where it falls in ``table`` and ``keep`` holds, else zeros."""
+    """ids, keep [...] -> [..., h]: each id's row where it falls in ``table`` and ``keep`` holds, else zeros."""
     local = ids - table.first_id
     here = keep & (ids >= table.first_id) & (ids < table.end_id) & (local < table.weight.shape[0])
     rows = F.embedding(local.masked_fill(~here, 0), table.weight)
@@ -42,15 +42,19 @@ def embed_streams(tokens: torch.Tensor, tables: Sequence[IdTable], pad_ids: torc
 
     A codebook pad (``pad_ids`` [N], one per stream) embeds to zero, so a text position (its text id on stream 0,
     pads elsewhere) embeds as its text row alone. An id may live in any of ``tables`` (they do not overlap).
+    Each table is looked up once for all N streams ([b, s, N, h]), so the backward builds one dense gradient per
+    table, not one per stream and table (measured: 8 zero-filled [text rows, h] grads were ~3 % of a CPU step);
+    the sums run in the same order as stream by stream, so the values are the same bits.
     """
     keep = ~torch.isin(tokens, pad_ids)
-    hidden = None
-    for n in range(tokens.shape[-1]):  # N streams, not positions
-        emb = None
-        for table in tables:
-            rows = lookup(table, tokens[..., n], keep[..., n])
-            emb = rows if emb is None else emb + rows
-        hidden = emb if hidden is None else hidden + emb
+    per_stream = None  # [b, s, N, h]
+    for table in tables:
+        rows = lookup(table, tokens, keep)
+        per_stream = rows if per_stream is None else per_stream + rows
+    streams = per_stream.unbind(-2)  # one backward node (a stack), not N zero-filled select grads
+    hidden = streams[0]
+    for emb in streams[1:]:  # N streams, not positions
+        hidden = hidden + emb
     return hidden
 
 
