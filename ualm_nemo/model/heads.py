@@ -52,6 +52,9 @@ class StreamHeads(MegatronModule):
                                                                  dtype=config.params_dtype))
             config.init_method(self.codebook_heads)
         self.register_buffer("padded_columns", self._padded_column_mask(), persistent=False)
+        # adding it equals masked_fill(_MASKED) for every finite logit (|x| << ulp(1e30)), fp32 and bf16 alike
+        self.register_buffer("padded_bias", torch.zeros(self.padded_columns.shape).masked_fill(
+            self.padded_columns, _MASKED), persistent=False)
 
     # --- index bookkeeping --------------------------------------------------------------------
     def _padded_column_mask(self) -> torch.Tensor:
@@ -82,10 +85,19 @@ class StreamHeads(MegatronModule):
 
         ``text=False`` (decoding steps that read only audio columns) leaves the text columns masked instead of
         computing the text head."""
-        audio, _ = self.audio_head(hidden)
-        text = self.text_head(hidden)[0] if text else audio.new_full((*audio.shape[:-1], self.text_part), _MASKED)
-        logits = torch.cat([text, audio], dim=-1)
-        return logits.masked_fill(self.padded_columns, _MASKED)
+        if not text:
+            audio, _ = self.audio_head(hidden)
+            masked = audio.new_full((*audio.shape[:-1], self.text_part), _MASKED)
+            return torch.cat([masked, audio], dim=-1).masked_fill(self.padded_columns, _MASKED)
+        # both heads in one matmul over this rank's [text | audio] rows, padded columns pushed to _MASKED by a
+        # bias: no [s, b, vocab] concatenation or masked copy of the logits (forward) nor slices of their grad
+        # (backward). The input handling is ColumnParallelLinear's: all-gather under SP, identity otherwise.
+        if self.config.sequence_parallel:
+            full = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
+        else:
+            full = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
+        weight = torch.cat([self.text_head.weight, self.audio_head.weight])
+        return F.linear(full, weight, self.padded_bias.to(full.dtype))
 
     def _codebook_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [s, b, h] -> logits of streams 1..N-1 over their codebook, [N-1, s_full, b, span] (full)."""
