@@ -49,3 +49,17 @@ def demo_shar(tmp_path_factory) -> dict[str, str]:
     from ualm_nemo.testing.shar_sources import write_demo_shar
 
     return write_demo_shar(tmp_path_factory.mktemp("demo_shar"))
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A real single-node Slurm for the module's tests: started here when absent (installed with apt if need be),
+    stopped afterwards only if this module started it; skipped, with the reason, where it cannot exist."""
+    from launcher import local_slurm  # the repository's launcher/ (python -m pytest puts the root on sys.path)
+
+    try:
+        started = local_slurm.start()
+    except local_slurm.SlurmUnavailable as err:
+        pytest.skip(f"no Slurm here and it cannot be installed: {err}")
+    yield
+    local_slurm.stop(started)  # only what this module started

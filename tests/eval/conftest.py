@@ -4,7 +4,6 @@ short wavs (mono and stereo, 16 / 44.1 kHz)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +42,4 @@ def write_clip(path: Path, seconds: float, rate: int = 16000, channels: int = 1,
     wav = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.shape)
     data = np.stack([wav, 0.5 * wav[::-1]], axis=1) if channels == 2 else wav
     soundfile.write(path, data.astype(np.float32), rate)
-    return path
-
-
-def write_mmau_set(tmp_path: Path, tone: Path) -> Path:
-    """An MMAU-style json: 3 answerable items on ``tone``, one whose audio is missing (counted wrong) and one
-    whose answer is not among its choices (rejected as malformed)."""
-    entries = [{"id": f"q{i}", "audio_id": str(tone), "question": "What is it?", "choices": ["a tone", "a dog"],
-                "answer": "a tone", "task": "sound", "difficulty": "easy", "category": "c", "sub-category": "s"}
-               for i in range(3)]
-    entries.append(entries[0] | {"id": "gone", "audio_id": str(tmp_path / "missing.wav")})
-    entries.append(entries[0] | {"id": "bad", "answer": "a cat"})  # answer not among the choices: rejected
-    path = tmp_path / "mmau.json"
-    path.write_text(json.dumps(entries))
     return path

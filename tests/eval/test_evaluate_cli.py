@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import write_mmau_set
+from ualm_nemo.testing.eval_sets import write_mmau_set
 from ualm_nemo.testing.examples import load_example
 
 

@@ -12,22 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher import local_slurm
-from conftest import write_mmau_set
+from ualm_nemo.testing.eval_sets import write_mmau_set
 from ualm_nemo.testing.examples import load_example
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    try:
-        started = local_slurm.start()
-    except local_slurm.SlurmUnavailable as err:
-        pytest.skip(f"no Slurm here and it cannot be installed: {err}")
-    yield
-    local_slurm.stop(started)
 
 
 def _argv(tiny_export, data: Path, out: Path) -> list[str]:

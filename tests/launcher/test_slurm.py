@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from launcher import local_slurm
 from launcher.submit import main as submit
 from ualm_nemo.distributed.checkpoint import find_latest
 from ualm_nemo.training.preemption import read_run_state
@@ -33,16 +32,6 @@ def shar_blend(demo_shar: dict[str, str]) -> list[str]:
     return [*TINY[:-1], "data=pretrain_blend", "data.tokenizer=byte", "data.shar.max_tokens=512",
             "data.shar.seq_len=256", "data.shar.window_size=8", "data.shar.num_workers=0",
             *(f"data.shar.sources.{i}.shar_dir={d}" for i, d in enumerate(dirs))]
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    try:
-        started = local_slurm.start()
-    except local_slurm.SlurmUnavailable as err:
-        pytest.skip(f"no Slurm here and it cannot be installed: {err}")
-    yield
-    local_slurm.stop(started)  # only what this module started
 
 
 def _job(field: str, job_id: str) -> str:
