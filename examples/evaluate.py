@@ -25,7 +25,7 @@ from ualm_nemo.inference.cli import (add_generation_args, add_model_args, add_sh
                                      shard_of)
 from ualm_nemo.inference.engine import GenerationConfig
 from ualm_nemo.inference.jobs import JobError, ManifestConflict, OutputFolder
-from ualm_nemo.inference.shards import job_folder, refuse_unmerged, shard_items
+from ualm_nemo.inference.shards import refuse_unmerged, shard_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"benchmark": args.benchmark, "checkpoint": str(Path(args.checkpoint).resolve()),
                 "dtype": args.dtype or "stored", "max_answer_tokens": args.max_answer_tokens}
     try:
-        folder_path, notes = job_folder(args.out_dir, settings, shard, args.overwrite)
-        mine = shard_items(items, shard, args.out_dir)
+        folder_path, mine, notes = shard_job(args.out_dir, items, settings, shard, args.overwrite)
         with OutputFolder(folder_path, settings) as folder:
             plan = folder.plan(understanding.job_items(mine), overwrite=args.overwrite)
             for note in notes + plan.notes:
@@ -244,8 +243,7 @@ def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path, shard=N
         settings |= {"checkpoint": str(Path(args.checkpoint).resolve()), "dtype": args.dtype or "stored"}
         scale_dir = out_dir / f"cfg{scale:g}"
         try:
-            folder_path, notes = job_folder(scale_dir, settings, shard, args.overwrite)
-            mine = shard_items(items, shard, scale_dir)
+            folder_path, mine, notes = shard_job(scale_dir, items, settings, shard, args.overwrite)
             with OutputFolder(folder_path, settings) as folder:
                 plan = folder.plan(mine, overwrite=args.overwrite)
                 for note in notes + plan.notes:

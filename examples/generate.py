@@ -40,7 +40,7 @@ from pathlib import Path
 from ualm_nemo.inference.cli import add_generation_args, add_model_args, add_shard_arg, check_paths, \
     generation_config, load_inference, shard_of
 from ualm_nemo.inference.jobs import MANIFEST, Item, JobError, ManifestConflict, OutputFolder, read_items
-from ualm_nemo.inference.shards import job_folder, shard_items
+from ualm_nemo.inference.shards import shard_job
 
 SETTINGS = ("cfg_scale", "temperature", "top_k", "max_frames", "min_frames")  # recorded in each manifest line
 
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               "dtype": args.dtype or "stored",
                                                               "enhancer": args.enhancer and str(Path(
                                                                   args.enhancer).resolve())}
-        folder_path, notes = job_folder(args.out_dir, settings, shard, args.overwrite)
-        items = shard_items(items, shard, args.out_dir)
+        folder_path, items, notes = shard_job(args.out_dir, items, settings, shard, args.overwrite)
         with OutputFolder(folder_path, settings) as folder:
             plan = folder.plan(items, overwrite=args.overwrite)
             for note in notes + plan.notes:

@@ -151,8 +151,16 @@ def _write_manifest(base: Path, entries) -> None:
         os.close(fd)
 
 
-def job_folder(base: str | Path, settings: Mapping[str, object], shard: Shard | None,
-               overwrite: bool = False) -> tuple[Path, list[str]]:
+def shard_job(base: str | Path, items: Sequence[T], settings: Mapping[str, object], shard: Shard | None,
+              overwrite: bool = False) -> tuple[Path, list[T], list[str]]:
+    """(the folder this run writes, the items it does, notes for the user): a sharded run its shard's folder and
+    share; an unsharded one ``base`` (its finished shards merged in first) and every item."""
+    folder, notes = _job_folder(base, settings, shard, overwrite)
+    return folder, _shard_items(items, shard, base), notes
+
+
+def _job_folder(base: str | Path, settings: Mapping[str, object], shard: Shard | None,
+                overwrite: bool = False) -> tuple[Path, list[str]]:
     """(the folder this run writes, notes): its shard's folder, or ``base`` once base's finished shards are
     merged into it (discarded instead with ``overwrite``: starting over means every shard too)."""
     if shard is not None:
@@ -170,7 +178,7 @@ def _discard_shards(base: str | Path) -> list[Path]:
     return shards
 
 
-def shard_items(items: Sequence[T], shard: Shard | None, base: str | Path) -> list[T]:
+def _shard_items(items: Sequence[T], shard: Shard | None, base: str | Path) -> list[T]:
     """The items this run does: all of them, or its shard's share less those the folder already holds."""
     if shard is None:
         return list(items)
@@ -186,5 +194,4 @@ def refuse_unmerged(base: str | Path, what: str) -> None:
                        "generating command without --shard on it first, to merge them")
 
 
-__all__ = ["SHARD_HELP", "Shard", "job_folder", "merge_shards", "parse_shard", "refuse_unmerged", "shard_folders",
-           "shard_items"]
+__all__ = ["SHARD_HELP", "Shard", "merge_shards", "parse_shard", "refuse_unmerged", "shard_folders", "shard_job"]
