@@ -228,8 +228,7 @@ def _tta_eval_set(args, needs_reference: bool):
 def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path, shard=None) -> list[tuple[str, float, Path]]:
     """Generate every item (or the shard's) at each CFG scale into out_dir/cfg{scale}/ (resumable job folders;
     a shard's in cfg{scale}/shard-K-of-N/); returns (row name, scale, the scale's folder) per scale."""
-    from tqdm import tqdm
-
+    from ualm_nemo.inference.audio_job import generate_clips, tta_settings
     from ualm_nemo.inference.cli import check_paths, generation_config
 
     check_paths(args, parser)
@@ -239,8 +238,8 @@ def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path, shard=N
     for scale in cfgs:
         args.cfg_scale = scale
         cfg = generation_config(args, parser)
-        settings = {k: getattr(cfg, k) for k in ("cfg_scale", "temperature", "top_k", "max_frames", "min_frames")}
-        settings |= {"checkpoint": str(Path(args.checkpoint).resolve()), "dtype": args.dtype or "stored"}
+        settings = tta_settings(cfg) | {"checkpoint": str(Path(args.checkpoint).resolve()),
+                                        "dtype": args.dtype or "stored"}
         scale_dir = out_dir / f"cfg{scale:g}"
         try:
             folder_path, mine, notes = shard_job(scale_dir, items, settings, shard, args.overwrite)
@@ -253,19 +252,8 @@ def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path, shard=N
                 if plan.todo and infer is None:
                     infer = load_inference(args, parser)
                 folder.prepare(plan)
-                todo = plan.todo
-                with tqdm(total=len(todo), desc=f"generating cfg {scale:g}", unit="clip",
-                          disable=args.no_progress) as bar:
-                    for start in range(0, len(todo), args.batch_size):
-                        chunk = todo[start:start + args.batch_size]
-                        for item, reply in zip(chunk, infer.text_to_audio([i.caption for i in chunk],
-                                                                          [i.seed for i in chunk], cfg)):
-                            if not reply.audio:
-                                folder.add(item, frames=0, skipped=f"no audio (stop={reply.stop!r})")
-                                continue
-                            audio = reply.audio[0]
-                            folder.add(item, audio.wav, audio.sample_rate, frames=int(audio.codes.shape[0]))
-                        bar.update(len(chunk))
+                generate_clips(infer, cfg, folder, plan.todo, args.batch_size, not args.no_progress,
+                               desc=f"generating cfg {scale:g}")
         except ManifestConflict as err:
             parser.error(f"{err}: use --overwrite to start over, or a new --out-dir")
         runs.append((f"cfg={scale:g}", scale, scale_dir))

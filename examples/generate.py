@@ -20,7 +20,9 @@ same audio alone or in any batch. Decoding runs on --device (default: cuda when 
 --out-dir receives {id}.wav (16 kHz mono, 16-bit; 48 kHz stereo with --enhancer) per item and manifest.jsonl, one line per finished item:
 id, caption, seed, cfg_scale, temperature, top_k, max_frames, min_frames, audio (the wav's file name),
 sample_rate, frames, duration (s). A wav is written under a temporary name and renamed into place, and only then
-is its manifest line appended (flushed to disk), so the manifest never lists a half-written file.
+is its manifest line appended (flushed to disk), so the manifest never lists a half-written file. A reply without
+audio (none is expected: a text-to-audio turn is forced to end its audio by max_frames) is a line with "skipped",
+counted in the summary, not a crash mid-run.
 
 Re-running the same command resumes: items already in the manifest are skipped and the rest generated. If the
 manifest holds an item with other settings (caption, seed, cfg scale, temperature, top-k, frame limits) the run
@@ -39,10 +41,9 @@ from pathlib import Path
 
 from ualm_nemo.inference.cli import add_generation_args, add_model_args, add_shard_arg, check_paths, \
     generation_config, load_inference, shard_of
-from ualm_nemo.inference.jobs import MANIFEST, Item, JobError, ManifestConflict, OutputFolder, read_items
+from ualm_nemo.inference.audio_job import generate_clips, tta_settings
+from ualm_nemo.inference.jobs import MANIFEST, JobError, ManifestConflict, OutputFolder, read_items
 from ualm_nemo.inference.shards import shard_job
-
-SETTINGS = ("cfg_scale", "temperature", "top_k", "max_frames", "min_frames")  # recorded in each manifest line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                            first_seed=args.seed, max_chars=args.max_caption_chars,
                            max_chars_name="--max-caption-chars")
         # what makes the audio: a rerun into the same folder must not mix in another model, dtype or sampling
-        settings = {k: getattr(cfg, k) for k in SETTINGS} | {"checkpoint": str(Path(args.checkpoint).resolve()),
-                                                              "dtype": args.dtype or "stored",
-                                                              "enhancer": args.enhancer and str(Path(
-                                                                  args.enhancer).resolve())}
+        settings = tta_settings(cfg) | {"checkpoint": str(Path(args.checkpoint).resolve()),
+                                        "dtype": args.dtype or "stored",
+                                        "enhancer": args.enhancer and str(Path(args.enhancer).resolve())}
         folder_path, items, notes = shard_job(args.out_dir, items, settings, shard, args.overwrite)
         with OutputFolder(folder_path, settings) as folder:
             plan = folder.plan(items, overwrite=args.overwrite)
@@ -97,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             enhancer = load_enhancer(args, parser) if plan.todo and args.enhancer else None
             infer = load_inference(args, parser, enhancer) if plan.todo else None  # folder untouched until loaded
             folder.prepare(plan)
-            written = generate(infer, cfg, folder, plan.todo, args.batch_size, not args.no_progress)
+            counts = generate_clips(infer, cfg, folder, plan.todo, args.batch_size, not args.no_progress)
     except ManifestConflict as err:
         parser.error(f"{err}: use --overwrite to start over, or a new --out-dir")
     except JobError as err:
         parser.error(str(err))
-    print(f"done: {written} written, {plan.done} skipped (already done), in {folder.path} ({MANIFEST})")
+    no_audio = f", {counts.no_audio} without audio (recorded as skipped)" if counts.no_audio else ""
+    print(f"done: {counts.written} written{no_audio}, {plan.done} skipped (already done), in {folder.path} "
+          f"({MANIFEST})")
     return 0
 
 
@@ -114,23 +116,6 @@ def load_enhancer(args, parser):
         return Enhancer.from_pretrained(args.enhancer, device=args.device)
     except (FileNotFoundError, ValueError) as err:
         parser.error(f"--enhancer: cannot load: {err}")
-
-
-def generate(infer, cfg, folder: OutputFolder, todo: list[Item], batch_size: int, progress: bool) -> int:
-    """Decode ``todo`` batch by batch; each item's wav and manifest line as soon as its batch is done."""
-    from tqdm import tqdm
-
-    with tqdm(total=len(todo), desc="generating", unit="clip", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            replies = infer.text_to_audio([i.caption for i in chunk], [i.seed for i in chunk], cfg)
-            for item, reply in zip(chunk, replies):
-                if not reply.audio:
-                    raise RuntimeError(f"item {item.id}: the model returned no audio (stop={reply.stop!r})")
-                audio = reply.audio[0]
-                folder.add(item, audio.wav, audio.sample_rate, frames=int(audio.codes.shape[0]))
-            bar.update(len(chunk))
-    return len(todo)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ import torch
 from ualm_nemo.testing.examples import load_example
 from ualm_nemo.testing.hf_folders import make_hf_folder
 
-def _cli(name: str):
-    return load_example(name)
-
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory) -> Path:
@@ -29,7 +26,7 @@ def hf(tmp_path_factory) -> Path:
 def fails(capsys):
     """Run a CLI's main(argv); assert exit code 2 and return its stderr."""
     def run(cli: str, argv: list[str]) -> str:
-        assert _cli(cli).main(argv) == 2
+        assert load_example(cli).main(argv) == 2
         return capsys.readouterr().err
     return run
 

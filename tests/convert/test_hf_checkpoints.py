@@ -33,9 +33,6 @@ V = 384  # tiny text vocab
 SEQ = 16
 
 
-def _cli(name: str):
-    return load_example(name)
-
 
 def _stream_tokens(vocab, ids: torch.Tensor) -> torch.Tensor:
     return torch.tensor([[vocab.text_position_streams(int(t)) for t in row] for row in ids])
@@ -85,7 +82,7 @@ def _worker(root: str) -> dict:
     r = Path(root)
     inputs = torch.load(r / "inputs.pt")
     out: dict = {}
-    hf2u, u2hf = _cli("convert_hf_to_ualm"), _cli("convert_ualm_to_hf")
+    hf2u, u2hf = load_example("convert_hf_to_ualm"), load_example("convert_ualm_to_hf")
     _phase(out, "import", lambda: hf2u.main([str(r / "hf"), str(r / "imported"), "--model", "tiny",
                                               "--tensor-parallel", "2", "--new-rows-init", "normal", "--no-progress"]))
     _phase(out, "export_import", lambda: u2hf.main([str(r / "imported"), str(r / "hf_round_trip"), "--no-progress"]))

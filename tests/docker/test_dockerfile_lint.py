@@ -33,3 +33,23 @@ def test_linter_catches_a_bad_dockerfile(tmp_path):
     bad.write_text("FROM ubuntu\nRUN apt-get install -y curl\n")  # untagged image, unpinned apt, no clean-up
     result = _lint(bad)
     assert result.returncode != 0 and "DL3006" in result.stdout
+
+
+def test_image_keeps_the_base_torch_and_installs_the_eval_extra():
+    """The image's pip install (requirements.txt + requirements-eval.txt through the Dockerfile's own grep filter)
+    must not pin torch, torchaudio or torchvision (pip would replace the NGC base's CUDA builds), and must keep
+    every other pin of both files (evaluation during training runs in this image)."""
+    import re
+
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    found = re.search(r"grep -hvE '([^']+)' ([^>]+)>", text)
+    pattern = found.group(1)
+    assert found.group(2).split() == ["requirements.txt", "requirements-eval.txt"]
+    pins = [line.strip() for name in ("requirements.txt", "requirements-eval.txt")
+            for line in (ROOT / name).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    kept = [p for p in pins if not re.search(pattern, p)]
+    names = {re.split(r"[\[=<>]", p)[0].lower() for p in kept}
+    assert not names & {"torch", "torchaudio", "torchvision"}
+    assert len(kept) == len(pins) - sum(re.split(r"[\[=<>]", p)[0] in ("torch", "torchaudio", "torchvision")
+                                        for p in pins)
+    assert {"laion_clap", "lm_eval", "megatron-core"} <= names

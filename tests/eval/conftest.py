@@ -1,14 +1,11 @@
 """Random-weight metric models at their real sizes, saved once per session in their public checkpoint formats
-(CLAP's RoBERTa cut to one layer and a byte-level vocabulary: its shapes are read off the file), and a few
-short wavs (mono and stereo, 16 / 44.1 kHz)."""
+(CLAP's RoBERTa cut to one layer and a byte-level vocabulary: its shapes are read off the file)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 
 from ualm_nemo.testing.metric_models import write_random_aes, write_random_clap
@@ -33,13 +30,3 @@ def save_metric_models(root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def metric_models(tmp_path_factory) -> dict[str, Path]:
     return save_metric_models(tmp_path_factory.mktemp("metric_models"))
-
-
-def write_clip(path: Path, seconds: float, rate: int = 16000, channels: int = 1, freq: float = 440.0,
-               seed: int = 0) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    rng = np.random.default_rng(seed)
-    wav = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.shape)
-    data = np.stack([wav, 0.5 * wav[::-1]], axis=1) if channels == 2 else wav
-    soundfile.write(path, data.astype(np.float32), rate)
-    return path

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from conftest import write_clip
 from ualm_nemo.eval.checkpoints import sha256
+from ualm_nemo.testing.eval_sets import write_clip
 from ualm_nemo.testing.examples import load_example
 
 MODEL_FLAGS = ("openl3", "passt", "panns", "clap", "aes")

@@ -13,9 +13,6 @@ import soundfile
 from ualm_nemo.testing.examples import load_example
 
 
-def _cli(name: str):
-    return load_example(name)
-
 
 @pytest.fixture(scope="module")
 def world(tiny_export):
@@ -26,7 +23,7 @@ def world(tiny_export):
 
 def _run(world, *args: str, capsys=None) -> tuple[int, str]:
     defaults = ["--checkpoint", str(world / "hf"), "--max-frames", "12", "--min-frames", "4", "--max-text-tokens", "6"]
-    code = _cli("chat").main([args[0], *defaults, *args[1:]])  # later flags win: the test's own come last
+    code = load_example("chat").main([args[0], *defaults, *args[1:]])  # later flags win: the test's own come last
     return code, capsys.readouterr().out if capsys else ""
 
 
@@ -99,6 +96,6 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys):
     bad.write_text('{"mode": "chat"}')
     assert "turns" in _error(world, capsys, "script", "--script", str(bad), "--out-dir", out)
     with pytest.raises(SystemExit):
-        _cli("chat").main(["chat", "--checkpoint", str(tmp_path / "missing"), "--say", "x", "--out-dir", out])
+        load_example("chat").main(["chat", "--checkpoint", str(tmp_path / "missing"), "--say", "x", "--out-dir", out])
     assert "no such checkpoint" in capsys.readouterr().err
     assert not Path(out).exists()  # nothing half-written

@@ -20,7 +20,7 @@ import pytest
 import soundfile
 import torch
 
-from ualm_nemo.testing.examples import load_example
+from ualm_nemo.testing.examples import load_example, run_ok, run_refused
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
@@ -49,27 +49,13 @@ def _argv(parts, out: Path, *extra: str, checkpoint: Path | None = None) -> list
             "--max-frames", "8", "--no-progress", *extra]
 
 
-def _run(argv: list[str], capsys) -> str:
-    assert cli.main(argv) == 0
-    return capsys.readouterr().out
-
-
-def _refused(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
 def _manifest(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 def _full_run(parts, tmp_path, capsys, out: Path, *extra: str) -> Path:
     captions = _write_jsonl(tmp_path / "captions.jsonl", CAPTIONS)
-    _run(_argv(parts, out, "--captions", str(captions), "--caption", "wind", "--batch-size", "2", *extra), capsys)
+    run_ok(cli.main, _argv(parts, out, "--captions", str(captions), "--caption", "wind", "--batch-size", "2", *extra), capsys)
     return captions
 
 
@@ -83,7 +69,7 @@ def test_batches_write_wavs_and_manifest_and_equal_single(parts, tmp_path, capsy
     captions = _write_jsonl(tmp_path / "captions.jsonl", CAPTIONS)
     argv = _argv(parts, out, "--captions", str(captions), "--caption", "wind", "--batch-size", "2", "--seed", "10")
     argv.remove("--no-progress")  # the progress bar runs too (to stderr)
-    printed = _run(argv, capsys)
+    printed = run_ok(cli.main, argv, capsys)
     assert "done: 4 written, 0 skipped" in printed and str(out) in printed
     entries = _manifest(out)
     assert [e["id"] for e in entries] == ["dog", "00001", "00002", "00003"]
@@ -100,7 +86,7 @@ def test_batches_write_wavs_and_manifest_and_equal_single(parts, tmp_path, capsy
 
     # "rain" was the short, left-padded row of the first batch: alone (batch 1, same seed) it gives the same wav
     alone = tmp_path / "alone"
-    _run(_argv(parts, alone, "--caption", "rain", "--seed", "11", "--batch-size", "1"), capsys)
+    run_ok(cli.main, _argv(parts, alone, "--caption", "rain", "--seed", "11", "--batch-size", "1"), capsys)
     (single,) = _manifest(alone)
     assert single["frames"] == entries[1]["frames"]
     assert (_audio(alone / "00000.wav")[0] == _audio(out / "00001.wav")[0]).all()
@@ -119,7 +105,7 @@ def test_resume_after_a_killed_run_redoes_only_the_missing_items(parts, tmp_path
     (out / "00001.wav").unlink()
     (out / ".00001.wav.partial").write_bytes(b"RIFF\x00\x00")
 
-    printed = _run(argv, capsys)
+    printed = run_ok(cli.main, argv, capsys)
     assert "2 of 4 items already done (skipped), 2 to generate" in printed
     assert "done: 2 written, 2 skipped" in printed and "incomplete last line" in printed
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.wav")}
@@ -131,7 +117,7 @@ def test_resume_after_a_killed_run_redoes_only_the_missing_items(parts, tmp_path
     entries = _manifest(out)
     assert sorted(e["id"] for e in entries) == ["00001", "00002", "00003", "dog"]  # each once, all whole lines
 
-    assert "done: 0 written, 4 skipped" in _run(argv, capsys)  # nothing left to do: the model is not even loaded
+    assert "done: 0 written, 4 skipped" in run_ok(cli.main, argv, capsys)  # nothing left to do: the model is not even loaded
 
 
 def test_other_settings_are_refused_and_overwrite_starts_over(parts, tmp_path, capsys):
@@ -139,13 +125,13 @@ def test_other_settings_are_refused_and_overwrite_starts_over(parts, tmp_path, c
     captions = _full_run(parts, tmp_path, capsys, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     base = ["--captions", str(captions), "--caption", "wind", "--batch-size", "2"]
-    err = _refused(_argv(parts, out, *base, "--cfg-scale", "2"), capsys)
+    err = run_refused(cli.main, _argv(parts, out, *base, "--cfg-scale", "2"), capsys)
     assert "other settings" in err and "cfg_scale 3.0 -> 2.0" in err and "--overwrite" in err and "--out-dir" in err
-    err = _refused(_argv(parts, out, "--captions", str(captions), "--caption", "gusty wind"), capsys)
+    err = run_refused(cli.main, _argv(parts, out, "--captions", str(captions), "--caption", "gusty wind"), capsys)
     assert "00003: caption 'wind' -> 'gusty wind'" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused: nothing touched
 
-    printed = _run(_argv(parts, out, "--captions", str(captions), "--cfg-scale", "2", "--overwrite"), capsys)
+    printed = run_ok(cli.main, _argv(parts, out, "--captions", str(captions), "--cfg-scale", "2", "--overwrite"), capsys)
     assert "done: 3 written, 0 skipped" in printed
     entries = _manifest(out)
     assert [e["id"] for e in entries] == ["dog", "00001", "00002"] and {e["cfg_scale"] for e in entries} == {2.0}
@@ -167,7 +153,7 @@ def test_bad_caption_lines_are_all_reported_before_loading(parts, tmp_path, caps
     ], blank_lines=False)
     out = tmp_path / "out"
     # --checkpoint is an existing folder that is no checkpoint: a load would fail with another message
-    err = _refused(_argv(parts, out, "--captions", str(bad), "--max-caption-chars", "20", checkpoint=tmp_path),
+    err = run_refused(cli.main, _argv(parts, out, "--captions", str(bad), "--max-caption-chars", "20", checkpoint=tmp_path),
                    capsys)
     assert "9 bad caption item(s)" in err
     for line, reason in [(2, "invalid JSON"), (3, 'no "caption"'), (4, "empty caption"),
@@ -200,29 +186,29 @@ def test_bad_flags_are_one_clear_line(parts, tmp_path, capsys, extra, message):
     argv = _argv(parts, tmp_path / "out", *extra)
     if "--caption" not in extra and extra:
         argv += ["--caption", "rain"]
-    err = _refused(argv, capsys)
+    err = run_refused(cli.main, argv, capsys)
     assert all(part in err for part in message), err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_a_gpu_is_refused(parts, tmp_path, capsys):
-    err = _refused(_argv(parts, tmp_path / "out", "--caption", "rain", "--device", "cuda"), capsys)
+    err = run_refused(cli.main, _argv(parts, tmp_path / "out", "--caption", "rain", "--device", "cuda"), capsys)
     assert "--device cuda: CUDA is not available here" in err
 
 
 def test_missing_folders_and_empty_file(parts, tmp_path, capsys):
     out = tmp_path / "out"
-    err = _refused(_argv(parts, out, "--caption", "rain", checkpoint=tmp_path / "nope"), capsys)
+    err = run_refused(cli.main, _argv(parts, out, "--caption", "rain", checkpoint=tmp_path / "nope"), capsys)
     assert f"--checkpoint {tmp_path / 'nope'}: no such checkpoint" in err
-    err = _refused(_argv(parts, out, "--caption", "rain") + ["--codec", str(tmp_path)], capsys)
+    err = run_refused(cli.main, _argv(parts, out, "--caption", "rain") + ["--codec", str(tmp_path)], capsys)
     assert f"--codec {tmp_path}: not an X-Codec folder" in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
-    assert f"{empty}: no captions in the file" in _refused(_argv(parts, out, "--captions", str(empty)), capsys)
-    err = _refused(_argv(parts, out, "--captions", str(tmp_path / "none.jsonl")), capsys)
+    assert f"{empty}: no captions in the file" in run_refused(cli.main, _argv(parts, out, "--captions", str(empty)), capsys)
+    err = run_refused(cli.main, _argv(parts, out, "--captions", str(tmp_path / "none.jsonl")), capsys)
     assert f"{tmp_path / 'none.jsonl'}: no such file" in err
-    err = _refused(_argv(parts, empty, "--caption", "rain"), capsys)
+    err = run_refused(cli.main, _argv(parts, empty, "--caption", "rain"), capsys)
     assert f"--out-dir {empty}: exists and is not a folder" in err
     assert not out.exists()
 
@@ -231,7 +217,7 @@ def test_training_checkpoint_through_the_command_line(parts, tmp_path, capsys):
     """``python examples/generate.py`` on the training checkpoint (read into the HF-side class) gives the same
     wav as the exported folder."""
     ref = tmp_path / "ref"
-    _run(_argv(parts, ref, "--caption", "rain", "--seed", "3"), capsys)
+    run_ok(cli.main, _argv(parts, ref, "--caption", "rain", "--seed", "3"), capsys)
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "examples/generate.py",
                            *_argv(parts, out, "--caption", "rain", "--seed", "3", checkpoint=parts["ckpt"])],
@@ -253,7 +239,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused(parts, tmp_path, capsys):
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # what a running generate.py holds
-        err = _refused(_argv(parts, out, "--caption", "rain"), capsys)
+        err = run_refused(cli.main, _argv(parts, out, "--caption", "rain"), capsys)
     finally:
         os.close(fd)
     assert f"another run is writing to {out}" in err and not list(out.iterdir())

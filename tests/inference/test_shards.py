@@ -15,7 +15,7 @@ import pytest
 
 from ualm_nemo.inference.jobs import OutputFolder
 from ualm_nemo.inference.shards import Shard, parse_shard, shard_folders
-from ualm_nemo.testing.examples import load_example
+from ualm_nemo.testing.examples import load_example, run_ok, run_refused
 
 pytestmark = pytest.mark.timeout(300)
 cli = load_example("generate")
@@ -26,18 +26,6 @@ def _argv(parts, out: Path, *extra: str) -> list[str]:
     captions = [a for c in CAPTIONS for a in ("--caption", c)]
     return ["--checkpoint", str(parts["hf"]), "--codec", str(parts["codec"]), "--out-dir", str(out),
             "--max-frames", "8", "--batch-size", "2", "--no-progress", *captions, *extra]
-
-
-def _run(argv, capsys) -> str:
-    assert cli.main(argv) == 0
-    return capsys.readouterr().out
-
-
-def _refused(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 def _lines(out: Path) -> dict[str, dict]:
@@ -52,13 +40,13 @@ def _same_as(reference: Path, out: Path) -> None:
 
 def test_shards_then_merge_equal_the_unsharded_run(tiny_export, tmp_path, capsys):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _run(_argv(tiny_export, whole), capsys)
+    run_ok(cli.main, _argv(tiny_export, whole), capsys)
     for k in (0, 1):
-        printed = _run(_argv(tiny_export, split, "--shard", f"{k}/2"), capsys)
+        printed = run_ok(cli.main, _argv(tiny_export, split, "--shard", f"{k}/2"), capsys)
         assert f"in {split / f'shard-{k}-of-2'}" in printed
     assert len(_lines(split / "shard-0-of-2")) == 3 and len(_lines(split / "shard-1-of-2")) == 2
     assert not (split / "manifest.jsonl").exists()
-    printed = _run(_argv(tiny_export, split), capsys)  # merges, nothing left to generate
+    printed = run_ok(cli.main, _argv(tiny_export, split), capsys)  # merges, nothing left to generate
     assert "merged shard shard-0-of-2: 3 finished items" in printed and "done: 0 written, 5 skipped" in printed
     assert shard_folders(split) == []
     _same_as(whole, split)
@@ -66,25 +54,25 @@ def test_shards_then_merge_equal_the_unsharded_run(tiny_export, tmp_path, capsys
 
 def test_a_lost_shard_wav_is_redone_by_the_merging_run(tiny_export, tmp_path, capsys):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _run(_argv(tiny_export, whole), capsys)
-    _run(_argv(tiny_export, split, "--shard", "0/2"), capsys)  # shard 1/2 never ran (a failed array task)
+    run_ok(cli.main, _argv(tiny_export, whole), capsys)
+    run_ok(cli.main, _argv(tiny_export, split, "--shard", "0/2"), capsys)  # shard 1/2 never ran (a failed array task)
     (split / "shard-0-of-2" / "00002.wav").unlink()  # and one of shard 0's wavs is gone
-    printed = _run(_argv(tiny_export, split), capsys)
+    printed = run_ok(cli.main, _argv(tiny_export, split), capsys)
     assert "(1 without their wav, to be redone)" in printed and "done: 3 written, 2 skipped" in printed
     _same_as(whole, split)
 
 
 def test_running_or_mismatched_shards_are_refused(tiny_export, tmp_path, capsys):
     split = tmp_path / "split"
-    _run(_argv(tiny_export, split, "--shard", "0/2"), capsys)
-    _run(_argv(tiny_export, split, "--shard", "1/2", "--cfg-scale", "2"), capsys)  # another setting
+    run_ok(cli.main, _argv(tiny_export, split, "--shard", "0/2"), capsys)
+    run_ok(cli.main, _argv(tiny_export, split, "--shard", "1/2", "--cfg-scale", "2"), capsys)  # another setting
     with OutputFolder(split / "shard-0-of-2", {}):  # shard 0 is still running: it holds its folder's lock
-        err = _refused(_argv(tiny_export, split), capsys)
+        err = run_refused(cli.main, _argv(tiny_export, split), capsys)
     assert "another run is writing to" in err and "shard-0-of-2" in err
-    err = _refused(_argv(tiny_export, split), capsys)
+    err = run_refused(cli.main, _argv(tiny_export, split), capsys)
     assert "shard-1-of-2: item" in err and "cfg_scale 2.0 (here 3.0)" in err
     assert not (split / "manifest.jsonl").exists() and len(shard_folders(split)) == 2  # nothing merged
-    printed = _run(_argv(tiny_export, split, "--overwrite"), capsys)  # starting over discards every shard
+    printed = run_ok(cli.main, _argv(tiny_export, split, "--overwrite"), capsys)  # starting over discards every shard
     assert "discarded shard shard-1-of-2" in printed and shard_folders(split) == []
     assert len(_lines(split)) == 5
 
@@ -93,7 +81,7 @@ def test_running_or_mismatched_shards_are_refused(tiny_export, tmp_path, capsys)
                                            ("slurm", "not a task of a Slurm array")])
 def test_bad_shard_flags_are_refused_before_any_work(tiny_export, tmp_path, capsys, text, message, monkeypatch):
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
-    err = _refused(_argv(tiny_export, tmp_path / "never", "--shard", text), capsys)
+    err = run_refused(cli.main, _argv(tiny_export, tmp_path / "never", "--shard", text), capsys)
     assert f"--shard {text!r}" in err and message in err
     assert not (tmp_path / "never").exists()
 

@@ -179,16 +179,21 @@ def test_whole_floats_are_accepted_as_ints():
 
 
 def test_train_command_prints_one_line_for_a_bad_number(tmp_path):
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
+    (tmp_path / "cwd").mkdir()
     done = subprocess.run([sys.executable, str(root / "examples" / "train.py"), "train.max_steps=abc",
-                           f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+                           f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path / "cwd", env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == "train.py: error: train.max_steps='abc' must be a whole number"
-    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+    assert "Traceback" not in done.stderr
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["hydra"]  # the attempt's log, no run state
+    assert not any((tmp_path / "cwd").iterdir())  # nothing written where the command was started
 
 
 def test_missing_manifest_and_unwritable_output_dir_are_named(tmp_path):

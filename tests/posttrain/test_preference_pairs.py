@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ualm_nemo.posttrain import preference_pairs as pp
-from ualm_nemo.testing.examples import load_example
+from ualm_nemo.testing.examples import load_example, run_ok, run_refused
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
@@ -58,20 +58,6 @@ def _argv(parts, models, prompts: Path, out: Path, *extra: str, checkpoint: Path
     return ["--checkpoint", str(checkpoint or parts["hf"]), "--codec", str(parts["codec"]), "--prompts",
             str(prompts), "--output", str(out), "--clap", str(models["clap"]), "--clap-tokenizer",
             str(models["clap_tokenizer"]), "--max-frames", "6", "--no-progress", *extra]
-
-
-def _run(argv, capsys) -> str:
-    assert cli.main(argv) == 0
-    return capsys.readouterr().out
-
-
-def _refused(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def _snapshot(out: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -170,7 +156,7 @@ def test_rerun_skips_everything_and_other_settings_are_refused(main_run, monkeyp
 
     monkeypatch.setattr(cli, "load_inference", no_model)
     monkeypatch.setattr(pp.Scorer, "load", no_model)
-    printed = _run(argv, capsys)
+    printed = run_ok(cli.main, argv, capsys)
     assert "2 of 2 prompts already done" in printed and "done: 0 prompts generated, 2 already done; 2 pairs" in printed
     after = _snapshot(out)
     for name in ("candidates.jsonl", "settings.json", "candidates/dog/0.npy", "candidates/chat/1.wav"):
@@ -189,10 +175,10 @@ def test_rerun_skips_everything_and_other_settings_are_refused(main_run, monkeyp
                 changed[changed.index(flag) + 1] = value
             else:
                 changed += [flag, value]
-        err = _refused(changed, capsys)
+        err = run_refused(cli.main, changed, capsys)
         assert "was written with other settings" in err and change in err and "settings.json" in err, err
     other = _jsonl(tmp_path / "other.jsonl", [{"id": "dog", "caption": "a cat"}])
-    err = _refused([*argv, "--prompts", str(other)], capsys)
+    err = run_refused(cli.main, [*argv, "--prompts", str(other)], capsys)
     assert "with another prompt or caption (dog)" in err
     assert {k: v[2] for k, v in _snapshot(out).items()} == {k: v[2] for k, v in after.items()}  # nothing touched
 
@@ -204,7 +190,7 @@ def test_min_margin_skips_are_counted_and_a_killed_run_resumes(tiny_export, metr
     out = tmp_path / "out"
     argv = _argv(tiny_export, metric_files, prompts, out, "--num-candidates", "3", "--batch-size", "6",
                  "--metric", "clap=1", "--min-margin", "2.5")
-    printed = _run(argv, capsys)
+    printed = run_ok(cli.main, argv, capsys)
     assert "0 pairs of 3 prompts (skipped: 3 margin_below_min)" in printed
     assert (out / pp.PAIRS).read_text() == ""
     report = json.loads((out / pp.REPORT).read_text())
@@ -225,7 +211,7 @@ def test_min_margin_skips_are_counted_and_a_killed_run_resumes(tiny_export, metr
     (out / pp.CANDIDATES).write_text("".join(text[:7]) + text[7][:20])  # "7": k=0 whole, k=1 torn, k=2 missing
     (out / "candidates/beep/2.wav").unlink()
     (out / "candidates/dog/.0.npy.partial").write_bytes(b"\x93NUMPY")
-    printed = _run(argv, capsys)
+    printed = run_ok(cli.main, argv, capsys)
     assert "incomplete last line" in printed and "1 of 3 prompts already done" in printed
     assert "done: 2 prompts generated, 1 already done" in printed
     after = _snapshot(out)
@@ -270,7 +256,7 @@ def test_rule_selection():
 def test_bad_input_is_refused_before_any_work(tiny_export, metric_files, tmp_path, capsys, lines, extra, message):
     prompts = _jsonl(tmp_path / "prompts.jsonl", lines)
     # --checkpoint: an existing folder that is no model (a load would fail with "cannot load")
-    err = _refused(_argv(tiny_export, metric_files, prompts, tmp_path / "out", *extra, checkpoint=tmp_path), capsys)
+    err = run_refused(cli.main, _argv(tiny_export, metric_files, prompts, tmp_path / "out", *extra, checkpoint=tmp_path), capsys)
     for part in (message if isinstance(message, tuple) else (message,)):
         assert part in err, err
     assert "cannot load" not in err and not (tmp_path / "out").exists()

@@ -1,9 +1,12 @@
-"""Tiny benchmark files for the evaluation command tests (a package module: any test folder can import it)."""
+"""Tiny benchmark files and wavs for the evaluation tests (a package module: any test folder can import it)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
+import soundfile
 
 
 def write_mmau_set(tmp_path: Path, tone: Path) -> Path:
@@ -16,4 +19,15 @@ def write_mmau_set(tmp_path: Path, tone: Path) -> Path:
     entries.append(entries[0] | {"id": "bad", "answer": "a cat"})  # answer not among the choices: rejected
     path = tmp_path / "mmau.json"
     path.write_text(json.dumps(entries))
+    return path
+
+
+def write_clip(path: Path, seconds: float, rate: int = 16000, channels: int = 1, freq: float = 440.0,
+               seed: int = 0) -> Path:
+    """A noisy tone wav (mono, or stereo with a reversed second channel) at ``rate``: reproducible by ``seed``."""
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(seed)
+    wav = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.shape)
+    data = np.stack([wav, 0.5 * wav[::-1]], axis=1) if channels == 2 else wav
+    soundfile.write(path, data.astype(np.float32), rate)
     return path

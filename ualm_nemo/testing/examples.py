@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -15,3 +18,19 @@ def load_example(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_ok(main: Callable[[list[str]], int], argv: list[str], capsys) -> str:
+    """``main(argv)`` succeeds (0) -> its stdout (pytest's ``capsys``)."""
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def run_refused(main: Callable[[list[str]], int], argv: list[str], capsys) -> str:
+    """``main(argv)`` is refused as argparse refuses (exit 2) with a message, not a traceback -> its stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err

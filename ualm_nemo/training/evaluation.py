@@ -165,14 +165,14 @@ class TrainingEvaluator:
 
     def _score_tta(self, step: int, folder: Path, codes: dict[str, torch.Tensor | None]) -> dict[str, Any]:
         from ualm_nemo.eval import tta
+        from ualm_nemo.inference.audio_job import tta_settings
         from ualm_nemo.inference.jobs import OutputFolder
 
         if self.codec is None:
             self._load()
         gen = tta_generation(self.cfg)
-        settings = {k: getattr(gen, k) for k in ("cfg_scale", "temperature", "top_k", "max_frames", "min_frames")}
         clips = []
-        with OutputFolder(folder, {**settings, "step": step}) as out:
+        with OutputFolder(folder, {**tta_settings(gen), "step": step}) as out:
             out.prepare(out.plan(self.tta_items, overwrite=True))  # a resumed job redoes the step whole
             for item in self.tta_items:
                 if codes[item.id] is None:
