@@ -24,6 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ualm_nemo.testing.processes import MARKER_VAR, marked_processes
+
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,17 +51,6 @@ runpy.run_path("examples/train.py", run_name="__main__")
 """
 
 
-def _marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("UALM_KILL_TEST") == marker:
-                found.append(proc)
-        except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
-            pass
-    return found
-
-
 def test_nothing_of_a_killed_training_run_is_left(tmp_path, demo_shar):
     out, marker = tmp_path / "run", uuid.uuid4().hex
     sources = ", ".join(f"{{name: {task}, shar_dir: '{demo_shar[task]}', weight: 1.0}}" for task in ("tta", "text"))
@@ -69,7 +60,7 @@ def test_nothing_of_a_killed_training_run_is_left(tmp_path, demo_shar):
            "data.shar.num_workers=2", "data.shar.window_size=8", "data.shar.max_tokens=512",
            f"data.shar.sources=[{sources}]"]
     log = (tmp_path / "train.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "UALM_KILL_TEST": marker}, stdout=log,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, MARKER_VAR: marker}, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -83,7 +74,7 @@ def test_nothing_of_a_killed_training_run_is_left(tmp_path, demo_shar):
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
         killed_at = time.monotonic()
-        while (left := _marked(marker)) and time.monotonic() - killed_at < GRACE_S:
+        while (left := marked_processes(marker)) and time.monotonic() - killed_at < GRACE_S:
             time.sleep(0.2)
         assert left == [], [(p.pid, p.ppid(), " ".join(p.cmdline())[:120]) for p in left]
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in before)
@@ -91,5 +82,5 @@ def test_nothing_of_a_killed_training_run_is_left(tmp_path, demo_shar):
         assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     finally:
         log.close()
-        for p in _marked(marker):  # never leave a process behind, whatever failed above
+        for p in marked_processes(marker):  # never leave a process behind, whatever failed above
             p.kill()
