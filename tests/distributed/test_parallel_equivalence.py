@@ -8,6 +8,7 @@ the single-process run to fp32 tolerance.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ualm_nemo.testing.dist import run_distributed
 
@@ -44,11 +45,14 @@ def _save_reference(root: str, head: str) -> None:
 
 def _train_from_reference(root: str, tp: int, pp: int, head: str, sp: bool = False, vpp: int | None = None
                           ) -> dict:
+    import torch
+
     from megatron.core import parallel_state as ps
 
     from ualm_nemo.distributed.optim import OptimConfig
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.training.engine import MegatronEngine
+    from ualm_nemo.training.validation import ValidationLoss
 
     cfg = _tiny(tp, pp, head, sp, vpp)
     init_model_parallel(cfg.parallel, seed=99)  # a different init on purpose: the weights come from the checkpoint
@@ -62,7 +66,13 @@ def _train_from_reference(root: str, tp: int, pp: int, head: str, sp: bool = Fal
         result = engine.train_step([_batch(vocab, seed) for seed in mine])
         out["loss"].append(result.loss)
         out["grad_norm"].append(result.grad_norm)
-    out["after"] = engine.eval_loss([_batch(vocab, seed) for seed in (10, 11)[dp_rank::dp]])
+    held_out = [{**_batch(vocab, seed), "tasks": ["understanding", "tta"]} for seed in (10, 11)[dp_rank::dp]]
+    out["after"] = engine.eval_loss(held_out)
+    # the other forward-only passes over the same schedule: validation's report, DPO's per-row log-probs
+    objective = ValidationLoss(vocab.num_codebooks)
+    out["validation"] = objective.summarise(engine.evaluate(held_out, objective))
+    rows = engine.row_log_probs(held_out)  # on the last stage only; per DP rank's own rows
+    out["row_logps"] = torch.cat([r["row_logps"] for r in rows]) if rows and dp == 1 else None
     out["layers"] = [[layer.layer_number for layer in chunk.decoder.layers] for chunk in engine.chunks]  # 1-based
     return out
 
@@ -87,6 +97,11 @@ def test_layout_matches_single_process(reference, tp, pp, world, sp, vpp):
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-5), f"rank {rank}"
         assert got["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4), f"rank {rank}"
         assert got["after"] == pytest.approx(single["after"], rel=1e-5, abs=1e-5), f"rank {rank}"
+        assert got["validation"] == pytest.approx(single["validation"], rel=1e-5, abs=1e-5), f"rank {rank}"
+        if got["row_logps"] is not None:  # the last stage of a DP1 layout: every row's log-probs
+            assert torch.allclose(got["row_logps"], single["row_logps"], rtol=1e-5, atol=1e-4), f"rank {rank}"
+    assert sum(got["row_logps"] is not None for got in results.values()) >= (world if pp == 1 and tp > 1 else 1) \
+        or world // (tp * pp) > 1
     assert single["after"] < single["loss"][0]  # the steps changed the weights
     if vpp:  # megatron's interleaved placement: chunk c of rank r holds global layer c * PP + r (one each here)
         assert [results[r]["layers"] for r in (0, 1)] == [[[1], [3]], [[2], [4]]]
