@@ -112,6 +112,27 @@ def test_virtual_pipeline_needs_micro_batches_in_multiples_of_pp():
         _model(**VPP2, recompute={"granularity": "full", "method": "block", "num_layers": 2}).validate()
 
 
+def test_readme_interleaved_pipeline_command_validates():
+    """The README's VPP example (TP2 x PP4 x VPP7 on 8 GPUs) is a valid run; without its batch keys it is
+    refused naming them."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    layout = ["model=qwen2.5-7b", "model.audio_in.encoder_path=/models/encoder",
+              "model.parallel.tensor_model_parallel_size=2", "model.parallel.pipeline_model_parallel_size=4",
+              "model.parallel.virtual_pipeline_model_parallel_size=7"]
+    batch = ["train.global_batch_size=16", "train.micro_batch_size=2"]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
+        good, short = compose("train", overrides=layout + batch), compose("train", overrides=layout)
+    run = run_config_from_dict(OmegaConf.to_container(good, resolve=True)).validate(8)
+    assert run.model.parallel.virtual_pipeline_model_parallel_size == 7
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=8 / \(train.micro_batch_size=4 x data-parallel "
+                                          r"size 1\) = 2, to be a multiple of pipeline_model_parallel_size=4"):
+        run_config_from_dict(OmegaConf.to_container(short, resolve=True)).validate(8)
+
+
 def test_valid_features_map_onto_megatron():
     from ualm_nemo.model.builder import transformer_config
 

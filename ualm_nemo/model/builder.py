@@ -51,10 +51,10 @@ def transformer_config(cfg: UALMConfig, perform_initialization: bool = True) -> 
 
 
 def _interleaving_fields(cfg: UALMConfig) -> dict:
-    """VPP: point-to-point sends and receives issued one by one, ordered by even / odd rank (what Megatron-LM
-    runs with VPP), not batched: at PP2 the previous and the next stage are the same rank, and megatron's batched
-    order (send-prev, recv-prev, send-next, recv-next) pairs a gradient with an activation (measured on gloo:
-    the first step hung)."""
+    """VPP: activations and gradients in separate point-to-point calls, issued in even / odd rank order
+    (megatron's overlap_p2p_comm, what Megatron-LM runs with VPP). The default batched exchange sends both
+    directions in one call; at PP2 the previous and the next stage are the same rank and its sends meet the
+    wrong receives (measured on gloo: the first interleaved step hung)."""
     if cfg.parallel.virtual_pipeline_model_parallel_size is None:
         return {}
     return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
