@@ -17,13 +17,17 @@ pytestmark = pytest.mark.timeout(600)
 GLOBAL_BATCHES = [(0, 1), (2, 3)]  # per step: micro-batch seeds of the global batch (2 samples each)
 
 
-def _tiny(tp: int = 1, pp: int = 1, head: str = "shared", sp: bool = False, vpp: int | None = None):
-    from ualm_nemo.model.config import BACKBONES, AudioInputConfig, AudioOutputConfig, UALMConfig
+def _tiny(tp: int = 1, pp: int = 1, head: str = "shared", sp: bool = False, vpp: int | str | None = None):
+    """``vpp="2+features"``: VPP2 with the overlap options and full recompute on (per model chunk)."""
+    from ualm_nemo.model.config import BACKBONES, AudioInputConfig, AudioOutputConfig, RecomputeConfig, UALMConfig
 
-    return UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(adapter="mlp", random_encoder=True),
-                      audio_out=AudioOutputConfig(head=head)).with_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
-        virtual_pipeline_model_parallel_size=vpp)
+    features = isinstance(vpp, str)
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(adapter="mlp", random_encoder=True),
+                     audio_out=AudioOutputConfig(head=head),
+                     recompute=RecomputeConfig(granularity="full") if features else RecomputeConfig())
+    return cfg.with_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
+                             virtual_pipeline_model_parallel_size=int(vpp[0]) if features else vpp,
+                             overlap_grad_reduce=features, overlap_param_gather=features)
 
 
 def _batch(vocab, seed: int):
@@ -43,8 +47,8 @@ def _save_reference(root: str, head: str) -> None:
     checkpoint.save_checkpoint(root, 0, [build_model(cfg)], None, common={})
 
 
-def _train_from_reference(root: str, tp: int, pp: int, head: str, sp: bool = False, vpp: int | None = None
-                          ) -> dict:
+def _train_from_reference(root: str, tp: int, pp: int, head: str, sp: bool = False,
+                          vpp: int | str | None = None) -> dict:
     import torch
 
     from megatron.core import parallel_state as ps
@@ -86,8 +90,9 @@ def reference(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("tp,pp,world,sp,vpp", [(2, 1, 2, False, None), (1, 2, 2, False, None),
-                                                (1, 1, 2, False, None), (2, 1, 2, True, None), (1, 2, 2, False, 2)],
-                         ids=["tp2", "pp2", "dp2", "tp2-sp", "pp2-vpp2"])
+                                                (1, 1, 2, False, None), (2, 1, 2, True, None), (1, 2, 2, False, 2),
+                                                (1, 2, 2, False, "2+features")],
+                         ids=["tp2", "pp2", "dp2", "tp2-sp", "pp2-vpp2", "pp2-vpp2-overlap-recompute"])
 def test_layout_matches_single_process(reference, tp, pp, world, sp, vpp):
     """pp2-vpp2: two model chunks per rank (global layers 0, 2 on rank 0; 1, 3 on rank 1), interleaved schedule."""
     root, head, single = reference
