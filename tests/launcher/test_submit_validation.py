@@ -31,6 +31,9 @@ def _argv(tmp_path, *flags: str, overrides=TINY) -> list[str]:
     ([], ["model.fp8.enabled=true"], "model.fp8.enabled=true runs the decoder's GEMMs in Transformer Engine"),
     ([], ["model.parallel.context_parallel_size=2"], "context_parallel_size=2 needs Transformer Engine"),
     ([], ["model.parallel.virtual_pipeline_model_parallel_size=2"], "needs model.parallel.pipeline_model_parallel"),
+    (["--tasks-per-node", "2"], ["model.parallel.pipeline_model_parallel_size=2",
+                                 "model.parallel.virtual_pipeline_model_parallel_size=2", "train.micro_batch_size=4"],
+     r"micro-batches of each step.*= 1, to be a multiple of pipeline_model_parallel_size=2"),
     # batch arithmetic
     ([], ["train.global_batch_size=6", "train.micro_batch_size=2"], r"micro_batch_size x data-parallel size"),
     ([], ["train.global_batch_size=5", "train.micro_batch_size=2"], "not a multiple of train.micro_batch_size"),

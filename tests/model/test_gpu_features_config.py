@@ -88,6 +88,51 @@ def test_context_parallel_divides_the_sequence_and_shrinks_data_parallel():
     assert _model(**cp2).parallel.data_parallel_size(8) == 4
 
 
+VPP2 = {"parallel": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}}
+
+
+def test_virtual_pipeline_needs_micro_batches_in_multiples_of_pp():
+    """Megatron's interleaved schedule runs micro-batches in groups of PP: a step's count (global / (micro x DP))
+    and train.val_batches must be multiples of PP, said with the keys before any process group exists."""
+    with pytest.raises(ConfigError, match=r"virtual_pipeline_model_parallel_size=2 needs the micro-batches of each "
+                                          r"step, train.global_batch_size=12 / \(train.micro_batch_size=4\) = 3, "
+                                          r"to be a multiple of pipeline_model_parallel_size=2"):
+        _run(VPP2, global_batch_size=12, micro_batch_size=4)
+    # world 4 at PP2 is DP 2: 8 / (2 x 2) = 2 micro-batches per rank pass, 8 / (4 x 2) = 1 does not
+    _run(VPP2, world=4, global_batch_size=8, micro_batch_size=2)
+    with pytest.raises(ConfigError, match=r"= 1, to be a multiple of pipeline_model_parallel_size=2"):
+        _run(VPP2, world=4, global_batch_size=8, micro_batch_size=4)
+    with pytest.raises(ConfigError, match=r"train.val_batches=3 must be a multiple of model.parallel.pipeline_model_"
+                                          r"parallel_size=2 with virtual_pipeline_model_parallel_size set"):
+        _run(VPP2, global_batch_size=8, micro_batch_size=4, val_every_n_steps=2, val_batches=3)
+    _run({"parallel": {"pipeline_model_parallel_size": 2}}, global_batch_size=12, micro_batch_size=4)  # no VPP: 1F1B
+    # full recompute counts the layers of one chunk (4 layers / (PP2 x VPP2) = 1)
+    with pytest.raises(ConfigError, match=r"model.recompute.num_layers=2 must lie in \[1, 1\] \(the layers of one "
+                                          r"model chunk"):
+        _model(**VPP2, recompute={"granularity": "full", "method": "block", "num_layers": 2}).validate()
+
+
+def test_readme_interleaved_pipeline_command_validates():
+    """The README's VPP example (TP2 x PP4 x VPP7 on 8 GPUs) is a valid run; without its batch keys it is
+    refused naming them."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    layout = ["model=qwen2.5-7b", "model.audio_in.encoder_path=/models/encoder",
+              "model.parallel.tensor_model_parallel_size=2", "model.parallel.pipeline_model_parallel_size=4",
+              "model.parallel.virtual_pipeline_model_parallel_size=7"]
+    batch = ["train.global_batch_size=16", "train.micro_batch_size=2"]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
+        good, short = compose("train", overrides=layout + batch), compose("train", overrides=layout)
+    run = run_config_from_dict(OmegaConf.to_container(good, resolve=True)).validate(8)
+    assert run.model.parallel.virtual_pipeline_model_parallel_size == 7
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=8 / \(train.micro_batch_size=4 x data-parallel "
+                                          r"size 1\) = 2, to be a multiple of pipeline_model_parallel_size=4"):
+        run_config_from_dict(OmegaConf.to_container(short, resolve=True)).validate(8)
+
+
 def test_valid_features_map_onto_megatron():
     from ualm_nemo.model.builder import transformer_config
 
@@ -119,9 +164,7 @@ def test_build_refuses_what_is_not_wired_and_fp8_without_transformer_engine(monk
 
     with pytest.raises(ConfigError, match="context_parallel_size=2 is not supported yet"):
         check_buildable(_model(parallel={"context_parallel_size": 2, "transformer_impl": "transformer_engine"}))
-    with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size is not supported yet"):
-        check_buildable(_model(parallel={"virtual_pipeline_model_parallel_size": 2,
-                                         "pipeline_model_parallel_size": 2}))
+    check_buildable(_model(parallel={"virtual_pipeline_model_parallel_size": 2, "pipeline_model_parallel_size": 2}))
     fp8 = _model(**TE, fp8={"enabled": True}).validate()
     monkeypatch.setitem(sys.modules, "transformer_engine", None)  # not importable, whatever this host has
     with pytest.raises(ConfigError, match=r"model.fp8.enabled=true needs Transformer Engine.*pip install"):

@@ -63,12 +63,12 @@ def test_score_mask_leaves_out_what_the_delay_pattern_forces():
 
 
 # --- on the engine ---------------------------------------------------------------------------------
-def _tiny(tp: int = 1, pp: int = 1):
+def _tiny(tp: int = 1, pp: int = 1, vpp: int | None = None):
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
 
     return UALMConfig(backbone=BACKBONES["tiny"],
                       audio_in=AudioInputConfig(adapter="mlp", random_encoder=True)).with_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
 
 
 def _batches(manifest: str, cfg, per_micro: int = 2, micro: int = 2):
@@ -92,27 +92,28 @@ def _save_reference(root: str) -> None:
     checkpoint.save_checkpoint(root, 0, [build_model(cfg)], None, common={})
 
 
-def _row_logps(root: str, manifest: str, tp: int, pp: int):
+def _row_logps(root: str, manifest: str, tp: int, pp: int, vpp: int | None = None):
     from megatron.core import parallel_state as ps
 
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.posttrain.reference import load_reference_model
     from ualm_nemo.training.engine import row_log_probs
 
-    cfg = _tiny(tp, pp)
+    cfg = _tiny(tp, pp, vpp)
     init_model_parallel(cfg.parallel, seed=7)
     reports = row_log_probs(load_reference_model(cfg, root), cfg.vocab, _batches(manifest, cfg))
     return torch.cat([r["row_logps"] for r in reports]) if ps.is_pipeline_last_stage() else None
 
 
-def _dpo_steps(root: str, manifest: str, reference: str, steps: int, sft_weight: float = 0.0) -> dict:
+def _dpo_steps(root: str, manifest: str, reference: str, steps: int, sft_weight: float = 0.0, pp: int = 1,
+               vpp: int | None = None) -> dict:
     from ualm_nemo.distributed.optim import OptimConfig
     from ualm_nemo.distributed.parallel import init_model_parallel
     from ualm_nemo.posttrain.reference import load_reference_model
     from ualm_nemo.training.engine import MegatronEngine
     from ualm_nemo.training.objectives import DPOObjective
 
-    cfg = _tiny()
+    cfg = _tiny(pp=pp, vpp=vpp)
     init_model_parallel(cfg.parallel, seed=7)
     dpo = DPOConfig(beta=0.1, sft_weight=sft_weight, reference=reference, reference_logps="sidecar",
                     reference_checkpoint=root)
@@ -144,20 +145,26 @@ def test_sequence_log_probs_agree_across_tp_and_pp(reference):
     single = run_distributed(1, _row_logps, root, manifest, 1, 1)[0]
     tp2 = run_distributed(2, _row_logps, root, manifest, 2, 1)
     pp2 = run_distributed(2, _row_logps, root, manifest, 1, 2)
+    vpp2 = run_distributed(2, _row_logps, root, manifest, 1, 2, 2)  # the reference as 2 chunks per rank
     assert single.shape == (8, 8) and single[:, 0].abs().min() > 0  # every row scored its text stream
     assert (single[1::2][0::2, 1:] == 0).all() and (single[0::2, 1:] != 0).all()  # text replies: no codebooks
     assert torch.allclose(tp2[0], single, rtol=1e-5, atol=1e-4) and torch.allclose(tp2[1], single, rtol=1e-5,
                                                                                     atol=1e-4)
     assert pp2[0] is None and torch.allclose(pp2[1], single, rtol=1e-5, atol=1e-4)
+    assert vpp2[0] is None and torch.allclose(vpp2[1], single, rtol=1e-5, atol=1e-4)
 
 
 def test_offline_and_online_references_train_alike_and_raise_the_margin(reference):
     root, manifest = reference
     offline = run_distributed(1, _dpo_steps, root, manifest, "offline", 6)[0]
     online = run_distributed(1, _dpo_steps, root, manifest, "online", 6)[0]
+    # policy and online reference as interleaved chunks (PP2 x VPP2): the same steps
+    interleaved = run_distributed(2, _dpo_steps, root, manifest, "online", 6, 0.0, 2, 2)
     assert offline["loss"][0] == pytest.approx(math.log(2), abs=1e-9)  # policy == reference at step 1
     assert offline["metrics"][0].margin == pytest.approx(0.0, abs=1e-9)
     assert online["loss"] == pytest.approx(offline["loss"], rel=1e-9, abs=1e-12)
+    for rank in (0, 1):
+        assert interleaved[rank]["loss"] == pytest.approx(online["loss"], rel=1e-5, abs=1e-6), f"rank {rank}"
     margins = [m.margin for m in offline["metrics"]]
     assert margins[-1] > margins[1] > 0 and offline["metrics"][-1].accuracy == 1.0
     assert offline["loss"][-1] < math.log(2) - 0.05

@@ -78,6 +78,15 @@ def test_dpo_from_the_sidecar_resumes_bit_exactly(chain):
                                           "parallel": {"tensor_model_parallel_size": 2}}})
     stamp = json.loads(open(f"{root}/reference.json").read())
     assert sorted(stamp["logps"]) == [f"pair-{k}" for k in range(4)] and stamp["fingerprint"]["reference_step"] == 3
+    # a run configured with interleaved pipeline stages scores (without them: one batch per call) the same rows
+    interleaved = _dpo_cfg(root, f"{root}/score_vpp")
+    interleaved["dpo"]["reference_logps"] = f"{root}/reference_vpp.json"
+    interleaved["model"]["parallel"] = {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}
+    run_distributed(2, _score, interleaved)
+    vpp_logps = json.loads(open(f"{root}/reference_vpp.json").read())["logps"]
+    for pair, sides in stamp["logps"].items():
+        for side, values in sides.items():
+            assert vpp_logps[pair][side] == pytest.approx(values, rel=1e-5, abs=1e-4), (pair, side)
 
     straight = run_distributed(1, _train, _dpo_cfg(root, f"{root}/dpo_straight"))[0]
     first = run_distributed(1, _train, _dpo_cfg(root, f"{root}/dpo_resumed", stop_at=2))[0]

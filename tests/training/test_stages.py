@@ -11,7 +11,7 @@ from ualm_nemo.testing.dist import run_distributed
 STAGES = ("align", "pretrain", "sft", "dpo")
 
 
-def _train_each_stage() -> dict[str, list[str]]:
+def _train_each_stage(tp: int = 2, pp: int = 1, vpp: int | None = None) -> dict[str, list[str]]:
     import torch
     from megatron.core import parallel_state
 
@@ -23,22 +23,23 @@ def _train_each_stage() -> dict[str, list[str]]:
     from ualm_nemo.training.stages import is_trainable, special_row_mask, special_rows_only
 
     cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(random_encoder=True)).with_parallel(
-        tensor_model_parallel_size=2)
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
     vocab = cfg.vocab
     init_model_parallel(cfg.parallel, seed=0)
     optim = OptimConfig(lr=1e-2, min_lr=1e-3, weight_decay=0.1, warmup_steps=0)
-    batches = [random_batch(vocab, 4, seed, with_audio_input=True) for seed in range(3)]
+    batches = [random_batch(vocab, 4, seed, with_audio_input=True) for seed in range(3 * pp)]
+    steps = [batches[k * pp:(k + 1) * pp] for k in range(3)]  # PP micro-batches a step (VPP's rule)
     problems: dict[str, list[str]] = {}
     for stage in STAGES:
         torch.manual_seed(0)
         engine = MegatronEngine(cfg, optim, max_steps=10, stage=stage)
-        model = engine.chunks[0]
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        for batch in batches:
-            engine.train_step([batch])
+        before = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in engine.chunks]
+        for microbatches in steps:
+            engine.train_step(microbatches)
         bad = problems.setdefault(stage, [])
-        for name, param in model.named_parameters():
-            old, new = before[name], param.detach()
+        for model, name, param, old in ((chunk, n, p, before[i][n]) for i, chunk in enumerate(engine.chunks)
+                                        for n, p in chunk.named_parameters()):
+            new = param.detach()
             if special_rows_only(stage, name):
                 keep = special_row_mask(model, name, param).squeeze(-1)
                 if not torch.equal(old[~keep], new[~keep]):
@@ -55,6 +56,7 @@ def _train_each_stage() -> dict[str, list[str]]:
                     bad.append(f"{name}: trainable but unchanged")
             elif not torch.equal(old, new):
                 bad.append(f"{name}: frozen but moved")
+        model = engine.chunks[0]
         if stage == "align" and parallel_state.get_tensor_model_parallel_rank() == 1:
             groups = engine.optimizer.param_groups if hasattr(engine.optimizer, "param_groups") else []
             text = model.embedding.text.weight
@@ -66,7 +68,9 @@ def _train_each_stage() -> dict[str, list[str]]:
 
 
 @pytest.mark.timeout(300)
-def test_each_stage_trains_exactly_its_parameters():
-    results = run_distributed(2, _train_each_stage)
+@pytest.mark.parametrize("layout", [(2, 1, None), (1, 2, 2)], ids=["tp2", "pp2-vpp2"])
+def test_each_stage_trains_exactly_its_parameters(layout):
+    """pp2-vpp2: every chunk of every rank (the tables on chunk 0 of rank 0, the heads on chunk 1 of rank 1)."""
+    results = run_distributed(2, _train_each_stage, *layout)
     for rank, problems in results.items():
         assert problems == {stage: [] for stage in STAGES}, f"rank {rank}: {problems}"

@@ -9,9 +9,10 @@ from ualm_nemo.testing.dist import run_distributed
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
-def _config(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_at: int | None = None) -> dict:
+def _config(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_at: int | None = None,
+            parallel: dict | None = None) -> dict:
     return {"model": {"backbone": "tiny", "audio_in": {"random_encoder": True},
-                      "parallel": {"tensor_model_parallel_size": tp}},
+                      "parallel": {"tensor_model_parallel_size": tp, **(parallel or {})}},
             "optim": {"lr": lr, "min_lr": lr / 10, "warmup_steps": 2, "weight_decay": 0.01},
             "train": {"max_steps": max_steps, "global_batch_size": 4, "micro_batch_size": 2,
                       "checkpoint_every_n_steps": 4, "log_every_n_steps": 1, "stop_at_step": stop_at},
@@ -20,14 +21,27 @@ def _config(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop
 
 
 def _train(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_at: int | None = None,
-           init_from: str | None = None) -> dict:
+           init_from: str | None = None, parallel: dict | None = None) -> dict:
     from ualm_nemo.training.train import train
 
-    cfg = _config(output_dir, max_steps, tp, lr, stop_at)
+    cfg = _config(output_dir, max_steps, tp, lr, stop_at, parallel)
     cfg["train"]["init_from"] = init_from
     model = train(cfg)
     return {"history": model.loss_history, "step": model.engine.step, "consumed": model.trained_samples,
-            "rejects": len(model.rejects)}
+            "rejects": len(model.rejects), "chunks": len(model.engine.chunks)}
+
+
+def test_interleaved_pipeline_run_resumes_at_pp1(tmp_path):
+    """Through the NeMo model and Lightning at PP2 x VPP2 (two chunks per rank): 4 steps straight == a job ending at
+    step 2 + a job resuming its checkpoint at PP1 (one process), the same losses to fp32 rounding."""
+    vpp = {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}
+    straight = run_distributed(2, _train, str(tmp_path / "straight"), 4, 1, 2e-3, None, None, vpp)[0]
+    first = run_distributed(2, _train, str(tmp_path / "resumed"), 4, 1, 2e-3, 2, None, vpp)[0]
+    second = run_distributed(1, _train, str(tmp_path / "resumed"), 4)[0]
+    assert straight["chunks"] == 2 and second["chunks"] == 1
+    assert [s for s, _ in first["history"] + second["history"]] == [1, 2, 3, 4]
+    resumed = [loss for _, loss in first["history"] + second["history"]]
+    assert resumed == pytest.approx([loss for _, loss in straight["history"]], rel=1e-5)
 
 
 def test_training_lowers_the_loss(tmp_path):

@@ -77,11 +77,13 @@ def stored_model_config(path: str | Path):
 
 
 def _sharded_state(chunks, optimizer, loading: bool) -> dict:
-    model_sd = {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(chunks)}
-    state = dict(model_sd)
+    """``model{i}`` per chunk (the files hold only the tensors' global keys: any chunking loads any other).
+
+    The optimizer maps its states to the model's tensors by identity over the nested dict: merging the chunks'
+    dicts into one would drop tensors, as virtual stages reuse local names (each has a ``decoder.layers.0``)."""
+    state = {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(chunks)}
     if optimizer is not None:
-        merged = {k: v for sd in model_sd.values() for k, v in sd.items()}
-        state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=loading, metadata=_OPT_META)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=loading, metadata=_OPT_META)
     return state
 
 

@@ -1,4 +1,4 @@
-"""Builds the Megatron TransformerConfig, the layer spec and the model chunk of this pipeline stage."""
+"""Builds the Megatron TransformerConfig, the layer spec and the model chunks of this pipeline rank."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ualm_nemo.model.config import ConfigError, UALMConfig
+from ualm_nemo.model.config import ConfigError, UALMConfig, layers_per_chunk
 from ualm_nemo.model.ualm import UALMLanguageModel
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -45,8 +45,19 @@ def transformer_config(cfg: UALMConfig, perform_initialization: bool = True) -> 
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         context_parallel_size=p.context_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        **_interleaving_fields(cfg),
         **_recompute_fields(cfg), **_fp8_fields(cfg),
     )
+
+
+def _interleaving_fields(cfg: UALMConfig) -> dict:
+    """VPP: activations and gradients in separate point-to-point calls, issued in even / odd rank order
+    (megatron's overlap_p2p_comm, what Megatron-LM runs with VPP). The default batched exchange sends both
+    directions in one call; at PP2 the previous and the next stage are the same rank and its sends meet the
+    wrong receives (measured on gloo: the first interleaved step hung)."""
+    if cfg.parallel.virtual_pipeline_model_parallel_size is None:
+        return {}
+    return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
 
 
 def _recompute_fields(cfg: UALMConfig) -> dict:
@@ -57,8 +68,7 @@ def _recompute_fields(cfg: UALMConfig) -> dict:
     if r.granularity == "selective":
         return {"recompute_granularity": "selective", "recompute_modules": list(r.modules)}
     method = r.method or "uniform"
-    per_stage = cfg.backbone.num_layers // cfg.parallel.pipeline_model_parallel_size
-    num_layers = r.num_layers or (1 if method == "uniform" else per_stage)
+    num_layers = r.num_layers or (1 if method == "uniform" else layers_per_chunk(cfg))
     return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
 
 
@@ -86,9 +96,6 @@ def check_buildable(cfg: UALMConfig, check_imports: bool = True) -> None:
         raise ConfigError(f"model.parallel.context_parallel_size={p.context_parallel_size} is not supported yet: "
                           "the model does not split each sequence per CP rank (after the audio splice) nor reduce "
                           "the loss over CP; set it to 1")
-    if p.virtual_pipeline_model_parallel_size is not None:
-        raise ConfigError("model.parallel.virtual_pipeline_model_parallel_size is not supported yet (the engine "
-                          "builds one model chunk per rank): set it to null")
     if not check_imports or not (cfg.fp8.enabled or p.transformer_impl == "transformer_engine"):
         return
     key = "model.fp8.enabled=true" if cfg.fp8.enabled else "model.parallel.transformer_impl=transformer_engine"
@@ -132,9 +139,14 @@ def with_sdpa_attention(spec: ModuleSpec) -> ModuleSpec:
 
 
 def build_model(cfg: UALMConfig, pre_process: bool | None = None, post_process: bool | None = None,
-                initialize: bool = True, device: str | None = None) -> UALMLanguageModel:
-    """The model chunk of this rank's pipeline stage (parallel_state must be initialised).
+                initialize: bool = True, device: str | None = None, vp_stage: int | None = None
+                ) -> UALMLanguageModel:
+    """The model chunk of this rank's pipeline stage, or of its virtual stage ``vp_stage`` under
+    model.parallel.virtual_pipeline_model_parallel_size (parallel_state must be initialised).
 
+    A virtual stage holds the global layers megatron's TransformerBlock assigns to (pp rank, vp_stage): with PP2 x
+    VPP2 and 8 layers, rank 0 holds 0-1 (chunk 0) and 4-5 (chunk 1), rank 1 holds 2-3 and 6-7; the embeddings
+    live on chunk 0 of the first rank, the heads on the last chunk of the last rank.
     ``initialize=False``: see ``transformer_config(perform_initialization=False)``; for weights that are all
     overwritten before use (conversion). ``device``: ``"cpu"`` keeps the model on the CPU where a GPU is
     present (converters); default: the current GPU when there is one.
@@ -142,12 +154,16 @@ def build_model(cfg: UALMConfig, pre_process: bool | None = None, post_process: 
     groups = ProcessGroupCollection.use_mpu_process_groups()  # read once, then passed to every parallel part
     cfg.validate(groups.tp.size() * groups.pp.size() * groups.cp.size())
     check_buildable(cfg)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    if (vpp is None) != (vp_stage is None) or (vp_stage is not None and not 0 <= vp_stage < vpp):
+        raise ValueError(f"vp_stage={vp_stage} for model.parallel.virtual_pipeline_model_parallel_size={vpp}: give "
+                         "one stage in [0, VPP) exactly when VPP is set (build_model_chunks builds them all)")
     if pre_process is None:
-        pre_process = groups.pp.rank() == 0  # no virtual pipeline stages (refused by check_buildable)
+        pre_process = groups.pp.rank() == 0 and vp_stage in (None, 0)
     if post_process is None:
-        post_process = groups.pp.rank() == groups.pp.size() - 1
+        post_process = groups.pp.rank() == groups.pp.size() - 1 and vp_stage in (None, (vpp or 1) - 1)
     model = UALMLanguageModel(transformer_config(cfg, initialize), cfg, layer_spec(cfg), pre_process, post_process,
-                              pg_collection=groups)
+                              pg_collection=groups, vp_stage=vp_stage)
     if not initialize:
         set_missing_tp_attributes(model)
     if device is None and torch.cuda.is_available():
@@ -155,6 +171,24 @@ def build_model(cfg: UALMConfig, pre_process: bool | None = None, post_process: 
     elif device not in (None, "cpu"):
         model.to(device)
     return model
+
+
+def build_model_chunks(cfg: UALMConfig, initialize: bool = True) -> list[UALMLanguageModel]:
+    """Every model chunk of this pipeline rank, in schedule order: one, or one per virtual stage under VPP.
+
+    The interleaved schedule is chosen from megatron's parallel_state, the chunks from ``cfg``: both must agree
+    (init_model_parallel with this config's model.parallel), or the schedule would run chunks it was not built for.
+    """
+    from megatron.core import parallel_state
+
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    initialised = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if initialised != vpp:
+        raise ValueError(f"model.parallel.virtual_pipeline_model_parallel_size={vpp}, but parallel_state was "
+                         f"initialised with {initialised}: call init_model_parallel with this config's parallel")
+    if vpp is None:
+        return [build_model(cfg, initialize=initialize)]
+    return [build_model(cfg, initialize=initialize, vp_stage=stage) for stage in range(vpp)]
 
 
 def set_missing_tp_attributes(model: torch.nn.Module) -> None:

@@ -80,7 +80,7 @@ class ParallelConfig:
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     use_distributed_optimizer: bool = True
     context_parallel_size: int = 1  # validated; the build refuses > 1 for now (no per-CP-rank sequence split)
-    virtual_pipeline_model_parallel_size: int | None = None  # validated; the build refuses it for now
+    virtual_pipeline_model_parallel_size: int | None = None  # model chunks per PP rank (interleaved schedule)
     overlap_grad_reduce: bool = False  # DDP: grad all-reduce / reduce-scatter in buckets during the backward
     overlap_param_gather: bool = False  # distributed optimizer: param all-gather during the next forward
     grad_reduce_in_bf16: bool = False  # bf16 params: reduce grads in bf16 (default: an fp32 grad buffer)
@@ -274,9 +274,15 @@ def _validate_parallel_features(cfg: UALMConfig) -> None:
                           f"model.params_dtype=bf16 (is {cfg.params_dtype!r}; fp32 params reduce in fp32)")
 
 
+def layers_per_chunk(cfg: UALMConfig) -> int:
+    """Decoder layers of one model chunk: a pipeline stage, or one virtual stage of it under VPP."""
+    p = cfg.parallel
+    return cfg.backbone.num_layers // (p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1))
+
+
 def _validate_recompute(cfg: UALMConfig) -> None:
     r = cfg.recompute
-    per_stage = cfg.backbone.num_layers // cfg.parallel.pipeline_model_parallel_size
+    per_stage = layers_per_chunk(cfg)
     if r.granularity not in (None, "selective", "full"):
         raise ConfigError(f"model.recompute.granularity={r.granularity!r}: choose null, 'selective' or 'full'")
     if r.method not in (None, "uniform", "block"):
@@ -286,7 +292,7 @@ def _validate_recompute(cfg: UALMConfig) -> None:
                           f"granularity={r.granularity!r} set both to null")
     if r.granularity == "full" and r.num_layers is not None and not 1 <= r.num_layers <= per_stage:
         raise ConfigError(f"model.recompute.num_layers={r.num_layers} must lie in [1, {per_stage}] (the layers of "
-                          "one pipeline stage)")
+                          "one model chunk: a pipeline stage, or a virtual stage under VPP)")
     bad = sorted(set(r.modules) - set(RECOMPUTE_MODULES))
     if bad or not r.modules:
         raise ConfigError(f"model.recompute.modules={list(r.modules)}: choose from {list(RECOMPUTE_MODULES)}")

@@ -27,15 +27,17 @@ from ualm_nemo.model.packed_seq import flatten_rows, packed_seq_params, unflatte
 class UALMLanguageModel(MegatronModule):
     def __init__(self, config: TransformerConfig, ualm: UALMConfig, layer_spec: ModuleSpec,
                  pre_process: bool = True, post_process: bool = True,
-                 pg_collection: ProcessGroupCollection | None = None) -> None:
+                 pg_collection: ProcessGroupCollection | None = None, vp_stage: int | None = None) -> None:
         """``pg_collection``: the process groups every parallel part uses (default: megatron's global ones,
-        read once here); the embedding, the heads, the sequence-parallel scatter and the decoder get them passed."""
+        read once here); the embedding, the heads, the sequence-parallel scatter and the decoder get them passed.
+        ``vp_stage``: the virtual pipeline stage of this chunk (VPP), which picks its decoder layers."""
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.pg_collection = pg_collection
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (untied head)
+        self.vp_stage = vp_stage  # read by megatron's schedules (checked against the chunk they run)
         self.ualm = ualm
         self.pre_process, self.post_process = pre_process, post_process
         self.audio_in_id = ualm.vocab.audio_in_id
@@ -48,7 +50,7 @@ class UALMLanguageModel(MegatronModule):
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_base=ualm.backbone.rope_base, use_cpu_initialization=True)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
-                                        post_process=post_process, pg_collection=pg_collection)
+                                        post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
         self.heads = StreamHeads(config, ualm, pg_collection.tp) if post_process else None
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:

@@ -97,16 +97,17 @@ def pair_table(pair_ids: Sequence[str], row_logps: torch.Tensor) -> dict[str, di
 
 def load_reference_model(model_cfg, path: str | Path) -> list[torch.nn.Module]:
     """The frozen reference of online DPO: the model built at this run's layout with the weights of ``path`` (a
-    run's checkpoint folder or one iteration, any saved layout), no optimizer, RNG untouched (exact resume)."""
+    run's checkpoint folder or one iteration, any saved layout), no optimizer, RNG untouched (exact resume); one
+    chunk per virtual stage under VPP, like the policy (the step's schedule runs both)."""
     from ualm_nemo.model.config import check_same_model
     from ualm_nemo.distributed import checkpoint
-    from ualm_nemo.model.builder import build_model
+    from ualm_nemo.model.builder import build_model_chunks
 
     iteration = checkpoint.resolve_checkpoint(path)
     stored = checkpoint.stored_model_config(iteration)
     if stored is not None:
         check_same_model(stored, model_cfg)
-    chunks = [build_model(model_cfg, initialize=False)]
+    chunks = build_model_chunks(model_cfg, initialize=False)
     checkpoint.load_checkpoint(iteration, chunks, None, restore_rng=False)
     return chunks
 

@@ -8,6 +8,7 @@ writes ``dpo.reference_logps`` with the fingerprint training checks (reference.p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +44,9 @@ def score_reference(cfg: Mapping[str, Any]) -> Path:
     if not dpo.reference_logps:
         raise ConfigError("dpo.reference_logps: where to write the sidecar")
     run.validate(dist.get_world_size())
+    # one batch per call: interleaved stages (a training-throughput layout) would need PP micro-batches per call;
+    # scoring without them reads the same weights and gives the same log-probs
+    run = dataclasses.replace(run, model=run.model.with_parallel(virtual_pipeline_model_parallel_size=None))
     init_model_parallel(run.model.parallel, run.train.seed)
     dataset, _ = build_train_dataset(run.data, run.model, run.output_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"

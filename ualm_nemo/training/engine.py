@@ -20,7 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ualm_nemo.distributed import checkpoint
 from ualm_nemo.distributed.optim import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from ualm_nemo.distributed.parallel import comm_device
-from ualm_nemo.model.builder import build_model
+from ualm_nemo.model.builder import build_model_chunks
 from ualm_nemo.model.config import UALMConfig, check_same_model
 from ualm_nemo.training.objectives import REPORT, LMObjective, RowLogProbs, model_inputs
 from ualm_nemo.training.stages import apply_stage
@@ -43,10 +43,14 @@ def _forward_step(objective, data_iterator, model):
 
 
 def run_schedule(modules: list[torch.nn.Module], objective, microbatches: list[dict[str, Any]], forward_only: bool):
-    """One pass of Megatron's (pipeline) schedule over ``microbatches`` -> the last stage's loss reports."""
+    """One pass of Megatron's (pipeline) schedule over ``microbatches`` -> the last stage's loss reports.
+
+    Several ``modules`` are the virtual stages of this rank (VPP): the interleaved schedule runs every
+    micro-batch through each of them and reads one data iterator per chunk."""
     first = microbatches[0]["tokens"]
+    data = iter(microbatches) if len(modules) == 1 else [iter(microbatches) for _ in modules]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, objective), data_iterator=iter(microbatches), model=modules,
+        forward_step_func=partial(_forward_step, objective), data_iterator=data, model=modules,
         num_microbatches=len(microbatches), seq_length=first.shape[1], micro_batch_size=first.shape[0],
         forward_only=forward_only)
 
@@ -71,7 +75,7 @@ class MegatronEngine:
         self.cfg = model_cfg
         self.objective = objective or LMObjective()
         self.reference: list[torch.nn.Module] | None = None  # a frozen reference model (online DPO)
-        self.chunks = [build_model(model_cfg, initialize=initialize)]
+        self.chunks = build_model_chunks(model_cfg, initialize=initialize)  # one per virtual stage under VPP
         self.weights_pending = not initialize
         for chunk in self.chunks:
             apply_stage(chunk, stage)
@@ -173,6 +177,9 @@ class MegatronEngine:
     def decoding_model(self) -> torch.nn.Module:
         """The training model itself for decoding (PP1: one chunk), its weights gathered first; the raw chunk,
         not the DDP wrapper (no gradient hooks run under no_grad)."""
+        if len(self.chunks) != 1 or not (self.chunks[0].pre_process and self.chunks[0].post_process):
+            raise RuntimeError("decoding with the training model needs the whole model in one chunk (PP1, no "
+                               "virtual pipeline stages): evaluate the saved checkpoint at PP1 instead")
         self._gather_params()
         return self.chunks[0]
 

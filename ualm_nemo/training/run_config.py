@@ -112,6 +112,7 @@ class RunConfig:
             if t.global_batch_size % (t.micro_batch_size * dp):
                 raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                                   f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        self._validate_interleaving(world_size)
         if not 0.0 <= self.data.cfg_dropout < 1.0:
             raise ConfigError(f"data.cfg_dropout={self.data.cfg_dropout} must lie in [0, 1)")
         self._validate_posttraining()
@@ -127,6 +128,29 @@ class RunConfig:
         self._validate_validation()
         self._validate_evaluation()
         return self
+
+    def _validate_interleaving(self, world_size: int | None) -> None:
+        """Megatron's interleaved schedule (0.16.1) runs the micro-batches in groups of PP per virtual stage and
+        refuses a count that is not a multiple of PP: per optimizer step global_batch_size / (micro_batch_size x
+        DP), and train.val_batches per validation. Without the world size (DP unknown) the count per step can
+        still be refused when even DP=1 cannot give a multiple."""
+        t, p = self.train, self.model.parallel
+        pp = p.pipeline_model_parallel_size
+        if p.virtual_pipeline_model_parallel_size is None:
+            return
+        dp = p.data_parallel_size(world_size) if world_size is not None else 1
+        per_step = t.global_batch_size // (t.micro_batch_size * dp)
+        if (per_step if world_size is not None else t.global_batch_size // t.micro_batch_size) % pp:
+            where = f" x data-parallel size {dp}" if world_size is not None else ""
+            raise ConfigError(f"model.parallel.virtual_pipeline_model_parallel_size="
+                              f"{p.virtual_pipeline_model_parallel_size} needs the micro-batches of each step, "
+                              f"train.global_batch_size={t.global_batch_size} / (train.micro_batch_size="
+                              f"{t.micro_batch_size}{where}) = {per_step}, to be a multiple of "
+                              f"pipeline_model_parallel_size={pp} (megatron's interleaved schedule)")
+        if t.val_every_n_steps is not None and t.val_batches % pp:
+            raise ConfigError(f"train.val_batches={t.val_batches} must be a multiple of model.parallel."
+                              f"pipeline_model_parallel_size={pp} with virtual_pipeline_model_parallel_size set "
+                              "(megatron's interleaved schedule runs micro-batches in groups of PP)")
 
     def _validate_evaluation(self) -> None:
         every, p = self.train.eval_every_n_steps, self.model.parallel
