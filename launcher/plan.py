@@ -250,24 +250,31 @@ def activation_bytes(cfg: UALMConfig, batch: Batch, tp: int, pp: int, stage: int
     """Activations of pipeline stage ``stage`` at its peak, bytes.
 
     Megatron's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in flight on a stage (the first
-    stage holds pp, as in Korthikanti et al.): in flight x tokens x (L / pp layers x layer_activation_bytes +
-    head_activation_bytes on the last stage). Full recompute adds one layer's activations (the layer being
-    recomputed, one micro-batch). The frozen encoder runs without grad (nothing kept); the embedding output is
-    the first layer's input (counted there).
+    stage holds pp, as in Korthikanti et al.), each holding the stage's L / pp layers. With v virtual stages
+    (interleaved schedule) a rank runs 2 (pp - stage - 1) + (v - 1) pp warm-up chunk forwards plus the one in
+    flight, each holding L / (pp v) layers (all micro-batches x v when the warm-up covers them): the first stage
+    then keeps L (1 + (pp - 1) / (pp v)) layers' worth, Korthikanti et al.'s interleaving factor. The heads'
+    activations count once on the last stage (one micro-batch of the last chunk in flight). Full recompute adds
+    one layer's activations (the layer being recomputed, one micro-batch). The frozen encoder runs without grad
+    (nothing kept); the embedding output is the first layer's input (counted there).
     """
     p = cfg.parallel
     attention = attention_kind(cfg)
     tokens = batch.tokens_per_micro
-    in_flight = min(pp - stage, max(batch.per_rank, 1))
-    layers = cfg.backbone.num_layers // pp
-    per_token = layers * layer_activation_bytes(cfg.backbone, batch.seq_len, tp, p.sequence_parallel,
-                                                attention, recompute)
+    micro = max(batch.per_rank, 1)
+    v = p.virtual_pipeline_model_parallel_size or 1
+    if v > 1:
+        chunks = micro * v if micro == pp else min(2 * (pp - stage - 1) + (v - 1) * pp + 1, micro * v)
+        layers_in_flight = chunks * cfg.backbone.num_layers / (pp * v)
+    else:
+        layers_in_flight = min(pp - stage, micro) * cfg.backbone.num_layers / pp
+    total = tokens * layers_in_flight * layer_activation_bytes(cfg.backbone, batch.seq_len, tp, p.sequence_parallel,
+                                                               attention, recompute)
     if stage == pp - 1:
-        per_token += head_activation_bytes(cfg, tp)
-    total = in_flight * tokens * per_token
+        total += tokens * head_activation_bytes(cfg, tp)
     if recompute == "full":
         total += tokens * layer_activation_bytes(cfg.backbone, batch.seq_len, tp, p.sequence_parallel, attention,
-                                         "none")
+                                                 "none")
     return total
 
 

@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
 import pytest
 
 from launcher import plan
-from ualm_nemo.model.config import BACKBONES, AudioInputConfig, AudioOutputConfig, UALMConfig
+from ualm_nemo.model.config import BACKBONES, AudioInputConfig, AudioOutputConfig, ParallelConfig, UALMConfig
 from ualm_nemo.testing.dist import run_distributed
 
 pytestmark = pytest.mark.timeout(300)
@@ -182,3 +183,24 @@ def test_command_rejects_a_bad_layout(capsys):
     assert plan.main(["--cluster", "dgx-h100", "--nodes", "1", "--", "model=qwen2.5-7b", "data=pretrain_blend",
                       "model.parallel.tensor_model_parallel_size=16"]) == 2
     assert "tensor_model_parallel_size" in capsys.readouterr().err
+
+
+def test_interleaved_pipeline_activations_follow_the_schedule():
+    """VPP: the first stage keeps L (1 + (pp - 1) / (pp v)) layers of activations (Korthikanti et al.) where 1F1B
+    keeps L; the last stage (v - 1) pp + 1 chunks of L / (pp v) layers where 1F1B keeps L / pp; a step of only pp
+    micro-batches is all warm-up (every chunk of every micro-batch in flight)."""
+    b = BACKBONES["qwen2.5-7b"]  # 28 layers: PP4 x VPP7 = one layer per chunk
+    flat = UALMConfig(backbone=b, parallel=ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=4))
+    vpp = dataclasses.replace(flat, parallel=dataclasses.replace(flat.parallel, virtual_pipeline_model_parallel_size=7))
+    layer = plan.layer_activation_bytes(b, 4096, 2, False, plan.attention_kind(flat), "none")
+    batch = plan.Batch(rows=1, seq_len=4096, micro_batches=16, per_rank=8)
+    head = 4096 * plan.head_activation_bytes(flat, 2)
+
+    def layers_kept(cfg, stage, at=batch):
+        return (plan.activation_bytes(cfg, at, 2, 4, stage, "none") - (head if stage == 3 else 0)) / (4096 * layer)
+
+    assert layers_kept(flat, 0) == pytest.approx(28) and layers_kept(flat, 3) == pytest.approx(7)
+    assert layers_kept(vpp, 0) == pytest.approx(28 * (1 + 3 / 28))
+    assert layers_kept(vpp, 3) == pytest.approx((6 * 4 + 1) * 28 / 28)
+    four = dataclasses.replace(batch, micro_batches=8, per_rank=4)
+    assert layers_kept(vpp, 0, four) == pytest.approx(28) == layers_kept(vpp, 3, four)
