@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -69,3 +70,15 @@ def random_batch(vocab: UnifiedVocab, batch_size: int, seed: int, max_text: int 
             samples.append(random_sample(vocab, int(torch.randint(2, max_text, (1,), generator=gen)),
                                          int(torch.randint(1, max_frames, (1,), generator=gen)), gen))
     return collate(samples, vocab, pad_to_multiple)
+
+
+def same_batch(a: MicroBatch, b: MicroBatch) -> bool:
+    """Every field equal: tensors element for element (and both None or neither), the rest by ``==``."""
+    for f in dataclasses.fields(MicroBatch):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if torch.is_tensor(x) or torch.is_tensor(y):
+            if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
