@@ -199,7 +199,7 @@ def test_preference_items_and_collate_pairs(root):
     assert batch.audio_feature_lens.tolist() == [c.shape[1] for c in expected]
     for k, c in enumerate(expected):
         assert torch.allclose(batch.audio_features[k, :, : c.shape[1]], c)
-    assert batch.tasks == ["conversation"] * 4
+    assert batch.tasks is None  # DPO reads pairs, not tasks
     assert PairCollator(V)(items).pair_ids == ["p0", "p1"]
 
 

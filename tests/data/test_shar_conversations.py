@@ -222,7 +222,7 @@ def test_preference_loader_keeps_pairs_together_and_resumes_exactly(data):
     for b in full:
         rows = b.tokens.shape[0]
         assert rows == 2 * len(b.pair_ids) == 2 * len(b.ids) and rows * b.tokens.shape[1] <= 800
-        assert b.tasks == ["conversation"] * rows
+        assert b.tasks is None
         for k, (sample_id, pair_id) in enumerate(zip(b.ids, b.pair_ids)):
             cut = by_cut[sample_id.split("/", 1)[1]]
             assert cut.custom["origin"] == pair_id

@@ -3,12 +3,14 @@ logged to TensorBoard, kept with the checkpoint and in validation.jsonl, continu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.config import ConfigError
 from ualm_nemo.model.vocab import IGNORE_INDEX
 from ualm_nemo.testing.dist import run_distributed
@@ -122,8 +124,10 @@ def test_task_and_stream_figures_by_hand():
     labels[0, :2, 1:] = 1
     labels[1, :2, 0] = 1  # row 1: sample 2 (understanding) at 0..2, padding at 3
     weights = (labels != IGNORE_INDEX).float() * 0.5
-    batch = {"labels": labels, "loss_weights": weights, "tasks": ["tta", "text", "understanding"],
-             "segment_ids": torch.tensor([[0, 0, 1, 1], [0, 0, 0, -1]])}
+    segments = torch.tensor([[0, 0, 1, 1], [0, 0, 0, -1]])
+    batch = MicroBatch(tokens=torch.zeros(2, 4, 8, dtype=torch.long), labels=labels, loss_weights=weights,
+                       lengths=torch.tensor([4, 3]), tasks=["tta", "text", "understanding"], segment_ids=segments,
+                       position_ids=torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]]))
     assert position_tasks(batch).tolist() == [[0, 0, 2, 2], [1, 1, 1, 1]]
     nll = torch.arange(64, dtype=torch.float32).view(2, 4, 8) * (labels != IGNORE_INDEX)
     objective = ValidationLoss(8)
@@ -137,7 +141,7 @@ def test_task_and_stream_figures_by_hand():
     assert figures["loss_stream0"] == pytest.approx((0 + 8 + 16 + 32 + 40) / 5)
     assert figures["loss_stream3"] == pytest.approx((3 + 11) / 2)
     with pytest.raises(ValueError, match="preference"):
-        position_tasks({**batch, "tasks": ["tta", "preference", "text"]})
+        position_tasks(dataclasses.replace(batch, tasks=["tta", "preference", "text"]))
 
 
 def test_log_keeps_each_step_once(tmp_path):

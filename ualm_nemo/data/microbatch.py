@@ -6,7 +6,8 @@ is the bridge). Shapes are batch-first; b rows, s positions, N streams (8 X-Code
 
     tokens / labels / loss_weights  [b, s, N]  samples from position 0, then <|pad|> rows (IGNORE labels, 0 weight)
     lengths                         [b]        filled positions per row (throughput reports, benchmarks/)
-    tasks                           list[str]  one per *sample*, row-major (one per row unless packed)
+    tasks                           list[str]  one per *sample*, row-major (one per row unless packed), what
+                                               validation's per-task loss reads; None on DPO pair batches
     audio_features                  [clips, n_mel, F_max] zero-padded log-mel, row-major and each sample's
                                                in placeholder order; None without heard audio
     audio_feature_lens              [clips]    mel frames of each clip; None with audio_features
@@ -40,7 +41,7 @@ class MicroBatch:
     labels: torch.Tensor
     loss_weights: torch.Tensor
     lengths: torch.Tensor
-    tasks: list[str]
+    tasks: list[str] | None
     audio_features: torch.Tensor | None = None
     audio_feature_lens: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
@@ -82,7 +83,7 @@ class MicroBatch:
             lo, hi = i * step, (i + 1) * step
             parts.append(MicroBatch(
                 tokens=self.tokens[lo:hi], labels=self.labels[lo:hi], loss_weights=self.loss_weights[lo:hi],
-                lengths=self.lengths[lo:hi], tasks=self.tasks[samples[lo]:samples[hi]],
+                lengths=self.lengths[lo:hi], tasks=_slice(self.tasks, samples[lo], samples[hi]),
                 audio_features=_slice(self.audio_features, clips[lo], clips[hi]),
                 audio_feature_lens=_slice(self.audio_feature_lens, clips[lo], clips[hi]),
                 position_ids=_slice(self.position_ids, lo, hi), segment_ids=_slice(self.segment_ids, lo, hi),

@@ -25,7 +25,7 @@ Batches (``data/microbatch.MicroBatch``): ``collate_conversations`` is ``dataset
 with several heard clips (``formatting.sample_clips``): ``audio_features`` [N_audio, n_mel, F_max] holds every
 clip batch-major, each sample's in placeholder order. ``collate_pairs`` is that over chosen, rejected, chosen,
 rejected, ... (pair k at rows 2k and 2k + 1, what ``training/objectives.DPOObjective`` reads) with
-``pair_ids`` set.
+``pair_ids`` set and no ``tasks``.
 """
 
 from __future__ import annotations
@@ -331,6 +331,7 @@ def collate_pairs(items: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_t
     batch = collate_conversations([item[side] for item in items for side in ("chosen", "rejected")], vocab,
                                   pad_to_multiple)
     batch.pair_ids = [str(item["id"]) for item in items]
+    batch.tasks = None  # DPO reads pairs, not tasks (there is no per-task figure for a pair)
     return batch
 
 

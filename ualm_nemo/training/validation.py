@@ -49,6 +49,8 @@ def position_tasks(batch: MicroBatch, tasks: tuple[str, ...] = VAL_TASKS) -> tor
     0, 1, ... and -1 on padding; padding takes its row's first sample's task and has no target anyway).
     """
     labels = batch.labels
+    if batch.tasks is None:
+        raise ValueError("validation scores language-model batches; a DPO pair batch has no tasks (collate_pairs)")
     unknown = sorted(set(batch.tasks) - set(tasks))
     if unknown:
         raise ValueError(f"validation scores the tasks {tasks}; a batch holds {unknown}")
