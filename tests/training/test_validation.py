@@ -13,6 +13,7 @@ import torch
 from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.config import ConfigError
 from ualm_nemo.model.vocab import IGNORE_INDEX
+from ualm_nemo.testing.batches import same_batch
 from ualm_nemo.testing.dist import run_distributed
 from ualm_nemo.training.run_config import check_data_paths, run_config_from_dict
 from ualm_nemo.training.validation import ValidationLog, ValidationLoss, position_tasks
@@ -201,11 +202,11 @@ def test_held_out_manifests(tmp_path, demo_shar, caplog):
     with caplog.at_level("INFO", logger="ualm_nemo.data.dataset"):
         again, rank1 = build_val_batches(run, 0, 2), build_val_batches(run, 1, 2)
     assert f"read from {cache}" in caplog.text  # a later job start (or another rank) does not encode again
-    assert len(rank0) == len(rank1) == 3 and all(len(b["tasks"]) == 2 for b in rank0)
-    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(rank0, again))
-    assert not torch.equal(rank0[0]["tokens"][:, :8], rank1[0]["tokens"][:, :8])
+    assert len(rank0) == len(rank1) == 3 and all(len(b.tasks) == 2 for b in rank0)
+    assert all(same_batch(a, b) for a, b in zip(rank0, again, strict=True))
+    assert not torch.equal(rank0[0].tokens[:, :8], rank1[0].tokens[:, :8])
     objective = ValidationLoss(8)
-    total = sum(objective.loss(b, (b["labels"] != IGNORE_INDEX).float())[2]["report"].double() for b in rank0)
+    total = sum(objective.loss(b, (b.labels != IGNORE_INDEX).float())[2]["report"].double() for b in rank0)
     figures = objective.summarise(total)
     assert figures["loss_stream0"] == 1.0 and figures["tokens"] > 0
     cfg["train"]["val_batches"] = 50
