@@ -7,7 +7,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from ualm_nemo.data.formatting import SampleFormatter
 from ualm_nemo.data.shar import shard_counts
