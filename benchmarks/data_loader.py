@@ -62,8 +62,8 @@ def bench_loader(out: Path, formatter: SampleFormatter, workers: int, batches: i
     samples = tokens = 0
     t0 = time.perf_counter()
     for batch in itertools.islice(it, batches):
-        samples += len(batch["ids"])
-        tokens += int(batch["lengths"].sum())
+        samples += len(batch.ids)
+        tokens += int(batch.lengths.sum())
     dt = time.perf_counter() - t0
     return {"workers": workers, "batches_per_s": round(batches / dt, 2), "samples_per_s": round(samples / dt, 1),
             "tokens_per_s": round(tokens / dt), "mean_sample_len": round(tokens / samples, 1),

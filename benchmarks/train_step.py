@@ -66,8 +66,12 @@ def ualm_config(args: argparse.Namespace):
                       attention_backend=args.attention_backend).validate(1)
 
 
-def ualm_rows(cfg, kind: str, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
-    """``batch`` rows of exactly ``seq`` positions: text (loss on stream 0) or prompt + audio grid."""
+def ualm_rows(cfg, kind: str, batch: int, seq: int, device: str):
+    """A MicroBatch of ``batch`` rows of exactly ``seq`` positions: text (loss on stream 0) or prompt + audio
+    grid."""
+    from lightning.fabric.utilities import move_data_to_device
+
+    from ualm_nemo.data.dataset import collate
     from ualm_nemo.model.vocab import IGNORE_INDEX
     from ualm_nemo.testing.batches import random_sample
 
@@ -81,12 +85,12 @@ def ualm_rows(cfg, kind: str, batch: int, seq: int, device: str) -> dict[str, to
             labels[:, 0] = tokens[1:, 0]
             weights = torch.zeros(labels.shape)
             weights[:, 0] = 1.0
-            rows.append({"tokens": tokens[:-1], "labels": labels, "loss_weights": weights})
+            rows.append({"tokens": tokens[:-1], "labels": labels, "loss_weights": weights, "task": "text"})
         else:
             text_len = seq // 8  # prompt, <|audio_start|>, frames + 7 delay rows, <|audio_end|> = seq
             rows.append(random_sample(vocab, text_len, seq - text_len - 2 - (vocab.num_codebooks - 1), gen))
-    batch_rows = {key: torch.stack([r[key] for r in rows]).to(device) for key in ("tokens", "labels", "loss_weights")}
-    assert batch_rows["tokens"].shape[1] == seq
+    batch_rows = move_data_to_device(collate(rows, vocab, pad_to_multiple=1), device)
+    assert batch_rows.tokens.shape[1] == seq
     return batch_rows
 
 

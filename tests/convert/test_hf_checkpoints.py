@@ -284,7 +284,7 @@ def world(tmp_path_factory):
     write_fake_af3_folder(root / "af3", tiny_af_whisper(window_seconds=1.0))  # AF-Whisper: 1 s windows
     vocab = _cfg().vocab
     ids = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
-    audio_batch = {k: v for k, v in random_batch(vocab, 2, 42, with_audio_input=True).items()
+    audio_batch = {k: v for k, v in random_batch(vocab, 2, 42, with_audio_input=True).model_inputs().items()
                    if k in ("tokens", "audio_features", "audio_feature_lens")}
     torch.save({"text_tokens": _stream_tokens(vocab, ids), "audio_batch": audio_batch}, root / "inputs.pt")
     results = run_distributed(2, _worker, str(root), timeout=400)

@@ -95,33 +95,33 @@ def test_collate_shapes_and_padding(dataset: UALMDataset):
     batch = collate(samples, V, pad_to_multiple=8)
     lengths = [s["tokens"].shape[0] for s in samples]
     seq = -(-max(lengths) // 8) * 8
-    assert batch["tokens"].shape == batch["labels"].shape == batch["loss_weights"].shape == (4, seq, 8)
-    assert batch["position_ids"].shape == (4, seq) and batch["position_ids"][2].tolist() == list(range(seq))
-    assert batch["lengths"].tolist() == lengths and batch["tasks"] == ["tta", "understanding", "text", "understanding"]
+    assert batch.tokens.shape == batch.labels.shape == batch.loss_weights.shape == (4, seq, 8)
+    assert batch.position_ids is None and batch.segment_ids is None  # one sample per row: positions 0..seq-1
+    assert batch.lengths.tolist() == lengths and batch.tasks == ["tta", "understanding", "text", "understanding"]
     pad_row = V.text_position_streams(V.pad_id)
     for i, (s, n) in enumerate(zip(samples, lengths)):
-        assert torch.equal(batch["tokens"][i, :n], s["tokens"])
-        assert torch.equal(batch["labels"][i, :n], s["labels"])
-        assert torch.equal(batch["loss_weights"][i, :n], s["loss_weights"])
-        assert all(row == pad_row for row in batch["tokens"][i, n:].tolist())
-        assert bool((batch["labels"][i, n:] == IGNORE_INDEX).all())
-        assert float(batch["loss_weights"][i, n:].abs().sum()) == 0.0
+        assert torch.equal(batch.tokens[i, :n], s["tokens"])
+        assert torch.equal(batch.labels[i, :n], s["labels"])
+        assert torch.equal(batch.loss_weights[i, :n], s["loss_weights"])
+        assert all(row == pad_row for row in batch.tokens[i, n:].tolist())
+        assert bool((batch.labels[i, n:] == IGNORE_INDEX).all())
+        assert float(batch.loss_weights[i, n:].abs().sum()) == 0.0
 
-    feats, lens = batch["audio_features"], batch["audio_feature_lens"]
+    feats, lens = batch.audio_features, batch.audio_feature_lens
     expected = [samples[1]["audio_features"], samples[3]["audio_features"]]  # batch-major order of appearance
     assert lens.dtype == torch.long and lens.tolist() == [f.shape[1] for f in expected]
     assert feats.shape == (2, 128, max(lens.tolist()))
     for k, f in enumerate(expected):
         assert torch.equal(feats[k, :, : f.shape[1]], f)
         assert float(feats[k, :, f.shape[1]:].abs().sum()) == 0.0
-    placeholders = int((batch["tokens"][..., 0] == V.audio_in_id).sum())
+    placeholders = int((batch.tokens[..., 0] == V.audio_in_id).sum())
     assert placeholders == sum(num_encoder_frames_from_mel(int(n)) for n in lens)
 
 
 def test_collate_without_audio_input(dataset: UALMDataset):
     batch = collate([dataset[0], dataset[10]], V, pad_to_multiple=1)
-    assert batch["audio_features"] is None and batch["audio_feature_lens"] is None
-    assert batch["tokens"].shape[1] == max(dataset[0]["tokens"].shape[0], dataset[10]["tokens"].shape[0])
+    assert batch.audio_features is None and batch.audio_feature_lens is None
+    assert batch.tokens.shape[1] == max(dataset[0]["tokens"].shape[0], dataset[10]["tokens"].shape[0])
 
 
 def test_collate_refuses_placeholder_feature_mismatch(dataset: UALMDataset):
@@ -136,8 +136,8 @@ def test_dataloader_with_collator(dataset: UALMDataset):
                         collate_fn=Collator(V))
     seen = 0
     for batch in loader:
-        assert batch["tokens"].shape[1] % 8 == 0
-        seen += batch["tokens"].shape[0]
+        assert batch.tokens.shape[1] % 8 == 0
+        seen += batch.tokens.shape[0]
     assert seen == len(dataset)
 
 

@@ -102,7 +102,7 @@ def test_shar_path_names_the_skipped_samples(shar_sources, caplog):
     fmt = SampleFormatter.from_config(build_tokenizer("byte"), UALMConfig.from_dict({}))
     batch = next(iter(SharBatchLoader(cfg, fmt)))  # window 0 holds the source's 8 samples once
     assert "skipped 4 samples longer than 125 positions" in caplog.text
-    assert caplog.text.count("und/understanding-000000") == 4 and batch["tokens"].shape[1] <= 125
+    assert caplog.text.count("und/understanding-000000") == 4 and batch.tokens.shape[1] <= 125
 
 
 def test_prepare_max_duration_rejects_long_audio(manifests, capsys, monkeypatch):

@@ -187,20 +187,20 @@ def test_preference_items_and_collate_pairs(root):
     assert [c.shape[1] for c in sample_clips(items[0]["chosen"])] == [cat.shape[1], bird.shape[1]]
 
     batch = collate_pairs(items, V)
-    assert batch["pair_ids"] == ["p0", "p1"]
+    assert batch.pair_ids == ["p0", "p1"]
     rows = [items[0]["chosen"], items[0]["rejected"], items[1]["chosen"], items[1]["rejected"]]
-    assert batch["tokens"].shape[0] == 4 and batch["lengths"].tolist() == [r["tokens"].shape[0] for r in rows]
+    assert batch.tokens.shape[0] == 4 and batch.lengths.tolist() == [r["tokens"].shape[0] for r in rows]
     for b, r in enumerate(rows):
         n = r["tokens"].shape[0]
-        assert torch.equal(batch["tokens"][b, :n], r["tokens"]) and torch.equal(batch["labels"][b, :n], r["labels"])
-        assert bool((batch["labels"][b, n:] == IGNORE_INDEX).all())
+        assert torch.equal(batch.tokens[b, :n], r["tokens"]) and torch.equal(batch.labels[b, :n], r["labels"])
+        assert bool((batch.labels[b, n:] == IGNORE_INDEX).all())
     # clips batch-major, each sample's in placeholder order: (cat, bird) x 2 for pair 0, bird x 2 for pair 1
     expected = [cat, bird, cat, bird, bird, bird]
-    assert batch["audio_feature_lens"].tolist() == [c.shape[1] for c in expected]
+    assert batch.audio_feature_lens.tolist() == [c.shape[1] for c in expected]
     for k, c in enumerate(expected):
-        assert torch.allclose(batch["audio_features"][k, :, : c.shape[1]], c)
-    assert batch["tasks"] == ["conversation"] * 4
-    assert PairCollator(V)(items)["pair_ids"] == ["p0", "p1"]
+        assert torch.allclose(batch.audio_features[k, :, : c.shape[1]], c)
+    assert batch.tasks is None  # DPO reads pairs, not tasks
+    assert PairCollator(V)(items).pair_ids == ["p0", "p1"]
 
 
 def test_collate_conversations_checks_each_sample(root):
@@ -208,8 +208,8 @@ def test_collate_conversations_checks_each_sample(root):
     ds = ConversationDataset.from_records(records, _formatter(cfg_dropout=0.0), CountingCodec())
     samples = [ds[i] for i in range(len(ds))]
     batch = collate_conversations(samples, V)
-    assert batch["audio_features"].shape[0] == 2  # dog (item 0) then bird (item 3)
-    assert batch["tokens"].shape[1] % 8 == 0
+    assert batch.audio_features.shape[0] == 2  # dog (item 0) then bird (item 3)
+    assert batch.tokens.shape[1] % 8 == 0
     broken = dict(samples[0], audio_features=None)
     with pytest.raises(ValueError, match="sample 1 has"):
         collate_conversations([samples[1], broken], V)

@@ -72,18 +72,18 @@ def test_collate_packed_resets_positions_and_never_learns_across_samples():
     lens = [s["tokens"].shape[0] for s in samples]
     seq = lens[0] + lens[1] + 3
     batch = collate_packed([[samples[0], samples[1]], [samples[2]]], V, seq)
-    assert batch["tokens"].shape == batch["labels"].shape == batch["loss_weights"].shape == (2, seq, 8)
-    assert batch["segment_ids"][0].tolist() == [0] * lens[0] + [1] * lens[1] + [-1] * 3
-    assert batch["segment_ids"][1].tolist() == [0] * lens[2] + [-1] * (seq - lens[2])
-    assert batch["position_ids"][0, :lens[0] + lens[1]].tolist() == list(range(lens[0])) + list(range(lens[1]))
-    assert batch["lengths"].tolist() == [lens[0] + lens[1], lens[2]] and batch["tasks"] == ["text", "tta", "text"]
-    assert torch.equal(batch["tokens"][0, lens[0]:lens[0] + lens[1]], samples[1]["tokens"])
-    assert torch.equal(batch["loss_weights"][0, :lens[0]], samples[0]["loss_weights"])
+    assert batch.tokens.shape == batch.labels.shape == batch.loss_weights.shape == (2, seq, 8)
+    assert batch.segment_ids[0].tolist() == [0] * lens[0] + [1] * lens[1] + [-1] * 3
+    assert batch.segment_ids[1].tolist() == [0] * lens[2] + [-1] * (seq - lens[2])
+    assert batch.position_ids[0, :lens[0] + lens[1]].tolist() == list(range(lens[0])) + list(range(lens[1]))
+    assert batch.lengths.tolist() == [lens[0] + lens[1], lens[2]] and batch.tasks == ["text", "tta", "text"]
+    assert torch.equal(batch.tokens[0, lens[0]:lens[0] + lens[1]], samples[1]["tokens"])
+    assert torch.equal(batch.loss_weights[0, :lens[0]], samples[0]["loss_weights"])
     # the label at each sample's last position is IGNORE on every stream: nothing predicts the next sample
     for end in (lens[0] - 1, lens[0] + lens[1] - 1):
-        assert bool((batch["labels"][0, end] == IGNORE_INDEX).all())
-    assert bool((batch["labels"][0, -3:] == IGNORE_INDEX).all()) and float(batch["loss_weights"][0, -3:].sum()) == 0
-    assert batch["audio_features"] is None
+        assert bool((batch.labels[0, end] == IGNORE_INDEX).all())
+    assert bool((batch.labels[0, -3:] == IGNORE_INDEX).all()) and float(batch.loss_weights[0, -3:].sum()) == 0
+    assert batch.audio_features is None
     bad = dict(samples[0], labels=samples[0]["labels"].clone())
     bad["labels"][-1, 0] = 5
     with pytest.raises(ValueError, match="last label"):

@@ -29,6 +29,7 @@ from ualm_nemo.data.shar import ShardReader, read_rejects, shard_counts, source_
 from ualm_nemo.data.shar_dataset import SharBatchLoader, SharLoaderConfig
 from ualm_nemo.data.tokenizer import ByteChatTokenizer
 from ualm_nemo.model.vocab import UnifiedVocab
+from ualm_nemo.testing.batches import same_batch
 
 V = UnifiedVocab(text_vocab_size=384)
 SECONDS = {"dog": 0.3, "cat": 0.45, "bird": 0.6, "hall": 0.5}
@@ -188,32 +189,24 @@ def _take(loader, n):
     return list(itertools.islice(iter(loader), n))
 
 
-def _equal(a: dict, b: dict) -> bool:
-    for k in ("tokens", "labels", "loss_weights", "position_ids", "audio_features", "segment_ids"):
-        x, y = a.get(k), b.get(k)
-        if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
-            return False
-    return a["ids"] == b["ids"] and a.get("pair_ids") == b.get("pair_ids")
-
-
 @pytest.mark.parametrize("pack", [False, True])
 def test_conversation_loader_blends_packs_and_resumes_exactly(data, shar_sources, pack):
     cfg = SharLoaderConfig(sources=[{"name": "sft", "shar_dir": data["sft"], "weight": 3.0},
                                     {"name": "tta", "shar_dir": shar_sources["tta"]}],
                            window_size=6, max_tokens=1536, seq_len=768, seed=3, pack=pack)
     full = _take(SharBatchLoader(cfg, _fmt(0.3)), 8)
-    tasks = {t for b in full for t in b["tasks"]}
+    tasks = {t for b in full for t in b.tasks}
     assert tasks == {"conversation", "tta"}
-    assert any(b["audio_features"] is not None and b["audio_features"].shape[0] >= 2 for b in full)
+    assert any(b.audio_features is not None and b.audio_features.shape[0] >= 2 for b in full)
     if pack:
-        assert all(b["tokens"].shape[1] == 768 and "segment_ids" in b for b in full)
-        assert max(int(b["segment_ids"].max()) for b in full) >= 1
+        assert all(b.tokens.shape[1] == 768 and b.segment_ids is not None for b in full)
+        assert max(int(b.segment_ids.max()) for b in full) >= 1
     for k in (2, 5):
         first = SharBatchLoader(cfg, _fmt(0.3))
         head = _take(first, k)
         resumed = SharBatchLoader(cfg, _fmt(0.3))
-        resumed.load_state_dict(head[-1]["loader_state"])
-        assert all(_equal(x, y) for x, y in zip(head + _take(resumed, 8 - k), full, strict=True)), k
+        resumed.load_state_dict(head[-1].loader_state)
+        assert all(same_batch(x, y) for x, y in zip(head + _take(resumed, 8 - k), full, strict=True)), k
 
 
 def test_preference_loader_keeps_pairs_together_and_resumes_exactly(data):
@@ -227,24 +220,24 @@ def test_preference_loader_keeps_pairs_together_and_resumes_exactly(data):
     pair_fmt = loader._plan.pair_fmt
     seen = set()
     for b in full:
-        rows = b["tokens"].shape[0]
-        assert rows == 2 * len(b["pair_ids"]) == 2 * len(b["ids"]) and rows * b["tokens"].shape[1] <= 800
-        assert b["tasks"] == ["conversation"] * rows
-        for k, (sample_id, pair_id) in enumerate(zip(b["ids"], b["pair_ids"])):
+        rows = b.tokens.shape[0]
+        assert rows == 2 * len(b.pair_ids) == 2 * len(b.ids) and rows * b.tokens.shape[1] <= 800
+        assert b.tasks is None
+        for k, (sample_id, pair_id) in enumerate(zip(b.ids, b.pair_ids)):
             cut = by_cut[sample_id.split("/", 1)[1]]
             assert cut.custom["origin"] == pair_id
             item = loader._plan._posttrain(cut, sample_id, random.Random(0))
             for row, side in ((2 * k, "chosen"), (2 * k + 1, "rejected")):  # rows interleaved as collate_pairs
                 n = item[side]["tokens"].shape[0]
-                assert torch.equal(b["tokens"][row, :n], item[side]["tokens"]), (pair_id, side)
-                assert torch.equal(b["loss_weights"][row, :n], item[side]["loss_weights"])
+                assert torch.equal(b.tokens[row, :n], item[side]["tokens"]), (pair_id, side)
+                assert torch.equal(b.loss_weights[row, :n], item[side]["loss_weights"])
             seen.add(pair_id)
     assert pair_fmt.cfg_dropout == 0.0 and len(seen) >= N_PAIRS // 2
     for k in (1, 4):
         head = _take(SharBatchLoader(cfg, _fmt(0.3)), k)
         resumed = SharBatchLoader(cfg, _fmt(0.3))
-        resumed.load_state_dict(head[-1]["loader_state"])
-        assert all(_equal(x, y) for x, y in zip(head + _take(resumed, 6 - k), full, strict=True)), k
+        resumed.load_state_dict(head[-1].loader_state)
+        assert all(same_batch(x, y) for x, y in zip(head + _take(resumed, 6 - k), full, strict=True)), k
 
 
 def test_long_samples_are_skipped_without_loading_audio(data, monkeypatch):
@@ -256,7 +249,7 @@ def test_long_samples_are_skipped_without_loading_audio(data, monkeypatch):
     real = cuts_module.cut_waveform
     monkeypatch.setattr(cuts_module, "cut_waveform", lambda cut: loads.append(cut.id) or real(cut))
     batches = _take(SharBatchLoader(cfg, _fmt()), 1)
-    assert batches and all(b["tokens"].shape[1] <= 64 for b in batches)
+    assert batches and all(b.tokens.shape[1] <= 64 for b in batches)
     assert loads == []  # every sample with a heard clip is longer than 60 positions: none was loaded
 
 
@@ -302,7 +295,7 @@ def test_preference_batches_do_not_depend_on_worker_count(data):
                 seed=2)
     alone = _take(SharBatchLoader(SharLoaderConfig(**base), _fmt()), 5)
     pooled = _take(SharBatchLoader(SharLoaderConfig(**base, num_workers=2), _fmt()), 5)
-    assert all(_equal(x, y) for x, y in zip(alone, pooled, strict=True))
+    assert all(same_batch(x, y) for x, y in zip(alone, pooled, strict=True))
 
 
 def test_cli_prepares_and_tokenizes_post_training_sources(data, tmp_path, monkeypatch, capsys):

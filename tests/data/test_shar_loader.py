@@ -7,13 +7,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from ualm_nemo.data.formatting import SampleFormatter
 from ualm_nemo.data.shar import shard_counts
 from ualm_nemo.data.shar_dataset import SharBatchLoader, SharLoaderConfig, SourceView
 from ualm_nemo.data.tokenizer import ByteChatTokenizer
 from ualm_nemo.model.vocab import UnifiedVocab
+from ualm_nemo.testing.batches import same_batch
 
 V = UnifiedVocab(text_vocab_size=384)
 
@@ -33,34 +33,25 @@ def _take(loader, n):
     return list(itertools.islice(iter(loader), n))
 
 
-def _same(a: dict, b: dict) -> bool:
-    keys = ("tokens", "labels", "loss_weights", "position_ids", "audio_features", "audio_feature_lens", "segment_ids")
-    for k in keys:
-        x, y = a.get(k), b.get(k)
-        if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
-            return False
-    return a["ids"] == b["ids"] and a["tasks"] == b["tasks"]
-
-
 @pytest.mark.parametrize("pack", [False, True])
 def test_resume_equals_uninterrupted_run(shar_sources, pack):
     cfg = _cfg(shar_sources, pack=pack)
     full = _take(SharBatchLoader(cfg, _formatter()), 14)
-    assert {t for b in full for t in b["tasks"]} == {"tta", "understanding", "text"}
-    assert any(b["audio_features"] is not None for b in full)
+    assert {t for b in full for t in b.tasks} == {"tta", "understanding", "text"}
+    assert any(b.audio_features is not None for b in full)
     if pack:
-        assert all(b["tokens"].shape[1] == 1024 and "segment_ids" in b for b in full)
-        assert max(int(b["segment_ids"].max()) for b in full) >= 2  # several samples per row
+        assert all(b.tokens.shape[1] == 1024 and b.segment_ids is not None for b in full)
+        assert max(int(b.segment_ids.max()) for b in full) >= 2  # several samples per row
 
     for k in (1, 5, 9):  # mid-window and window boundaries alike
         first = SharBatchLoader(cfg, _formatter())
         head = _take(first, k)
         state = first.state_dict()
-        assert state == {**head[-1]["loader_state"]}  # what a prefetching trainer saves from the batch itself
+        assert state == {**head[-1].loader_state}  # what a prefetching trainer saves from the batch itself
         resumed = SharBatchLoader(cfg, _formatter())
         resumed.load_state_dict(state)
         tail = _take(resumed, 14 - k)
-        assert all(_same(x, y) for x, y in zip(head + tail, full, strict=True)), k
+        assert all(same_batch(x, y) for x, y in zip(head + tail, full, strict=True)), k
 
 
 def test_batches_do_not_depend_on_worker_count(shar_sources):
@@ -68,10 +59,10 @@ def test_batches_do_not_depend_on_worker_count(shar_sources):
     alone = _take(SharBatchLoader(cfg, _formatter()), 10)
     workers = SharBatchLoader(_cfg(shar_sources, window_size=6, num_workers=2), _formatter())
     pooled = _take(workers, 10)
-    assert all(_same(x, y) for x, y in zip(alone, pooled, strict=True))
+    assert all(same_batch(x, y) for x, y in zip(alone, pooled, strict=True))
     resumed = SharBatchLoader(_cfg(shar_sources, window_size=6, num_workers=2), _formatter())
-    resumed.load_state_dict(pooled[6]["loader_state"])
-    assert all(_same(x, y) for x, y in zip(_take(resumed, 3), alone[7:10], strict=True))
+    resumed.load_state_dict(pooled[6].loader_state)
+    assert all(same_batch(x, y) for x, y in zip(_take(resumed, 3), alone[7:10], strict=True))
 
 
 @pytest.mark.parametrize("world,window", [(2, 4), (4, 3)])  # 3 text shards: split by shard (W=2), by item (W=4)
@@ -89,7 +80,7 @@ def test_dp_ranks_cover_each_epoch_once(shar_sources, world, window):
                                      dp_rank=rank, dp_size=world)
             ids: list[str] = []
             for batch in loader:
-                ids += batch["ids"]
+                ids += batch.ids
                 if len(ids) >= n:
                     break
             assert len(ids) == n
@@ -104,7 +95,7 @@ def test_loader_blend_proportions(shar_sources):
                                               max_tokens=8192), _formatter())
     counts: Counter = Counter()
     for batch in loader:
-        counts.update(i.split("/")[0] for i in batch["ids"])
+        counts.update(i.split("/")[0] for i in batch.ids)
         if loader.state_dict()["window"] == 25 and loader.state_dict()["batch_in_window"] == 0:
             break
     n = sum(counts.values())
@@ -116,7 +107,7 @@ def test_loader_blend_proportions(shar_sources):
 def test_too_long_samples_are_skipped_and_counted(shar_sources, caplog):
     cfg = _cfg(shar_sources, seq_len=120, max_tokens=512)
     batches = _take(SharBatchLoader(cfg, _formatter()), 3)
-    assert all(b["tokens"].shape[1] <= 120 for b in batches)
+    assert all(b.tokens.shape[1] <= 120 for b in batches)
     assert "longer than 120 positions" in caplog.text
 
 
@@ -174,7 +165,7 @@ def test_conf_presets_build_a_loader(shar_sources):
     total = sum(expected.values())
     assert loader.probabilities == pytest.approx({n: v / total for n, v in expected.items()})
     assert loader.cfg.seed == cfg.data.seed and loader.cfg.pack is False
-    assert _take(loader, 1)[0]["tokens"].shape[-1] == 8
+    assert _take(loader, 1)[0].tokens.shape[-1] == 8
 
 
 def test_prepare_and_tokenize_clis(tmp_path):

@@ -42,7 +42,7 @@ def _step(cfg, ddp, opt) -> None:
     opt.zero_grad()
     batch = random_batch(cfg.vocab, 2, 0)
     get_forward_backward_func()(forward_step_func=partial(_forward_step, LMObjective()), data_iterator=iter([batch]), model=ddp,
-                                num_microbatches=1, seq_length=batch["tokens"].shape[1], micro_batch_size=2)
+                                num_microbatches=1, seq_length=batch.tokens.shape[1], micro_batch_size=2)
     opt.step()
 
 

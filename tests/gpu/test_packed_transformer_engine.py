@@ -18,19 +18,18 @@ def _packed_te_vs_alone() -> dict:
     from ualm_nemo.model.builder import build_model
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
     from ualm_nemo.testing.batches import random_sample
-    from ualm_nemo.training.objectives import model_inputs
 
     cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(enabled=False), params_dtype="bf16")
     cfg = cfg.with_parallel(transformer_impl="transformer_engine")
     init_model_parallel(cfg.parallel, seed=0)
     model = build_model(cfg).eval()
     gen = torch.Generator().manual_seed(0)
-    samples = [dict(random_sample(cfg.vocab, n, f, gen), task="tta") for n, f in ((5, 6), (7, 3), (4, 9), (9, 12))]
+    samples = [random_sample(cfg.vocab, n, f, gen) for n, f in ((5, 6), (7, 3), (4, 9), (9, 12))]
     lengths = [x["tokens"].shape[0] for x in samples]
     rows = [[0, 1], [2], [3]]  # two samples + padding, one + padding, one filling the row
     seq = max(lengths[0] + lengths[1], lengths[2], lengths[3])
-    batch = {k: v.cuda() if torch.is_tensor(v) else v
-             for k, v in model_inputs(collate_packed([[samples[i] for i in r] for r in rows], cfg.vocab, seq)).items()}
+    packed_rows = collate_packed([[samples[i] for i in r] for r in rows], cfg.vocab, seq)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed_rows.model_inputs().items()}
     with torch.no_grad():
         alone = [model(x["tokens"][None].cuda(), x["labels"][None].cuda(), x["loss_weights"][None].cuda())[0]
                  for x in samples]

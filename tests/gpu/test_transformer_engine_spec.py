@@ -26,7 +26,7 @@ def _local_checkpoint_into_te(root: str) -> dict:
     checkpoint.save_checkpoint(root, 0, [local], None, common={})
     te = build_model(local_cfg.with_parallel(transformer_impl="transformer_engine")).eval()
     checkpoint.load_checkpoint(f"{root}/iter_0000000", [te], None, restore_rng=False)
-    tokens = random_batch(local_cfg.vocab, 2, seed=0)["tokens"].cuda()
+    tokens = random_batch(local_cfg.vocab, 2, seed=0).tokens.cuda()
     with torch.no_grad():
         a, b = local(tokens), te(tokens)
     return {"max_diff": max(float((x - y).abs().max()) for x, y in zip(a, b))}

@@ -122,7 +122,7 @@ def test_nonfinite_losses_stop_the_run_without_requeue(slurm, tmp_path, capsys):
         "_step = engine.MegatronEngine.train_step\n"
         "def train_step(self, microbatches):\n"
         "    for mb in microbatches:\n"
-        "        mb['loss_weights'] = torch.full_like(mb['loss_weights'], float('nan'))\n"
+        "        mb.loss_weights = torch.full_like(mb.loss_weights, float('nan'))\n"
         "    return _step(self, microbatches)\n"
         "engine.MegatronEngine.train_step = train_step\n")
     job_id, out = _submit(tmp_path, capsys, "--env", f"PYTHONPATH={inject}",

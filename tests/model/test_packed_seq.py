@@ -161,7 +161,6 @@ def _thd_forward_vs_alone(tp: int) -> dict:
     from ualm_nemo.model.builder import build_model
     from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
     from ualm_nemo.testing.batches import random_sample
-    from ualm_nemo.training.objectives import model_inputs
 
     cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(enabled=False))
     if tp > 1:
@@ -169,11 +168,11 @@ def _thd_forward_vs_alone(tp: int) -> dict:
     init_model_parallel(cfg.parallel, seed=4)
     model = build_model(cfg).eval()
     gen = torch.Generator().manual_seed(0)
-    samples = [dict(random_sample(cfg.vocab, n, f, gen), task="tta") for n, f in ((5, 6), (7, 3), (4, 9))]
+    samples = [random_sample(cfg.vocab, n, f, gen) for n, f in ((5, 6), (7, 3), (4, 9))]
     lengths = [x["tokens"].shape[0] for x in samples]
     pad = torch.tensor(cfg.vocab.text_position_streams(cfg.vocab.pad_id))
     s = -(-(max(lengths[0] + lengths[1], lengths[2]) + 2) // tp) * tp
-    batch = model_inputs(collate_packed([[samples[0], samples[1]], [samples[2]]], cfg.vocab, s))  # loader layout
+    batch = collate_packed([[samples[0], samples[1]], [samples[2]]], cfg.vocab, s).model_inputs()  # loader layout
     with torch.no_grad():
         alone = []
         for x, n in zip(samples, lengths):  # alone, padded to a multiple of tp (SP splits the sequence)

@@ -59,31 +59,19 @@ def _attention_cases() -> dict:
     return out
 
 
-def _packed_batch(vocab, seed: int) -> dict:
-    """Two rows of two samples each, padded at the end: tokens/labels/loss_weights plus positions and segments."""
+def _packed_batch(vocab, seed: int):
+    """Two rows of two samples each, padded at the end (the loader's packing: positions and segments)."""
+    from ualm_nemo.data.batching import collate_packed
     from ualm_nemo.testing.batches import random_sample
 
     gen = torch.Generator().manual_seed(seed)
     rows = [[random_sample(vocab, 4 + i, 3 + j, gen) for j in range(2)] for i in range(2)]
-    length = max(sum(s["tokens"].shape[0] for s in row) for row in rows) + 2
-    pad = {"tokens": torch.tensor(vocab.text_position_streams(vocab.pad_id)), "labels": torch.tensor(-100),
-           "loss_weights": torch.tensor(0.0)}
-    batch = {key: [] for key in ("tokens", "labels", "loss_weights", "position_ids", "segment_ids")}
-    for row in rows:
-        n = [s["tokens"].shape[0] for s in row]
-        fill = length - sum(n)
-        for key in pad:
-            batch[key].append(torch.cat([s[key] for s in row] + [pad[key].expand(fill, 8)]))
-        batch["position_ids"].append(torch.cat([torch.arange(m) for m in n] + [torch.arange(fill)]))
-        batch["segment_ids"].append(torch.cat([torch.full((m,), i) for i, m in enumerate(n)]
-                                              + [torch.full((fill,), -1)]))
-    return {key: torch.stack(value) for key, value in batch.items()}
+    return collate_packed(rows, vocab, max(sum(s["tokens"].shape[0] for s in row) for row in rows) + 2)
 
 
-def _loss_and_grads(model, batch: dict) -> dict:
+def _loss_and_grads(model, batch) -> dict:
     model.zero_grad(set_to_none=True)
-    loss = model(batch["tokens"], batch["labels"], batch["loss_weights"], position_ids=batch.get("position_ids"),
-                 segment_ids=batch.get("segment_ids"))  # [b, s]
+    loss = model(**batch.model_inputs())  # [b, s]
     loss.sum().backward()
     return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()
                                              if p.grad is not None}}

@@ -3,6 +3,7 @@ processes), offline == online reference, and a few steps that raise the margin."
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -125,8 +126,8 @@ def _dpo_steps(root: str, manifest: str, reference: str, steps: int, sft_weight:
         engine.set_reference(load_reference_model(cfg, root))
     else:  # what the sidecar holds: the reference's rows, scored once before training
         for batch, report in zip(batches, engine.row_log_probs(batches)):
-            batch["ref_logps"] = report["row_logps"]
-    results = [engine.train_step([dict(b) for b in batches]) for _ in range(steps)]
+            batch.ref_logps = report["row_logps"]
+    results = [engine.train_step([dataclasses.replace(b) for b in batches]) for _ in range(steps)]
     return {"loss": [r.loss for r in results], "metrics": [r.metrics for r in results]}
 
 

@@ -38,7 +38,7 @@ def _train_with_nan(output_dir: str, max_steps: int, max_nonfinite: int, nan_cal
         if calls[0] not in nan_calls:
             return original(self, microbatches)
         for mb in microbatches:
-            mb["loss_weights"] = torch.full_like(mb["loss_weights"], float("nan"))
+            mb.loss_weights = torch.full_like(mb.loss_weights, float("nan"))
         before = [p.detach().clone() for chunk in self.chunks for p in chunk.parameters()]
         result = original(self, microbatches)
         after = [p.detach() for chunk in self.chunks for p in chunk.parameters()]

@@ -3,14 +3,17 @@ logged to TensorBoard, kept with the checkpoint and in validation.jsonl, continu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.config import ConfigError
 from ualm_nemo.model.vocab import IGNORE_INDEX
+from ualm_nemo.testing.batches import same_batch
 from ualm_nemo.testing.dist import run_distributed
 from ualm_nemo.training.run_config import check_data_paths, run_config_from_dict
 from ualm_nemo.training.validation import ValidationLog, ValidationLoss, position_tasks
@@ -122,8 +125,10 @@ def test_task_and_stream_figures_by_hand():
     labels[0, :2, 1:] = 1
     labels[1, :2, 0] = 1  # row 1: sample 2 (understanding) at 0..2, padding at 3
     weights = (labels != IGNORE_INDEX).float() * 0.5
-    batch = {"labels": labels, "loss_weights": weights, "tasks": ["tta", "text", "understanding"],
-             "segment_ids": torch.tensor([[0, 0, 1, 1], [0, 0, 0, -1]])}
+    segments = torch.tensor([[0, 0, 1, 1], [0, 0, 0, -1]])
+    batch = MicroBatch(tokens=torch.zeros(2, 4, 8, dtype=torch.long), labels=labels, loss_weights=weights,
+                       lengths=torch.tensor([4, 3]), tasks=["tta", "text", "understanding"], segment_ids=segments,
+                       position_ids=torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]]))
     assert position_tasks(batch).tolist() == [[0, 0, 2, 2], [1, 1, 1, 1]]
     nll = torch.arange(64, dtype=torch.float32).view(2, 4, 8) * (labels != IGNORE_INDEX)
     objective = ValidationLoss(8)
@@ -137,7 +142,7 @@ def test_task_and_stream_figures_by_hand():
     assert figures["loss_stream0"] == pytest.approx((0 + 8 + 16 + 32 + 40) / 5)
     assert figures["loss_stream3"] == pytest.approx((3 + 11) / 2)
     with pytest.raises(ValueError, match="preference"):
-        position_tasks({**batch, "tasks": ["tta", "preference", "text"]})
+        position_tasks(dataclasses.replace(batch, tasks=["tta", "preference", "text"]))
 
 
 def test_log_keeps_each_step_once(tmp_path):
@@ -197,11 +202,11 @@ def test_held_out_manifests(tmp_path, demo_shar, caplog):
     with caplog.at_level("INFO", logger="ualm_nemo.data.dataset"):
         again, rank1 = build_val_batches(run, 0, 2), build_val_batches(run, 1, 2)
     assert f"read from {cache}" in caplog.text  # a later job start (or another rank) does not encode again
-    assert len(rank0) == len(rank1) == 3 and all(len(b["tasks"]) == 2 for b in rank0)
-    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(rank0, again))
-    assert not torch.equal(rank0[0]["tokens"][:, :8], rank1[0]["tokens"][:, :8])
+    assert len(rank0) == len(rank1) == 3 and all(len(b.tasks) == 2 for b in rank0)
+    assert all(same_batch(a, b) for a, b in zip(rank0, again, strict=True))
+    assert not torch.equal(rank0[0].tokens[:, :8], rank1[0].tokens[:, :8])
     objective = ValidationLoss(8)
-    total = sum(objective.loss(b, (b["labels"] != IGNORE_INDEX).float())[2]["report"].double() for b in rank0)
+    total = sum(objective.loss(b, (b.labels != IGNORE_INDEX).float())[2]["report"].double() for b in rank0)
     figures = objective.summarise(total)
     assert figures["loss_stream0"] == 1.0 and figures["tokens"] > 0
     cfg["train"]["val_batches"] = 50

@@ -4,14 +4,9 @@ Bucketing (``bucket_batches``): sort by length, then cut greedily so that ``rows
 (padding counted): similar lengths share a batch and a batch of short samples holds more of them.
 
 Packing (``pack_rows`` + ``collate_packed``): several samples per row of ``seq_len`` positions (first-fit
-decreasing). A packed batch has the keys of ``dataset.collate`` plus ``segment_ids``::
-
-    tokens / labels / loss_weights  [B, S, 8]   samples back to back, then pads (IGNORE labels, 0 weight)
-    position_ids                    [B, S]      restart at 0 for each sample (pads continue counting)
-    segment_ids                     [B, S]      0, 1, ... per sample in the row; -1 on padding
-    lengths                         [B]         filled positions per row
-    audio_features / _lens          clips in row-major sample order (the order of their placeholders)
-    tasks                           list[str]   one per *sample*, row-major (len >= B)
+decreasing). A packed batch is a ``microbatch.MicroBatch`` [B, S] with ``position_ids`` (restarting at 0 for
+each sample; pads continue counting) and ``segment_ids`` (0, 1, ... per sample in the row; -1 on padding);
+``tasks`` holds one task per *sample*, row-major (len >= B).
 
 Labels never cross a sample boundary: a sample's last position has label IGNORE (formatting.py builds labels
 inside a sample), and ``collate_packed`` checks it. Attention stays inside a sample through the model's
@@ -25,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ualm_nemo.data.formatting import sample_clips
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
 
 
@@ -65,24 +61,23 @@ def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVocab, seq_len: int
-                   ) -> dict[str, Any]:
-    """Rows of samples -> one packed batch [B = len(rows), S = seq_len] (keys in the module docstring)."""
+def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVocab, seq_len: int) -> MicroBatch:
+    """Rows of samples -> one packed batch [B = len(rows), S = seq_len] (module docstring)."""
     flat = [s for row in rows for s in row]
     for s in flat:
         if int(s["labels"][-1].ne(IGNORE_INDEX).sum()):
             raise ValueError("a sample's last label must be IGNORE, or packing would learn across samples")
     batch = pad_rows(rows, vocab, seq_len)
     _check_placeholders(batch, vocab)
-    batch["tasks"] = [s["task"] for s in flat]
     return batch
 
 
-def pad_rows(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVocab, seq_len: int) -> dict[str, Any]:
+def pad_rows(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVocab, seq_len: int) -> MicroBatch:
     """The one padding rule of every collate function: each row's samples laid end to end from position 0, then
     <|pad|> tokens with IGNORE labels and zero weights up to ``seq_len``; position_ids restart at 0 per sample
     (padding continues the row's count), segment_ids 0, 1, ... per sample and -1 on padding; the samples' audio
-    clips in row-major order, zero-padded to the longest. (An unpacked batch is rows of one sample each.)"""
+    clips in row-major order, zero-padded to the longest; their tasks row-major. (An unpacked batch is rows of one
+    sample each; ``dataset.collate`` then drops position_ids and segment_ids.)"""
     flat = [s for row in rows for s in row]
     b, streams = len(rows), flat[0]["tokens"].shape[1]
     pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id), dtype=torch.long)  # [8]
@@ -105,9 +100,9 @@ def pad_rows(rows: Sequence[Sequence[Mapping[str, Any]]], vocab: UnifiedVocab, s
             start += n
         lengths[r] = start
     audio_features, audio_feature_lens = pad_clips([clip for s in flat for clip in sample_clips(s)])
-    return {"tokens": tokens, "labels": labels, "loss_weights": weights, "position_ids": position_ids,
-            "segment_ids": segment_ids, "lengths": lengths, "audio_features": audio_features,
-            "audio_feature_lens": audio_feature_lens}
+    return MicroBatch(tokens=tokens, labels=labels, loss_weights=weights, lengths=lengths,
+                      tasks=[s["task"] for s in flat], audio_features=audio_features,
+                      audio_feature_lens=audio_feature_lens, position_ids=position_ids, segment_ids=segment_ids)
 
 
 def pad_clips(clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -121,11 +116,11 @@ def pad_clips(clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch
     return features, lens
 
 
-def _check_placeholders(batch: Mapping[str, Any], vocab: UnifiedVocab) -> None:
+def _check_placeholders(batch: MicroBatch, vocab: UnifiedVocab) -> None:
     from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
 
-    placeholders = int((batch["tokens"][..., 0] == vocab.audio_in_id).sum())
-    lens = batch["audio_feature_lens"]
+    placeholders = int((batch.tokens[..., 0] == vocab.audio_in_id).sum())
+    lens = batch.audio_feature_lens
     frames = 0 if lens is None else sum(num_encoder_frames_from_mel(int(n)) for n in lens)
     if placeholders != frames:
         raise ValueError(f"packed batch has {placeholders} <|audio_in|> positions but features give {frames}")

@@ -230,7 +230,7 @@ def _turns(value: Any, root: Path, where: str, learnable: bool) -> tuple[Convers
 
 def _assistant_or(role: str, parts: tuple[ContentPart, ...], where: str) -> tuple[ContentPart, ...]:
     """Codes are written audio: only an assistant turn holds them. Two heard clips need text between them: the
-    trainer tells clips apart by their runs of ``<|audio_in|>`` (training/engine.clips_per_sample)."""
+    trainer tells clips apart by their runs of ``<|audio_in|>`` (data/microbatch.clips_per_row)."""
     if role != "assistant":
         for k, part in enumerate(parts):
             if isinstance(part, CodesRef):

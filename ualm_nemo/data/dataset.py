@@ -4,22 +4,15 @@ Codec tokens of TTA records are computed once, batched, when the dataset is buil
 file); understanding audio is read and turned into log-mel per item. CFG dropout draws from a
 ``random.Random`` seeded by (seed, epoch, index), so an item is the same whichever worker builds it.
 
-Batch (``collate``)::
-
-    tokens            LongTensor  [B, S, 8]  right-padded with text-position pads (<|pad|> + codebook pads)
-    labels            LongTensor  [B, S, 8]  padded with IGNORE_INDEX
-    loss_weights      FloatTensor [B, S, 8]  padded with 0
-    position_ids      LongTensor  [B, S]     0..S-1 per row
-    lengths           LongTensor  [B]        unpadded length of each row
-    audio_features    FloatTensor [N_audio, n_mel, F_max] zero-padded, clips batch-major (each sample's in
-                                             placeholder order; a sample may hold several), or None
-    audio_feature_lens LongTensor [N_audio], or None
-    tasks             list[str]   [B]
-S is the longest row rounded up to ``pad_to_multiple``.
+Batch (``collate``): a ``microbatch.MicroBatch`` (every field and shape documented there), one sample per row,
+right-padded by ``batching.pad_rows`` to the longest row rounded up to ``pad_to_multiple``; each sample's heard
+clips (it may hold several) in placeholder order, row-major. No ``position_ids`` / ``segment_ids``: a row holds
+one sample, so positions are 0..S-1 and attention plain causal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -33,6 +26,7 @@ from torch.utils.data import Dataset
 from ualm_nemo.codec.xcodec import CodecTokenizer
 from ualm_nemo.data.batching import pad_rows
 from ualm_nemo.data.formatting import Sample, SampleFormatter, sample_clips
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.data.raw import (Record, Reject, TTARecord, UnderstandingRecord, load_audio, read_text_manifest,
                                 read_tta_manifest, read_understanding_manifest)
 from ualm_nemo.data.tokenizer import TextTokenizer
@@ -115,12 +109,12 @@ class Collator:
     vocab: UnifiedVocab
     pad_to_multiple: int = 8
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> MicroBatch:
         return collate(samples, self.vocab, self.pad_to_multiple)
 
 
-def collate(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8) -> dict[str, Any]:
-    """Right-pad samples into a batch, one sample per row (see the module docstring for the keys and shapes)."""
+def collate(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8) -> MicroBatch:
+    """Right-pad samples into a batch, one sample per row (module docstring)."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     for i, s in enumerate(samples):
@@ -133,9 +127,8 @@ def collate(samples: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_mu
                              f"{frames} frames")
     longest = max(s["tokens"].shape[0] for s in samples)
     batch = pad_rows([[s] for s in samples], vocab, -(-longest // pad_to_multiple) * pad_to_multiple)
-    del batch["segment_ids"]  # one sample per row: plain causal attention, no block mask
-    batch["tasks"] = [s["task"] for s in samples]
-    return batch
+    # one sample per row: the model's default positions and plain causal attention (no block mask)
+    return dataclasses.replace(batch, position_ids=None, segment_ids=None)
 
 
 def build_demo_dataset(manifests: Mapping[str, str | Path], tokenizer: TextTokenizer, codec: CodecTokenizer | None,

@@ -21,11 +21,11 @@ from their codec codes, codes files loaded; ``FileLengths``: lengths only), a Sh
 (``cuts.CutClips``). ``format_conversation_record`` / ``format_preference_record`` are the one way a record
 becomes a sample, for both paths.
 
-Batches: ``collate_conversations`` is ``dataset.collate`` (it takes samples with several
-heard clips (``formatting.sample_clips``): ``audio_features`` [N_audio, n_mel, F_max] holds every clip
-batch-major, each sample's in placeholder order. ``collate_pairs`` is that over chosen, rejected, chosen,
-rejected, ... (pair k at rows 2k and 2k + 1, what ``training/objectives.DPOObjective`` reads) plus
-``pair_ids: list[str]``.
+Batches (``data/microbatch.MicroBatch``): ``collate_conversations`` is ``dataset.collate`` (it takes samples
+with several heard clips (``formatting.sample_clips``): ``audio_features`` [N_audio, n_mel, F_max] holds every
+clip batch-major, each sample's in placeholder order. ``collate_pairs`` is that over chosen, rejected, chosen,
+rejected, ... (pair k at rows 2k and 2k + 1, what ``training/objectives.DPOObjective`` reads) with
+``pair_ids`` set and no ``tasks``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from ualm_nemo.data.conversation import (AudioRef, CodesRef, ContentPart, Conver
 from ualm_nemo.data.dataset import collate, encode_tta_codes
 from ualm_nemo.data.formatting import (AudioIn, AudioInLength, AudioOut, AudioOutLength, ChatTurn, Part, Sample,
                                        SampleFormatter)
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.data.raw import Reject, TTARecord, load_audio, num_samples_loaded
 from ualm_nemo.model.vocab import UnifiedVocab
 
@@ -322,14 +323,15 @@ collate_conversations = collate  # one collate: dataset.collate takes any number
 
 
 def collate_pairs(items: Sequence[Mapping[str, Any]], vocab: UnifiedVocab, pad_to_multiple: int = 8
-                  ) -> dict[str, Any]:
+                  ) -> MicroBatch:
     """``PreferenceDataset`` items -> one batch, rows chosen, rejected, chosen, rejected, ... (pair k at rows
     2k, 2k + 1; clips in that row order, each sample's in placeholder order) plus ``pair_ids``."""
     if not items:
         raise ValueError("cannot collate an empty batch")
     batch = collate_conversations([item[side] for item in items for side in ("chosen", "rejected")], vocab,
                                   pad_to_multiple)
-    batch["pair_ids"] = [str(item["id"]) for item in items]
+    batch.pair_ids = [str(item["id"]) for item in items]
+    batch.tasks = None  # DPO reads pairs, not tasks (there is no per-task figure for a pair)
     return batch
 
 
@@ -340,7 +342,7 @@ class ConversationCollator:
     vocab: UnifiedVocab
     pad_to_multiple: int = 8
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> MicroBatch:
         return collate_conversations(samples, self.vocab, self.pad_to_multiple)
 
 
@@ -351,6 +353,6 @@ class PairCollator:
     vocab: UnifiedVocab
     pad_to_multiple: int = 8
 
-    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> MicroBatch:
         return collate_pairs(items, self.vocab, self.pad_to_multiple)
 

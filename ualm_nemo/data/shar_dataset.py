@@ -13,7 +13,7 @@ Order (all pure functions of the config, the seed and the DP rank; nothing depen
    into rows (batching.py); the window's batches are yielded in a seeded shuffled order.
 
 Position = ``{"window", "batch_in_window", "cursors"}`` (cursors at the window's start): ``state_dict()`` /
-``load_state_dict()`` restore it, and every batch carries the position *after* it in ``batch["loader_state"]``
+``load_state_dict()`` restore it, and every batch carries the position *after* it in ``batch.loader_state``
 (a training loop that prefetches saves the state of the last batch it trained on). A resumed loader re-reads
 its window and skips the batches already consumed, so it yields exactly the next batch.
 
@@ -32,9 +32,10 @@ chosen, ... (pair k at rows 2k, 2k + 1), ``pair_ids`` the records' ids (what DPO
 keyed by), ``ids`` one source/cut id per pair; a side longer than ``min(seq_len, max_tokens // 2)`` skips the
 pair.
 
-Each yielded micro-batch is ``dataset.collate``'s dict (or ``batching.collate_packed``'s when packing, or
-``collate_pairs``'s for DPO), plus ``ids`` (source/cut id per sample, row-major) and ``loader_state``. Batch sizes vary (token budget); a training
-step takes ``num_microbatches`` consecutive micro-batches on every rank.
+Each yielded micro-batch is a ``microbatch.MicroBatch`` from ``dataset.collate`` (or ``batching.collate_packed``
+when packing, or ``collate_pairs`` for DPO) with ``ids`` (source/cut id per sample, row-major) and
+``loader_state`` set. Batch sizes vary (token budget); a training step takes ``num_microbatches`` consecutive
+micro-batches on every rank.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ualm_nemo.data.cuts import (POSTTRAIN_TASKS, CutClips, cut_caption, cut_rec
                                  cut_waveform)
 from ualm_nemo.data.dataset import collate
 from ualm_nemo.data.formatting import Sample, SampleFormatter
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.data.posttrain_dataset import (collate_pairs, format_conversation_record, format_preference_record,
                                               pair_formatter, record_length)
 from ualm_nemo.data.shar import CODEC_FIELD, ShardReader, shard_counts, source_task
@@ -232,7 +234,7 @@ class _Plan:
             ids = [[kept[i]["id"] for i in g] for g in groups]
         order = np.random.default_rng([cfg.seed, self.rank, w, 0x5EED]).permutation(len(batches))
         for b, batch_ids in zip(batches, ids):
-            b["ids"] = batch_ids
+            b.ids = batch_ids
         return {"window": w, "batches": [batches[k] for k in order], "next_cursors": next_j,
                 "skipped": len(samples) - len(kept)}
 
@@ -328,7 +330,7 @@ class SharBatchLoader:
         return iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                                worker_init_fn=_worker_init, prefetch_factor=2))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         start = dict(self._state)
         skip = start["batch_in_window"]
         cursors = list(start["cursors"])
@@ -346,7 +348,7 @@ class SharBatchLoader:
                 self._state = ({"window": w + 1, "batch_in_window": 0, "cursors": list(win["next_cursors"])}
                                if last else {"window": w, "batch_in_window": k + 1, "cursors": cursors})
                 batch = batches[k]
-                batch["loader_state"] = self.state_dict()
+                batch.loader_state = self.state_dict()
                 yield batch
             if not batches or skip >= len(batches):
                 self._state = {"window": w + 1, "batch_in_window": 0, "cursors": list(win["next_cursors"])}

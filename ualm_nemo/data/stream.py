@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset
 
+from ualm_nemo.data.microbatch import MicroBatch
+
 
 @dataclass
 class DataPosition:
@@ -25,7 +27,7 @@ class DataPosition:
 class GlobalBatchStream(IterableDataset):
     """Yields this DP rank's share of each global batch, collated, forever (``max_steps`` ends the run)."""
 
-    def __init__(self, dataset: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]], global_batch_size: int,
+    def __init__(self, dataset: Sequence[Any], collate: Callable[[list[Any]], MicroBatch], global_batch_size: int,
                  dp_rank: int, dp_size: int, seed: int, position: DataPosition | None = None) -> None:
         if global_batch_size % dp_size:
             raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by the "
@@ -47,7 +49,7 @@ class GlobalBatchStream(IterableDataset):
                 self.dataset.set_epoch(epoch)
         return int(self._perm_cache[epoch][offset])
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         per_rank = self.global_batch_size // self.dp_size
         while True:
             start = self.position.consumed_samples + self.dp_rank * per_rank

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.config import ConfigError
 
 SIDES = ("chosen", "rejected")
@@ -83,9 +84,9 @@ def check_coverage(table: Mapping[str, torch.Tensor], pair_ids: Sequence[str], p
                           f"training pairs ({shown}): rescore with examples/score_reference.py")
 
 
-def attach(batch: dict[str, Any], table: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Add ``ref_logps`` [2P, N] (rows interleaved chosen, rejected like the batch) from the sidecar table."""
-    batch["ref_logps"] = torch.cat([table[p] for p in batch["pair_ids"]])  # float64, as the online reference
+def attach(batch: MicroBatch, table: Mapping[str, torch.Tensor]) -> MicroBatch:
+    """Set ``ref_logps`` [2P, N] (rows interleaved chosen, rejected like the batch) from the sidecar table."""
+    batch.ref_logps = torch.cat([table[p] for p in batch.pair_ids])  # float64, as the online reference
     return batch
 
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def score_reference(cfg: Mapping[str, Any]) -> Path:
     """Write the sidecar named by ``dpo.reference_logps``; returns its path. Run inside torch.distributed."""
+    from lightning.fabric.utilities import move_data_to_device
     from tqdm import tqdm
 
     from ualm_nemo.data.posttrain_dataset import collate_pairs
@@ -62,10 +63,10 @@ def score_reference(cfg: Mapping[str, Any]) -> Path:
     for k in tqdm(range(calls), desc="reference log-probs", disable=dist.get_rank() != 0):
         chunk = mine[k * per_call:(k + 1) * per_call]
         batch = collate_pairs([dataset[i] for i in (chunk or mine[:1] or [0])], run.model.vocab)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = move_data_to_device(batch, device)
         reports = row_log_probs(reference, run.model.vocab, [batch])
         if last and chunk:
-            table.update(pair_table(batch["pair_ids"], reports[0]["row_logps"].cpu()))
+            table.update(pair_table(batch.pair_ids, reports[0]["row_logps"].cpu()))
     gathered: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, table if last and parallel_state.get_tensor_model_parallel_rank() == 0 else {})
     out = Path(dpo.reference_logps)

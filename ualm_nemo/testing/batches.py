@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
+from ualm_nemo.data.dataset import collate
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.audio_frames import num_encoder_frames_from_mel
 from ualm_nemo.model.delay_pattern import apply_delay
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
 
 
 def random_sample(vocab: UnifiedVocab, text_len: int, audio_frames: int, generator: torch.Generator,
-                  text_weight: float = 1.0, audio_weight: float = 0.125) -> dict[str, torch.Tensor]:
+                  text_weight: float = 1.0, audio_weight: float = 0.125) -> dict[str, Any]:
     """A text prompt then a delayed audio grid; every target after the prompt's first half carries loss."""
     text = torch.randint(0, vocab.text_vocab_size, (text_len,), generator=generator)
     rows = [vocab.text_position_streams(int(t)) for t in text]
@@ -31,11 +36,11 @@ def random_sample(vocab: UnifiedVocab, text_len: int, audio_frames: int, generat
     no_loss[-1] = True
     labels[no_loss] = IGNORE_INDEX
     weights[no_loss] = 0.0
-    return {"tokens": tokens, "labels": labels, "loss_weights": weights}
+    return {"tokens": tokens, "labels": labels, "loss_weights": weights, "task": "tta"}
 
 
 def random_understanding_sample(vocab: UnifiedVocab, mel_frames: int, answer_len: int, generator: torch.Generator,
-                                n_mels: int = 128) -> dict[str, torch.Tensor]:
+                                n_mels: int = 128) -> dict[str, Any]:
     """A placeholder run for one clip (random log-mel), then a text answer that carries the loss."""
     placeholders = num_encoder_frames_from_mel(mel_frames)
     answer = torch.randint(0, vocab.text_vocab_size, (answer_len,), generator=generator)
@@ -47,15 +52,14 @@ def random_understanding_sample(vocab: UnifiedVocab, mel_frames: int, answer_len
     answer_targets = torch.arange(placeholders - 1, tokens.shape[0] - 1)  # positions predicting the answer
     labels[answer_targets, 0] = tokens[answer_targets + 1, 0]
     weights[answer_targets, 0] = 1.0
-    return {"tokens": tokens, "labels": labels, "loss_weights": weights,
+    return {"tokens": tokens, "labels": labels, "loss_weights": weights, "task": "understanding",
             "audio_features": torch.randn(n_mels, mel_frames, generator=generator)}
 
 
 def random_batch(vocab: UnifiedVocab, batch_size: int, seed: int, max_text: int = 12,
-                 max_frames: int = 10, with_audio_input: bool = False,
-                 pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Right-padded batch of ``random_sample``s of varied lengths (every other one an understanding sample
-    with ``with_audio_input``), in the collate layout of ualm_nemo/data/dataset.py."""
+                 max_frames: int = 10, with_audio_input: bool = False, pad_to_multiple: int = 8) -> MicroBatch:
+    """``random_sample``s of varied lengths (every other one an understanding sample with ``with_audio_input``)
+    collated by ``data/dataset.collate``, as the training loader does."""
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for i in range(batch_size):
@@ -65,21 +69,16 @@ def random_batch(vocab: UnifiedVocab, batch_size: int, seed: int, max_text: int 
         else:
             samples.append(random_sample(vocab, int(torch.randint(2, max_text, (1,), generator=gen)),
                                          int(torch.randint(1, max_frames, (1,), generator=gen)), gen))
-    length = max(s["tokens"].shape[0] for s in samples)
-    length = -(-length // pad_to_multiple) * pad_to_multiple
-    pad_row = torch.tensor(vocab.text_position_streams(vocab.pad_id))
-    out = {"tokens": pad_row.repeat(batch_size, length, 1),
-           "labels": torch.full((batch_size, length, vocab.num_codebooks), IGNORE_INDEX),
-           "loss_weights": torch.zeros(batch_size, length, vocab.num_codebooks)}
-    for i, s in enumerate(samples):
-        n = s["tokens"].shape[0]
-        for key in ("tokens", "labels", "loss_weights"):
-            out[key][i, :n] = s[key]
-    clips = [s["audio_features"] for s in samples if "audio_features" in s]
-    if clips:
-        lens = torch.tensor([c.shape[1] for c in clips])
-        features = torch.zeros(len(clips), clips[0].shape[0], int(lens.max()))
-        for i, clip in enumerate(clips):
-            features[i, :, : clip.shape[1]] = clip
-        out.update(audio_features=features, audio_feature_lens=lens)
-    return out
+    return collate(samples, vocab, pad_to_multiple)
+
+
+def same_batch(a: MicroBatch, b: MicroBatch) -> bool:
+    """Every field equal: tensors element for element (and both None or neither), the rest by ``==``."""
+    for f in dataclasses.fields(MicroBatch):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if torch.is_tensor(x) or torch.is_tensor(y):
+            if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True

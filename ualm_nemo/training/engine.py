@@ -17,12 +17,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.distributed import checkpoint
 from ualm_nemo.distributed.optim import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.model.builder import build_model_chunks
 from ualm_nemo.model.config import UALMConfig, check_same_model
-from ualm_nemo.training.objectives import REPORT, LMObjective, RowLogProbs, model_inputs
+from ualm_nemo.training.objectives import REPORT, LMObjective, RowLogProbs
 from ualm_nemo.training.stages import apply_stage
 
 
@@ -37,17 +38,17 @@ class StepResult:
 
 
 def _forward_step(objective, data_iterator, model):
-    batch = next(data_iterator)
-    output = model(**model_inputs(batch), per_stream=True) if objective.per_stream else model(**model_inputs(batch))
+    batch: MicroBatch = next(data_iterator)
+    output = model(**batch.model_inputs(), per_stream=objective.per_stream)
     return output, partial(objective.loss, batch)
 
 
-def run_schedule(modules: list[torch.nn.Module], objective, microbatches: list[dict[str, Any]], forward_only: bool):
+def run_schedule(modules: list[torch.nn.Module], objective, microbatches: list[MicroBatch], forward_only: bool):
     """One pass of Megatron's (pipeline) schedule over ``microbatches`` -> the last stage's loss reports.
 
     Several ``modules`` are the virtual stages of this rank (VPP): the interleaved schedule runs every
     micro-batch through each of them and reads one data iterator per chunk."""
-    first = microbatches[0]["tokens"]
+    first = microbatches[0].tokens
     data = iter(microbatches) if len(modules) == 1 else [iter(microbatches) for _ in modules]
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, objective), data_iterator=data, model=modules,
@@ -56,7 +57,7 @@ def run_schedule(modules: list[torch.nn.Module], objective, microbatches: list[d
 
 
 @torch.no_grad()
-def row_log_probs(modules: list[torch.nn.Module], vocab, microbatches: list[dict[str, Any]]
+def row_log_probs(modules: list[torch.nn.Module], vocab, microbatches: list[MicroBatch]
                   ) -> list[dict[str, torch.Tensor]]:
     """Per-stream sequence log-probs of every row (``objectives.RowLogProbs``) on the last pipeline stage (an
     empty list elsewhere): one {"row_logps" [b, N] float64, "row_counts" [b, N]} per micro-batch."""
@@ -91,7 +92,7 @@ class MegatronEngine:
     def modules(self) -> list[torch.nn.Module]:
         return self.ddp if self.ddp is not None else self.chunks
 
-    def _run_schedule(self, microbatches: list[dict[str, Any]], forward_only: bool):
+    def _run_schedule(self, microbatches: list[MicroBatch], forward_only: bool):
         return run_schedule(self.modules, self.objective, microbatches, forward_only)
 
     def _gather_params(self) -> None:
@@ -128,12 +129,12 @@ class MegatronEngine:
             module.requires_grad_(False)
         self.reference = modules
 
-    def row_log_probs(self, microbatches: list[dict[str, Any]], modules=None) -> list[dict[str, torch.Tensor]]:
+    def row_log_probs(self, microbatches: list[MicroBatch], modules=None) -> list[dict[str, torch.Tensor]]:
         if modules is None:
             self._gather_params()
         return row_log_probs(modules or self.chunks, self.cfg.vocab, microbatches)
 
-    def train_step(self, microbatches: list[dict[str, Any]]) -> StepResult:
+    def train_step(self, microbatches: list[MicroBatch]) -> StepResult:
         if self.weights_pending:
             raise RuntimeError("the model was built without initialisation for a checkpoint load that has not "
                                "happened (resume or train.init_from): refusing to train on uninitialised memory")
@@ -142,7 +143,7 @@ class MegatronEngine:
             for module in self.reference:  # built on CPU; Lightning moved the policy only (no-op once moved)
                 module.to(device)
             for mb, ref in zip(microbatches, self.row_log_probs(microbatches, self.reference)):
-                mb["ref_logps"] = ref["row_logps"]
+                mb.ref_logps = ref["row_logps"]
         for module in self.ddp:
             module.train()
             module.zero_grad_buffer()
@@ -159,14 +160,14 @@ class MegatronEngine:
                           metrics=metrics)
 
     @torch.no_grad()
-    def eval_loss(self, microbatches: list[dict[str, Any]]) -> float:
+    def eval_loss(self, microbatches: list[MicroBatch]) -> float:
         self._gather_params()
         for module in self.modules:
             module.eval()
         return self._reduce_loss(self._run_schedule(microbatches, forward_only=True))[0]
 
     @torch.no_grad()
-    def evaluate(self, microbatches: list[dict[str, Any]], objective) -> torch.Tensor:
+    def evaluate(self, microbatches: list[MicroBatch], objective) -> torch.Tensor:
         """Forward only under another ``objective`` (validation): its report summed over micro-batches and DP,
         on every rank (all ranks call it together)."""
         self._gather_params()
@@ -215,34 +216,3 @@ class MegatronEngine:
         self.weights_pending = False
         return state
 
-
-def clips_per_sample(tokens: torch.Tensor, audio_in_id: int) -> torch.Tensor:
-    """tokens [b, s, N] -> [b] number of placeholder runs (one run per audio clip) in each sample."""
-    here = tokens[..., 0] == audio_in_id
-    starts = here & ~torch.nn.functional.pad(here, (1, 0))[:, :-1]
-    return starts.sum(dim=1)
-
-
-def split_microbatches(batch: dict[str, Any], num_microbatches: int, audio_in_id: int) -> list[dict[str, Any]]:
-    """Split a collated batch along the batch dim; audio clips (numbered batch-major) follow their samples."""
-    size = batch["tokens"].shape[0]
-    if size % num_microbatches:
-        raise ValueError(f"batch of {size} does not split into {num_microbatches} micro-batches")
-    step = size // num_microbatches
-    audio = batch.get("audio_features")
-    counts = clips_per_sample(batch["tokens"], audio_in_id) if audio is not None else None
-    out, first_clip = [], 0
-    for i in range(num_microbatches):
-        rows = slice(i * step, (i + 1) * step)
-        part = {k: batch[k][rows] for k in ("tokens", "labels", "loss_weights", "ref_logps") if k in batch}
-        if "pair_ids" in batch:  # DPO: rows interleave chosen and rejected, so pair k is rows 2k and 2k + 1
-            if step % 2:
-                raise ValueError(f"micro-batches of {step} rows would split a chosen/rejected pair")
-            part["pair_ids"] = batch["pair_ids"][i * step // 2:(i + 1) * step // 2]
-        if counts is not None and int(counts[rows].sum()):
-            n = int(counts[rows].sum())
-            part["audio_features"] = audio[first_clip:first_clip + n]
-            part["audio_feature_lens"] = batch["audio_feature_lens"][first_clip:first_clip + n]
-            first_clip += n
-        out.append(part)
-    return out

@@ -14,10 +14,11 @@ from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
 from nemo.core.classes import ModelPT
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import comm_device
-from ualm_nemo.training.engine import MegatronEngine, split_microbatches
+from ualm_nemo.training.engine import MegatronEngine
 from ualm_nemo.training.run_config import RunConfig
 
 
@@ -61,7 +62,7 @@ class _WithReference:
     def __init__(self, collate, table: dict | None) -> None:
         self.collate, self.table = collate, table
 
-    def __call__(self, items):
+    def __call__(self, items) -> MicroBatch:
         from ualm_nemo.posttrain.reference import attach
 
         batch = self.collate(items)
@@ -70,11 +71,11 @@ class _WithReference:
 
 @dataclasses.dataclass
 class StepBatch:
-    """One optimizer step's data, whichever loader made it: this DP rank's micro-batches (dicts of the collate
-    functions' keys), how many samples they hold, and (Shar) the loader's position after them, which a
-    checkpoint saves (Lightning prefetches, so the loader itself is already further on)."""
+    """One optimizer step's data, whichever loader made it: this DP rank's micro-batches, how many samples they
+    hold, and (Shar) the loader's position after them, which a checkpoint saves (Lightning prefetches, so the
+    loader itself is already further on). Lightning's default transfer moves it (dataclasses all the way down)."""
 
-    microbatches: list[dict[str, Any]]
+    microbatches: list[MicroBatch]
     samples: int
     loader_state: dict | None = None
 
@@ -88,7 +89,7 @@ class StepGroups(torch.utils.data.IterableDataset):
     def __iter__(self):
         stream = iter(self.microbatches)
         while len(group := list(itertools.islice(stream, self.n))) == self.n:
-            yield StepBatch(group, sum(len(mb["ids"]) for mb in group), group[-1]["loader_state"])
+            yield StepBatch(group, sum(len(mb.ids) for mb in group), group[-1].loader_state)
 
 
 class GlobalBatchSteps(torch.utils.data.IterableDataset):
@@ -100,7 +101,7 @@ class GlobalBatchSteps(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         for batch in self.stream:
-            yield StepBatch(split_microbatches(batch, self.n, self.audio_in_id), self.samples)
+            yield StepBatch(batch.split(self.n, self.audio_in_id), self.samples)
 
 
 class UALMModel(ModelPT):
@@ -236,12 +237,6 @@ class UALMModel(ModelPT):
         t = self.run.train
         return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
 
-    def transfer_batch_to_device(self, batch: StepBatch, device: torch.device, dataloader_idx: int) -> StepBatch:
-        """Every loader yields StepBatch (one shape); its micro-batches move, the loader position stays."""
-        from lightning.pytorch.utilities import move_data_to_device
-
-        return dataclasses.replace(batch, microbatches=[move_data_to_device(mb, device) for mb in batch.microbatches])
-
     def training_step(self, step: StepBatch, batch_idx: int) -> None:
         if step.loader_state is not None:
             self.data_state = step.loader_state  # after this step's data (Lightning prefetches ahead)
@@ -283,13 +278,15 @@ class UALMModel(ModelPT):
     def _validate(self) -> None:
         """Score the fixed held-out set (training/validation.py) on every rank together; rank 0 logs the figures
         to TensorBoard at this step and appends them to ``<output_dir>/validation.jsonl``."""
-        from ualm_nemo.training.validation import ValidationLog, ValidationLoss, build_val_batches, to_device
+        from lightning.pytorch.utilities import move_data_to_device
+
+        from ualm_nemo.training.validation import ValidationLog, ValidationLoss, build_val_batches
 
         if self.val_batches is None:
             self.val_batches = build_val_batches(self.run, parallel_state.get_data_parallel_rank(),
                                                  parallel_state.get_data_parallel_world_size())
         objective = ValidationLoss(self.run.model.vocab.num_codebooks)
-        total = self.engine.evaluate([to_device(b, self.device) for b in self.val_batches], objective)
+        total = self.engine.evaluate(move_data_to_device(self.val_batches, self.device), objective)
         figures = objective.summarise(total)
         step = self.engine.step
         self.last_validation = {"step": step, **figures}

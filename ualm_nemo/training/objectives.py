@@ -3,8 +3,8 @@
 * ``LMObjective``: pre-training and SFT. The weighted per-position loss, normalised by the count of stream-0
   targets over all micro-batches and DP ranks (megatron's ``calculate_per_token_loss``).
 * ``DPOObjective``: preference optimisation. Rows come in pairs (chosen at even rows, rejected at odd rows,
-  ``data/posttrain_dataset.collate_pairs``) with the reference's per-stream log-probs in ``ref_logps`` [b, N];
-  the loss is summed over pairs and normalised by the global pair count.
+  ``data/posttrain_dataset.collate_pairs``) with the reference's per-stream log-probs in ``ref_logps`` [b, N]
+  (``data/microbatch.MicroBatch``); the loss is summed over pairs and normalised by the global pair count.
 * ``RowLogProbs``: forward only, each row's per-stream sequence log-probs (the reference scorer and the online
   reference).
 
@@ -14,28 +14,21 @@ engine sums it over micro-batches and DP and ``summarise`` turns the total into 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
 from ualm_nemo.posttrain.dpo import DPOConfig, DPOMetrics, pair_stats, score_mask
 
-MODEL_KEYS = ("tokens", "labels", "loss_weights", "audio_features", "audio_feature_lens", "position_ids",
-              "segment_ids")
 REPORT = "report"
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: batch.get(k) for k in MODEL_KEYS}
 
 
 class LMObjective:
     per_stream = False
 
-    def loss(self, batch: dict[str, Any], output: torch.Tensor):
+    def loss(self, batch: MicroBatch, output: torch.Tensor):
         """Sum of per-position losses and the count of stream-0 targets (the normaliser, summed by Megatron)."""
-        num = (batch["labels"][..., 0] != IGNORE_INDEX).sum()
+        num = (batch.labels[..., 0] != IGNORE_INDEX).sum()
         loss = output.float().sum()
         return loss, num.to(torch.int), {REPORT: torch.stack([loss.detach(), num.detach().float()])}
 
@@ -43,9 +36,9 @@ class LMObjective:
         return None
 
 
-def row_log_probs(batch: dict[str, Any], nll: torch.Tensor, vocab: UnifiedVocab) -> tuple[torch.Tensor, torch.Tensor]:
+def row_log_probs(batch: MicroBatch, nll: torch.Tensor, vocab: UnifiedVocab) -> tuple[torch.Tensor, torch.Tensor]:
     """nll [b, s, N] -> (per-stream sequence log-probs [b, N] float64, scored-element counts [b, N])."""
-    mask = score_mask(batch["labels"], vocab)
+    mask = score_mask(batch.labels, vocab)
     return -(nll.double() * mask).sum(1), mask.sum(1).double()
 
 
@@ -55,7 +48,7 @@ class RowLogProbs:
     def __init__(self, vocab: UnifiedVocab) -> None:
         self.vocab = vocab
 
-    def loss(self, batch: dict[str, Any], nll: torch.Tensor):
+    def loss(self, batch: MicroBatch, nll: torch.Tensor):
         logps, counts = row_log_probs(batch, nll, self.vocab)
         zero = nll.sum() * 0.0
         return zero, torch.ones((), dtype=torch.int), {REPORT: torch.zeros(2, device=nll.device),
@@ -71,16 +64,16 @@ class DPOObjective:
     def __init__(self, cfg: DPOConfig, vocab: UnifiedVocab) -> None:
         self.cfg, self.vocab = cfg, vocab
 
-    def loss(self, batch: dict[str, Any], nll: torch.Tensor):
+    def loss(self, batch: MicroBatch, nll: torch.Tensor):
         rows = nll.shape[0]
         if rows % 2:
             raise ValueError(f"a DPO micro-batch holds chosen/rejected pairs: {rows} rows is odd")
-        if batch.get("ref_logps") is None:
+        if batch.ref_logps is None:
             raise ValueError("a DPO micro-batch needs the reference's log-probs (ref_logps)")
         logps, counts = row_log_probs(batch, nll, self.vocab)
-        chosen_nll = (nll[0::2].double() * batch["loss_weights"][0::2].double()).sum((1, 2))
-        chosen_targets = (batch["labels"][0::2, :, 0] != IGNORE_INDEX).sum(1).clamp(min=1)
-        stats = pair_stats(logps, batch["ref_logps"].to(logps), counts, chosen_nll / chosen_targets, self.cfg)
+        chosen_nll = (nll[0::2].double() * batch.loss_weights[0::2].double()).sum((1, 2))
+        chosen_targets = (batch.labels[0::2, :, 0] != IGNORE_INDEX).sum(1).clamp(min=1)
+        stats = pair_stats(logps, batch.ref_logps.to(logps), counts, chosen_nll / chosen_targets, self.cfg)
         pairs = rows // 2
         margin = stats.reward_chosen - stats.reward_rejected
         report = torch.cat([torch.stack([stats.loss.sum(), torch.tensor(float(pairs), dtype=torch.float64,

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.config import ConfigError
 from ualm_nemo.model.vocab import IGNORE_INDEX
 from ualm_nemo.training.objectives import REPORT
@@ -40,23 +41,25 @@ VAL_MANIFESTS = {"tta": "val_tta_manifest", "understanding": "val_understanding_
                  "text": "val_text_manifest"}
 
 
-def position_tasks(batch: dict[str, Any], tasks: tuple[str, ...] = VAL_TASKS) -> torch.Tensor:
+def position_tasks(batch: MicroBatch, tasks: tuple[str, ...] = VAL_TASKS) -> torch.Tensor:
     """The task index of every position -> LongTensor [b, s] (on the labels' device).
 
-    ``batch["tasks"]`` holds one task per sample, row-major: one per row (``dataset.collate``), or one per
+    ``batch.tasks`` holds one task per sample, row-major: one per row (``dataset.collate``), or one per
     segment of each packed row (``batching.collate_packed``, whose ``segment_ids`` [b, s] number a row's samples
     0, 1, ... and -1 on padding; padding takes its row's first sample's task and has no target anyway).
     """
-    labels = batch["labels"]
-    unknown = sorted(set(batch["tasks"]) - set(tasks))
+    labels = batch.labels
+    if batch.tasks is None:
+        raise ValueError("validation scores language-model batches; a DPO pair batch has no tasks (collate_pairs)")
+    unknown = sorted(set(batch.tasks) - set(tasks))
     if unknown:
         raise ValueError(f"validation scores the tasks {tasks}; a batch holds {unknown}")
-    index = torch.tensor([tasks.index(t) for t in batch["tasks"]], dtype=torch.long, device=labels.device)
+    index = torch.tensor([tasks.index(t) for t in batch.tasks], dtype=torch.long, device=labels.device)
     b, s = labels.shape[:2]
-    segments = batch.get("segment_ids")
+    segments = batch.segment_ids
     if segments is None:
         return index[:, None].expand(b, s)
-    per_row = segments.max(dim=1).values + 1  # [b] samples in each row
+    per_row = batch.samples_per_row()  # [b]
     first = torch.cumsum(per_row, 0) - per_row  # [b] index of each row's first sample in ``tasks``
     return index[first[:, None] + segments.clamp(min=0)]
 
@@ -69,10 +72,10 @@ class ValidationLoss:
     def __init__(self, num_streams: int, tasks: tuple[str, ...] = VAL_TASKS) -> None:
         self.num_streams, self.tasks = num_streams, tasks
 
-    def loss(self, batch: dict[str, Any], nll: torch.Tensor):
+    def loss(self, batch: MicroBatch, nll: torch.Tensor):
         """nll [b, s, N] (each stream's NLL, 0 where IGNORE) -> the report vector."""
-        labels = batch["labels"]
-        per_position = (nll * batch["loss_weights"].float()).sum(-1)  # [b, s]: exactly heads.loss
+        labels = batch.labels
+        per_position = (nll * batch.loss_weights.float()).sum(-1)  # [b, s]: exactly heads.loss
         counted = (labels[..., 0] != IGNORE_INDEX).float()  # [b, s] stream-0 targets (the normaliser)
         task = position_tasks(batch, self.tasks)
         by_task = [torch.stack([(per_position * (task == t)).sum(), (counted * (task == t)).sum()])
@@ -99,7 +102,7 @@ class ValidationLoss:
         return figures
 
 
-def _shar_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> list[dict[str, Any]]:
+def _shar_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> list[MicroBatch]:
     from ualm_nemo.data.shar_dataset import SharBatchLoader, SharLoaderConfig
 
     data = run.data
@@ -110,7 +113,7 @@ def _shar_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> list
     return list(itertools.islice(loader, run.train.val_batches))
 
 
-def _manifest_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> list[dict[str, Any]]:
+def _manifest_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> list[MicroBatch]:
     from ualm_nemo.data.dataset import Collator, build_demo_dataset
     from ualm_nemo.training.data_setup import build_codec, rank0_first
 
@@ -129,7 +132,7 @@ def _manifest_batches(run: RunConfig, formatter, dp_rank: int, dp_size: int) -> 
             for k in range(0, len(mine) - size + 1, size)][:run.train.val_batches]
 
 
-def build_val_batches(run: RunConfig, dp_rank: int, dp_size: int) -> list[dict[str, Any]]:
+def build_val_batches(run: RunConfig, dp_rank: int, dp_size: int) -> list[MicroBatch]:
     """This DP rank's ``train.val_batches`` held-out micro-batches (CPU tensors), the same at every call."""
     from ualm_nemo.data.formatting import SampleFormatter
     from ualm_nemo.data.tokenizer import build_tokenizer
@@ -145,10 +148,6 @@ def build_val_batches(run: RunConfig, dp_rank: int, dp_size: int) -> list[dict[s
     return batches
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 class ValidationLog:
     """``<output_dir>/validation.jsonl``: one line {"step", **figures} per validation. Writing step k first
     drops the lines of step k and later (a job resumed from an earlier checkpoint redoes them), so the file holds
@@ -157,7 +156,7 @@ class ValidationLog:
     def __init__(self, output_dir: str | Path, name: str = "validation.jsonl") -> None:
         self.path = Path(output_dir) / name
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[MicroBatch]:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
