@@ -7,6 +7,8 @@ the single-process run to fp32 tolerance.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,7 +72,8 @@ def _train_from_reference(root: str, tp: int, pp: int, head: str, sp: bool = Fal
         result = engine.train_step([_batch(vocab, seed) for seed in mine])
         out["loss"].append(result.loss)
         out["grad_norm"].append(result.grad_norm)
-    held_out = [{**_batch(vocab, seed), "tasks": ["understanding", "tta"]} for seed in (10, 11)[dp_rank::dp]]
+    held_out = [dataclasses.replace(_batch(vocab, seed), tasks=["understanding", "tta"])
+                for seed in (10, 11)[dp_rank::dp]]
     out["after"] = engine.eval_loss(held_out)
     # the other forward-only passes over the same schedule: validation's report, DPO's per-row log-probs
     objective = ValidationLoss(vocab.num_codebooks)

@@ -125,7 +125,8 @@ def test_nonfinite_losses_stop_the_run_without_requeue(slurm, tmp_path, capsys):
         "        mb.loss_weights = torch.full_like(mb.loss_weights, float('nan'))\n"
         "    return _step(self, microbatches)\n"
         "engine.MegatronEngine.train_step = train_step\n")
-    job_id, out = _submit(tmp_path, capsys, "--env", f"PYTHONPATH={inject}",
+    repo = Path(__file__).resolve().parents[2]  # this checkout's code, not whatever the editable install names
+    job_id, out = _submit(tmp_path, capsys, "--env", f"PYTHONPATH={inject}:{repo}",
                           overrides=[*TINY, "train.max_consecutive_nonfinite=3"])
     assert _wait_for(lambda: _done(job_id), 180, f"job {job_id} to finish", poll=0.5) == "FAILED"
     log = _log(out, job_id)
