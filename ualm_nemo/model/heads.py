@@ -18,6 +18,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ualm_nemo.model.column_mask import column_ranges, fill_columns_
 from ualm_nemo.model.config import UALMConfig, padded
 from ualm_nemo.model.vocab import IGNORE_INDEX
 
@@ -52,9 +53,7 @@ class StreamHeads(MegatronModule):
                                                                  dtype=config.params_dtype))
             config.init_method(self.codebook_heads)
         self.register_buffer("padded_columns", self._padded_column_mask(), persistent=False)
-        # adding it equals masked_fill(_MASKED) for every finite logit (|x| << ulp(1e30)), fp32 and bf16 alike
-        self.register_buffer("padded_bias", torch.zeros(self.padded_columns.shape).masked_fill(
-            self.padded_columns, _MASKED), persistent=False)
+        self.padded_ranges = column_ranges(self.padded_columns)  # runs of this rank's padded local columns
 
     # --- index bookkeeping --------------------------------------------------------------------
     def _padded_column_mask(self) -> torch.Tensor:
@@ -89,15 +88,15 @@ class StreamHeads(MegatronModule):
             audio, _ = self.audio_head(hidden)
             masked = audio.new_full((*audio.shape[:-1], self.text_part), _MASKED)
             return torch.cat([masked, audio], dim=-1).masked_fill(self.padded_columns, _MASKED)
-        # both heads in one matmul over this rank's [text | audio] rows, padded columns pushed to _MASKED by a
-        # bias: no [s, b, vocab] concatenation or masked copy of the logits (forward) nor slices of their grad
-        # (backward). The input handling is ColumnParallelLinear's: all-gather under SP, identity otherwise.
+        # both heads in one matmul over this rank's [text | audio] rows, padded columns then filled in place: no
+        # [s, b, vocab] concatenation, masked copy or bias copy of the logits (forward), nor slices or copies of
+        # their grad (backward). The input handling is ColumnParallelLinear's: all-gather under SP, else identity.
         if self.config.sequence_parallel:
             full = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
         else:
             full = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
         weight = torch.cat([self.text_head.weight, self.audio_head.weight])
-        return F.linear(full, weight, self.padded_bias.to(full.dtype))
+        return fill_columns_(F.linear(full, weight), self.padded_ranges, _MASKED)
 
     def _codebook_logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [s, b, h] -> logits of streams 1..N-1 over their codebook, [N-1, s_full, b, span] (full).
