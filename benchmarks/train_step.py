@@ -1,7 +1,7 @@
 """The UALM training step against a plain transformers Qwen2ForCausalLM step at the same shape, in one process.
 
   .venv/bin/python benchmarks/train_step.py                                   # hidden 256, 4 layers, seq 512, batch 4
-  .venv/bin/python benchmarks/train_step.py --attention-backend sdpa          # UALM on torch SDPA attention
+  .venv/bin/python benchmarks/train_step.py --attention-backend megatron      # UALM on megatron's attention
   .venv/bin/python benchmarks/train_step.py --device cuda --dtype bf16 --hidden 3584 --layers 4 --heads 28 \\
       --groups 4 --ffn 18944 --seq 4096 --batch 1                             # 7B-shaped layers on a GPU
 
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--attention-backend", choices=["megatron", "sdpa"], default="megatron")
+    p.add_argument("--attention-backend", choices=["megatron", "sdpa"], default="sdpa",
+                   help="the local spec's core attention (conf/model/tiny.yaml: sdpa)")
     p.add_argument("--rows", choices=["text", "tta", "both"], default="both")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     return p.parse_args(argv)

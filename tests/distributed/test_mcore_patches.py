@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ualm_nemo.testing.dist import run_distributed
 
 
@@ -203,3 +205,43 @@ def test_a_save_starts_no_process_that_could_outlive_the_trainer(tmp_path):
                             ("in_process_results", "in_process_writers"))[0]
     assert fixed["children"] == [] and fixed["forks"] == 0, fixed
     assert fixed["files"] == upstream["files"] and len(fixed["files"]) == 2, (fixed, upstream)
+
+
+def _single_rank_collectives() -> dict:
+    """Two steps at DP1 with upstream's collectives, then with single_rank_collectives: calls and weights."""
+    import torch
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    from ualm_nemo.compat import mcore_patches
+
+    calls = []
+
+    def counting(name, collective):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return collective(*args, **kwargs)
+        return call
+
+    buffers.dist_all_gather_func = counting("all_gather", buffers.dist_all_gather_func)
+    buffers.dist_reduce_scatter_func = counting("reduce_scatter", buffers.dist_reduce_scatter_func)
+    out = {}
+    for patched in (False, True):
+        if patched:
+            mcore_patches.apply(("single_rank_collectives",))
+        calls.clear()
+        cfg, model, ddp, opt = _optimizer(1)
+        for _ in range(2):
+            _step(cfg, ddp, opt)
+        out[patched] = {"calls": sorted(set(calls)),
+                        "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    out["moved"] = any(not torch.equal(w, out[True]["weights"][n]) for n, w in _optimizer(1)[1].named_parameters())
+    return out
+
+
+def test_one_rank_skips_the_optimizer_collectives_with_the_same_weights():
+    out = run_distributed(1, _single_rank_collectives)[0]
+    assert out[False]["calls"] == ["all_gather", "reduce_scatter"], "upstream skips them itself now: drop the patch"
+    assert out[True]["calls"] == []
+    assert out["moved"]  # the steps changed the weights
+    for name, weight in out[False]["weights"].items():
+        assert torch.equal(out[True]["weights"][name], weight), name

@@ -1,4 +1,5 @@
-"""Fixes for megatron-core 0.16.1's DistributedOptimizer checkpoints (measured: ../shared/notes/megatron-cpu.md).
+"""Fixes for megatron-core 0.16.1's DistributedOptimizer (checkpoints, one speed patch; measured:
+../shared/notes/megatron-cpu.md).
 
 Each fix is one function, applied once by ``apply()``, and each has a test (tests/distributed) that fails if
 upstream behaviour changes under it:
@@ -21,7 +22,12 @@ upstream behaviour changes under it:
    write leaves them hanging forever (adopted by PID 1) in ``count_queue.task_done()``: a multiprocessing
    Condition's notify waits for the dead parent to wake. The buckets are written by threads of the trainer
    itself instead (the same ``write_preloaded_data``, the same files), so a save starts no process at all.
-6. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
+6. ``single_rank_collectives`` (speed, not a bug): with one data-parallel rank the distributed optimizer's grad
+   reduce-scatter and param all-gather still run, each over the whole buffer, input and output the same memory;
+   gloo copies it (and clones it) anyway: ~0.2 s a step at 24M parameters on a 2-core CPU. Over a group of one
+   rank both are the identity, so they are skipped (a copy is made only if input and output differ). The
+   optimizer, its state and the checkpoint format are untouched; results are bit-identical.
+7. The sharding format (``fully_reshardable``, the only one that reshards across TP) is passed as checkpoint
    metadata by ``distributed/checkpoint.py``, not patched.
 """
 
@@ -133,8 +139,28 @@ def _fix_in_process_writers() -> None:
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_threads)
 
 
+def _fix_single_rank_collectives() -> None:
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    gather, scatter = buffers.dist_all_gather_func, buffers.dist_reduce_scatter_func
+
+    def identity_on_one_rank(collective):
+        def call(output, input_, *args, group=None, async_op=False, **kwargs):
+            if torch.distributed.get_world_size(group) > 1:
+                return collective(output, input_, *args, group=group, async_op=async_op, **kwargs)
+            if output.data_ptr() != input_.data_ptr() or output.shape != input_.shape:
+                output.copy_(input_.view_as(output))
+            return None  # megatron's _coalescing_manager then has no work to wait for, sync or async
+
+        return call
+
+    buffers.dist_all_gather_func = identity_on_one_rank(gather)
+    buffers.dist_reduce_scatter_func = identity_on_one_rank(scatter)
+
+
 FIXES = {"fresh_step": _fix_fresh_step, "shared_step": _fix_shared_step, "fresh_state": _fix_fresh_state,
-         "in_process_results": _fix_in_process_results, "in_process_writers": _fix_in_process_writers}
+         "in_process_results": _fix_in_process_results, "in_process_writers": _fix_in_process_writers,
+         "single_rank_collectives": _fix_single_rank_collectives}
 
 
 def apply(names: tuple[str, ...] = tuple(FIXES)) -> None:

@@ -18,6 +18,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ualm_nemo.model.column_mask import column_ranges, fill_columns_
 from ualm_nemo.model.config import UALMConfig, padded
 from ualm_nemo.model.vocab import IGNORE_INDEX
 
@@ -52,9 +53,7 @@ class StreamHeads(MegatronModule):
                                                                  dtype=config.params_dtype))
             config.init_method(self.codebook_heads)
         self.register_buffer("padded_columns", self._padded_column_mask(), persistent=False)
-        # adding it equals masked_fill(_MASKED) for every finite logit (|x| << ulp(1e30)), fp32 and bf16 alike
-        self.register_buffer("padded_bias", torch.zeros(self.padded_columns.shape).masked_fill(
-            self.padded_columns, _MASKED), persistent=False)
+        self.padded_ranges = column_ranges(self.padded_columns)  # runs of this rank's padded local columns
 
     # --- index bookkeeping --------------------------------------------------------------------
     def _padded_column_mask(self) -> torch.Tensor:
@@ -89,36 +88,55 @@ class StreamHeads(MegatronModule):
             audio, _ = self.audio_head(hidden)
             masked = audio.new_full((*audio.shape[:-1], self.text_part), _MASKED)
             return torch.cat([masked, audio], dim=-1).masked_fill(self.padded_columns, _MASKED)
-        # both heads in one matmul over this rank's [text | audio] rows, padded columns pushed to _MASKED by a
-        # bias: no [s, b, vocab] concatenation or masked copy of the logits (forward) nor slices of their grad
-        # (backward). The input handling is ColumnParallelLinear's: all-gather under SP, identity otherwise.
+        # both heads in one matmul over this rank's [text | audio] rows, padded columns then filled in place: no
+        # [s, b, vocab] concatenation, masked copy or bias copy of the logits (forward), nor slices or copies of
+        # their grad (backward). The input handling is ColumnParallelLinear's: all-gather under SP, else identity.
         if self.config.sequence_parallel:
             full = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
         else:
             full = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
         weight = torch.cat([self.text_head.weight, self.audio_head.weight])
-        return F.linear(full, weight, self.padded_bias.to(full.dtype))
+        return fill_columns_(F.linear(full, weight), self.padded_ranges, _MASKED)
 
-    def _codebook_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [s, b, h] -> logits of streams 1..N-1 over their codebook, [N-1, s_full, b, span] (full)."""
+    def _codebook_logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [s, b, h] -> logits of streams 1..N-1 over their codebook, [N-1, s_full, b, span] (full).
+
+        ``positions`` (flat indices into the full [s_full * b] positions, e.g. those with a codebook label) scores
+        only those rows: [N-1, len(positions), span]. Under SP the hidden states are gathered first, once."""
         sp = self.config.sequence_parallel
-        if self.kind == "per_codebook":
+        if self.kind == "per_codebook":  # heads replicated across TP: every rank computes the full logits
             full = hidden if not sp else tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False, group=self.tp_group)
-            return torch.einsum("sbh,nch->nsbc", full, self.codebook_heads)
-        per_stream = hidden.unsqueeze(0) + self.stream_embedding[:, None, None, :]  # [N-1, s, b, h]
-        if sp:
-            per_stream = torch.stack([tensor_parallel.gather_from_sequence_parallel_region(x, group=self.tp_group)
-                                      for x in per_stream])
+            return self._per_stream_matmul(self._rows(full, positions).unsqueeze(0), self.codebook_heads,
+                                           full if positions is None else None)
+        if sp:  # backward reduce-scatters the partial input grads; the stream embedding's grads are all-reduced
+            # over TP by finalize_model_grads (it is marked sequence_parallel)
+            full = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
+            per_stream = self._rows(full, positions).unsqueeze(0) + self.stream_embedding[:, None, :]
         else:
-            per_stream = tensor_parallel.copy_to_tensor_model_parallel_region(per_stream, group=self.tp_group)
+            full = hidden
+            per_stream = tensor_parallel.copy_to_tensor_model_parallel_region(
+                self._rows(hidden, positions).unsqueeze(0) + self.stream_embedding[:, None, :], group=self.tp_group)
         # rows of codebook n held by this rank: audio row n*span + c lives at local row (that - rank*audio_part)
         rows = torch.arange(1, self.num_streams, device=hidden.device)[:, None] * self.span \
             + torch.arange(self.span, device=hidden.device) - self.tp_rank * self.audio_part
         here = (rows >= 0) & (rows < self.audio_part)  # [N-1, span]
         weight = self.audio_head.weight[rows.clamp(0, self.audio_part - 1)] * here.unsqueeze(-1).to(hidden.dtype)
-        partial = torch.einsum("nsbh,nch->nsbc", per_stream, weight)
+        partial = self._per_stream_matmul(per_stream, weight, full if positions is None else None)
         return tensor_parallel.reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+
+    @staticmethod
+    def _rows(full: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """[s, b, h] -> [s * b, h], or only the rows at ``positions`` [M, h]."""
+        flat = full.reshape(-1, full.shape[-1])
+        return flat if positions is None else flat.index_select(0, positions)
+
+    @staticmethod
+    def _per_stream_matmul(inputs: torch.Tensor, weight: torch.Tensor, shape_of: torch.Tensor | None) -> torch.Tensor:
+        """inputs [N-1 or 1, R, h] x weight [N-1, span, h] -> [N-1, R, span], or [N-1, s, b, span] when
+        ``shape_of`` (the full [s, b, h] hidden) is given: one batched matmul."""
+        out = torch.matmul(inputs, weight.transpose(1, 2))
+        return out if shape_of is None else out.view(weight.shape[0], *shape_of.shape[:-1], weight.shape[1])
 
     def logits(self, hidden: torch.Tensor, text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """For inference. Returns (stream-0 logits [b, s, vocab], codebook logits [b, s, N-1, span])."""
@@ -140,14 +158,26 @@ class StreamHeads(MegatronModule):
         valid0 = target0 != IGNORE_INDEX
         ce0 = tensor_parallel.vocab_parallel_cross_entropy(
             self._stream0_local_logits(hidden).float(), self._permuted_target(target0.masked_fill(~valid0, 0)))
-        cb_logits = self._codebook_logits(hidden).float()  # [N-1, s, b, span]
-        starts = self.audio_offset + torch.arange(1, self.num_streams, device=labels.device) * self.span
-        target = labels[..., 1:].permute(2, 0, 1)  # [N-1, s, b]
+        return torch.cat([(ce0 * valid0)[None], self._codebook_nll(hidden, labels[..., 1:])]).permute(2, 1, 0) \
+            .contiguous()  # [b, s, N]
+
+    def _codebook_nll(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden [s, b, h]; labels [s_full, b, N-1] of streams 1..N-1 -> their nll [N-1, s_full, b], 0 where ignored.
+
+        Only positions with a label in some stream 1..N-1 (audio frames) are scored: text positions carry none, and
+        their codebook logits were most of the head's cost. Counting them is a host sync (one per micro-batch);
+        zero positions still run (empty matmuls) so every parameter stays in the graph."""
+        target = labels.permute(2, 0, 1)  # [N-1, s, b]
         valid = target != IGNORE_INDEX
-        local_target = torch.where(valid, target - starts[:, None, None], torch.zeros_like(target))
-        ce = F.cross_entropy(cb_logits.reshape(-1, self.span), local_target.reshape(-1), reduction="none")
-        ce = ce.view_as(target) * valid  # [N-1, s, b]
-        return torch.cat([(ce0 * valid0)[None], ce]).permute(2, 1, 0).contiguous()  # [b, s, N]
+        positions = valid.any(0).flatten().nonzero().squeeze(1)  # [M] flat indices into [s * b]
+        target, valid = target.flatten(1)[:, positions], valid.flatten(1)[:, positions]  # [N-1, M]
+        starts = self.audio_offset + torch.arange(1, self.num_streams, device=labels.device) * self.span
+        local_target = torch.where(valid, target - starts[:, None], torch.zeros_like(target))
+        logits = self._codebook_logits(hidden, positions).float()  # [N-1, M, span]
+        ce = F.cross_entropy(logits.reshape(-1, self.span), local_target.reshape(-1), reduction="none")
+        ce = ce.view_as(target) * valid
+        scattered = ce.new_zeros(target.shape[0], labels.shape[0] * labels.shape[1]).index_copy(1, positions, ce)
+        return scattered.view(-1, *labels.shape[:2])
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted per-position loss summed over streams.
