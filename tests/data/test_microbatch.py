@@ -127,8 +127,8 @@ def _consume(batch: _Traced, dpo: bool = False) -> set[str]:
     """What the training path reads: the model's keyword inputs, the step's objective, validation's per-task loss,
     the Shar step grouping, and for DPO the offline reference's attach."""
     from ualm_nemo.model.ualm import UALMLanguageModel
-    from ualm_nemo.posttrain.dpo import DPOConfig
-    from ualm_nemo.posttrain.reference import attach
+    from ualm_nemo.training.dpo import DPOConfig
+    from ualm_nemo.training.dpo_reference import attach
     from ualm_nemo.training.nemo_model import StepGroups
     from ualm_nemo.training.objectives import DPOObjective, LMObjective
     from ualm_nemo.training.validation import ValidationLoss

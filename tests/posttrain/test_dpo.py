@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ualm_nemo.posttrain.dpo import DPOConfig, pair_stats, preference_loss, score_mask
+from ualm_nemo.training.dpo import DPOConfig, pair_stats, preference_loss, score_mask
 from ualm_nemo.testing.dist import run_distributed
 
 pytestmark = pytest.mark.timeout(600)
@@ -97,7 +97,7 @@ def _row_logps(root: str, manifest: str, tp: int, pp: int, vpp: int | None = Non
     from megatron.core import parallel_state as ps
 
     from ualm_nemo.distributed.parallel import init_model_parallel
-    from ualm_nemo.posttrain.reference import load_reference_model
+    from ualm_nemo.training.dpo_reference import load_reference_model
     from ualm_nemo.training.engine import row_log_probs
 
     cfg = _tiny(tp, pp, vpp)
@@ -110,7 +110,7 @@ def _dpo_steps(root: str, manifest: str, reference: str, steps: int, sft_weight:
                vpp: int | None = None) -> dict:
     from ualm_nemo.distributed.optim import OptimConfig
     from ualm_nemo.distributed.parallel import init_model_parallel
-    from ualm_nemo.posttrain.reference import load_reference_model
+    from ualm_nemo.training.dpo_reference import load_reference_model
     from ualm_nemo.training.engine import MegatronEngine
     from ualm_nemo.training.objectives import DPOObjective
 

@@ -17,7 +17,7 @@ is the bridge). Shapes are batch-first; b rows, s positions, N streams (8 X-Code
     pair_ids                        list[str]  DPO (posttrain_dataset.collate_pairs): one per pair, pair k at
                                                rows 2k (chosen) and 2k + 1 (rejected)
     ref_logps                       [b, N]     DPO: the reference's per-stream sequence log-probs (float64), set
-                                               from the sidecar (posttrain/reference.attach) or by the engine
+                                               from the sidecar (training/dpo_reference.attach) or by the engine
     ids                             list[str]  Shar: source/cut id per sample (a DPO batch: per pair)
     loader_state                    dict       Shar: the loader's position after this micro-batch
 

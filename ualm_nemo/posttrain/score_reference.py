@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ualm_nemo.model.config import ConfigError
-from ualm_nemo.posttrain.reference import fingerprint, pair_table, reference_step, write_sidecar
+from ualm_nemo.training.dpo_reference import fingerprint, pair_table, reference_step, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def score_reference(cfg: Mapping[str, Any]) -> Path:
 
     from ualm_nemo.data.posttrain_dataset import collate_pairs
     from ualm_nemo.distributed.parallel import init_model_parallel
-    from ualm_nemo.posttrain.reference import load_reference_model
+    from ualm_nemo.training.dpo_reference import load_reference_model
     from ualm_nemo.training.data_setup import build_train_dataset
     from ualm_nemo.training.engine import row_log_probs
     from ualm_nemo.training.run_config import check_local_paths, run_config_from_dict

@@ -63,7 +63,7 @@ class _WithReference:
         self.collate, self.table = collate, table
 
     def __call__(self, items) -> MicroBatch:
-        from ualm_nemo.posttrain.reference import attach
+        from ualm_nemo.training.dpo_reference import attach
 
         batch = self.collate(items)
         return attach(batch, self.table) if self.table is not None else batch
@@ -144,7 +144,7 @@ class UALMModel(ModelPT):
         super().setup(stage)
 
     def _offline_reference(self) -> dict:
-        from ualm_nemo.posttrain.reference import check_coverage, fingerprint, load_sidecar, reference_step
+        from ualm_nemo.training.dpo_reference import check_coverage, fingerprint, load_sidecar, reference_step
 
         dpo, data = self.run.dpo, self.run.data
         # a reference run folder resolves to its newest iteration: its step tells a sidecar scored before it trained on
@@ -167,7 +167,7 @@ class UALMModel(ModelPT):
             self.chunks = torch.nn.ModuleList(self.engine.chunks)  # visible to Lightning (summary, device moves)
             self._maybe_init_weights(resuming)
             if self.run.dpo is not None and self.run.dpo.reference == "online":
-                from ualm_nemo.posttrain.reference import load_reference_model
+                from ualm_nemo.training.dpo_reference import load_reference_model
 
                 self.engine.set_reference(load_reference_model(self.run.model, self.run.dpo.reference_checkpoint))
 

@@ -18,7 +18,7 @@ import torch
 
 from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.model.vocab import IGNORE_INDEX, UnifiedVocab
-from ualm_nemo.posttrain.dpo import DPOConfig, DPOMetrics, pair_stats, score_mask
+from ualm_nemo.training.dpo import DPOConfig, DPOMetrics, pair_stats, score_mask
 
 REPORT = "report"
 

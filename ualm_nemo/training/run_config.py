@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ualm_nemo.distributed.optim import OptimConfig
-from ualm_nemo.posttrain.dpo import DPOConfig
+from ualm_nemo.training.dpo import DPOConfig
 from ualm_nemo.config_types import build_section
 from ualm_nemo.data.blend import SourceSpec
 from ualm_nemo.data.shar_config import SharLoaderConfig, source_specs
