@@ -179,8 +179,8 @@ def test_post_training_stages_submit_with_their_own_data(tmp_path, demo_shar):
 def test_fp8_without_transformer_engine_is_refused_unless_a_container_brings_it(tmp_path, monkeypatch):
     """The host's TE is checked only when the job runs in the host's environment (no --container-image)."""
     monkeypatch.setitem(sys.modules, "transformer_engine", None)  # not importable, whatever this host has
-    fp8 = [*TINY, "model.parallel.transformer_impl=transformer_engine", "model.params_dtype=bf16",
-           "model.fp8.enabled=true"]
+    fp8 = [*TINY, "model.parallel.transformer_impl=transformer_engine", "model.attention_backend=megatron",
+           "model.params_dtype=bf16", "model.fp8.enabled=true"]  # model=tiny's sdpa default is the local spec's
     with pytest.raises(ConfigError, match=r"model.fp8.enabled=true needs Transformer Engine.*--container-image"):
         prepare(_argv(tmp_path, overrides=fp8))
     prepare(_argv(tmp_path, "--container-image", "img", "--python", "python", overrides=fp8))

@@ -17,7 +17,7 @@ def _batches(vocab) -> dict[str, dict[str, torch.Tensor]]:
     from ualm_nemo.model.vocab import IGNORE_INDEX
     from ualm_nemo.testing.batches import random_batch
 
-    mixed = random_batch(vocab, 2, seed=5)
+    mixed = {k: v for k, v in random_batch(vocab, 2, seed=5).model_inputs().items() if v is not None}
     text = {k: v.clone() for k, v in mixed.items()}
     text["labels"][..., 1:] = IGNORE_INDEX
     text["loss_weights"][..., 1:] = 0.0
