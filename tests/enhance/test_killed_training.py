@@ -9,23 +9,20 @@ checkpoint could be left). The kill is a real SIGKILL from outside, of the main 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ualm_nemo.testing.enhancer_clips import write_clips
-from ualm_nemo.testing.processes import MARKER_VAR, marked_processes
+from ualm_nemo.testing.processes import MARKER_VAR, kill_marked, sigkill_leaves_nothing
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-GRACE_S = 15  # DataLoader workers notice a dead parent within torch's 5 s status interval
 
 PAUSE_IN_SECOND_SAVE = """
 import runpy, sys, time
@@ -69,20 +66,12 @@ def test_nothing_of_a_killed_enhancer_run_is_left_and_it_resumes(tmp_path):
             time.sleep(0.1)
         first = (root / "latest").read_text().strip()
         assert first == "iter_0000001" and (root / "iter_0000002.ckpt.tmp").is_file()
-        before = psutil.Process(proc.pid).children(recursive=True)
-        assert len(before) >= 2, [p.cmdline() for p in before]  # the loader's 2 workers
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-        killed_at = time.monotonic()
-        while (left := marked_processes(marker)) and time.monotonic() - killed_at < GRACE_S:
-            time.sleep(0.2)
-        assert left == [], [(p.pid, p.ppid(), " ".join(p.cmdline())[:120]) for p in left]
+        sigkill_leaves_nothing(proc, marker, min_children=2)  # the loader's 2 workers
         assert (root / "latest").read_text().strip() == first  # the killed save published nothing
         assert not (root / "iter_0000002.ckpt").exists()
     finally:
         log.close()
-        for p in marked_processes(marker):  # never leave a process behind, whatever failed above
-            p.kill()
+        kill_marked(marker)
 
     rerun = subprocess.run([sys.executable, "examples/train_enhancer.py", *_overrides(data, out, 3, 0)], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=120)

@@ -123,10 +123,10 @@ the reference run are refused before training."""
     assert "was scored for other inputs (data: sidecar" in message and "rescore" in message
 
     # the same pairs plus one: the sidecar's stamp rewritten to the new manifest, the new pair has no entry
-    from ualm_nemo.training.dpo_reference import file_sha256
+    from ualm_nemo.eval.checkpoints import sha256
 
     sidecar = json.loads(open(f"{root}/reference.json").read())
-    sidecar["fingerprint"]["data"] = file_sha256(f"{changed}/pairs.jsonl")
+    sidecar["fingerprint"]["data"] = sha256(f"{changed}/pairs.jsonl")
     open(f"{root}/reference_stale.json", "w").write(json.dumps(sidecar))
     cfg["dpo"]["reference_logps"] = f"{root}/reference_stale.json"
     message = run_distributed(1, _refused, cfg)[0]

@@ -14,22 +14,19 @@ session or were adopted by PID 1. Upstream megatron-core, one forked bucket writ
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
-from ualm_nemo.testing.processes import MARKER_VAR, marked_processes
+from ualm_nemo.testing.processes import MARKER_VAR, kill_marked, sigkill_leaves_nothing
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-GRACE_S = 15  # DataLoader workers notice a dead parent within torch's 5 s status interval
 
 PAUSE_IN_SECOND_SAVE = """
 import os, runpy, sys, threading, time
@@ -69,18 +66,9 @@ def test_nothing_of_a_killed_training_run_is_left(tmp_path, demo_shar):
             assert time.monotonic() < deadline, f"not 2 bucket writers: {list(out.glob('writer.*'))}"
             time.sleep(0.1)
         assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
-        before = psutil.Process(proc.pid).children(recursive=True)
-        assert len(before) >= 2, [p.cmdline() for p in before]  # the loader's workers (and any save helper)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-        killed_at = time.monotonic()
-        while (left := marked_processes(marker)) and time.monotonic() - killed_at < GRACE_S:
-            time.sleep(0.2)
-        assert left == [], [(p.pid, p.ppid(), " ".join(p.cmdline())[:120]) for p in left]
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in before)
+        sigkill_leaves_nothing(proc, marker, min_children=2)  # the loader's workers (and any save helper)
         # the save it was killed in published nothing: the completed checkpoint is still the latest
         assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     finally:
         log.close()
-        for p in marked_processes(marker):  # never leave a process behind, whatever failed above
-            p.kill()
+        kill_marked(marker)

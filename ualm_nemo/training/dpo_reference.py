@@ -15,7 +15,6 @@ tokenizer and (when given) reference checkpoint, and names every pair that has n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,23 +23,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ualm_nemo.data.microbatch import MicroBatch
+from ualm_nemo.eval.checkpoints import sha256
 from ualm_nemo.model.config import ConfigError
 
 SIDES = ("chosen", "rejected")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(reference_checkpoint: str | Path | None, reference_step: int | None, manifest: str | Path,
                 tokenizer: str, text_vocab_size: int, num_streams: int) -> dict[str, Any]:
     return {"reference_checkpoint": str(Path(reference_checkpoint).resolve()) if reference_checkpoint else None,
-            "reference_step": reference_step, "data": file_sha256(manifest), "tokenizer": str(tokenizer),
+            "reference_step": reference_step, "data": sha256(manifest), "tokenizer": str(tokenizer),
             "text_vocab_size": int(text_vocab_size), "num_streams": int(num_streams)}
 
 
