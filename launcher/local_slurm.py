@@ -21,6 +21,7 @@ from pathlib import Path
 
 CONF = Path("/etc/slurm/slurm.conf")
 STARTED = Path("/run/ualm_local_slurm.json")  # PIDs this helper started (what `stop` may end)
+MUNGE_PID = Path("/run/munge/munged.pid")
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 SLURM_CONF = """\
@@ -102,6 +103,21 @@ def install() -> None:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed: {result.stderr[-2000:]}")
 
 
+def start_munge() -> bool:
+    """Start munged (the credential daemon every Slurm here shares) unless it runs; True when this call started it."""
+    Path("/run/munge").mkdir(parents=True, exist_ok=True)
+    shutil.chown("/run/munge", user="munge")
+    if _pid_alive(MUNGE_PID) is not None:
+        return False
+    subprocess.run(["runuser", "-u", "munge", "--", "munged", "--force"], check=True, capture_output=True,
+                   timeout=30)
+    for _ in range(50):
+        if _pid_alive(MUNGE_PID) is not None:
+            return True
+        time.sleep(0.1)
+    raise SlurmUnavailable("munged did not start")
+
+
 def start(timeout: float = 60.0) -> list[str]:
     """Install, configure and start what is missing; returns the daemons started by this call."""
     if shutil.which("scontrol") and node_ready():
@@ -114,7 +130,7 @@ def start(timeout: float = 60.0) -> list[str]:
         Path(folder).mkdir(parents=True, exist_ok=True)
     shutil.chown("/run/munge", user="munge")
     started: dict[str, int] = json.loads(STARTED.read_text()) if STARTED.exists() else {}
-    daemons = [("munged", Path("/run/munge/munged.pid"), ["runuser", "-u", "munge", "--", "munged", "--force"]),
+    daemons = [("munged", MUNGE_PID, ["runuser", "-u", "munge", "--", "munged", "--force"]),
                ("slurmctld", Path("/run/slurmctld.pid"), ["slurmctld"]),
                ("slurmd", Path("/run/slurmd.pid"), ["slurmd", "-N", "localhost"])]
     now_started = []

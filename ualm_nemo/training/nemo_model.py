@@ -18,6 +18,7 @@ from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import comm_device
+from ualm_nemo.training import watchdog
 from ualm_nemo.training.engine import MegatronEngine
 from ualm_nemo.training.run_config import RunConfig
 
@@ -256,10 +257,12 @@ class UALMModel(ModelPT):
         self._log_step(result)
         every = self.run.train.val_every_n_steps
         if every and self.engine.step % every == 0:
-            self._validate()
+            with watchdog.section(f"validation at step {self.engine.step}", "long"):
+                self._validate()
         every = self.run.train.eval_every_n_steps
         if every and self.engine.step % every == 0:
-            self._evaluate()
+            with watchdog.section(f"evaluation at step {self.engine.step}", "long"):
+                self._evaluate()
 
     def _log_step(self, result) -> None:
         """TensorBoard at the engine's step, given explicitly: Lightning's own step counter for logging is not part

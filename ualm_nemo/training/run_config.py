@@ -43,6 +43,11 @@ class TrainConfig:
     val_batches: int = 8  # held-out micro-batches per data-parallel rank, the same ones at every validation
     eval_every_n_steps: int = 0  # generate for the eval set (the eval section) and score it every N steps; 0: never
     seed: int = 1234
+    # hang detection (training/watchdog.py): a rank with no progress this long ends itself so every rank stops and
+    # the job restarts from the latest checkpoint; 0 turns it off
+    hang_timeout_s: float = 900.0  # one optimizer step (validation and evaluation: startup_timeout_s)
+    startup_timeout_s: float = 3600.0  # model build + checkpoint load + the first step; validation; evaluation
+    save_timeout_s: float = 3600.0  # one checkpoint save
 
 
 @dataclass(kw_only=True)
@@ -93,6 +98,9 @@ class RunConfig:
             log.warning("optim.warmup_steps=%d >= train.max_steps=%d: the learning rate never reaches optim.lr "
                         "(stage=pretrain warms up for 2000 steps; a short run sets optim.warmup_steps too)",
                         self.optim.warmup_steps, t.max_steps)
+        for key in ("hang_timeout_s", "startup_timeout_s", "save_timeout_s"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0 (train.hang_timeout_s=0: no watchdog)")
         if t.stop_at_step is not None and t.stop_at_step < 1:
             raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be at least 1 (or null)")
         for key in ("seq_len", "synthetic_samples_per_task"):

@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import env_from_slurm, init_model_parallel
 from ualm_nemo.model.config import ParallelConfig
+from ualm_nemo.training import watchdog
 
 _SKIP_KEYS = ("state_dict", "optimizer_states")
 
@@ -62,8 +63,9 @@ class MegatronStrategy(DDPStrategy):
         """Every rank writes its shards; ``filepath`` is the run's checkpoint folder."""
         module = self.lightning_module
         loop_state = {k: v for k, v in checkpoint.items() if k not in _SKIP_KEYS}
-        module.engine.save(str(filepath), extra={"lightning": loop_state, **module.checkpoint_extra()},
-                           keep_last=self.keep_last)
+        with watchdog.section(f"the checkpoint save at step {module.engine.step}", "save"):
+            module.engine.save(str(filepath), extra={"lightning": loop_state, **module.checkpoint_extra()},
+                               keep_last=self.keep_last)
 
     def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
         """``checkpoint_path``: a run's checkpoint folder (its latest save is used) or one ``iter_*`` folder."""
