@@ -46,6 +46,7 @@ class ClusterConfig:
     signal_seconds: int = 120  # USR1 this long before the time limit: checkpoint, then requeue/chain
     mode: str = "requeue"  # requeue: scontrol requeue the same job id; chain: submit a dependent job
     max_restarts: int = 1000  # stop requeueing/chaining after this many jobs (a guard against loops)
+    max_failures: int = 3  # restarts after a crash (dead or hung rank) in a row without a new checkpoint between
     container_image: str | None = None  # pyxis/enroot: srun --container-image
     container_mounts: list[str] = field(default_factory=list)  # "src:dst[:flags]"; src == dst keeps paths valid
     container_workdir: str | None = None
@@ -97,6 +98,8 @@ class ClusterConfig:
             raise ConfigError(f"--mode={self.mode!r}: choose one of {MODES}")
         if self.max_restarts < 0:
             raise ConfigError("--max-restarts must be >= 0")
+        if self.max_failures < 0:
+            raise ConfigError("--max-failures must be >= 0 (0: a crash ends the job)")
         limit = self.time_seconds()
         if limit <= 0:
             raise ConfigError(f"--time={self.time!r} must be positive")

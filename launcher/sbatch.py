@@ -8,8 +8,12 @@ Quoting, in the two languages the script speaks:
   ``shlex.quote``: the shell never expands, splits or runs any part of it.
 
 After srun returns, the script reads ``<output_dir>/run_state`` (written by ualm_nemo.training.preemption):
-``finished`` -> exit 0; ``preempted`` -> ``scontrol requeue`` the job (mode requeue) or submit this script again
-with ``--dependency=afterany`` on this job (mode chain); anything else (a crash, non-finite losses) -> no new job.
+``finished`` / ``stopped`` -> exit 0; ``preempted`` -> ``scontrol requeue`` the job (mode requeue) or submit this
+script again with ``--dependency=afterany`` on this job (mode chain); ``failed`` (an error a restart would repeat,
+e.g. non-finite losses) -> no new job; no state (a rank killed, a rank ended by the hang watchdog, an exception) ->
+srun again in the same allocation from ``checkpoints/latest``, up to ``max_failures`` times in a row without a new
+checkpoint, then ``state=failed`` with the reason. A lost node makes Slurm end the job (NODE_FAIL) and requeue it
+(``--requeue``) on nodes that answer.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def render(cluster: ClusterConfig, output_dir: str, overrides: list[str], script
     """The whole sbatch script. ``script_path``: where it is kept (chain mode submits it again)."""
     q = shlex.quote
     env = [f"export {key}={q(value)}" for key, value in sorted(cluster.env.items())]
-    srun = " \\\n    ".join(q(part) for part in srun_command(cluster, overrides, entry))
+    srun = " \\\n      ".join(q(part) for part in srun_command(cluster, overrides, entry))
     resubmit = {
         "requeue": ['echo "[launcher] requeueing job $SLURM_JOB_ID"',
                     'scontrol requeue "$SLURM_JOB_ID"',
@@ -104,35 +108,60 @@ def render(cluster: ClusterConfig, output_dir: str, overrides: list[str], script
         f"cd {q(cluster.workdir)} || exit 1",
         *env,
         "export PYTHONUNBUFFERED=1",
-        "# torch.distributed rendezvous: the first node of the allocation, a port derived from the job id",
-        "# (ranks and world size come from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS inside ualm_nemo)",
+        "# torch.distributed rendezvous: the first node of the allocation, a port derived from the job id, its restart",
+        "# count and the attempt in this allocation (ranks and world size come from SLURM_PROCID/LOCALID/NTASKS)",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        'export MASTER_PORT="$(( 20000 + (SLURM_JOB_ID + 997 * ${SLURM_RESTART_COUNT:-0}) % 20000 ))"',
         f"OUTPUT_DIR={q(output_dir)}",
         f"SCRIPT={q(script_path)}",
         'STATE="$OUTPUT_DIR/run_state"',
+        'FAILURES_FILE="$OUTPUT_DIR/failure_count"  # "<failures> <latest checkpoint at the last failure>"',
         f"MAX_RESTARTS={int(cluster.max_restarts)}",
+        f"MAX_FAILURES={int(cluster.max_failures)}",
         'RESTARTS="$(( ${SLURM_RESTART_COUNT:-0} + ${UALM_CHAIN_INDEX:-0} ))"',
-        'echo "[launcher] job $SLURM_JOB_ID restart $RESTARTS on $SLURM_JOB_NODELIST:' +
+        "attempt=0",
+        'failures=0; since=""',
+        '[ -f "$FAILURES_FILE" ] && read -r failures since < "$FAILURES_FILE"',
+        "while :; do",
+        '  export MASTER_PORT="$(( 20000 + (SLURM_JOB_ID + 997 * ${SLURM_RESTART_COUNT:-0} + 131 * attempt) % 20000 ))"',
+        '  echo "[launcher] job $SLURM_JOB_ID restart $RESTARTS attempt $attempt on $SLURM_JOB_NODELIST:' +
         ' $SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, $(date -u +%FT%TZ)"',
-        'rm -f -- "$STATE"',
-        srun,
-        "rc=$?",
-        "state=\"$(sed -n 's/^state=//p' \"$STATE\" 2>/dev/null)\"",
-        "step=\"$(sed -n 's/^step=//p' \"$STATE\" 2>/dev/null)\"",
-        'echo "[launcher] srun exit $rc; run state ${state:-none} at step ${step:-?}"',
-        'case "$state" in',
-        '  finished) echo "[launcher] max_steps reached: no further job"; exit 0 ;;',
-        '  stopped) echo "[launcher] stopped before max_steps (train.stop_at_step): no further job"; exit 0 ;;',
-        "  preempted)",
-        '    if (( RESTARTS >= MAX_RESTARTS )); then',
-        '      echo "[launcher] $RESTARTS restarts reached max_restarts=$MAX_RESTARTS: no further job" >&2; exit 1',
-        "    fi",
-        *(f"    {line}" for line in resubmit),
-        "    ;;",
-        '  *) echo "[launcher] training failed (srun exit $rc, no run state): no further job" >&2',
-        '     exit $(( rc ? rc : 1 )) ;;',
-        "esac",
+        '  rm -f -- "$STATE"',
+        "  " + srun,
+        "  rc=$?",
+        "  state=\"$(sed -n 's/^state=//p' \"$STATE\" 2>/dev/null)\"",
+        "  step=\"$(sed -n 's/^step=//p' \"$STATE\" 2>/dev/null)\"",
+        "  reason=\"$(sed -n 's/^reason=//p' \"$STATE\" 2>/dev/null)\"",
+        '  echo "[launcher] srun exit $rc at $(date +%s.%N); run state ${state:-none} at step ${step:-?}"',
+        '  case "$state" in',
+        '    finished) rm -f -- "$FAILURES_FILE"; echo "[launcher] max_steps reached: no further job"; exit 0 ;;',
+        '    stopped) echo "[launcher] stopped before max_steps (train.stop_at_step): no further job"; exit 0 ;;',
+        "    preempted)",
+        '      if (( RESTARTS >= MAX_RESTARTS )); then',
+        '        echo "[launcher] $RESTARTS restarts reached max_restarts=$MAX_RESTARTS: no further job" >&2; exit 1',
+        "      fi",
+        *(f"      {line}" for line in resubmit),
+        "      ;;",
+        '    failed) echo "[launcher] training failed: $reason; not restarted (it would fail the same way)" >&2',
+        '       exit $(( rc ? rc : 1 )) ;;',
+        "  esac",
+        "  # no run state: a rank died or was ended by the hang watchdog, or a node was lost (then Slurm ends the",
+        "  # job and requeues it without that node). Restart in this allocation from checkpoints/latest, up to",
+        "  # MAX_FAILURES times in a row without a new checkpoint between them.",
+        '  latest="$(cat -- "$OUTPUT_DIR/checkpoints/latest" 2>/dev/null)"',
+        '  [ "$since" = "${latest:-none}" ] || failures=0',
+        '  since="${latest:-none}"; failures=$(( failures + 1 ))',
+        '  echo "$failures $since" 2>/dev/null > "$FAILURES_FILE"',
+        '  if (( failures > MAX_FAILURES )); then',
+        '    msg="$(( failures - 1 )) restarts after failures since checkpoint ${latest:-none} (max_failures=$MAX_FAILURES)"',
+        '    mkdir -p -- "$OUTPUT_DIR"; printf \'state=failed\\nstep=%s\\nreason=%s\\n\' "${latest#iter_}" "$msg" > "$STATE.tmp" && mv -f -- "$STATE.tmp" "$STATE"',
+        '    echo "[launcher] training failed (srun exit $rc, no run state): $msg; no further job" >&2',
+        '    exit $(( rc ? rc : 1 ))',
+        "  fi",
+        '  echo "[launcher] training failed (srun exit $rc, no run state): restart $failures/$MAX_FAILURES in this' +
+        ' allocation from ${latest:-the start}"',
+        "  attempt=$(( attempt + 1 ))",
+        '  sleep "${UALM_RESTART_DELAY_S:-2}"',
+        "done",
         "",
     ]
     return "\n".join(body)

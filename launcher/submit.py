@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time", help="Slurm time limit, e.g. 04:00:00 or 2-00:00:00")
     p.add_argument("--signal-seconds", type=int, help="USR1 this long before the limit (checkpoint + requeue)")
     p.add_argument("--mode", choices=("requeue", "chain"), help="requeue the same job id, or chain a new job")
-    p.add_argument("--max-restarts", type=int)
+    p.add_argument("--max-restarts", type=int, help="jobs after preemptions/time limits (requeue or chain)")
+    p.add_argument("--max-failures", type=int,
+                   help="restarts after a crash (a dead or hung rank) in a row without a new checkpoint (default 3)")
     p.add_argument("--container-image", help="pyxis/enroot image (srun --container-image)")
     p.add_argument("--container-mounts", action="append", help="src:dst[:flags]; repeat or comma-separate")
     p.add_argument("--container-workdir")
@@ -75,6 +77,7 @@ def _cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
              "tasks_per_node": args.tasks_per_node, "cpus_per_task": args.cpus_per_task, "mem": args.mem,
              "partition": args.partition, "account": args.account, "time": args.time,
              "signal_seconds": args.signal_seconds, "mode": args.mode, "max_restarts": args.max_restarts,
+             "max_failures": args.max_failures,
              "container_image": args.container_image, "container_mounts": mounts,
              "container_workdir": args.container_workdir, "python": args.python, "workdir": args.workdir,
              "sbatch_args": args.sbatch_arg or None}

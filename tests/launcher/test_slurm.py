@@ -2,7 +2,7 @@
 with 2 tasks submitted by `launcher.submit` (the paper's Shar blend, data=pretrain_blend, for the requeue case)
 trains, is signalled (SIGUSR1, what --signal=USR1@N delivers), saves,
 requeues (or chains a dependent job), resumes from its checkpoint and ends at max_steps; a run whose losses are
-non-finite stops with a clear message and is not requeued. Job names and paths are hostile on purpose."""
+non-finite stops with a clear message, state=failed and its reason, and is neither restarted nor requeued. Job names and paths are hostile on purpose."""
 
 from __future__ import annotations
 
@@ -131,5 +131,9 @@ def test_nonfinite_losses_stop_the_run_without_requeue(slurm, tmp_path, capsys):
     assert _wait_for(lambda: _done(job_id), 180, f"job {job_id} to finish", poll=0.5) == "FAILED"
     log = _log(out, job_id)
     assert "NonFiniteLossError: 3 non-finite losses in a row" in log and "train.max_consecutive_nonfinite" in log
-    assert "no run state): no further job" in log and "[launcher] requeueing" not in log
-    assert _job("Restarts", job_id) == "0" and read_run_state(out) == {}
+    assert "[launcher] training failed: NonFiniteLossError: 3 non-finite losses in a row" in log
+    assert "not restarted (it would fail the same way)" in log and "[launcher] requeueing" not in log
+    assert log.count("attempt 0") == 1 and "attempt 1" not in log  # the same job's srun ran once
+    state = read_run_state(out)
+    assert _job("Restarts", job_id) == "0" and state["state"] == "failed"
+    assert state["reason"].startswith("NonFiniteLossError: 3 non-finite losses in a row")

@@ -34,11 +34,12 @@ def read_run_state(output_dir: str | Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
-def write_run_state(output_dir: str | Path, state: str, step: int, max_steps: int) -> None:
+def write_run_state(output_dir: str | Path, state: str, step: int, max_steps: int, reason: str | None = None) -> None:
     path = Path(output_dir) / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{STATE_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(f"state={state}\nstep={step}\nmax_steps={max_steps}\n")
+    why = "" if reason is None else "reason=" + " ".join(reason.split())[:500] + "\n"  # one line
+    tmp.write_text(f"state={state}\nstep={step}\nmax_steps={max_steps}\n{why}")
     os.replace(tmp, path)  # the batch script never reads a half-written file
 
 

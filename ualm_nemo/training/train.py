@@ -14,13 +14,18 @@ from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import launch_layout
 from ualm_nemo.training import early_signals
 from ualm_nemo.training.callbacks import PeriodicCheckpoint, StepProgressBar
-from ualm_nemo.training.nemo_model import UALMModel
+from ualm_nemo.model.config import ConfigError
+from ualm_nemo.training.early_signals import write_run_state
+from ualm_nemo.training.nemo_model import NonFiniteLossError, UALMModel
 from ualm_nemo.training.preemption import PreemptionCheckpoint
 from ualm_nemo.training.run_config import RunConfig, check_local_paths, run_config_from_dict
 from ualm_nemo.training.strategy import MegatronStrategy
 from ualm_nemo.training.watchdog import HangWatchdog
 
 log = logging.getLogger(__name__)
+
+# errors that a restart from the latest checkpoint would repeat (bit-exact resume): the job stops with the reason
+DETERMINISTIC_ERRORS = (NonFiniteLossError, ConfigError)
 
 
 def checkpoint_dir(run: RunConfig) -> Path:
@@ -50,14 +55,20 @@ def train(cfg: Mapping[str, Any]) -> UALMModel:
     """Train (or resume from the run's latest checkpoint) the stage described by a run config dict."""
     cfg = dict(cfg)
     run = run_config_from_dict(cfg)
-    check_local_paths(run)
     # a Slurm signal that came during start-up (or comes before training does) requeues the job right away
     rank = launch_layout()[0]
     early_signals.arm(run.output_dir, run.train.max_steps, rank)
-    trainer = build_trainer(run)
-    model = UALMModel(run, trainer=trainer)
-    latest = find_resumable(checkpoint_dir(run))
-    if latest is not None:
-        log.info("resuming from %s", latest)
-    trainer.fit(model, ckpt_path=str(checkpoint_dir(run)) if latest is not None else None)
+    model: UALMModel | None = None
+    try:
+        check_local_paths(run)
+        trainer = build_trainer(run)
+        model = UALMModel(run, trainer=trainer)
+        latest = find_resumable(checkpoint_dir(run))
+        if latest is not None:
+            log.info("resuming from %s", latest)
+        trainer.fit(model, ckpt_path=str(checkpoint_dir(run)) if latest is not None else None)
+    except DETERMINISTIC_ERRORS as err:  # a restart would end the same way: tell the batch script not to
+        write_run_state(run.output_dir, "failed", model.engine.step if model is not None else 0,
+                        run.train.max_steps, reason=f"{type(err).__name__}: {err}")
+        raise
     return model
