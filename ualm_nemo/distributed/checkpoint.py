@@ -76,7 +76,7 @@ def stored_model_config(path: str | Path):
     return UALMConfig.from_dict(stored) if stored else None
 
 
-def _sharded_state(chunks, optimizer, loading: bool) -> dict:
+def sharded_state(chunks, optimizer, loading: bool) -> dict:
     """``model{i}`` per chunk (the files hold only the tensors' global keys: any chunking loads any other).
 
     The optimizer maps its states to the model's tensors by identity over the nested dict: merging the chunks'
@@ -112,29 +112,46 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, common: dict
 
     ``resolve``: write the weights of the one model chunk tensor by tensor, each made by ``resolve(key)``
     when it is written (converters; no optimizer; see streaming.save_streamed). Same files either way.
+    The asynchronous save (async_save.py) shares the folder steps below.
     """
-    from ualm_nemo.compat import mcore_patches
-
-    # no writer-helper server and no forked writer that could outlive a killed trainer
-    mcore_patches.apply(("in_process_results", "in_process_writers"))
-    root = Path(root)
-    final, tmp = root / f"iter_{step:07d}", root / f"iter_{step:07d}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp = begin_save(root, step)
     if resolve is None:
-        dist_checkpointing.save(_sharded_state(chunks, optimizer, loading=False), str(tmp))
+        dist_checkpointing.save(sharded_state(chunks, optimizer, loading=False), str(tmp))
     else:
         if optimizer is not None or len(chunks) != 1:
             raise ValueError("a streamed save writes the weights of one model chunk, without optimizer state")
         from ualm_nemo.distributed.streaming import save_streamed
 
         save_streamed(chunks[0], tmp, resolve, prefix="model0")
+    write_small_files(tmp, step, common, per_rank)
+    return publish(tmp, keep_last)
+
+
+def begin_save(root: str | Path, step: int) -> Path:
+    """An empty ``iter_N.tmp`` folder on every rank (collective)."""
+    from ualm_nemo.compat import mcore_patches
+
+    # no writer-helper server and no forked writer that could outlive a killed trainer
+    mcore_patches.apply(("in_process_results", "in_process_writers"))
+    tmp = Path(root) / f"iter_{step:07d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def write_small_files(tmp: Path, step: int, common: dict[str, Any], per_rank: dict[str, Any] | None) -> None:
+    """This rank's RNG and ``per_rank`` state, and (rank 0) ``common``: taken now, at the step being saved."""
     torch.save({**(per_rank or {}), "rng": rng_state()}, tmp / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
         torch.save({**common, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1},
                    tmp / "ualm_common.pt")
+
+
+def publish(tmp: Path, keep_last: int | None) -> Path:
+    """Once every rank wrote all its files (collective): rename ``iter_N.tmp`` and point ``latest`` at it."""
+    root, final = tmp.parent, tmp.with_suffix("")
     _barrier()
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -146,6 +163,14 @@ def save_checkpoint(root: str | Path, step: int, chunks, optimizer, common: dict
             _rotate(root, keep_last)
     _barrier()
     return final
+
+
+def remove_partial(root: str | Path) -> list[Path]:
+    """Delete the ``iter_*.tmp`` folders a killed save left (call on one rank, before any save starts)."""
+    partial = sorted(p for p in Path(root).glob("iter_*.tmp") if p.is_dir())
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
 
 
 def _rotate(root: Path, keep_last: int) -> None:
@@ -160,7 +185,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, restore_rng: bool 
     if not (path / "ualm_common.pt").exists() and not any(path.glob("*.distcp")):
         raise FileNotFoundError(f"{path} is not a complete ualm_nemo checkpoint (no ualm_common.pt)")
     check_checkpoint(path)  # a damaged file is named here, not met as a bare EOFError inside the load
-    state = dist_checkpointing.load(_sharded_state(chunks, optimizer, loading=True), str(path))
+    state = dist_checkpointing.load(sharded_state(chunks, optimizer, loading=True), str(path))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"])
     if optimizer is not None:

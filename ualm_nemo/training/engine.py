@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.distributed import checkpoint
+from ualm_nemo.distributed.async_save import AsyncSaver
 from ualm_nemo.distributed.optim import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.model.builder import build_model_chunks
@@ -87,6 +88,7 @@ class MegatronEngine:
             self.optimizer = build_optimizer(self.ddp, optim_cfg.validate(), model_cfg)
             self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
         self.step = 0
+        self.saver = AsyncSaver()
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -186,11 +188,24 @@ class MegatronEngine:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, root: str, extra: dict[str, Any] | None = None, per_rank: dict[str, Any] | None = None,
-             keep_last: int | None = None):
+             keep_last: int | None = None, async_save: bool = False):
+        """``async_save``: return once a snapshot is taken; the files are written in the background and
+        ``latest`` moves when every rank is done (``poll_save`` / ``finish_save``; distributed/async_save.py)."""
         self._gather_params()
         common = {"scheduler": self.scheduler.state_dict() if self.scheduler else None,
                   "ualm_config": dataclasses.asdict(self.cfg), **(extra or {})}
+        if async_save:
+            return self.saver.start(root, self.step, self.chunks, self.optimizer, common, per_rank, keep_last)
+        self.finish_save()  # a synchronous save never overtakes an asynchronous one
         return checkpoint.save_checkpoint(root, self.step, self.chunks, self.optimizer, common, per_rank, keep_last)
+
+    def poll_save(self):
+        """Publish a finished asynchronous save (collective: one all_reduce while one is pending)."""
+        return self.saver.poll()
+
+    def finish_save(self):
+        """Wait for the asynchronous save in flight and publish it (collective); None when there is none."""
+        return self.saver.wait()
 
     def load(self, path: str, load_optimizer: bool = True) -> dict[str, Any]:
         state = checkpoint.load_checkpoint(path, self.chunks, self.optimizer if load_optimizer else None)

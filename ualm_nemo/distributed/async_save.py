@@ -1,0 +1,165 @@
+"""Asynchronous checkpoint saves: the step pays for a snapshot, a background thread writes the files.
+
+Why our own writer thread and not megatron's ``AsyncCallsQueue``: its callers fork a writer process
+(``TemporalAsyncCaller``) or spawn a persistent one, and a ``kill -9`` of the trainer orphans them (see
+compat/mcore_patches.py, fixes 4 and 5). A thread dies with the trainer: a killed save leaves only its
+``iter_N.tmp`` folder, which the next start removes (checkpoint.remove_partial).
+
+``start`` (at the step, on every rank, collective):
+
+1. wait for the previous save: two saves never overlap;
+2. megatron's async request (``dist_checkpointing.save(async_sharded_save=True)``): the sharded state dict, the
+   save plan, ``common.pt``. One strategy object lives across saves, so from the 3rd save on the global plan and
+   metadata are reused (``cached_metadata``) instead of gathered; the sharding-integrity check (an all-gather of
+   every shard's metadata) runs at the first save only: the layout cannot change within a run;
+3. a snapshot of every tensor the writer reads (training updates the live ones in place at the next step);
+4. the small files (RNG, data position, common), then the writer thread starts.
+
+``poll`` (each step while a save is pending: one tiny all_reduce) and ``wait`` finalize once the writers of all
+ranks are done: megatron's finalize (rank 0 writes ``.metadata`` from every rank's write results, then
+``metadata.json``), then ``checkpoint.publish`` (rename, ``latest``, rotation). ``latest`` therefore names only
+saves complete on every rank. The checkpoint is the same as a synchronous save's (fully reshardable format).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ualm_nemo.distributed import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveTimes:
+    """Seconds of the last save: ``stall`` is what the training step paid (without waiting for the previous
+    save), split into its parts; ``write`` is the background thread's."""
+
+    waited: float = 0.0
+    plan: float = 0.0  # sharded state dict + megatron's plan + common.pt
+    snapshot: float = 0.0
+    small_files: float = 0.0
+    write: float = 0.0
+
+    @property
+    def stall(self) -> float:
+        return self.plan + self.snapshot + self.small_files
+
+
+@dataclass
+class _Pending:
+    tmp: Path
+    keep_last: int | None
+    finalize_fns: list
+    thread: threading.Thread | None
+    errors: list[BaseException] = field(default_factory=list)
+
+
+def snapshot(write_buckets: list) -> list:
+    """Private CPU copies of the buckets' tensors (megatron's own ``preload_tensors`` leaves CPU tensors shared:
+    its writer is a forked process, a copy-on-write snapshot; a thread is not)."""
+    copied = []
+    for path, key, (bytes_data, tensor_data) in write_buckets:
+        tensors = [(item, t.to("cpu", copy=True) if t.is_cpu else t.to("cpu", non_blocking=True))
+                   for item, t in tensor_data]
+        copied.append((path, key, (bytes_data, tensors)))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+    return copied
+
+
+class AsyncSaver:
+    """At most one save in flight per process; every method is collective (all ranks call it together)."""
+
+    def __init__(self) -> None:
+        self.strategy = None  # megatron's TorchDistSaveShardedStrategy, kept for its cached plans
+        self.validated = False
+        self.pending: _Pending | None = None
+        self.times = SaveTimes()
+
+    def start(self, root: str | Path, step: int, chunks, optimizer, common: dict[str, Any],
+              per_rank: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
+        """Begin saving ``step``; returns the folder it will have once published."""
+        from megatron.core import dist_checkpointing
+
+        begin = time.perf_counter()
+        self.wait()
+        times = SaveTimes(waited=time.perf_counter() - begin)
+        tmp = checkpoint.begin_save(root, step)
+        t = time.perf_counter()
+        request = dist_checkpointing.save(checkpoint.sharded_state(chunks, optimizer, loading=False), str(tmp),
+                                          sharded_strategy=self._strategy(), async_sharded_save=True,
+                                          validate_access_integrity=not self.validated)
+        self.validated = True
+        times.plan = time.perf_counter() - t
+        t = time.perf_counter()
+        args = list(request.async_fn_args)
+        if request.async_fn is not None:
+            args[1] = snapshot(args[1])
+        times.snapshot = time.perf_counter() - t
+        t = time.perf_counter()
+        checkpoint.write_small_files(tmp, step, common, per_rank)
+        times.small_files = time.perf_counter() - t
+        pending = _Pending(tmp, keep_last, list(request.finalize_fns), None)
+        if request.async_fn is not None:
+            pending.thread = threading.Thread(target=self._write, args=(pending, request.async_fn, args, times),
+                                              name=f"ckpt-async-{step}", daemon=True)
+            pending.thread.start()
+        self.pending, self.times = pending, times
+        return tmp.with_suffix("")
+
+    def poll(self) -> Path | None:
+        """Publish the pending save if every rank's writer is done (one all_reduce); the folder, or None."""
+        if self.pending is None:
+            return None
+        running = self.pending.thread is not None and self.pending.thread.is_alive()
+        flag = torch.tensor([int(running)], dtype=torch.int32, device=_comm_device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return None if flag.item() else self._finalize()
+
+    def wait(self) -> Path | None:
+        """Block until the pending save is written on every rank and published; the folder, or None."""
+        if self.pending is None:
+            return None
+        if self.pending.thread is not None:
+            self.pending.thread.join()
+        return self._finalize()
+
+    # --- internals ------------------------------------------------------------------------------
+    def _strategy(self):
+        if self.strategy is None:
+            from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+            self.strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+        return self.strategy
+
+    @staticmethod
+    def _write(pending: _Pending, write, args: list, times: SaveTimes) -> None:
+        start = time.perf_counter()
+        try:
+            write(*args)
+        except BaseException as err:  # megatron's finalize then finds no results and fails on every rank
+            pending.errors.append(err)
+            log.error("the checkpoint writer of %s failed: %r", pending.tmp, err)
+        times.write = time.perf_counter() - start
+
+    def _finalize(self) -> Path:
+        pending, self.pending = self.pending, None
+        for fn in pending.finalize_fns:  # collective; raises on every rank when any rank's writer failed
+            fn()
+        return checkpoint.publish(pending.tmp, pending.keep_last)
+
+
+def _comm_device() -> torch.device:
+    from ualm_nemo.distributed.parallel import comm_device
+
+    return comm_device()
