@@ -22,6 +22,7 @@ class PeriodicCheckpoint(Callback):
             self.last_saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        finish_checkpoint(trainer, wait=False)  # an asynchronous save written meanwhile becomes `latest`
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self._save(trainer)
         if self.stop_at_step is not None and trainer.global_step >= self.stop_at_step:
@@ -30,6 +31,15 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save(trainer)
+        finish_checkpoint(trainer)  # the run ends only with its last checkpoint complete
+
+
+def finish_checkpoint(trainer: Trainer, wait: bool = True) -> None:
+    """Publish the asynchronous save in flight: ``wait`` for it, or only if it is done on every rank already
+    (both collective). Strategies without asynchronous saves have nothing to do."""
+    method = getattr(trainer.strategy, "finish_checkpoint" if wait else "poll_checkpoint", None)
+    if method is not None:
+        method()
 
 
 class StepProgressBar(Callback):

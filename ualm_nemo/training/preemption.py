@@ -27,7 +27,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ualm_nemo.training import early_signals
-from ualm_nemo.training.callbacks import PeriodicCheckpoint
+from ualm_nemo.training.callbacks import PeriodicCheckpoint, finish_checkpoint
 from ualm_nemo.training.early_signals import SIGNALS, STATE_FILE, read_run_state, write_run_state  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class PreemptionCheckpoint(Callback):
             periodic._save(trainer)  # no second save of a step it already saved
         else:
             trainer.save_checkpoint(self.root)
+        finish_checkpoint(trainer)  # complete before the run state says "resume from it"
         self.preempted_at = step
         trainer.should_stop = True
         if trainer.is_global_zero:

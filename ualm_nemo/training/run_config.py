@@ -36,6 +36,7 @@ class TrainConfig:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
     keep_last_checkpoints: int = 3
+    async_save: bool = True  # write checkpoints in the background; `latest` moves once complete (async_save.py)
     max_consecutive_nonfinite: int = 5
     stop_at_step: int | None = None  # end this job here (checkpoint first), as a time-limited job would
     init_from: str | None = None  # weights to start a new run from (e.g. an HF import); ignored when resuming

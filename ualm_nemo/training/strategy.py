@@ -4,7 +4,9 @@ What it changes relative to Lightning's DDPStrategy, and why:
 * after torch.distributed is up, Megatron's parallel_state is initialised for the configured TP/PP sizes;
 * the module is not wrapped in torch DDP: the model class builds Megatron DDP + optimizer in ``configure_model``;
 * checkpoints are Megatron distributed checkpoints written by every rank through the engine (the Lightning
-  loop state rides along inside them), and restoring happens after set-up, when the optimizer exists.
+  loop state rides along inside them), and restoring happens after set-up, when the optimizer exists;
+  with ``async_save`` they are written in the background (distributed/async_save.py): the callbacks publish them
+  (``poll_checkpoint``) and wait for them at the end or on a signal (``finish_checkpoint``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ _SKIP_KEYS = ("state_dict", "optimizer_states")
 
 
 class MegatronStrategy(DDPStrategy):
-    def __init__(self, parallel: ParallelConfig, seed: int, keep_last: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, parallel: ParallelConfig, seed: int, keep_last: int | None = None, async_save: bool = False,
+                 **kwargs: Any) -> None:
         if not torch.cuda.is_available():
             from ualm_nemo.compat import cpu_shim
 
@@ -34,7 +37,7 @@ class MegatronStrategy(DDPStrategy):
         kwargs.setdefault("process_group_backend", "nccl" if torch.cuda.is_available() else "gloo")
         kwargs.setdefault("timeout", timedelta(minutes=30))
         super().__init__(**kwargs)
-        self.parallel, self.seed, self.keep_last = parallel, seed, keep_last
+        self.parallel, self.seed, self.keep_last, self.async_save = parallel, seed, keep_last, async_save
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
@@ -65,7 +68,18 @@ class MegatronStrategy(DDPStrategy):
         loop_state = {k: v for k, v in checkpoint.items() if k not in _SKIP_KEYS}
         with watchdog.section(f"the checkpoint save at step {module.engine.step}", "save"):
             module.engine.save(str(filepath), extra={"lightning": loop_state, **module.checkpoint_extra()},
-                               keep_last=self.keep_last)
+                               keep_last=self.keep_last, async_save=self.async_save)
+
+    def poll_checkpoint(self) -> None:
+        """Publish an asynchronous save once every rank wrote it (collective; a no-op when none is pending)."""
+        self.lightning_module.engine.poll_save()
+
+    def finish_checkpoint(self) -> None:
+        """Wait for the asynchronous save in flight and publish it (collective): at the end and on a signal."""
+        engine = self.lightning_module.engine
+        if engine.saver.pending is not None:
+            with watchdog.section(f"the checkpoint write started before step {engine.step}", "save"):
+                engine.finish_save()
 
     def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
         """``checkpoint_path``: a run's checkpoint folder (its latest save is used) or one ``iter_*`` folder."""

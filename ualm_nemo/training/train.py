@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ualm_nemo.distributed.checkpoint import remove_partial
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import launch_layout
 from ualm_nemo.training import early_signals
@@ -35,7 +36,8 @@ def checkpoint_dir(run: RunConfig) -> Path:
 def build_trainer(run: RunConfig) -> Trainer:
     _, world, per_node, nodes = launch_layout()
     run.validate(world)
-    strategy = MegatronStrategy(run.model.parallel, run.train.seed, keep_last=run.train.keep_last_checkpoints)
+    strategy = MegatronStrategy(run.model.parallel, run.train.seed, keep_last=run.train.keep_last_checkpoints,
+                                async_save=run.train.async_save)
     t = run.train
     callbacks = [PeriodicCheckpoint(checkpoint_dir(run), t.checkpoint_every_n_steps, t.stop_at_step),
                  StepProgressBar(), PreemptionCheckpoint(run.output_dir)]
@@ -63,6 +65,9 @@ def train(cfg: Mapping[str, Any]) -> UALMModel:
         check_local_paths(run)
         trainer = build_trainer(run)
         model = UALMModel(run, trainer=trainer)
+        if rank == 0:  # before any rank saves: the partial folders of a save that was killed go
+            for partial in remove_partial(checkpoint_dir(run)):
+                log.warning("removed %s: a checkpoint save that did not complete", partial)
         latest = find_resumable(checkpoint_dir(run))
         if latest is not None:
             log.info("resuming from %s", latest)
