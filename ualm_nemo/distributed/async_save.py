@@ -44,14 +44,15 @@ class SaveTimes:
     save), split into its parts; ``write`` is the background thread's."""
 
     waited: float = 0.0
-    plan: float = 0.0  # sharded state dict + megatron's plan + common.pt
+    state_dict: float = 0.0  # the sharded state dict (the optimizer's fully reshardable one: a gather + copy)
+    plan: float = 0.0  # megatron's checks, save plan, common.pt, write buckets
     snapshot: float = 0.0
     small_files: float = 0.0
     write: float = 0.0
 
     @property
     def stall(self) -> float:
-        return self.plan + self.snapshot + self.small_files
+        return self.state_dict + self.plan + self.snapshot + self.small_files
 
 
 @dataclass
@@ -95,9 +96,11 @@ class AsyncSaver:
         times = SaveTimes(waited=time.perf_counter() - begin)
         tmp = checkpoint.begin_save(root, step)
         t = time.perf_counter()
-        request = dist_checkpointing.save(checkpoint.sharded_state(chunks, optimizer, loading=False), str(tmp),
-                                          sharded_strategy=self._strategy(), async_sharded_save=True,
-                                          validate_access_integrity=not self.validated)
+        state = checkpoint.sharded_state(chunks, optimizer, loading=False)
+        times.state_dict = time.perf_counter() - t
+        t = time.perf_counter()
+        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy(),
+                                          async_sharded_save=True, validate_access_integrity=not self.validated)
         self.validated = True
         times.plan = time.perf_counter() - t
         t = time.perf_counter()
