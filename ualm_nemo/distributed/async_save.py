@@ -8,11 +8,13 @@ compat/mcore_patches.py, fixes 4 and 5). A thread dies with the trainer: a kille
 ``start`` (at the step, on every rank, collective):
 
 1. wait for the previous save: two saves never overlap;
-2. megatron's async request (``dist_checkpointing.save(async_sharded_save=True)``): the sharded state dict, the
-   save plan, ``common.pt``. One strategy object lives across saves, so from the 3rd save on the global plan and
-   metadata are reused (``cached_metadata``) instead of gathered; the sharding-integrity check (an all-gather of
-   every shard's metadata) runs at the first save only: the layout cannot change within a run;
-3. a snapshot of every tensor the writer reads (training updates the live ones in place at the next step);
+2. the sharded state dict (the optimizer's fully reshardable one is already a gathered copy), then a private
+   copy of every other CPU shard the writer reads: training updates the live tensors at the next step (and
+   megatron then copies no tensor twice);
+3. megatron's async request (``dist_checkpointing.save(async_sharded_save=True)``): save plan, ``common.pt``,
+   write buckets, device shards copied to the host. One strategy object lives across saves, so from the 3rd save
+   on the global plan and metadata are reused (``cached_metadata``) instead of gathered; the sharding-integrity
+   check (an all-gather of every shard's metadata) runs at the first save only: a run's layout cannot change;
 4. the small files (RNG, data position, common), then the writer thread starts.
 
 ``poll`` (each step while a save is pending: one tiny all_reduce) and ``wait`` finalize once the writers of all
@@ -45,8 +47,8 @@ class SaveTimes:
 
     waited: float = 0.0
     state_dict: float = 0.0  # the sharded state dict (the optimizer's fully reshardable one: a gather + copy)
-    plan: float = 0.0  # megatron's checks, save plan, common.pt, write buckets
-    snapshot: float = 0.0
+    snapshot: float = 0.0  # private copies of the CPU shards
+    plan: float = 0.0  # megatron's checks, save plan, common.pt, write buckets (+ device-to-host copies)
     small_files: float = 0.0
     write: float = 0.0
 
@@ -64,17 +66,33 @@ class _Pending:
     errors: list[BaseException] = field(default_factory=list)
 
 
-def snapshot(write_buckets: list) -> list:
-    """Private CPU copies of the buckets' tensors (megatron's own ``preload_tensors`` leaves CPU tensors shared:
-    its writer is a forked process, a copy-on-write snapshot; a thread is not)."""
-    copied = []
-    for path, key, (bytes_data, tensor_data) in write_buckets:
-        tensors = [(item, t.to("cpu", copy=True) if t.is_cpu else t.to("cpu", non_blocking=True))
-                   for item, t in tensor_data]
-        copied.append((path, key, (bytes_data, tensors)))
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
-    return copied
+def copy_host_tensors(state: dict) -> None:
+    """Give every CPU shard of ``state`` private data, in place: training updates the live tensors at the next
+    step while the thread writes. Copied here, before megatron plans the save, because its ``prepare_write_data``
+    keeps any tensor that is not a view as it is (no second copy then) and copies views (our copies are none);
+    its writer is a forked process, a copy-on-write snapshot, a thread is not. Device tensors are copied to the
+    host when the writer starts (``to_host``)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(state)  # what megatron does first: the tensors the factories make are the ones written
+
+    def copy(value):
+        if isinstance(value, ShardedTensor) and value.data is not None and value.data.is_cpu:
+            value.data = value.data.detach().clone()
+        return value
+
+    dict_list_map_inplace(copy, state)
+
+
+def to_host(write_buckets: list) -> list:
+    """The buckets with their device tensors copied to the host (CPU ones are private already)."""
+    if not torch.cuda.is_available():
+        return write_buckets
+    moved = [(path, key, (bytes_data, [(item, t.to("cpu", non_blocking=True)) for item, t in tensor_data]))
+             for path, key, (bytes_data, tensor_data) in write_buckets]
+    torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+    return moved
 
 
 class AsyncSaver:
@@ -99,15 +117,16 @@ class AsyncSaver:
         state = checkpoint.sharded_state(chunks, optimizer, loading=False)
         times.state_dict = time.perf_counter() - t
         t = time.perf_counter()
+        copy_host_tensors(state)
+        times.snapshot = time.perf_counter() - t
+        t = time.perf_counter()
         request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy(),
                                           async_sharded_save=True, validate_access_integrity=not self.validated)
         self.validated = True
-        times.plan = time.perf_counter() - t
-        t = time.perf_counter()
         args = list(request.async_fn_args)
         if request.async_fn is not None:
-            args[1] = snapshot(args[1])
-        times.snapshot = time.perf_counter() - t
+            args[1] = to_host(args[1])
+        times.plan = time.perf_counter() - t
         t = time.perf_counter()
         checkpoint.write_small_files(tmp, step, common, per_rank)
         times.small_files = time.perf_counter() - t
