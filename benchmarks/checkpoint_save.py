@@ -1,6 +1,6 @@
 """What a checkpoint save costs the training step: synchronous save time vs asynchronous stall, in one run.
 
-  .venv/bin/python benchmarks/checkpoint_save.py                       # hidden 1024, 8 layers: ~0.2 B parameters
+  .venv/bin/python benchmarks/checkpoint_save.py                       # hidden 768, 6 layers: ~0.1 B parameters
   .venv/bin/python benchmarks/checkpoint_save.py --hidden 2048 --layers 8 --ffn 5632 --out /fast/disk/ckpt
 
 One process (world 1: gloo on a CPU, NCCL on a GPU), the engine of training (Megatron DDP + distributed optimizer,
@@ -35,13 +35,13 @@ from _timing import device_name, timed
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--groups", type=int, default=4, help="KV heads (GQA)")
-    p.add_argument("--ffn", type=int, default=2816)
+    p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--text-vocab", type=int, default=32768)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="checkpoint folder (default: a temporary one, removed after)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")

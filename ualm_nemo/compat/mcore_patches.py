@@ -15,7 +15,8 @@ upstream behaviour changes under it:
 4. ``in_process_results``: the first ``dist_checkpointing.save`` creates a ``multiprocessing`` Manager from a
    *spawn* context just to carry the writer's results back (a server process that re-imports the entry script,
    about 0.8 GB; it and its resource tracker outlive a ``kill -9`` of the trainer, adopted by PID 1). Our saves
-   are synchronous (no async save), so those results never leave the process: a thread-safe in-process queue
+   write from threads of the trainer (synchronous, or asynchronous from distributed/async_save.py's writer
+   thread), so those results never leave the process: a thread-safe in-process queue
    carries them the same way, and no server is started.
 5. ``in_process_writers``: every synchronous ``dist_checkpointing.save`` forks one writer process per file
    bucket (``FileSystemWriterAsync.write_preloaded_data_multiproc``, two per rank). A trainer killed while they
