@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +63,13 @@ class _Pending:
     keep_last: int | None
     finalize_fns: list
     thread: threading.Thread | None
-    errors: list[BaseException] = field(default_factory=list)
 
 
 def copy_host_tensors(state: dict) -> None:
     """Give every CPU shard of ``state`` private data, in place: training updates the live tensors at the next
-    step while the thread writes. Copied here, before megatron plans the save, because its ``prepare_write_data``
-    keeps any tensor that is not a view as it is (no second copy then) and copies views (our copies are none);
-    its writer is a forked process, a copy-on-write snapshot, a thread is not. Device tensors are copied to the
-    host when the writer starts (``to_host``)."""
+    step while the thread writes. Megatron's async writer is a forked process (a copy-on-write snapshot for free);
+    a thread needs copies. Made before megatron plans the save: its ``prepare_write_data`` copies views only, and
+    these copies are none, so no tensor is copied twice. Device tensors go to the host later (``to_host``)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
@@ -170,7 +168,6 @@ class AsyncSaver:
         try:
             write(*args)
         except BaseException as err:  # megatron's finalize then finds no results and fails on every rank
-            pending.errors.append(err)
             log.error("the checkpoint writer of %s failed: %r", pending.tmp, err)
         times.write = time.perf_counter() - start
 
