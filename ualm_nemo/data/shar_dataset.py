@@ -59,7 +59,8 @@ from ualm_nemo.data.formatting import Sample, SampleFormatter
 from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.data.posttrain_dataset import (collate_pairs, format_conversation_record, format_preference_record,
                                               pair_formatter, record_length)
-from ualm_nemo.data.shar import CODEC_FIELD, ShardReader, shard_counts, source_task
+from ualm_nemo.data.shar import CODEC_FIELD, ShardReader
+from ualm_nemo.data.shard_index import source_indexes
 from ualm_nemo.data.shar_config import SharLoaderConfig
 
 log = logging.getLogger(__name__)
@@ -283,16 +284,20 @@ def check_pair_sources(cfg: SharLoaderConfig, tasks: dict[str, str | None]) -> b
 class SharBatchLoader:
     """Iterable of micro-batches for one DP rank (see the module docstring); ``state_dict`` for checkpoints."""
 
-    def __init__(self, cfg: SharLoaderConfig, formatter: SampleFormatter, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, cfg: SharLoaderConfig, formatter: SampleFormatter, dp_rank: int = 0, dp_size: int = 1,
+                 group: Any = None):
+        """``group``: the process group whose first rank reads the sources' indexes for all (shard_index.py);
+        default the world when torch.distributed is initialised; every rank of it builds its loader."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside dp_size={dp_size}")
-        sizes = [shard_counts(s.shar_dir) for s in cfg.sources]
+        indexes = source_indexes([s.shar_dir for s in cfg.sources], group)
+        sizes = [index.counts for index in indexes]
         totals = [sum(c.values()) for c in sizes]
         probs = blend_probabilities([s.weight for s in cfg.sources], totals, cfg.weighting)
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.source_sizes = dict(zip([s.name for s in cfg.sources], totals))
         self.probabilities = dict(zip([s.name for s in cfg.sources], probs.tolist()))
-        self.source_tasks = {s.name: source_task(s.shar_dir) for s in cfg.sources}
+        self.source_tasks = {s.name: index.task for s, index in zip(cfg.sources, indexes)}
         self.pairs = check_pair_sources(cfg, self.source_tasks)
         self._plan = _Plan(cfg, formatter, probs, sizes, dp_rank, dp_size, self.pairs)
         self._state = {"window": 0, "batch_in_window": 0, "cursors": [0] * len(cfg.sources)}
