@@ -163,6 +163,7 @@ def test_post_training_stages_submit_with_their_own_data(tmp_path, demo_shar):
     """stage=sft / dpo read data.sft_manifest / dpo_manifest (or Shar) and train.init_from: all checked here."""
     (tmp_path / "sft.jsonl").write_text("")
     (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "latest").write_text("")  # an empty folder is refused (test_empty_model_folders_...)
     sft = ["train.global_batch_size=4", "train.micro_batch_size=2", "stage=sft",
            f"data.sft_manifest={tmp_path / 'sft.jsonl'}"]
     prepare(_argv(tmp_path, overrides=[*sft, f"train.init_from={tmp_path / 'init'}"]))
