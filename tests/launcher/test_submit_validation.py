@@ -232,3 +232,17 @@ def test_dropped_output_dir_override_is_said(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="launcher"):
         prepare(_argv(tmp_path, "--dry-run"))
     assert "is dropped" not in caplog.text
+
+
+def test_training_start_check_lists_data_and_output_dir_problems(tmp_path):
+    """run_config.check_local_paths (what each rank runs before training) lists its problems together too."""
+    from launcher.validate import compose_run
+    from ualm_nemo.training.run_config import check_local_paths, run_config_from_dict
+
+    (tmp_path / "file").write_text("")
+    run = run_config_from_dict(compose_run([*TINY, f"output_dir={tmp_path / 'file' / 'run'}",
+                                            f"data.val_tta_manifest={tmp_path / 'val.jsonl'}"]))
+    with pytest.raises(ConfigErrors) as err:
+        check_local_paths(run)
+    assert len(err.value.problems) == 2
+    assert "data.val_tta_manifest=" in err.value.problems[0] and "is a file, not a folder" in err.value.problems[1]
