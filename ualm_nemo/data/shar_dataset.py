@@ -2,7 +2,8 @@
 
 Order (all pure functions of the config, the seed and the DP rank; nothing depends on worker count or timing):
 
-1. Per source and DP rank, an infinite stream of sample references ``(shard, offset)`` (``SourceView``). Epoch e
+1. Per source and DP rank, an infinite stream of sample references ``(shard, offset)`` (``SourceView``; shard
+   counts and task from the source's index, read by one rank and broadcast: shard_index.py). Epoch e
    permutes the shards (seed, source, e); with at least as many shards as ranks, rank r takes every W-th
    shard of that permutation, else it takes every W-th item of the whole epoch. Items inside a shard are
    permuted too. Either way the ranks' epochs are disjoint and together cover the source exactly once.
