@@ -98,9 +98,18 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _same(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if hasattr(a, "getvalue"):  # TE-style _extra_state (BytesIO)
+        return hasattr(b, "getvalue") and a.getvalue() == b.getvalue()
+    return a == b
+
+
 def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert sorted(a) == sorted(b)
-    differing = [k for k in a if not (torch.is_tensor(a[k]) and torch.equal(a[k], b[k]))]
+    assert sum(torch.is_tensor(v) for v in a.values()) > 100  # weights and optimizer state, not only metadata
+    differing = [k for k in a if not _same(a[k], b[k])]
     assert not differing, f"{len(differing)} of {len(a)} tensors differ, e.g. {differing[:5]}"
 
 
@@ -165,8 +174,8 @@ def test_chaos_run_ends_bit_identical(sim_cluster, reference, tmp_path):
     assert read_run_state(out)["state"] == "finished"
     # the requeued job ran without the lost node, on the spare one
     info = _job(sim_cluster, job)
-    assert info["Restarts"] == "1" and victim not in info["NodeList"], info
-    assert "node3" in info["NodeList"]
+    hosts = sim_cluster.slurm("scontrol", "show", "hostnames", info["NodeList"]).split()
+    assert info["Restarts"] == "1" and sorted(hosts) == ["node1", "node3"], info
 
     # per fault: detection (fault -> srun returned: every rank stopped), recovery (fault -> training again),
     # steps recomputed (fault step - the step the next attempt resumed from)

@@ -51,24 +51,39 @@ def build_trainer(run: RunConfig) -> Trainer:
         limit_val_batches=0)  # validation runs inside the training step (train.val_every_n_steps, validation.py)
 
 
+def _record_failure(run: RunConfig, model: UALMModel | None, err: BaseException) -> None:
+    """Tell the batch script not to restart: a restart from the latest checkpoint would end the same way.
+
+    Written only into an output folder that already exists (a Slurm job's always does: its logs are there); a
+    local run refused for a bad path leaves nothing behind."""
+    if not Path(run.output_dir).is_dir():
+        return
+    engine = getattr(model, "engine", None)
+    write_run_state(run.output_dir, "failed", engine.step if engine is not None else 0, run.train.max_steps,
+                    reason=f"{type(err).__name__}: {err}")
+
+
 def train(cfg: Mapping[str, Any]) -> UALMModel:
     """Train (or resume from the run's latest checkpoint) the stage described by a run config dict."""
     cfg = dict(cfg)
     run = run_config_from_dict(cfg)
+    try:
+        check_local_paths(run)
+    except ConfigError as err:
+        _record_failure(run, None, err)
+        raise
     # a Slurm signal that came during start-up (or comes before training does) requeues the job right away
     rank = launch_layout()[0]
     early_signals.arm(run.output_dir, run.train.max_steps, rank)
     model: UALMModel | None = None
     try:
-        check_local_paths(run)
         trainer = build_trainer(run)
         model = UALMModel(run, trainer=trainer)
         latest = find_resumable(checkpoint_dir(run))
         if latest is not None:
             log.info("resuming from %s", latest)
         trainer.fit(model, ckpt_path=str(checkpoint_dir(run)) if latest is not None else None)
-    except DETERMINISTIC_ERRORS as err:  # a restart would end the same way: tell the batch script not to
-        write_run_state(run.output_dir, "failed", model.engine.step if model is not None else 0,
-                        run.train.max_steps, reason=f"{type(err).__name__}: {err}")
+    except DETERMINISTIC_ERRORS as err:
+        _record_failure(run, model, err)
         raise
     return model
