@@ -172,6 +172,7 @@ def test_chaos_run_ends_bit_identical(sim_cluster, reference, tmp_path):
     log = _log(out, job)
     assert state == "COMPLETED", log[-6000:]
     assert read_run_state(out)["state"] == "finished"
+    assert not list((out / "checkpoints").glob("*.tmp"))  # the save killed half-way was cleaned when redone
     # the requeued job ran without the lost node, on the spare one
     info = _job(sim_cluster, job)
     hosts = sim_cluster.slurm("scontrol", "show", "hostnames", info["NodeList"]).split()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,9 +55,9 @@ def build_trainer(run: RunConfig) -> Trainer:
 def _record_failure(run: RunConfig, model: UALMModel | None, err: BaseException) -> None:
     """Tell the batch script not to restart: a restart from the latest checkpoint would end the same way.
 
-    Written only into an output folder that already exists (a Slurm job's always does: its logs are there); a
-    local run refused for a bad path leaves nothing behind."""
-    if not Path(run.output_dir).is_dir():
+    Only inside a Slurm job (the batch script is the reader) and into its existing output folder (its logs are
+    there); a refused local run leaves nothing behind."""
+    if "SLURM_JOB_ID" not in os.environ or not Path(run.output_dir).is_dir():
         return
     engine = getattr(model, "engine", None)
     write_run_state(run.output_dir, "failed", engine.step if engine is not None else 0, run.train.max_steps,
