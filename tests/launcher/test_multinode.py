@@ -78,8 +78,10 @@ def _losses(out: Path) -> dict[int, float]:
 
     losses: dict[int, float] = {}
     for files in sorted((out / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        for event in EventAccumulator(str(files)).Reload().Scalars("train/loss"):
-            losses[event.step] = event.value
+        events = EventAccumulator(str(files)).Reload()
+        if "train/loss" in events.Tags()["scalars"]:  # an attempt that died before its first log step has none
+            for event in events.Scalars("train/loss"):
+                losses[event.step] = event.value
     return losses
 
 
