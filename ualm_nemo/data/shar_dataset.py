@@ -61,6 +61,7 @@ from ualm_nemo.data.posttrain_dataset import (collate_pairs, format_conversation
                                               pair_formatter, record_length)
 from ualm_nemo.data.shar import CODEC_FIELD, ShardReader, shard_counts, source_task
 from ualm_nemo.data.shar_config import SharLoaderConfig
+from ualm_nemo.data.stream import own_generator
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,7 @@ class SharBatchLoader:
         if self.cfg.num_workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                               worker_init_fn=_worker_init, prefetch_factor=2))
+                               worker_init_fn=_worker_init, prefetch_factor=2, generator=own_generator()))
 
     def __iter__(self) -> Iterator[MicroBatch]:
         start = dict(self._state)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from nemo.core.classes import ModelPT
 from ualm_nemo.data.microbatch import MicroBatch
-from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
+from ualm_nemo.data.stream import DataPosition, GlobalBatchStream, own_generator
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.training import watchdog
@@ -205,7 +205,8 @@ class UALMModel(ModelPT):
                                    parallel_state.get_data_parallel_rank(), dp, self.run.data.seed, self.position)
         steps = GlobalBatchSteps(stream, self.num_microbatches(), self.run.train.global_batch_size // dp,
                                  self.run.model.vocab.audio_in_id)
-        return torch.utils.data.DataLoader(steps, batch_size=None, num_workers=0, collate_fn=_as_is)
+        return torch.utils.data.DataLoader(steps, batch_size=None, num_workers=0, collate_fn=_as_is,
+                                           generator=own_generator())
 
     def _shar_dataloader(self):
         """Token-budget (optionally packed) micro-batches from Shar sources, grouped per step; exact resume."""
@@ -221,7 +222,7 @@ class UALMModel(ModelPT):
         if self.pending_loader_state is not None:  # set by restore_extra: continue at the next micro-batch
             loader.load_state_dict(self.pending_loader_state)
         return torch.utils.data.DataLoader(StepGroups(loader, self.num_microbatches()), batch_size=None,
-                                           collate_fn=_as_is)
+                                           collate_fn=_as_is, generator=own_generator())
 
     def setup_training_data(self, train_data_config) -> None:
         pass  # the data path is built from cfg.data by the entry script (see train_dataloader)
