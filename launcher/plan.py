@@ -21,11 +21,10 @@ from typing import Any
 
 from ualm_nemo.data.shar_config import SharLoaderConfig
 from ualm_nemo.model.config import BackboneConfig, ConfigError, UALMConfig, padded
+from ualm_nemo.model.flops import GPUS, flops_per_token  # shared with the training log's TFLOP/s and MFU
 from ualm_nemo.training.stages import is_trainable
 
 PLACEHOLDER = "/plan/placeholder"  # what a '???' value becomes for planning (never opened)
-# peak dense BF16 tensor-core FLOP/s (no sparsity) and memory per GPU
-GPUS = {"h100": (989e12, 80e9), "h200": (989e12, 141e9), "a100": (312e12, 80e9)}
 RECOMPUTE = ("none", "selective", "full")
 GiB = 2**30
 
@@ -276,23 +275,6 @@ def activation_bytes(cfg: UALMConfig, batch: Batch, tp: int, pp: int, stage: int
         total += tokens * layer_activation_bytes(cfg.backbone, batch.seq_len, tp, p.sequence_parallel, attention,
                                                  "none")
     return total
-
-
-def flops_per_token(cfg: UALMConfig, seq_len: int) -> dict[str, float]:
-    """Model FLOPs of one training token (forward + backward = 3 x forward), Megatron's convention:
-    6 N + 12 L h s. N counts the weights each token multiplies: the decoder's matmul weights
-    (QKV (a + 2g) d h, proj h a d, SwiGLU 3 f h per layer) and the heads (stream 0 over the padded text + audio
-    columns, (N-1) codebooks of codebook_size + 1 rows); embedding lookups, norms and biases cost ~nothing.
-    12 L h s is attention (QK^T and AV, 2 x 2 s h per layer forward) with no causal halving: an upper bound.
-    The frozen encoder's forward (2 x its parameters per 25 Hz audio frame, only on audio-input positions) and
-    recomputation are not model FLOPs and are not counted."""
-    b = cfg.backbone
-    h, d, a, g, f = b.hidden_size, b.kv_channels, b.num_attention_heads, b.num_query_groups, b.ffn_hidden_size
-    decoder = b.num_layers * ((a + 2 * g) * d * h + h * a * d + 3 * f * h)
-    heads = (padded(cfg.num_text_rows) + padded(cfg.num_audio_rows)) * h \
-        + (cfg.audio_out.num_codebooks - 1) * cfg.vocab.codebook_span * h
-    return {"matmul_params": decoder + heads, "dense": 6.0 * (decoder + heads),
-            "attention": 12.0 * b.num_layers * h * seq_len, "total": 6.0 * (decoder + heads) + 12.0 * b.num_layers * h * seq_len}
 
 
 def wall_clock(flops_per_step: float, gpus: int, peak_flops: float, mfu: float, max_steps: int) -> dict[str, float]:

@@ -276,7 +276,8 @@ class UALMModel(ModelPT):
                    "train/grad_norm": result.grad_norm if result.grad_norm is not None else float("nan")}
         if result.metrics is not None:
             metrics.update(result.metrics.as_log())
-        self.logger.log_metrics(metrics, step=step)
+        for logger in self.loggers:  # TensorBoard and, with logger.wandb, W&B
+            logger.log_metrics(metrics, step=step)
 
     def _validate(self) -> None:
         """Score the fixed held-out set (training/validation.py) on every rank together; rank 0 logs the figures
