@@ -43,9 +43,22 @@ def build_loggers(output_dir: str, cfg: LoggerConfig) -> list[Logger]:
     """TensorBoard under <output_dir>/tensorboard, then W&B if configured (every logger gets every figure)."""
     loggers: list[Logger] = [TensorBoardLogger(output_dir, name="tensorboard", version="")]
     if cfg.wandb is not None:
-        from lightning.pytorch.loggers import WandbLogger
-
         folder = Path(cfg.wandb.dir or Path(output_dir) / "wandb")
         folder.mkdir(parents=True, exist_ok=True)
-        loggers.append(WandbLogger(project=cfg.wandb.project, name=cfg.wandb.name, save_dir=str(folder)))
+        loggers.append(_wandb_logger()(project=cfg.wandb.project, name=cfg.wandb.name, save_dir=str(folder)))
     return loggers
+
+
+def _wandb_logger() -> type[Logger]:
+    """Lightning's WandbLogger, closing its run when training ends: it otherwise stays open until interpreter exit,
+    which a process that ends by os._exit (a multiprocessing worker, a rank srun kills) never reaches, leaving
+    offline files without the history."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    class FinishingWandbLogger(WandbLogger):
+        def finalize(self, status: str) -> None:
+            super().finalize(status)
+            if self._experiment is not None and hasattr(self._experiment, "finish"):
+                self._experiment.finish(exit_code=0 if status == "success" else 1)
+
+    return FinishingWandbLogger
