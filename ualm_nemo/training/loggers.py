@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
-
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ualm_nemo.config_types import build_section
 from ualm_nemo.model.config import ConfigError
+
+if TYPE_CHECKING:  # lightning is imported only to build loggers: the config stays cheap to import
+    from lightning.pytorch.loggers import Logger
 
 
 @dataclass(kw_only=True)
@@ -39,9 +40,11 @@ def logger_config(values: Mapping[str, Any] | None) -> LoggerConfig:
     return LoggerConfig(wandb=build_section(WandbConfig, wandb, "logger.wandb") if wandb is not None else None)
 
 
-def build_loggers(output_dir: str, cfg: LoggerConfig) -> list[Logger]:
+def build_loggers(output_dir: str, cfg: LoggerConfig) -> list["Logger"]:
     """TensorBoard under <output_dir>/tensorboard, then W&B if configured (every logger gets every figure)."""
-    loggers: list[Logger] = [TensorBoardLogger(output_dir, name="tensorboard", version="")]
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers: list["Logger"] = [TensorBoardLogger(output_dir, name="tensorboard", version="")]
     if cfg.wandb is not None:
         folder = Path(cfg.wandb.dir or Path(output_dir) / "wandb")
         folder.mkdir(parents=True, exist_ok=True)
@@ -49,7 +52,7 @@ def build_loggers(output_dir: str, cfg: LoggerConfig) -> list[Logger]:
     return loggers
 
 
-def _wandb_logger() -> type[Logger]:
+def _wandb_logger() -> type["Logger"]:
     """Lightning's WandbLogger, closing its run when training ends: it otherwise stays open until interpreter exit,
     which a process that ends by os._exit (a multiprocessing worker, a rank srun kills) never reaches, leaving
     offline files without the history."""
