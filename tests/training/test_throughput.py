@@ -3,6 +3,8 @@ really trained on, the straggler note over two gloo processes, and W&B offline f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import time
@@ -63,10 +65,11 @@ def _run(output_dir: str, steps: int, log_every: int, wandb: bool = False, slow_
     run = run_config_from_dict(_config(output_dir, steps, log_every, wandb))
     trainer = build_trainer(run)
     model = CountingModel(run, trainer, slow_rank, sleep_s)
-    start = time.perf_counter()
-    trainer.fit(model)
+    start, console = time.perf_counter(), io.StringIO()
+    with contextlib.redirect_stderr(console):  # the progress bar's line (rank 0)
+        trainer.fit(model)
     return {"counted": model.counted, "warnings": records, "wall_s": time.perf_counter() - start,
-            "samples": model.trained_samples}
+            "samples": model.trained_samples, "console": console.getvalue()}
 
 
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -112,6 +115,10 @@ def test_perf_scalars_match_what_the_steps_trained(one_rank_run):
         # at length 1 and at the longest row (the attention term grows with the length)
         assert f["tflops_per_gpu"] * 1e12 == pytest.approx(flops / f["step_time_s"], rel=1e-5)
         assert 0.05 < f["peak_memory_gib"] < 64  # this process's peak RSS
+    bar = [line for line in result["console"].replace("\r", "\n").splitlines() if line.startswith("train:")]
+    last_line = bar[-1]  # the bar at the end: step 4's figures
+    assert f"tok/s={figures['tokens_per_s'][4]:.4g}" in last_line and "TFLOP/s/gpu=" in last_line
+    assert "MFU" not in last_line and "loss=" in last_line
     assert "checkpoint_save_s" not in figures or 2 not in figures["checkpoint_save_s"]  # no save before step 2's log
     assert 0 < figures["checkpoint_save_s"][4] < result["wall_s"]  # step 2's save
 
