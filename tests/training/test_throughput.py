@@ -41,8 +41,9 @@ class CountingModel(UALMModel):
             time.sleep(self.sleep_s)
 
 
-def _config(output_dir: str, steps: int, log_every: int, wandb: bool) -> dict:
-    cfg = {"model": {"backbone": "tiny", "audio_in": {"random_encoder": True}},
+def _config(output_dir: str, steps: int, log_every: int, wandb: bool, tp: int = 1) -> dict:
+    cfg = {"model": {"backbone": "tiny", "audio_in": {"random_encoder": True},
+                     "parallel": {"tensor_model_parallel_size": tp}},
            "optim": {"lr": 2e-3, "min_lr": 2e-3, "warmup_steps": 0, "weight_decay": 0.0},
            "train": {"max_steps": steps, "global_batch_size": 4, "micro_batch_size": 2,
                      "checkpoint_every_n_steps": 2, "log_every_n_steps": log_every},
@@ -53,7 +54,7 @@ def _config(output_dir: str, steps: int, log_every: int, wandb: bool) -> dict:
 
 
 def _run(output_dir: str, steps: int, log_every: int, wandb: bool = False, slow_rank: int | None = None,
-         sleep_s: float = 0.0) -> dict:
+         sleep_s: float = 0.0, tp: int = 1) -> dict:
     """build_trainer + fit as train() does, with the counting model; returns its records and the warnings."""
     from ualm_nemo.training.run_config import run_config_from_dict
     from ualm_nemo.training.train import build_trainer
@@ -62,7 +63,7 @@ def _run(output_dir: str, steps: int, log_every: int, wandb: bool = False, slow_
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger("ualm_nemo.training.throughput").addHandler(handler)
-    run = run_config_from_dict(_config(output_dir, steps, log_every, wandb))
+    run = run_config_from_dict(_config(output_dir, steps, log_every, wandb, tp))
     trainer = build_trainer(run)
     model = CountingModel(run, trainer, slow_rank, sleep_s)
     start, console = time.perf_counter(), io.StringIO()
@@ -175,7 +176,8 @@ def test_wandb_offline_run_has_the_perf_metrics(one_rank_run):
 
 
 def test_straggler_named_over_two_gloo_processes(tmp_path):
-    """DP2; rank 1 sleeps 1.5 s in each of its steps: rank 0 warns, naming rank 1; a run without it does not."""
+    """DP2; rank 1 sleeps 1.5 s in each of its steps: rank 0 warns, naming rank 1; a TP2 run without it does not
+    (and counts the one batch both TP ranks trained once)."""
     slow = run_distributed(2, _run, str(tmp_path / "slow"), 2, 1, False, 1, 1.5)
     assert slow[1]["warnings"] == []  # rank 0 reports
     notes = slow[0]["warnings"]
@@ -189,11 +191,36 @@ def test_straggler_named_over_two_gloo_processes(tmp_path):
     assert dict(scalars["perf/tokens_per_s_per_gpu"])[2] == pytest.approx(positions / 2 / step_time[2], rel=1e-5)
     assert dict(scalars["perf/samples_per_s"])[2] == pytest.approx(4 / step_time[2], rel=1e-5)
     assert dict(scalars["perf/samples_per_s_per_gpu"])[2] == pytest.approx(2 / step_time[2], rel=1e-5)
-    even = run_distributed(2, _run, str(tmp_path / "even"), 2, 1)
-    assert even[0]["warnings"] == []
+    # TP2, nobody slowed: no note; both ranks trained the same batch, counted once
+    even = run_distributed(2, _run, str(tmp_path / "even"), 2, 1, False, None, 0.0, 2)
+    assert even[0]["warnings"] == [] and even[0]["counted"] == even[1]["counted"]
+    scalars = _scalars(tmp_path / "even" / "tensorboard")
+    step_time = dict(scalars["perf/step_time_s"])
+    assert dict(scalars["perf/tokens_per_s"])[2] == pytest.approx(even[0]["counted"][1][0] / step_time[2], rel=1e-5)
+    assert dict(scalars["perf/samples_per_s"])[2] == pytest.approx(4 / step_time[2], rel=1e-5)
 
 
 def test_straggler_rule():
     assert stragglers([1.0, 1.1, 0.9, 3.0], 1.5) == {3: pytest.approx(3.0)}
     assert stragglers([1.0, 1.6], 1.5) == {1: pytest.approx(1.6)}  # two ranks: against the other one
     assert stragglers([1.0, 1.4], 1.5) == {} and stragglers([2.0], 1.5) == {}
+
+
+def test_mfu_against_the_gpu_peak_by_hand():
+    """Two data-parallel GPUs, 2 s per step, 1e15 model FLOPs each per step: 2e15 / 2 s / 2 GPUs = 500 TFLOP/s per
+    GPU, MFU 500 / 989 on an H100; the peak comes from the device name, and none (no MFU) for a CPU."""
+    from ualm_nemo.model.flops import peak_flops
+    from ualm_nemo.training.throughput import ThroughputMonitor
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("Tesla T4") is None
+    monitor = ThroughputMonitor(10)
+    monitor.peak = peak_flops("NVIDIA H100 80GB HBM3")
+    rows = [[2.0, 1.9, 0.1, 4096.0, 4.0, 1e15, 2.0 * 2**30], [2.0, 1.8, 0.2, 4096.0, 4.0, 1e15, 3.0 * 2**30]]
+    f = monitor.figures(rows, 12.5)  # no model-parallel state here: every rank is its own replica (DP = world)
+    assert f["tflops_per_gpu"] == pytest.approx(500.0) and f["mfu"] == pytest.approx(500 / 989)
+    assert f["tokens_per_s"] == pytest.approx(8192 / 2.0) and f["tokens_per_s_per_gpu"] == pytest.approx(2048.0)
+    assert f["samples_per_s"] == pytest.approx(4.0) and f["data_wait_s"] == 0.2 and f["peak_memory_gib"] == 3.0
+    assert f["checkpoint_save_s"] == 12.5
+    monitor.peak = None
+    assert "mfu" not in monitor.figures(rows, None) and "checkpoint_save_s" not in monitor.figures(rows, None)
