@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.failures import LLAMA3_FAILURES_PER_GPU_DAY, checkpoint_bytes, plan_failures, render_failures  # noqa: F401
+from launcher.failures import LLAMA3_FAILURES_PER_GPU_DAY, checkpoint_bytes, plan_failures, render_failures
 from ualm_nemo.data.shar_config import SharLoaderConfig
 from ualm_nemo.model.config import BackboneConfig, ConfigError, UALMConfig, padded
 from ualm_nemo.model.flops import GPUS, flops_per_token  # shared with the training log's TFLOP/s and MFU

@@ -65,7 +65,9 @@ class ThroughputMonitor(Callback):
         self.every, self.ratio = log_every_n_steps, straggler_ratio
         self.peak: float | None = None  # the GPU's peak FLOP/s; None on CPU or an unknown card: no MFU
         self.last: dict[str, float] = {}  # the newest figures (rank 0), for the console line
-        self._flops_cache: dict[int, float] = {}
+        self._flops_cache: dict[int, float] = {}  # FLOPs per position by row length
+        self.step_start, self.saved_before = 0.0, 0.0
+        self.step_end: float | None = None  # the previous step's end: the data wait runs from there
         self._reset()
 
     def _reset(self) -> None:
@@ -76,8 +78,7 @@ class ThroughputMonitor(Callback):
         device = pl_module.device
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self._reset()
-        self.step_end: float | None = None
-        self.saved_before = _save_seconds(trainer)
+        self.step_end, self.saved_before = None, _save_seconds(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -119,7 +120,6 @@ class ThroughputMonitor(Callback):
             for rank, times in stragglers([r[1] for r in ranks], self.ratio).items():
                 log.warning("straggler at step %d: rank %d took %.3f s per step, %.1fx the other ranks' median",
                             step, rank, ranks[rank][1], times)
-        if trainer.is_global_zero:
             self.last = self.figures(ranks, _save_seconds_last(trainer))
             for logger in trainer.loggers:
                 logger.log_metrics({f"perf/{k}": v for k, v in self.last.items()}, step=step)
