@@ -224,3 +224,18 @@ def test_mfu_against_the_gpu_peak_by_hand():
     assert f["checkpoint_save_s"] == 12.5
     monitor.peak = None
     assert "mfu" not in monitor.figures(rows, None) and "checkpoint_save_s" not in monitor.figures(rows, None)
+
+
+def test_wandb_keys_are_checked():
+    from ualm_nemo.model.config import ConfigError
+    from ualm_nemo.training.run_config import run_config_from_dict
+
+    assert run_config_from_dict({}).logger.wandb is None  # off by default
+    cfg = run_config_from_dict({"logger": {"wandb": {"project": "ualm", "name": "7b"}}}).logger.wandb
+    assert (cfg.project, cfg.name, cfg.dir) == ("ualm", "7b", None)
+    with pytest.raises(ConfigError, match="logger.wandb.projekt"):
+        run_config_from_dict({"logger": {"wandb": {"projekt": "ualm"}}})
+    with pytest.raises(ConfigError, match="logger.wandb.project must be set"):
+        run_config_from_dict({"logger": {"wandb": {"name": "7b"}}})
+    with pytest.raises(ConfigError, match="logger.tensorboard"):
+        run_config_from_dict({"logger": {"tensorboard": True}})
