@@ -277,7 +277,8 @@ class UALMModel(ModelPT):
                    "train/grad_norm": result.grad_norm if result.grad_norm is not None else float("nan")}
         if result.metrics is not None:
             metrics.update(result.metrics.as_log())
-        self.logger.log_metrics(metrics, step=step)
+        for logger in self.loggers:  # TensorBoard and, with logger.wandb, W&B
+            logger.log_metrics(metrics, step=step)
 
     def _validate(self) -> None:
         """Score the fixed held-out set (training/validation.py) on every rank together; rank 0 logs the figures
@@ -297,8 +298,8 @@ class UALMModel(ModelPT):
         if not self.trainer.is_global_zero:
             return
         ValidationLog(self.run.output_dir).append(step, figures)
-        if self.logger is not None:
-            self.logger.log_metrics({f"val/{k}": v for k, v in figures.items() if k.startswith("loss")}, step=step)
+        for logger in self.loggers:
+            logger.log_metrics({f"val/{k}": v for k, v in figures.items() if k.startswith("loss")}, step=step)
 
     def _evaluate(self) -> None:
         """Generate for the fixed eval set with the training model and score it (training/evaluation.py) on every
@@ -313,10 +314,10 @@ class UALMModel(ModelPT):
         if not self.trainer.is_global_zero:
             return
         EvaluationLog(self.run.output_dir).append(step, figures)
-        if self.logger is not None:
-            scalars = {f"eval/{k}": v for k, v in figures.items()
-                       if v is not None and (k in TB_KEYS or k.startswith("qa_accuracy_"))}
-            self.logger.log_metrics(scalars, step=step)
+        scalars = {f"eval/{k}": v for k, v in figures.items()
+                   if v is not None and (k in TB_KEYS or k.startswith("qa_accuracy_"))}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=step)
 
     @staticmethod
     def _global_count(local: int) -> int:

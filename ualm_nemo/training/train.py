@@ -9,7 +9,6 @@ from typing import Any, Mapping
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import launch_layout
@@ -21,6 +20,8 @@ from ualm_nemo.training.nemo_model import NonFiniteLossError, UALMModel
 from ualm_nemo.training.preemption import PreemptionCheckpoint
 from ualm_nemo.training.run_config import RunConfig, check_local_paths, run_config_from_dict
 from ualm_nemo.training.strategy import MegatronStrategy
+from ualm_nemo.training.throughput import ThroughputMonitor
+from ualm_nemo.training.loggers import build_loggers
 from ualm_nemo.training.watchdog import HangWatchdog
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,15 @@ def build_trainer(run: RunConfig) -> Trainer:
     run.validate(world)
     strategy = MegatronStrategy(run.model.parallel, run.train.seed, keep_last=run.train.keep_last_checkpoints)
     t = run.train
-    callbacks = [PeriodicCheckpoint(checkpoint_dir(run), t.checkpoint_every_n_steps, t.stop_at_step),
+    callbacks = [ThroughputMonitor(t.log_every_n_steps),  # first (throughput.py)
+                 PeriodicCheckpoint(checkpoint_dir(run), t.checkpoint_every_n_steps, t.stop_at_step),
                  StepProgressBar(), PreemptionCheckpoint(run.output_dir)]
     if t.hang_timeout_s > 0:
         callbacks.append(HangWatchdog(t.hang_timeout_s, t.startup_timeout_s, t.save_timeout_s))
     return Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=per_node, num_nodes=nodes,
         strategy=strategy, max_steps=run.train.max_steps, max_epochs=-1,
-        logger=TensorBoardLogger(run.output_dir, name="tensorboard", version=""),
+        logger=build_loggers(run.output_dir, run.logger),
         callbacks=callbacks,
         log_every_n_steps=run.train.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
