@@ -63,6 +63,7 @@ from ualm_nemo.data.posttrain_dataset import (collate_pairs, format_conversation
 from ualm_nemo.data.shar import CODEC_FIELD, ShardReader
 from ualm_nemo.data.shard_index import source_indexes
 from ualm_nemo.data.shar_config import SharLoaderConfig
+from ualm_nemo.data.stream import own_generator
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ class SharBatchLoader:
         if self.cfg.num_workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                               worker_init_fn=_worker_init, prefetch_factor=2))
+                               worker_init_fn=_worker_init, prefetch_factor=2, generator=own_generator()))
 
     def __iter__(self) -> Iterator[MicroBatch]:
         start = dict(self._state)

@@ -20,6 +20,7 @@ from ualm_nemo.data.blend import SourceSpec
 from ualm_nemo.data.shar_config import SharLoaderConfig, source_specs
 from ualm_nemo.model.config import ConfigError, UALMConfig
 from ualm_nemo.training.eval_config import EvalConfig
+from ualm_nemo.training.loggers import LoggerConfig, logger_config
 from ualm_nemo.training.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig | None = None  # stage=dpo only
     eval: EvalConfig = field(default_factory=EvalConfig)  # train.eval_every_n_steps (training/eval_config.py)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # optional W&B next to TensorBoard (loggers.py)
     output_dir: str = "outputs/ualm"
 
     def validate(self, world_size: int | None = None) -> "RunConfig":
@@ -345,7 +347,8 @@ def _data_config(values: Mapping[str, Any] | None) -> DataConfig:
 
 def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
     cfg = dict(cfg)
-    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "eval", "output_dir", "stage", "name"})
+    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "eval", "logger", "output_dir", "stage",
+                                     "name"})
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}")
     return RunConfig(model=UALMConfig.from_dict(cfg.get("model") or {}),
@@ -354,4 +357,5 @@ def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
                      data=_data_config(cfg.get("data")),
                      dpo=_build(DPOConfig, cfg["dpo"], "dpo") if cfg.get("dpo") is not None else None,
                      eval=_build(EvalConfig, cfg.get("eval"), "eval"),
+                     logger=logger_config(cfg.get("logger")),
                      output_dir=cfg.get("output_dir", "outputs/ualm"))

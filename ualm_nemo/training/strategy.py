@@ -9,6 +9,7 @@ What it changes relative to Lightning's DDPStrategy, and why:
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +36,7 @@ class MegatronStrategy(DDPStrategy):
         kwargs.setdefault("timeout", timedelta(minutes=30))
         super().__init__(**kwargs)
         self.parallel, self.seed, self.keep_last = parallel, seed, keep_last
+        self.save_seconds, self.last_save_seconds = 0.0, None  # for perf/checkpoint_save_s (training/throughput.py)
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
@@ -63,9 +65,12 @@ class MegatronStrategy(DDPStrategy):
         """Every rank writes its shards; ``filepath`` is the run's checkpoint folder."""
         module = self.lightning_module
         loop_state = {k: v for k, v in checkpoint.items() if k not in _SKIP_KEYS}
+        start = time.perf_counter()
         with watchdog.section(f"the checkpoint save at step {module.engine.step}", "save"):
             module.engine.save(str(filepath), extra={"lightning": loop_state, **module.checkpoint_extra()},
                                keep_last=self.keep_last)
+        self.last_save_seconds = time.perf_counter() - start
+        self.save_seconds += self.last_save_seconds
 
     def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
         """``checkpoint_path``: a run's checkpoint folder (its latest save is used) or one ``iter_*`` folder."""
