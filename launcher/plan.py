@@ -1,4 +1,5 @@
-"""Know the cost before submitting: parameters per rank, memory per GPU, FLOPs per step and the wall-clock.
+"""Know the cost before submitting: parameters per rank, memory per GPU, FLOPs per step, the wall-clock and the
+checkpoint interval that loses the least time to failures (launcher/failures.py).
 
     python -m launcher.plan --cluster dgx-h100 --nodes 2 -- model=qwen2.5-7b data=pretrain_blend ...
     python -m launcher.plan ... --recompute selective --mfu 0.35 --gpu h200 --json
@@ -19,13 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.failures import LLAMA3_FAILURES_PER_GPU_DAY, checkpoint_bytes, plan_failures, render_failures
 from ualm_nemo.data.shar_config import SharLoaderConfig
 from ualm_nemo.model.config import BackboneConfig, ConfigError, UALMConfig, padded
+from ualm_nemo.model.flops import GPUS, flops_per_token  # shared with the training log's TFLOP/s and MFU
 from ualm_nemo.training.stages import is_trainable
 
 PLACEHOLDER = "/plan/placeholder"  # what a '???' value becomes for planning (never opened)
-# peak dense BF16 tensor-core FLOP/s (no sparsity) and memory per GPU
-GPUS = {"h100": (989e12, 80e9), "h200": (989e12, 141e9), "a100": (312e12, 80e9)}
 RECOMPUTE = ("none", "selective", "full")
 GiB = 2**30
 
@@ -278,23 +279,6 @@ def activation_bytes(cfg: UALMConfig, batch: Batch, tp: int, pp: int, stage: int
     return total
 
 
-def flops_per_token(cfg: UALMConfig, seq_len: int) -> dict[str, float]:
-    """Model FLOPs of one training token (forward + backward = 3 x forward), Megatron's convention:
-    6 N + 12 L h s. N counts the weights each token multiplies: the decoder's matmul weights
-    (QKV (a + 2g) d h, proj h a d, SwiGLU 3 f h per layer) and the heads (stream 0 over the padded text + audio
-    columns, (N-1) codebooks of codebook_size + 1 rows); embedding lookups, norms and biases cost ~nothing.
-    12 L h s is attention (QK^T and AV, 2 x 2 s h per layer forward) with no causal halving: an upper bound.
-    The frozen encoder's forward (2 x its parameters per 25 Hz audio frame, only on audio-input positions) and
-    recomputation are not model FLOPs and are not counted."""
-    b = cfg.backbone
-    h, d, a, g, f = b.hidden_size, b.kv_channels, b.num_attention_heads, b.num_query_groups, b.ffn_hidden_size
-    decoder = b.num_layers * ((a + 2 * g) * d * h + h * a * d + 3 * f * h)
-    heads = (padded(cfg.num_text_rows) + padded(cfg.num_audio_rows)) * h \
-        + (cfg.audio_out.num_codebooks - 1) * cfg.vocab.codebook_span * h
-    return {"matmul_params": decoder + heads, "dense": 6.0 * (decoder + heads),
-            "attention": 12.0 * b.num_layers * h * seq_len, "total": 6.0 * (decoder + heads) + 12.0 * b.num_layers * h * seq_len}
-
-
 def wall_clock(flops_per_step: float, gpus: int, peak_flops: float, mfu: float, max_steps: int) -> dict[str, float]:
     """Seconds per step = FLOPs per step / (GPUs x peak x MFU); the run = train.max_steps of them."""
     step = flops_per_step / (gpus * peak_flops * mfu)
@@ -369,8 +353,18 @@ def _encoder_placeholder(values: dict[str, Any], missing: list[str]) -> tuple[di
     return values, missing
 
 
+@dataclass(frozen=True)
+class FailureAssumptions:
+    """launcher.plan's --save-seconds, --write-gbps, --restart-seconds, --failures-per-gpu-day (failures.py)."""
+
+    save_s: float | None = None  # measured step-time stall of one save; None: estimated from the bytes
+    write_gbps: float = 2.0  # GB/s each node writes to the shared file system
+    restart_s: float = 300.0  # requeue + start-up + checkpoint load after an interruption
+    failures_per_gpu_day: float = LLAMA3_FAILURES_PER_GPU_DAY
+
+
 def make_plan(run, cluster, placeholders: list[str], recompute: str = "none", mfu: float = 0.40,
-              gpu: str = "h100") -> dict[str, Any]:
+              gpu: str = "h100", failures: FailureAssumptions = FailureAssumptions()) -> dict[str, Any]:
     """Everything the command prints, as plain data (``--json``); sizes in bytes, times in seconds."""
     cfg, t = run.model, run.train
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -395,6 +389,12 @@ def make_plan(run, cluster, placeholders: list[str], recompute: str = "none", mf
     flops_step = flops["total"] * batch.tokens_per_step
     time = wall_clock(flops_step, world, peak, mfu, t.max_steps)
     whole = {p.label: (p.sharded + p.replicated) * (layers if p.where == "layer" else 1) for p in parts}
+    one = per_rank_parameters(parts, layers, 1, 1, 0, t.stage)  # the whole model on one rank: what a save holds
+    fail = plan_failures(gpus=world, step_s=time["step_s"], max_steps=t.max_steps,
+                         every_n_steps=t.checkpoint_every_n_steps,
+                         ckpt_bytes=checkpoint_bytes(one["total"], one["with_grad"], cfg.params_dtype),
+                         nodes=cluster.nodes, write_gbps=failures.write_gbps, save_s=failures.save_s,
+                         restart_s=failures.restart_s, failures_per_gpu_day=failures.failures_per_gpu_day)
     return {
         "layout": {"nodes": cluster.nodes, "gpus_per_node": cluster.ntasks_per_node, "world": world, "tp": tp,
                    "pp": pp, "dp": dp, "sequence_parallel": cfg.parallel.sequence_parallel,
@@ -408,6 +408,7 @@ def make_plan(run, cluster, placeholders: list[str], recompute: str = "none", mf
         "flops": {"per_token": flops, "per_step": flops_step},
         "time": {**time, "max_steps": t.max_steps, "mfu": mfu, "gpu": gpu, "peak_flops": peak,
                  "gpu_memory": gpu_memory, "tokens_per_s_per_gpu": batch.tokens_per_step / time["step_s"] / world},
+        "failures": fail,
         "placeholders": placeholders,
     }
 
@@ -465,7 +466,7 @@ def render(plan: dict[str, Any]) -> str:
               f"at MFU {tm['mfu']:.2f} on {L['world']} x {tm['gpu'].upper()} ({tm['peak_flops'] / 1e12:.0f} TFLOP/s "
               f"bf16 dense): {tm['step_s']:.2f} s/step, {tm['tokens_per_s_per_gpu']:,.0f} positions/s per GPU",
               f"train.max_steps={tm['max_steps']:,}: {_duration(tm['run_s'])} "
-              f"({tm['run_s'] / 3600 * L['world']:,.0f} GPU-hours)"]
+              f"({tm['run_s'] / 3600 * L['world']:,.0f} GPU-hours)", ""] + render_failures(plan["failures"])
     return "\n".join(lines) + "\n"
 
 
@@ -493,6 +494,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed (default 0.40)")
     parser.add_argument("--gpu", choices=sorted(GPUS), help="peak FLOP/s and memory (default: from the preset name, "
                                                             "else h100)")
+    parser.add_argument("--save-seconds", type=float, default=None,
+                        help="measured step-time stall of one checkpoint save (perf/checkpoint_save_s); default: "
+                             "estimated from the checkpoint bytes and --write-gbps")
+    parser.add_argument("--write-gbps", type=float, default=2.0,
+                        help="GB/s each node writes to the shared file system (default 2)")
+    parser.add_argument("--restart-seconds", type=float, default=300.0,
+                        help="seconds from an interruption to training again: requeue, start-up, load (default 300)")
+    parser.add_argument("--failures-per-gpu-day", type=float, default=LLAMA3_FAILURES_PER_GPU_DAY,
+                        help="interruptions per GPU-day (default 4.7e-4: Llama 3's 419 in 54 days on 16k GPUs)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -500,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--entry: launcher.plan sizes the language model (conf/train.yaml) only")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu={args.mfu} must lie in (0, 1]")
+        for flag in ("save_seconds", "write_gbps", "failures_per_gpu_day"):
+            if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+                raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be > 0")
+        if args.restart_seconds < 0:
+            raise ConfigError(f"--restart-seconds={args.restart_seconds} must be >= 0")
         cluster = _cluster_from_args(args)
         values, placeholders = compose_for_plan(list(args.overrides))
         run = run_config_from_dict(values)
@@ -508,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     recompute = args.recompute or run.model.recompute.granularity or "none"
-    plan = make_plan(run, cluster, placeholders, recompute, args.mfu, args.gpu or _default_gpu(args.cluster))
+    failures = FailureAssumptions(args.save_seconds, args.write_gbps, args.restart_seconds, args.failures_per_gpu_day)
+    plan = make_plan(run, cluster, placeholders, recompute, args.mfu, args.gpu or _default_gpu(args.cluster), failures)
     print(json.dumps(plan, indent=1) if args.json else render(plan), end="" if not args.json else "\n")
     return 0
 

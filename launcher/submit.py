@@ -24,7 +24,7 @@ from pathlib import Path
 
 from launcher.cluster import ClusterConfig, load_cluster
 from launcher.sbatch import ENTRIES, local_command, log_dir, render, script_name, write
-from launcher.validate import compose_run, hydra_value, validate_enhancer, validate_stage
+from launcher.validate import compose_run, hydra_value, override_values, validate_enhancer, validate_stage
 from ualm_nemo.model.config import ConfigError
 
 log = logging.getLogger("launcher")
@@ -105,6 +105,10 @@ def prepare(argv: list[str]) -> Prepared:
     cluster = _cluster_from_args(args)
     overrides = list(args.overrides)
     config_name = "enhancer" if args.entry == "enhancer" else "train"
+    if args.output_dir:
+        for value in override_values(overrides, "output_dir"):  # the flag wins: say so, it is easy to miss
+            log.warning("the override output_dir=%s is dropped: --output-dir=%s is the run's output_dir",
+                        value, args.output_dir)
     output_dir = args.output_dir or str(compose_run(overrides, config_name).get("output_dir") or "outputs/ualm")
     if not Path(output_dir).is_absolute():  # relative to the repository root, as examples/train.py resolves it
         output_dir = str(Path(cluster.workdir) / output_dir)

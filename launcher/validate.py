@@ -1,5 +1,6 @@
 """Check a stage before it is submitted: the composed Hydra config, its parallel layout on this allocation,
-the batch arithmetic and the input paths. Every error names the key or flag to change (``ConfigError``).
+the batch arithmetic and the input paths. Every error names the key or flag to change (``ConfigError``); the
+independent checks (layout, model, each path) are all run and their problems listed together (``ConfigErrors``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 
 from launcher.cluster import REPO, ClusterConfig
 from ualm_nemo.model.builder import check_buildable
+from ualm_nemo.config_types import Problems
 from ualm_nemo.model.config import ConfigError
 from ualm_nemo.training.run_config import RunConfig, check_data_paths, run_config_from_dict
 
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 # (config key, what it is) for every input besides the data (run_config.check_data_paths) that must exist
 _PATHS = (("data.tokenizer", "tokenizer folder"), ("data.codec_path", "X-Codec folder"),
           ("model.audio_in.encoder_path", "audio encoder folder"), ("train.init_from", "initial weights folder"))
+# folders that hold a model's files: an empty one fails only once the job has its GPUs
+_FILLED = ("data.tokenizer", "model.audio_in.encoder_path", "train.init_from")
 
 
 def hydra_value(key: str, value: str) -> str:
@@ -38,6 +42,12 @@ def _parse(*overrides: str):
         return OverridesParser.create().parse_overrides(list(overrides))
     except Exception as err:  # hydra's OverrideParseException carries the grammar's message
         raise ConfigError(f"invalid Hydra override(s) {list(overrides)!r}: {err}") from None
+
+
+def override_values(overrides: list[str], key: str) -> list[str]:
+    """The values ``overrides`` give ``key`` (``key=v``, ``+key=v``, ``++key=v``), in order, as written."""
+    parsed = _parse(*overrides) if overrides else []
+    return [text.split("=", 1)[1] for text, o in zip(overrides, parsed) if o.key_or_group == key and "=" in text]
 
 
 def compose_run(overrides: list[str], config_name: str = "train") -> dict[str, Any]:
@@ -80,22 +90,26 @@ def check_layout(run: RunConfig, cluster: ClusterConfig) -> None:
 
 
 def check_paths(cfg: dict[str, Any], run: RunConfig, cluster: ClusterConfig) -> None:
-    """Every input through the container mounts: the folders of ``_PATHS``, the manifests and each Shar source
-    (its shards/ folder and task, as training checks them)."""
+    """Every input through the container mounts: the folders of ``_PATHS`` (present, and not empty where a
+    model's files must be), the manifests and each Shar source (its shards/ folder and task, as training checks
+    them). Every problem is listed in one ConfigErrors."""
     where = " (container mounts mapped)" if cluster.container_mounts else ""
+    problems = Problems()
     for key, what in _PATHS:
         section, *rest = key.split(".")
         value: Any = cfg.get(section) or {}
         for part in rest:
             value = (value or {}).get(part) if isinstance(value, dict) else None
-        if key == "data.tokenizer" and value == "byte":
+        if not value or (key == "data.tokenizer" and value == "byte"):
             continue
-        if value and not Path(cluster.mount_to_host(str(value))).exists():
-            raise ConfigError(f"{key}={value!r}: no such {what} on this host{where}")
-    try:
+        host = Path(cluster.mount_to_host(str(value)))
+        if not host.exists():
+            problems.add(f"{key}={value!r}: no such {what} on this host{where}")
+        elif key in _FILLED and host.is_dir() and next(host.iterdir(), None) is None:
+            problems.add(f"{key}={value!r}: the {what} is empty{where} (a copy or download that did not finish?)")
+    with problems.check(suffix=where):
         check_data_paths(run, cluster.mount_to_host)
-    except ConfigError as err:
-        raise ConfigError(f"{err}{where}") from None
+    problems.raise_all()
 
 
 def check_progress(run: RunConfig, cluster: ClusterConfig) -> list[str]:
@@ -117,11 +131,16 @@ def validate_stage(overrides: list[str], cluster: ClusterConfig) -> tuple[RunCon
     cluster.validate()
     cfg = compose_run(overrides)
     run = run_config_from_dict(cfg)
-    check_layout(run, cluster)
+    problems = Problems()  # layout, model and paths are independent: all their problems in one error
+    with problems.check():
+        check_layout(run, cluster)
     # Transformer Engine (FP8, the TE spec) is checked here only when the job runs in this host's environment;
     # with --container-image it runs in the image, whose TE the host cannot see (build_model checks it there)
-    check_buildable(run.model, check_imports=not cluster.container_image)
-    check_paths(cfg, run, cluster)
+    with problems.check():
+        check_buildable(run.model, check_imports=not cluster.container_image)
+    with problems.check():
+        check_paths(cfg, run, cluster)
+    problems.raise_all()
     return run, check_progress(run, cluster)
 
 

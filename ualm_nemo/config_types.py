@@ -11,15 +11,53 @@ A leaf module: every config (model, run, enhancer) builds its sections here, so 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
 import typing
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key to fix."""
+
+
+class ConfigErrors(ConfigError):
+    """Several problems found by one check, all listed (``problems``), so a user fixes them in one round.
+
+    A ConfigError, so callers that catch one keep working; a single problem reads exactly as it did alone."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        text = self.problems[0] if len(self.problems) == 1 else (
+            f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(text)
+
+
+class Problems:
+    """Collects ConfigErrors instead of stopping at the first: ``with problems.check(): ...`` per independent
+    check, then ``problems.raise_all()`` (nothing when none was found)."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.found.append(message)
+
+    @contextlib.contextmanager
+    def check(self, suffix: str = "") -> Iterator[None]:
+        """Record a ConfigError raised inside (each of a ConfigErrors' problems), ``suffix`` appended to each."""
+        try:
+            yield
+        except ConfigErrors as err:
+            self.found += [f"{p}{suffix}" for p in err.problems]
+        except ConfigError as err:
+            self.found.append(f"{err}{suffix}")
+
+    def raise_all(self) -> None:
+        if self.found:
+            raise ConfigErrors(self.found)
 
 
 def build_section(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:

@@ -78,8 +78,10 @@ def _losses(out: Path) -> dict[int, float]:
 
     losses: dict[int, float] = {}
     for files in sorted((out / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        for event in EventAccumulator(str(files)).Reload().Scalars("train/loss"):
-            losses[event.step] = event.value
+        events = EventAccumulator(str(files)).Reload()
+        if "train/loss" in events.Tags()["scalars"]:  # an attempt that died before its first log step has none
+            for event in events.Scalars("train/loss"):
+                losses[event.step] = event.value
     return losses
 
 
@@ -98,9 +100,18 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _same(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if hasattr(a, "getvalue"):  # TE-style _extra_state (BytesIO)
+        return hasattr(b, "getvalue") and a.getvalue() == b.getvalue()
+    return a == b
+
+
 def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert sorted(a) == sorted(b)
-    differing = [k for k in a if not (torch.is_tensor(a[k]) and torch.equal(a[k], b[k]))]
+    assert sum(torch.is_tensor(v) for v in a.values()) > 100  # weights and optimizer state, not only metadata
+    differing = [k for k in a if not _same(a[k], b[k])]
     assert not differing, f"{len(differing)} of {len(a)} tensors differ, e.g. {differing[:5]}"
 
 
@@ -163,10 +174,11 @@ def test_chaos_run_ends_bit_identical(sim_cluster, reference, tmp_path):
     log = _log(out, job)
     assert state == "COMPLETED", log[-6000:]
     assert read_run_state(out)["state"] == "finished"
+    assert not list((out / "checkpoints").glob("*.tmp"))  # the save killed half-way was cleaned when redone
     # the requeued job ran without the lost node, on the spare one
     info = _job(sim_cluster, job)
-    assert info["Restarts"] == "1" and victim not in info["NodeList"], info
-    assert "node3" in info["NodeList"]
+    hosts = sim_cluster.slurm("scontrol", "show", "hostnames", info["NodeList"]).split()
+    assert info["Restarts"] == "1" and sorted(hosts) == ["node1", "node3"], info
 
     # per fault: detection (fault -> srun returned: every rank stopped), recovery (fault -> training again),
     # steps recomputed (fault step - the step the next attempt resumed from)
@@ -182,7 +194,8 @@ def test_chaos_run_ends_bit_identical(sim_cluster, reference, tmp_path):
                        "steps_recomputed": (event["step"] - following["from_step"]) if "step" in event else
                        (failed["last_step"] - following["from_step"])})
     for entry in report:
-        limit = HANG_TIMEOUT + 30 if entry["fault"] in ("stop", "node_lost") else 30
+        # a hang: the watchdog's timeout; a lost node: SlurmdTimeout (10 s), then requeue and a new batch script
+        limit = {"stop": HANG_TIMEOUT + 30, "node_lost": 150}.get(entry["fault"], 30)
         assert entry["detect_s"] < limit, entry  # never the collective timeout (30 min)
         assert 0 <= entry["steps_recomputed"] <= EVERY, entry
     summary = {"seed": seed, "faults": report, "wall_s": round(_job_seconds(log)),
@@ -204,10 +217,16 @@ def _attempts(log: str) -> list[dict]:
         stamp = re.search(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]\[[\w.]+\]\[INFO\] - training from step", part)
         steps = [int(n) for n in re.findall(r"(\d+)/%d \[" % STEPS, part)]
         stop = re.search(r"srun exit -?\d+ at ([\d.]+)", part)
-        found.append({"from_step": int(start.group(1)) if start else None,
+        begun = re.search(r"\[launcher\] job \d+ restart \d+ attempt \d+ on .*?, (\S+Z)", part)
+        found.append({"begun": _iso(begun.group(1)), "from_step": int(start.group(1)) if start else None,
                       "training_at": datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").replace(
                           tzinfo=timezone.utc).timestamp() if stamp else None,
                       "last_step": max(steps, default=None), "stop": float(stop.group(1)) if stop else float("inf")})
+    # an attempt ended by Slurm (NODE_FAIL: the batch script on the lost node never printed its srun exit) ended,
+    # as far as anyone can tell, when the requeued job began
+    for attempt, following in zip(found, found[1:]):
+        if attempt["stop"] == float("inf"):
+            attempt["stop"] = following["begun"]
     return found
 
 

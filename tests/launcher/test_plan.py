@@ -204,3 +204,67 @@ def test_interleaved_pipeline_activations_follow_the_schedule():
     assert layers_kept(vpp, 3) == pytest.approx((6 * 4 + 1) * 28 / 28)
     four = dataclasses.replace(batch, micro_batches=8, per_rank=4)
     assert layers_kept(vpp, 0, four) == pytest.approx(28) == layers_kept(vpp, 3, four)
+
+
+def test_young_daly_figures_by_hand():
+    """16 GPUs at 4.7e-4 failures per GPU-day, a 30 s save, 10 s steps, a 300 s restart, by hand:
+    MTBF = 86400 / (4.7e-4 x 16) = 11,489,361.7 s (133 days); tau* = sqrt(2 x 30 x 11,489,361.7) = 26,255.7 s
+    = 2,626 steps; goodput(tau) = tau / (tau + 30) x (1 - (300 + (tau + 30) / 2) / MTBF):
+    at 2,626 steps (26,260 s) 26,260 / 26,290 x (1 - 13,445 / 11,489,361.7) = 0.99769;
+    at 100 steps (1,000 s) 1,000 / 1,030 x (1 - 815 / 11,489,361.7) = 0.97080, 26x below the optimum: a warning."""
+    from launcher import failures
+
+    f = failures.plan_failures(gpus=16, step_s=10.0, max_steps=100_000, every_n_steps=100, ckpt_bytes=1e9, nodes=2,
+                               write_gbps=1.0, save_s=30.0, restart_s=300.0, failures_per_gpu_day=4.7e-4)
+    assert f["mtbf_s"] == pytest.approx(11_489_361.7, rel=1e-8)
+    assert f["optimum_s"] == pytest.approx(26_255.7, rel=1e-5) and f["optimum_steps"] == 2626
+    assert f["goodput_optimum"] == pytest.approx(0.99769, abs=1e-5)
+    assert f["goodput_configured"] == pytest.approx(0.97080, abs=1e-5)
+    assert f["expected_failures"] == pytest.approx(1e6 / 11_489_361.7)
+    assert f["save_from"].startswith("measured") and "26x below" in f["warning"]
+    assert "checkpoint_every_n_steps=2626" in f["warning"]
+    # the optimum is the least lost time: goodput falls on either side of it
+    best = failures.goodput(26_255.7, 30.0, 300.0, f["mtbf_s"])
+    assert all(failures.goodput(26_255.7 * k, 30.0, 300.0, f["mtbf_s"]) < best for k in (0.5, 0.9, 1.1, 2.0))
+    # within 3x either way: no warning; far above: a warning that says so
+    near = failures.plan_failures(gpus=16, step_s=10.0, max_steps=1, every_n_steps=1000, ckpt_bytes=1e9, nodes=2,
+                                  write_gbps=1.0, save_s=30.0, restart_s=300.0, failures_per_gpu_day=4.7e-4)
+    assert near["warning"] is None
+    far = failures.plan_failures(gpus=16, step_s=10.0, max_steps=1, every_n_steps=10_000, ckpt_bytes=1e9, nodes=2,
+                                 write_gbps=1.0, save_s=30.0, restart_s=300.0, failures_per_gpu_day=4.7e-4)
+    assert "4x above" in far["warning"]
+    # no measured save: the bytes over the nodes' write rate (1e9 B / (1 GB/s x 2 nodes) = 0.5 s)
+    est = failures.plan_failures(gpus=16, step_s=10.0, max_steps=1, every_n_steps=100, ckpt_bytes=1e9, nodes=2,
+                                 write_gbps=1.0, save_s=None, restart_s=300.0, failures_per_gpu_day=4.7e-4)
+    assert est["save_s"] == pytest.approx(0.5) and "--write-gbps" in est["save_from"]
+    assert failures.LLAMA3_FAILURES_PER_GPU_DAY == pytest.approx(4.7e-4, rel=0.01)  # 419 / (54 x 16,384)
+
+
+def test_checkpoint_bytes_by_hand():
+    assert plan.checkpoint_bytes(10, 8, "bf16") == 2 * 10 + 12 * 8  # weights + fp32 master and Adam m, v
+    assert plan.checkpoint_bytes(10, 8, "fp32") == 4 * 10 + 8 * 8
+
+
+def test_command_plans_the_checkpoint_interval(capsys):
+    """The 7B blend on 2 DGX H100 nodes: the failure figures in text and JSON; a measured save replaces the
+    estimate; train.checkpoint_every_n_steps=100 is far below the optimum and warned about."""
+    flags = ["--cluster", "dgx-h100", "--nodes", "2"]
+    overrides = ["--", "model=qwen2.5-7b", "data=pretrain_blend", "train.global_batch_size=64",
+                 "train.micro_batch_size=1", "train.max_steps=660000"]
+    assert plan.main(flags + ["--json"] + overrides) == 0
+    data = json.loads(capsys.readouterr().out)
+    f, whole = data["failures"], data["parameters"]["total"]
+    assert f["checkpoint_bytes"] > 2 * whole  # bf16 weights + optimizer state of the trainable ones
+    assert f["save_s"] == pytest.approx(f["checkpoint_bytes"] / (2e9 * 2))  # default 2 GB/s per node, 2 nodes
+    assert f["mtbf_s"] == pytest.approx(86400 / (plan.LLAMA3_FAILURES_PER_GPU_DAY * 16))
+    assert f["optimum_s"] == pytest.approx((2 * f["save_s"] * f["mtbf_s"]) ** 0.5)
+    assert f["goodput_optimum"] > f["goodput_configured"] and f["configured_steps"] == 100
+    assert "below the optimum" in f["warning"]
+    print(f"README figures: checkpoint {f['checkpoint_bytes'] / 1e9:.1f} GB, save {f['save_s']:.1f} s, optimum "
+          f"{f['optimum_steps']} steps ({f['optimum_s'] / 3600:.2f} h), goodput at 100 {f['goodput_configured']:.4f}"
+          f" vs optimum {f['goodput_optimum']:.4f}", file=__import__("sys").stderr)
+    assert plan.main(flags + ["--save-seconds", "5", "--failures-per-gpu-day", "0.01"] + overrides) == 0
+    text = capsys.readouterr().out
+    assert "save 5.0 s (measured (--save-seconds))" in text and "Young/Daly interval" in text
+    assert plan.main(flags + ["--write-gbps", "0"] + overrides) == 2
+    assert "--write-gbps=0.0 must be > 0" in capsys.readouterr().err

@@ -63,8 +63,11 @@ def _log(out: Path, job_id: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _signal_when_training(out: Path, job_id: str) -> None:
-    _wait_for(lambda: "training from step 0" in _log(out, job_id), 120, f"job {job_id} to start training")
+def _signal_when_training(out: Path, job_id: str, tasks: int = 2) -> None:
+    """Signal once every task logged its first training line: a task still starting handles the signal by the
+    start-up path instead (tested in test_early_signals.py), which would make this test's outcome a race."""
+    _wait_for(lambda: _log(out, job_id).count("training from step 0") >= tasks, 120,
+              f"all {tasks} tasks of job {job_id} to start training")
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # to the job's tasks, as --signal=USR1@N
 
 

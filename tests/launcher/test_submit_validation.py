@@ -11,6 +11,7 @@ import pytest
 from launcher.cluster import ClusterConfig, load_cluster
 from launcher.submit import main, prepare
 from launcher.validate import hydra_value
+from ualm_nemo.config_types import ConfigErrors
 from ualm_nemo.model.config import ConfigError
 
 TINY = ["optim.warmup_steps=2", "train.global_batch_size=4",
@@ -162,6 +163,7 @@ def test_post_training_stages_submit_with_their_own_data(tmp_path, demo_shar):
     """stage=sft / dpo read data.sft_manifest / dpo_manifest (or Shar) and train.init_from: all checked here."""
     (tmp_path / "sft.jsonl").write_text("")
     (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "latest").write_text("")  # an empty folder is refused (test_empty_model_folders_...)
     sft = ["train.global_batch_size=4", "train.micro_batch_size=2", "stage=sft",
            f"data.sft_manifest={tmp_path / 'sft.jsonl'}"]
     prepare(_argv(tmp_path, overrides=[*sft, f"train.init_from={tmp_path / 'init'}"]))
@@ -185,3 +187,62 @@ def test_fp8_without_transformer_engine_is_refused_unless_a_container_brings_it(
         prepare(_argv(tmp_path, overrides=fp8))
     prepare(_argv(tmp_path, "--container-image", "img", "--python", "python", overrides=fp8))
     assert not (tmp_path / "run").exists()
+
+
+def test_every_problem_is_listed_in_one_error(tmp_path, capsys):
+    """A command with four bad paths and a bad layout: one run, one error, all five named (not one per rerun)."""
+    bad = ["data.tokenizer=/nonexistent/qwen", "model.audio_in.random_encoder=false",
+           "model.audio_in.encoder_path=/nonexistent/omni",
+           "train.init_from=/nonexistent/init", "data.val_tta_manifest=/nonexistent/val.jsonl",
+           "model.parallel.tensor_model_parallel_size=3"]
+    with pytest.raises(ConfigErrors) as err:
+        prepare(_argv(tmp_path, overrides=[*TINY, *bad]))
+    problems = err.value.problems
+    assert len(problems) == 5 and str(err.value).startswith("5 problems:")
+    for key in ("data.tokenizer='/nonexistent/qwen'", "model.audio_in.encoder_path='/nonexistent/omni'",
+                "train.init_from='/nonexistent/init'", "data.val_tta_manifest='/nonexistent/val.jsonl'",
+                "tensor_model_parallel_size=3"):
+        assert sum(key in p for p in problems) == 1, (key, problems)
+    assert isinstance(err.value, ConfigError)  # callers catching ConfigError keep working
+    assert main(_argv(tmp_path, overrides=[*TINY, *bad])) == 2
+    assert capsys.readouterr().err.startswith("error: 5 problems:\n  - ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_model_folders_are_refused(tmp_path):
+    folders = {key: tmp_path / key for key in ("tokenizer", "encoder", "init")}
+    for folder in folders.values():
+        folder.mkdir()
+    with pytest.raises(ConfigErrors) as err:
+        prepare(_argv(tmp_path, overrides=[*TINY, f"data.tokenizer={folders['tokenizer']}",
+                                           "model.audio_in.random_encoder=false",
+                                           f"model.audio_in.encoder_path={folders['encoder']}",
+                                           f"train.init_from={folders['init']}"]))
+    problems = err.value.problems
+    assert [p.split("=")[0] for p in problems] == ["data.tokenizer", "model.audio_in.encoder_path", "train.init_from"]
+    assert all("is empty" in p for p in problems)
+
+
+def test_dropped_output_dir_override_is_said(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="launcher"):
+        job = prepare(_argv(tmp_path, "--dry-run", overrides=[*TINY, f"output_dir={tmp_path / 'mine'}"]))
+    assert job.output_dir == str(tmp_path / "run")
+    assert f"the override output_dir={tmp_path / 'mine'} is dropped: --output-dir={tmp_path / 'run'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="launcher"):
+        prepare(_argv(tmp_path, "--dry-run"))
+    assert "is dropped" not in caplog.text
+
+
+def test_training_start_check_lists_data_and_output_dir_problems(tmp_path):
+    """run_config.check_local_paths (what each rank runs before training) lists its problems together too."""
+    from launcher.validate import compose_run
+    from ualm_nemo.training.run_config import check_local_paths, run_config_from_dict
+
+    (tmp_path / "file").write_text("")
+    run = run_config_from_dict(compose_run([*TINY, f"output_dir={tmp_path / 'file' / 'run'}",
+                                            f"data.val_tta_manifest={tmp_path / 'val.jsonl'}"]))
+    with pytest.raises(ConfigErrors) as err:
+        check_local_paths(run)
+    assert len(err.value.problems) == 2
+    assert "data.val_tta_manifest=" in err.value.problems[0] and "is a file, not a folder" in err.value.problems[1]

@@ -2,7 +2,8 @@
 
 Order (all pure functions of the config, the seed and the DP rank; nothing depends on worker count or timing):
 
-1. Per source and DP rank, an infinite stream of sample references ``(shard, offset)`` (``SourceView``). Epoch e
+1. Per source and DP rank, an infinite stream of sample references ``(shard, offset)`` (``SourceView``; shard
+   counts and task from the source's index, read by one rank and broadcast: shard_index.py). Epoch e
    permutes the shards (seed, source, e); with at least as many shards as ranks, rank r takes every W-th
    shard of that permutation, else it takes every W-th item of the whole epoch. Items inside a shard are
    permuted too. Either way the ranks' epochs are disjoint and together cover the source exactly once.
@@ -59,8 +60,10 @@ from ualm_nemo.data.formatting import Sample, SampleFormatter
 from ualm_nemo.data.microbatch import MicroBatch
 from ualm_nemo.data.posttrain_dataset import (collate_pairs, format_conversation_record, format_preference_record,
                                               pair_formatter, record_length)
-from ualm_nemo.data.shar import CODEC_FIELD, ShardReader, shard_counts, source_task
+from ualm_nemo.data.shar import CODEC_FIELD, ShardReader
+from ualm_nemo.data.shard_index import source_indexes
 from ualm_nemo.data.shar_config import SharLoaderConfig
+from ualm_nemo.data.stream import own_generator
 
 log = logging.getLogger(__name__)
 
@@ -283,16 +286,20 @@ def check_pair_sources(cfg: SharLoaderConfig, tasks: dict[str, str | None]) -> b
 class SharBatchLoader:
     """Iterable of micro-batches for one DP rank (see the module docstring); ``state_dict`` for checkpoints."""
 
-    def __init__(self, cfg: SharLoaderConfig, formatter: SampleFormatter, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, cfg: SharLoaderConfig, formatter: SampleFormatter, dp_rank: int = 0, dp_size: int = 1,
+                 group: Any = None):
+        """``group``: the process group whose first rank reads the sources' indexes for all (shard_index.py);
+        default the world when torch.distributed is initialised; every rank of it builds its loader."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside dp_size={dp_size}")
-        sizes = [shard_counts(s.shar_dir) for s in cfg.sources]
+        indexes = source_indexes([s.shar_dir for s in cfg.sources], group)
+        sizes = [index.counts for index in indexes]
         totals = [sum(c.values()) for c in sizes]
         probs = blend_probabilities([s.weight for s in cfg.sources], totals, cfg.weighting)
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.source_sizes = dict(zip([s.name for s in cfg.sources], totals))
         self.probabilities = dict(zip([s.name for s in cfg.sources], probs.tolist()))
-        self.source_tasks = {s.name: source_task(s.shar_dir) for s in cfg.sources}
+        self.source_tasks = {s.name: index.task for s, index in zip(cfg.sources, indexes)}
         self.pairs = check_pair_sources(cfg, self.source_tasks)
         self._plan = _Plan(cfg, formatter, probs, sizes, dp_rank, dp_size, self.pairs)
         self._state = {"window": 0, "batch_in_window": 0, "cursors": [0] * len(cfg.sources)}
@@ -328,7 +335,7 @@ class SharBatchLoader:
         if self.cfg.num_workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                               worker_init_fn=_worker_init, prefetch_factor=2))
+                               worker_init_fn=_worker_init, prefetch_factor=2, generator=own_generator()))
 
     def __iter__(self) -> Iterator[MicroBatch]:
         start = dict(self._state)

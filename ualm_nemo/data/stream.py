@@ -17,6 +17,14 @@ from torch.utils.data import IterableDataset
 from ualm_nemo.data.microbatch import MicroBatch
 
 
+def own_generator(seed: int = 0) -> torch.Generator:
+    """A generator for a DataLoader to draw its iterator seeds from, instead of the global RNG.
+
+    Each new iterator (every start, every resume) takes one number from its generator; from the global RNG that
+    draw would make a resumed run's random stream differ from an uninterrupted one's after the restore."""
+    return torch.Generator().manual_seed(seed)
+
+
 @dataclass
 class DataPosition:
     """Shared, mutable position of the stream (updated as batches are taken, restored on resume)."""

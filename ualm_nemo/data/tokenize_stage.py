@@ -3,7 +3,8 @@
 Shard ``k`` of a source is cuts ``[k * shard_size, (k + 1) * shard_size)`` of its prepared ``cuts.jsonl.gz``, so
 shards are a pure function of the manifest and ``shard_size``: any set of processes can split them
 (``select_shards``: interleaved by rank, or an explicit range, e.g. one Slurm array task each) and a re-run skips
-every shard whose meta file exists (data/shar.py). The settings are recorded in the output and a rerun with
+every shard whose meta file exists (data/shar.py); the process that finds every shard done writes the source's
+shard index (data/shard_index.py). The settings are recorded in the output and a rerun with
 others is refused (stage_settings.py). Within a shard, clips are encoded in length-sorted batches
 (``CodecTokenizer.encode``), which is deterministic: the same shard always gets the same codes.
 
@@ -47,6 +48,7 @@ from ualm_nemo.data.conversation import load_codes_file
 from ualm_nemo.data.cuts import POSTTRAIN_TASKS, cut_task, cut_waveform
 from ualm_nemo.data.raw import load_audio
 from ualm_nemo.data.shar import CODEC_FIELD, FRAME_SHIFT, remove_leftovers, shard_done, write_shard
+from ualm_nemo.data.shard_index import build_index, listing_fingerprint
 from ualm_nemo.data.stage_settings import StageSettings, check_or_record
 from ualm_nemo.model.audio_frames import SAMPLE_RATE
 
@@ -315,8 +317,20 @@ def tokenize_source(cuts_path: str | Path, out_dir: str | Path, codec: CodecToke
                  meta["num_cuts"], meta["num_rejects"], meta["audio_seconds"], len(report.shards_written),
                  len(todo), report.realtime_factor)
     bar.close()
+    write_index_when_complete(out_dir, total)
     report.wall_seconds = time.perf_counter() - t_start
     return report
+
+
+def write_index_when_complete(out_dir: str | Path, total: int) -> bool:
+    """Write the source's shard index (shard_index.py) once all ``total`` shards are done; True if written.
+
+    Only the process that finds the source complete builds it (reading every meta file once): with many array
+    tasks that is the last one, not each of them. An index missing after all is built on first use."""
+    if total == 0 or listing_fingerprint(out_dir)["meta_files"] != total:
+        return False
+    build_index(out_dir)
+    return True
 
 
 def pick_device(device: str | None = None) -> torch.device:

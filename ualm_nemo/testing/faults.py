@@ -7,8 +7,9 @@ global rank, when the engine has finished optimizer step ``step``:
 * ``kill``: SIGKILL of the process (a rank that dies: OOM killer, a GPU off the bus);
 * ``stop``: SIGSTOP of the process (a rank that hangs and never answers);
 * ``raise``: a RuntimeError in that rank only (a crash that is not a preemption);
-* ``kill_in_save``: SIGKILL right after this rank's shards of the step-``step`` checkpoint are written, before the
-  save is complete (an interrupted save).
+* ``kill_in_save``: SIGKILL right after this rank's ``dist_checkpointing.save`` of the step-``step`` checkpoint
+  returns (its shards written, or with ``train.async_save`` their background write started), before the save is
+  complete (an interrupted save).
 
 Firing records ``fired_<index>.json`` (kind, step, rank, wall time) next to the plan, created exclusively, so a
 restarted run does not fire the same fault again and the test can measure detection times.

@@ -43,7 +43,8 @@ def finish_checkpoint(trainer: Trainer, wait: bool = True) -> None:
 
 
 class StepProgressBar(Callback):
-    """tqdm over optimizer steps (resumed runs start at their step), with loss and lr; rank 0 only."""
+    """tqdm over optimizer steps (resumed runs start at their step), with loss, lr and the newest perf/* figures
+    (training/throughput.py); rank 0 only."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -58,9 +59,23 @@ class StepProgressBar(Callback):
             return
         result = getattr(pl_module, "last_result", None)
         if result is not None:
-            self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
+            self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", **_perf(trainer), refresh=False)
         self.bar.update(trainer.global_step - self.bar.n)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _perf(trainer: Trainer) -> dict[str, str]:
+    """The console's short form of ThroughputMonitor's newest figures (none before its first log step)."""
+    from ualm_nemo.training.throughput import ThroughputMonitor
+
+    last = next((c.last for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), {})
+    if not last:
+        return {}
+    out = {"s/step": f"{last['step_time_s']:.3g}", "tok/s": f"{last['tokens_per_s']:.4g}",
+           "TFLOP/s/gpu": f"{last['tflops_per_gpu']:.3g}", "mem_GiB": f"{last['peak_memory_gib']:.1f}"}
+    if "mfu" in last:
+        out["MFU"] = f"{last['mfu']:.1%}"
+    return out

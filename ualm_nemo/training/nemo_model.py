@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from nemo.core.classes import ModelPT
 from ualm_nemo.data.microbatch import MicroBatch
-from ualm_nemo.data.stream import DataPosition, GlobalBatchStream
+from ualm_nemo.data.stream import DataPosition, GlobalBatchStream, own_generator
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.training import watchdog
@@ -205,7 +205,8 @@ class UALMModel(ModelPT):
                                    parallel_state.get_data_parallel_rank(), dp, self.run.data.seed, self.position)
         steps = GlobalBatchSteps(stream, self.num_microbatches(), self.run.train.global_batch_size // dp,
                                  self.run.model.vocab.audio_in_id)
-        return torch.utils.data.DataLoader(steps, batch_size=None, num_workers=0, collate_fn=_as_is)
+        return torch.utils.data.DataLoader(steps, batch_size=None, num_workers=0, collate_fn=_as_is,
+                                           generator=own_generator())
 
     def _shar_dataloader(self):
         """Token-budget (optionally packed) micro-batches from Shar sources, grouped per step; exact resume."""
@@ -221,7 +222,7 @@ class UALMModel(ModelPT):
         if self.pending_loader_state is not None:  # set by restore_extra: continue at the next micro-batch
             loader.load_state_dict(self.pending_loader_state)
         return torch.utils.data.DataLoader(StepGroups(loader, self.num_microbatches()), batch_size=None,
-                                           collate_fn=_as_is)
+                                           collate_fn=_as_is, generator=own_generator())
 
     def setup_training_data(self, train_data_config) -> None:
         pass  # the data path is built from cfg.data by the entry script (see train_dataloader)
@@ -276,7 +277,8 @@ class UALMModel(ModelPT):
                    "train/grad_norm": result.grad_norm if result.grad_norm is not None else float("nan")}
         if result.metrics is not None:
             metrics.update(result.metrics.as_log())
-        self.logger.log_metrics(metrics, step=step)
+        for logger in self.loggers:  # TensorBoard and, with logger.wandb, W&B
+            logger.log_metrics(metrics, step=step)
 
     def _validate(self) -> None:
         """Score the fixed held-out set (training/validation.py) on every rank together; rank 0 logs the figures
@@ -296,8 +298,8 @@ class UALMModel(ModelPT):
         if not self.trainer.is_global_zero:
             return
         ValidationLog(self.run.output_dir).append(step, figures)
-        if self.logger is not None:
-            self.logger.log_metrics({f"val/{k}": v for k, v in figures.items() if k.startswith("loss")}, step=step)
+        for logger in self.loggers:
+            logger.log_metrics({f"val/{k}": v for k, v in figures.items() if k.startswith("loss")}, step=step)
 
     def _evaluate(self) -> None:
         """Generate for the fixed eval set with the training model and score it (training/evaluation.py) on every
@@ -312,10 +314,10 @@ class UALMModel(ModelPT):
         if not self.trainer.is_global_zero:
             return
         EvaluationLog(self.run.output_dir).append(step, figures)
-        if self.logger is not None:
-            scalars = {f"eval/{k}": v for k, v in figures.items()
-                       if v is not None and (k in TB_KEYS or k.startswith("qa_accuracy_"))}
-            self.logger.log_metrics(scalars, step=step)
+        scalars = {f"eval/{k}": v for k, v in figures.items()
+                   if v is not None and (k in TB_KEYS or k.startswith("qa_accuracy_"))}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=step)
 
     @staticmethod
     def _global_count(local: int) -> int:

@@ -15,11 +15,12 @@ from typing import Any, Callable, Mapping
 
 from ualm_nemo.distributed.optim import OptimConfig
 from ualm_nemo.training.dpo import DPOConfig
-from ualm_nemo.config_types import build_section
+from ualm_nemo.config_types import Problems, build_section
 from ualm_nemo.data.blend import SourceSpec
 from ualm_nemo.data.shar_config import SharLoaderConfig, source_specs
 from ualm_nemo.model.config import ConfigError, UALMConfig
 from ualm_nemo.training.eval_config import EvalConfig
+from ualm_nemo.training.loggers import LoggerConfig, logger_config
 from ualm_nemo.training.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig | None = None  # stage=dpo only
     eval: EvalConfig = field(default_factory=EvalConfig)  # train.eval_every_n_steps (training/eval_config.py)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # optional W&B next to TensorBoard (loggers.py)
     output_dir: str = "outputs/ualm"
 
     def validate(self, world_size: int | None = None) -> "RunConfig":
@@ -242,29 +244,39 @@ class RunConfig:
 def check_data_paths(run: RunConfig, to_host: Callable[[str], str] = str) -> None:
     """The run's data exists, each said with its key: the manifests, and every Shar source's shards/ folder with a
     task that fits the stage. ``to_host`` maps a path as the job sees it to this machine (the launcher passes its
-    container mounts; training, the identity)."""
-    if not run.data.synthesize:
-        for key in ("tta_manifest", "understanding_manifest", "text_manifest", "sft_manifest", "dpo_manifest"):
-            value = getattr(run.data, key)
-            if value and not Path(to_host(value)).is_file():
-                raise ConfigError(f"data.{key}={value!r}: no such file")
-    for key in VAL_MANIFEST_KEYS:
+    container mounts; training, the identity). Every problem is listed in one ConfigErrors."""
+    problems = Problems()
+    keys = VAL_MANIFEST_KEYS if run.data.synthesize else (
+        "tta_manifest", "understanding_manifest", "text_manifest", "sft_manifest", "dpo_manifest", *VAL_MANIFEST_KEYS)
+    for key in keys:
         value = getattr(run.data, key)
         if value and not Path(to_host(value)).is_file():
-            raise ConfigError(f"data.{key}={value!r}: no such file")
+            problems.add(f"data.{key}={value!r}: no such file")
     if run.data.shar is not None:
-        _check_shar_sources(run, to_host)
+        with problems.check():
+            _check_shar_sources(run, to_host)
     if run.data.val_sources:
-        _source_tasks(run.data.val_sources, "data.val_sources", False, "validation", to_host)
+        with problems.check():
+            _source_tasks(run.data.val_sources, "data.val_sources", False, "validation", to_host)
     if run.train.eval_every_n_steps:
-        run.eval.check_paths(to_host)
+        with problems.check():
+            run.eval.check_paths(to_host)
+    problems.raise_all()
 
 
 def check_local_paths(run: RunConfig) -> None:
-    """On the machine that trains: the data (check_data_paths), and output_dir can be created and written."""
-    check_data_paths(run)
-    path = Path(run.output_dir).absolute()
-    output_dir = run.output_dir
+    """On the machine that trains: the data (check_data_paths), and output_dir can be created and written; all
+    problems at once."""
+    problems = Problems()
+    with problems.check():
+        check_data_paths(run)
+    with problems.check():
+        _check_output_dir(run.output_dir)
+    problems.raise_all()
+
+
+def _check_output_dir(output_dir: str) -> None:
+    path = Path(output_dir).absolute()
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
     except PermissionError as e:  # a folder on the way may not be looked inside (stat: EACCES)
@@ -292,23 +304,26 @@ def _check_shar_sources(run: RunConfig, to_host: Callable[[str], str]) -> None:
 
 def _source_tasks(sources: list[SourceSpec], key: str, pairs: bool, reader: str, to_host: Callable[[str], str]
                   ) -> dict[str, str | None]:
-    """{name: task} of Shar sources, each checked to have shards and to hold preference pairs iff ``pairs``."""
+    """{name: task} of Shar sources, each checked to have shards and to hold preference pairs iff ``pairs``;
+    every bad source listed (ConfigErrors)."""
     from ualm_nemo.data.shar import shards_dir, source_task
 
-    tasks = {}
+    tasks, problems = {}, Problems()
     for i, source in enumerate(sources):
         name, shar_dir = source.name, source.shar_dir
         host_dir = to_host(str(shar_dir)) if shar_dir else None
         if not host_dir or not shards_dir(host_dir).is_dir():
             shown = f" (on this host: {host_dir})" if host_dir and host_dir != shar_dir else ""
-            raise ConfigError(f"{key}[{i}] ({name}): shar_dir={shar_dir!r}{shown} has no shards/ folder "
-                              "(run examples/prepare_data.py, then examples/tokenize_audio.py)")
-        task = source_task(host_dir)
+            problems.add(f"{key}[{i}] ({name}): shar_dir={shar_dir!r}{shown} has no shards/ folder "
+                         "(run examples/prepare_data.py, then examples/tokenize_audio.py)")
+            continue
+        task = source_task(host_dir)  # one cuts file per source (not per shard)
         if pairs != (task == "preference"):
             wanted = "preference pairs" if pairs else "no preference pairs (those are for train.stage=dpo)"
             held = f"{task!r} cuts" if task else "no cuts"
-            raise ConfigError(f"{key}[{i}] ({name}) holds {held}: {reader} loads {wanted}")
+            problems.add(f"{key}[{i}] ({name}) holds {held}: {reader} loads {wanted}")
         tasks[name] = task
+    problems.raise_all()
     return tasks
 
 
@@ -333,7 +348,8 @@ def _data_config(values: Mapping[str, Any] | None) -> DataConfig:
 
 def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
     cfg = dict(cfg)
-    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "eval", "output_dir", "stage", "name"})
+    unknown = sorted(set(cfg) - {"model", "optim", "train", "data", "dpo", "eval", "logger", "output_dir", "stage",
+                                     "name"})
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}")
     return RunConfig(model=UALMConfig.from_dict(cfg.get("model") or {}),
@@ -342,4 +358,5 @@ def run_config_from_dict(cfg: Mapping[str, Any]) -> RunConfig:
                      data=_data_config(cfg.get("data")),
                      dpo=_build(DPOConfig, cfg["dpo"], "dpo") if cfg.get("dpo") is not None else None,
                      eval=_build(EvalConfig, cfg.get("eval"), "eval"),
+                     logger=logger_config(cfg.get("logger")),
                      output_dir=cfg.get("output_dir", "outputs/ualm"))

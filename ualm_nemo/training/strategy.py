@@ -11,6 +11,7 @@ What it changes relative to Lightning's DDPStrategy, and why:
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,6 +39,7 @@ class MegatronStrategy(DDPStrategy):
         kwargs.setdefault("timeout", timedelta(minutes=30))
         super().__init__(**kwargs)
         self.parallel, self.seed, self.keep_last, self.async_save = parallel, seed, keep_last, async_save
+        self.save_seconds, self.last_save_seconds = 0.0, None  # for perf/checkpoint_save_s (training/throughput.py)
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
@@ -66,9 +68,13 @@ class MegatronStrategy(DDPStrategy):
         """Every rank writes its shards; ``filepath`` is the run's checkpoint folder."""
         module = self.lightning_module
         loop_state = {k: v for k, v in checkpoint.items() if k not in _SKIP_KEYS}
+        start = time.perf_counter()
         with watchdog.section(f"the checkpoint save at step {module.engine.step}", "save"):
             module.engine.save(str(filepath), extra={"lightning": loop_state, **module.checkpoint_extra()},
                                keep_last=self.keep_last, async_save=self.async_save)
+        # the step-time stall: the whole save when synchronous, the state-dict build and copies when asynchronous
+        self.last_save_seconds = time.perf_counter() - start
+        self.save_seconds += self.last_save_seconds
 
     def poll_checkpoint(self) -> None:
         """Publish an asynchronous save once every rank wrote it (collective; a no-op when none is pending)."""

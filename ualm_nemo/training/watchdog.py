@@ -10,8 +10,12 @@ task of the step, the hung one included (SIGKILL ends a stopped process). The ba
 the latest checkpoint (launcher.sbatch). Collective calls release the GIL, so the thread runs while the main thread
 waits in one.
 
-This is the smallest equivalent of nvidia-resiliency-ext's rank heartbeat and section timeouts, kept in-process
-because that package's monitors need NVML (see launcher/README.md).
+This is the smallest equivalent of nvidia-resiliency-ext's rank heartbeat and section timeouts. That package
+(0.4.1) was tried here and works on CPU, but its ``ft_launcher`` restarts ranks per node outside srun: after a
+failure on one of several nodes the nodes' restart counts disagree and a node can wait out the rejoin timeout,
+Slurm's requeue of a lost node and the batch script's run state are bypassed, and it adds NVML packages to the
+install. One thread here plus the batch script's srun restart loop gives the same detection (launcher/README.md,
+"Faults").
 """
 
 from __future__ import annotations
