@@ -153,10 +153,12 @@ def validate_enhancer(overrides: list[str], cluster: ClusterConfig) -> tuple[Any
         run = EnhancerRun.from_dict(compose_run(overrides, "enhancer"))
     except TypeError as err:
         raise ConfigError(f"enhancer config: {err}") from None
+    problems = Problems()  # every problem in one error, as for the UALM stages
     if run.train.global_batch_size % cluster.world_size:
-        raise ConfigError(f"train.global_batch_size={run.train.global_batch_size} must be divisible by the "
-                          f"{cluster.world_size} tasks (--nodes x --gpus-per-node)")
+        problems.add(f"train.global_batch_size={run.train.global_batch_size} must be divisible by the "
+                     f"{cluster.world_size} tasks (--nodes x --gpus-per-node)")
     for key, value in (("train.data", run.train.data), ("train.codec_round_trip", run.train.codec_round_trip)):
         if value and not Path(cluster.mount_to_host(str(value))).exists():
-            raise ConfigError(f"{key}={value!r}: no such file or folder on this host")
+            problems.add(f"{key}={value!r}: no such file or folder on this host")
+    problems.raise_all()
     return run, []

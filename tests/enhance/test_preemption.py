@@ -71,3 +71,8 @@ def test_submit_entry_enhancer_validates_and_writes_its_batch_script(tmp_path, c
     assert "train.data" in capsys.readouterr().err
     assert submit([*base, f"train.data={tmp_path / 'nowhere'}"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+    # every problem in one error
+    assert submit([*base, f"train.data={tmp_path / 'nowhere'}", f"train.codec_round_trip={tmp_path / 'no_codec'}",
+                   "train.global_batch_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 problems:") and "no_codec" in err and "divisible" in err, err
