@@ -197,7 +197,8 @@ def test_chaos_run_ends_bit_identical(sim_cluster, reference, tmp_path):
         # a hang: the watchdog's timeout; a lost node: SlurmdTimeout (10 s), then requeue and a new batch script
         limit = {"stop": HANG_TIMEOUT + 30, "node_lost": 150}.get(entry["fault"], 30)
         assert entry["detect_s"] < limit, entry  # never the collective timeout (30 min)
-        assert 0 <= entry["steps_recomputed"] <= EVERY, entry
+        # an asynchronous save still being written when the fault came is lost: back to the one before it
+        assert 0 <= entry["steps_recomputed"] <= 2 * EVERY, entry
     summary = {"seed": seed, "faults": report, "wall_s": round(_job_seconds(log)),
                "uninterrupted_wall_s": round(_job_seconds(_log(reference["two"], reference["jobs"]["two"])))}
     summary["lost_s"] = summary["wall_s"] - summary["uninterrupted_wall_s"]
