@@ -27,6 +27,7 @@ import torch
 
 from launcher.submit import main as submit
 from ualm_nemo.testing.faults import fired, write_injector
+from ualm_nemo.testing.slurm_jobs import FINAL_STATES, job_log, wait_for
 from ualm_nemo.training.preemption import read_run_state
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -39,7 +40,6 @@ RUN = [f"train.max_steps={STEPS}", "optim.warmup_steps=2", f"train.checkpoint_ev
        "train.log_every_n_steps=1", "+data.synthetic_samples_per_task=4", "model.parallel.tensor_model_parallel_size=2",
        f"train.hang_timeout_s={HANG_TIMEOUT}"]
 REPO = Path(__file__).resolve().parents[2]
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def _submit(out: Path, *flags: str) -> str:
@@ -54,22 +54,9 @@ def _job(cluster, job_id: str) -> dict[str, str]:
     return dict(re.findall(r"\b(\w+)=(\S*)", out))
 
 
-def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _finished(cluster, job_id: str, timeout: float) -> str:
-    return _wait(lambda: (s := _job(cluster, job_id).get("JobState")) in FINAL and s, timeout, f"job {job_id}", 1)
-
-
-def _log(out: Path, job_id: str) -> str:
-    path = out / "slurm" / f"{job_id}.log"
-    return path.read_text(errors="replace") if path.exists() else ""
+    return wait_for(lambda: (s := _job(cluster, job_id).get("JobState")) in FINAL_STATES and s, timeout,
+                    f"job {job_id}", 1)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -122,15 +109,15 @@ def reference(sim_cluster, tmp_path_factory):
     two, one = root / "two_nodes", root / "one_node"
     jobs = {"two": _submit(two, "--nodes", "2"), "one": _submit(one, "--nodes", "1", "--tasks-per-node", "4")}
     for name, out in (("two", two), ("one", one)):
-        assert _finished(sim_cluster, jobs[name], 600) == "COMPLETED", _log(out, jobs[name])[-4000:]
+        assert _finished(sim_cluster, jobs[name], 600) == "COMPLETED", job_log(out, jobs[name])[-4000:]
     return {"two": two, "one": one, "jobs": jobs}
 
 
 def test_two_nodes_equal_one_node(sim_cluster, reference):
     two, one = reference["two"], reference["one"]
-    log = _log(two, reference["jobs"]["two"])
+    log = job_log(two, reference["jobs"]["two"])
     assert "on node[1-2]: 4 tasks, master node1:" in log  # two namespaces, the rendezvous on the first node
-    assert "on node" in _log(one, reference["jobs"]["one"]) and ": 4 tasks, master node" in _log(
+    assert "on node" in job_log(one, reference["jobs"]["one"]) and ": 4 tasks, master node" in job_log(
         one, reference["jobs"]["one"])
     assert read_run_state(two)["state"] == read_run_state(one)["state"] == "finished"
     losses = _losses(two)
@@ -161,9 +148,10 @@ def test_chaos_run_ends_bit_identical(sim_cluster, reference, tmp_path):
     job = _submit(out, "--nodes", "2", "--max-failures", "5",
                   "--env", f"PYTHONPATH={inject}:{REPO}", "--env", f"UALM_FAULT_PLAN={inject / 'plan.json'}")
     # every injected fault fired (the last one restarts the job), then a node is lost
-    _wait(lambda: len(fired(inject)) == len(plan) and "attempt 4" in _log(out, job), 900, "the injected faults", 1)
+    wait_for(lambda: len(fired(inject)) == len(plan) and "attempt 4" in job_log(out, job), 900,
+             "the injected faults", 1)
     victim = "node2"
-    _wait(lambda: re.search(r"training from step \d+", _log(out, job).split("attempt 4")[-1]), 300,
+    wait_for(lambda: re.search(r"training from step \d+", job_log(out, job).split("attempt 4")[-1]), 300,
           "the restart after the last fault to train", 0.5)
     lost_at = time.time()
     sim_cluster.lose_node(victim)
@@ -171,7 +159,7 @@ def test_chaos_run_ends_bit_identical(sim_cluster, reference, tmp_path):
         state = _finished(sim_cluster, job, 900)
     finally:
         sim_cluster.restore_node(victim)
-    log = _log(out, job)
+    log = job_log(out, job)
     assert state == "COMPLETED", log[-6000:]
     assert read_run_state(out)["state"] == "finished"
     assert not list((out / "checkpoints").glob("*.tmp"))  # the save killed half-way was cleaned when redone
@@ -200,7 +188,7 @@ def test_chaos_run_ends_bit_identical(sim_cluster, reference, tmp_path):
         # an asynchronous save still being written when the fault came is lost: back to the one before it
         assert 0 <= entry["steps_recomputed"] <= 2 * EVERY, entry
     summary = {"seed": seed, "faults": report, "wall_s": round(_job_seconds(log)),
-               "uninterrupted_wall_s": round(_job_seconds(_log(reference["two"], reference["jobs"]["two"])))}
+               "uninterrupted_wall_s": round(_job_seconds(job_log(reference["two"], reference["jobs"]["two"])))}
     summary["lost_s"] = summary["wall_s"] - summary["uninterrupted_wall_s"]
     (out / "chaos_report.json").write_text(json.dumps(summary, indent=1))
     print("\nchaos report:", json.dumps(summary, indent=1))

@@ -2,19 +2,20 @@
 with 2 tasks submitted by `launcher.submit` (the paper's Shar blend, data=pretrain_blend, for the requeue case)
 trains, is signalled (SIGUSR1, what --signal=USR1@N delivers), saves,
 requeues (or chains a dependent job), resumes from its checkpoint and ends at max_steps; a run whose losses are
-non-finite stops with a clear message, state=failed and its reason, and is neither restarted nor requeued. Job names and paths are hostile on purpose."""
+non-finite stops with a clear message, state=failed and its reason, and is neither restarted nor requeued. Job
+names and paths are hostile on purpose."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from launcher.submit import main as submit
 from ualm_nemo.distributed.checkpoint import find_latest
+from ualm_nemo.testing.slurm_jobs import FINAL_STATES, job_log, wait_for
 from ualm_nemo.training.preemption import read_run_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -48,32 +49,17 @@ def _submit(tmp_path: Path, capsys, *flags: str, overrides=TINY) -> tuple[str, P
     return job_id, out
 
 
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _log(out: Path, job_id: str) -> str:
-    path = out / "slurm" / f"{job_id}.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
 def _signal_when_training(out: Path, job_id: str, tasks: int = 2) -> None:
     """Signal once every task logged its first training line: a task still starting handles the signal by the
     start-up path instead (tested in test_early_signals.py), which would make this test's outcome a race."""
-    _wait_for(lambda: _log(out, job_id).count("training from step 0") >= tasks, 120,
+    wait_for(lambda: job_log(out, job_id).count("training from step 0") >= tasks, 120,
               f"all {tasks} tasks of job {job_id} to start training")
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # to the job's tasks, as --signal=USR1@N
 
 
 def _done(job_id: str) -> str:
     state = _job("JobState", job_id)
-    return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else ""
+    return state if state in FINAL_STATES else ""
 
 
 def _assert_resumed_and_finished(log: str, out: Path) -> None:
@@ -95,8 +81,9 @@ def test_signal_checkpoint_requeue_resume_to_max_steps(slurm, tmp_path, capsys, 
     assert name.rstrip("\n") == HOSTILE_NAME  # through the #SBATCH parser verbatim
     _signal_when_training(out, job_id)
     # requeued jobs wait AuthInfo=cred_expire seconds (10 here, 120 by default) before they may start again
-    assert _wait_for(lambda: _done(job_id), 420, f"job {job_id} to finish", poll=1) == "COMPLETED", _log(out, job_id)
-    log = _log(out, job_id)
+    assert wait_for(lambda: _done(job_id), 420, f"job {job_id} to finish", poll=1) == "COMPLETED", \
+        job_log(out, job_id)
+    log = job_log(out, job_id)
     assert _job("Restarts", job_id) == "1"
     assert f"[launcher] requeueing job {job_id}" in log and f"[launcher] job {job_id} restart 1" in log
     _assert_resumed_and_finished(log, out)
@@ -107,12 +94,12 @@ def test_signal_checkpoint_requeue_resume_to_max_steps(slurm, tmp_path, capsys, 
 def test_signal_checkpoint_chain_resume_to_max_steps(slurm, tmp_path, capsys):
     first, out = _submit(tmp_path, capsys, "--mode", "chain")
     _signal_when_training(out, first)
-    assert _wait_for(lambda: _done(first), 120, f"job {first} to finish", poll=0.5) == "COMPLETED"
-    second = re.search(r"\[launcher\] chained job (\d+)", _log(out, first)).group(1)
+    assert wait_for(lambda: _done(first), 120, f"job {first} to finish", poll=0.5) == "COMPLETED"
+    second = re.search(r"\[launcher\] chained job (\d+)", job_log(out, first)).group(1)
     assert _job("Dependency", second) in (f"afterany:{first}(unfulfilled)", f"afterany:{first}", "(null)")
-    assert _wait_for(lambda: _done(second), 180, f"job {second} to finish", poll=0.5) == "COMPLETED"
-    _assert_resumed_and_finished(_log(out, first) + _log(out, second), out)
-    assert "no further job" in _log(out, second)
+    assert wait_for(lambda: _done(second), 180, f"job {second} to finish", poll=0.5) == "COMPLETED"
+    _assert_resumed_and_finished(job_log(out, first) + job_log(out, second), out)
+    assert "no further job" in job_log(out, second)
 
 
 def test_nonfinite_losses_stop_the_run_without_requeue(slurm, tmp_path, capsys):
@@ -131,8 +118,8 @@ def test_nonfinite_losses_stop_the_run_without_requeue(slurm, tmp_path, capsys):
     repo = Path(__file__).resolve().parents[2]  # this checkout's code, not whatever the editable install names
     job_id, out = _submit(tmp_path, capsys, "--env", f"PYTHONPATH={inject}:{repo}",
                           overrides=[*TINY, "train.max_consecutive_nonfinite=3"])
-    assert _wait_for(lambda: _done(job_id), 180, f"job {job_id} to finish", poll=0.5) == "FAILED"
-    log = _log(out, job_id)
+    assert wait_for(lambda: _done(job_id), 180, f"job {job_id} to finish", poll=0.5) == "FAILED"
+    log = job_log(out, job_id)
     assert "NonFiniteLossError: 3 non-finite losses in a row" in log and "train.max_consecutive_nonfinite" in log
     assert "[launcher] training failed: NonFiniteLossError: 3 non-finite losses in a row" in log
     assert "not restarted (it would fail the same way)" in log and "[launcher] requeueing" not in log
