@@ -138,3 +138,57 @@ def test_cached_plan_saves_are_complete(tmp_path):
     assert got["cached"] and got["latest"] == "iter_0000003"
     ref = run_distributed(2, _sync_3, str(tmp_path / "s"))[0]
     assert run_distributed(2, _resume_at_3, str(tmp_path / "a"))[0] == ref
+
+
+def _dp2_engine():
+    from ualm_nemo.distributed.optim import OptimConfig
+    from ualm_nemo.distributed.parallel import init_model_parallel
+    from ualm_nemo.model.config import BACKBONES, AudioInputConfig, UALMConfig
+    from ualm_nemo.training.engine import MegatronEngine
+
+    cfg = UALMConfig(backbone=BACKBONES["tiny"], audio_in=AudioInputConfig(enabled=False)).with_parallel(
+        use_distributed_optimizer=True)
+    init_model_parallel(cfg.parallel, seed=5)
+    return MegatronEngine(cfg, OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.1), max_steps=len(STEPS))
+
+
+def _sync_and_async_at_step_2(root: str, release: str) -> int:
+    """A synchronous and an asynchronous save of the same step; the async one's gather and write happen after
+    the next steps trained (its gather is held until they are done)."""
+    from ualm_nemo.distributed.deferred_optimizer_state import DeferredGather
+
+    fill = DeferredGather.fill
+
+    def held(self):
+        while not Path(release).exists():
+            time.sleep(0.02)
+        fill(self)
+
+    DeferredGather.fill = held
+    engine = _dp2_engine()
+    assert engine.optimizer.chained_optimizers[0].data_parallel_group_gloo.size() == 2  # the gather is real
+    _steps(engine, [0, 1])
+    engine.save(f"{root}/sync")
+    engine.save(f"{root}/async", async_save=True)
+    _steps(engine, [2, 3])
+    assert engine.poll_save() is None  # still held: the steps ran before the gather
+    Path(release).touch()
+    engine.finish_save()
+    return 0
+
+
+def test_async_save_writes_the_files_of_a_sync_save_across_data_parallel_ranks(tmp_path):
+    """DP2 with the distributed optimizer: the optimizer state gathered by the writer thread (from the shards
+    copied at the step) is the state megatron gathers at the step, tensor for tensor."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run_distributed(2, _sync_and_async_at_step_2, str(tmp_path), str(tmp_path / "release"))
+    saved = {}
+    for kind in ("sync", "async"):
+        dcp_to_torch_save(tmp_path / kind / "iter_0000002", tmp_path / f"{kind}.pt")
+        saved[kind] = torch.load(tmp_path / f"{kind}.pt", weights_only=False)
+    tensors = [k for k, v in saved["sync"].items() if isinstance(v, torch.Tensor)]
+    assert sum(k.startswith("optimizer.state.exp_avg_sq.") for k in tensors) >= 10
+    assert saved["sync"].keys() == saved["async"].keys()
+    assert [k for k in tensors if not torch.equal(saved["sync"][k], saved["async"][k])] == []

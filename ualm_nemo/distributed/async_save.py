@@ -8,9 +8,10 @@ compat/mcore_patches.py, fixes 4 and 5). A thread dies with the trainer: a kille
 ``start`` (at the step, on every rank, collective):
 
 1. wait for the previous save: two saves never overlap;
-2. the sharded state dict (the optimizer's fully reshardable one is already a gathered copy), then a private
-   copy of every other CPU shard the writer reads: training updates the live tensors at the next step (and
-   megatron then copies no tensor twice);
+2. the sharded state dict, with the optimizer's fully reshardable part deferred (deferred_optimizer_state.py:
+   this rank's optimizer shard copied now, the data-parallel gather into the state dict's tensors done by the
+   writer thread), then a private copy of every model CPU shard the writer reads: training updates the live
+   tensors at the next step (and megatron then copies no tensor twice);
 3. megatron's async request (``dist_checkpointing.save(async_sharded_save=True)``): save plan, ``common.pt``,
    write buckets, device shards copied to the host. One strategy object lives across saves, so from the 3rd save
    on the global plan and metadata are reused (``cached_metadata``) instead of gathered; the sharding-integrity
@@ -30,12 +31,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from ualm_nemo.distributed import checkpoint
+from ualm_nemo.distributed.deferred_optimizer_state import DeferredGather, deferred_gather
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,12 @@ class SaveTimes:
     save), split into its parts; ``write`` is the background thread's."""
 
     waited: float = 0.0
-    state_dict: float = 0.0  # the sharded state dict (the optimizer's fully reshardable one: a gather + copy)
+    state_dict: float = 0.0  # the sharded state dict (with a snapshot of this rank's optimizer shard)
     snapshot: float = 0.0  # private copies of the CPU shards
     plan: float = 0.0  # megatron's checks, save plan, common.pt, write buckets (+ device-to-host copies)
     small_files: float = 0.0
-    write: float = 0.0
+    gather: float = 0.0  # the background thread's: the optimizer state gathered (deferred_optimizer_state.py)
+    write: float = 0.0  # the background thread's, gather included
 
     @property
     def stall(self) -> float:
@@ -65,7 +68,7 @@ class _Pending:
     thread: threading.Thread | None
 
 
-def copy_host_tensors(state: dict) -> None:
+def copy_host_tensors(state: dict, skip: Callable[[torch.Tensor], bool] = lambda tensor: False) -> None:
     """Give every CPU shard of ``state`` private data, in place: training updates the live tensors at the next
     step while the thread writes. Megatron's async writer is a forked process (a copy-on-write snapshot for free);
     a thread needs copies. Made before megatron plans the save: its ``prepare_write_data`` copies views only, and
@@ -76,7 +79,8 @@ def copy_host_tensors(state: dict) -> None:
     apply_factories(state)  # what megatron does first: the tensors the factories make are the ones written
 
     def copy(value):
-        if isinstance(value, ShardedTensor) and value.data is not None and value.data.is_cpu:
+        if (isinstance(value, ShardedTensor) and value.data is not None and value.data.is_cpu
+                and not skip(value.data)):
             value.data = value.data.detach().clone()
         return value
 
@@ -112,10 +116,12 @@ class AsyncSaver:
         times = SaveTimes(waited=time.perf_counter() - begin)
         tmp = checkpoint.begin_save(root, step)
         t = time.perf_counter()
-        state = checkpoint.sharded_state(chunks, optimizer, loading=False)
+        with deferred_gather(optimizer) as deferred:
+            state = checkpoint.sharded_state(chunks, optimizer, loading=False)
+        deferred.own_storage(state)
         times.state_dict = time.perf_counter() - t
         t = time.perf_counter()
-        copy_host_tensors(state)
+        copy_host_tensors(state, skip=deferred.holds)
         times.snapshot = time.perf_counter() - t
         t = time.perf_counter()
         request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy(),
@@ -129,8 +135,9 @@ class AsyncSaver:
         checkpoint.write_small_files(tmp, step, common, per_rank)
         times.small_files = time.perf_counter() - t
         pending = _Pending(tmp, keep_last, list(request.finalize_fns), None)
-        if request.async_fn is not None:
-            pending.thread = threading.Thread(target=self._write, args=(pending, request.async_fn, args, times),
+        if request.async_fn is not None or deferred.fills:  # the gather is collective: every rank runs it
+            pending.thread = threading.Thread(target=self._write,
+                                              args=(pending, deferred, request.async_fn, args, times),
                                               name=f"ckpt-async-{step}", daemon=True)
             pending.thread.start()
         self.pending, self.times = pending, times
@@ -163,10 +170,13 @@ class AsyncSaver:
         return self.strategy
 
     @staticmethod
-    def _write(pending: _Pending, write, args: list, times: SaveTimes) -> None:
+    def _write(pending: _Pending, deferred: DeferredGather, write, args: list, times: SaveTimes) -> None:
         start = time.perf_counter()
         try:
-            write(*args)
+            deferred.fill()  # the optimizer state gathered into the tensors the write reads
+            times.gather = time.perf_counter() - start
+            if write is not None:
+                write(*args)
         except BaseException as err:  # megatron's finalize then finds no results and fails on every rank
             log.error("the checkpoint writer of %s failed: %r", pending.tmp, err)
         times.write = time.perf_counter() - start
