@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ualm_nemo.distributed import checkpoint
-from ualm_nemo.distributed.deferred_optimizer_state import DeferredGather, deferred_gather
+from ualm_nemo.distributed.deferred_optimizer_state import DeferredGather, SnapshotBuffers, deferred_gather
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class AsyncSaver:
         self.strategy = None  # megatron's TorchDistSaveShardedStrategy, kept for its cached plans
         self.validated = False
         self.pending: _Pending | None = None
+        self.snapshot_buffers: SnapshotBuffers = {}  # this rank's optimizer shard, copied at each save
         self.times = SaveTimes()
 
     def start(self, root: str | Path, step: int, chunks, optimizer, common: dict[str, Any],
@@ -116,7 +117,7 @@ class AsyncSaver:
         times = SaveTimes(waited=time.perf_counter() - begin)
         tmp = checkpoint.begin_save(root, step)
         t = time.perf_counter()
-        with deferred_gather(optimizer) as deferred:
+        with deferred_gather(optimizer, self.snapshot_buffers) as deferred:
             state = checkpoint.sharded_state(chunks, optimizer, loading=False)
         deferred.own_storage(state)
         times.state_dict = time.perf_counter() - t
