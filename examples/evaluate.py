@@ -10,7 +10,9 @@ Every question is answered with the batched engine (greedy text; the prompt asks
 answer recorded as it comes (``manifest.jsonl``: rerun the same command to resume a killed run), then scored
 with the official matching rule: ``report.json`` (accuracy, per task / difficulty / category / modality, every
 item with its prediction and verdict) and ``report.md``. Malformed benchmark entries are listed and not scored;
-an item whose audio cannot be read is counted as wrong, never dropped.
+an item that cannot be answered is counted as wrong, never dropped, and named with its reason in report.json:
+unreadable audio (a missing or broken file, NaN / infinite samples, a clip shorter than one encoder frame) or a
+refused prompt (longer than the context rule allows: see --max-context).
 """
 
 from __future__ import annotations
@@ -97,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     result = understanding.score(items, {k: v for k, v in answered.items() if k in ids})
     meta = {"benchmark": args.benchmark, "data": str(args.data), **settings, "limit": args.limit}
     json_path, md_path = understanding.report(result, rejected, skipped, meta, Path(args.out_dir))
+    unreadable = sum(why.startswith("audio unreadable") for why in skipped.values())
     print(f"{args.benchmark}: {100 * result.accuracy:.2f} % ({result.correct} / {result.total}); "
-          f"{len(rejected)} malformed entries not scored, {len(skipped)} unreadable counted wrong")
+          f"{len(rejected)} malformed entries not scored, {unreadable} unreadable and "
+          f"{len(skipped) - unreadable} refused counted wrong")
+    for item_id, why in skipped.items():
+        print(f"  not answered {item_id}: {why}")
     print(f"report: {json_path} {md_path}")
     return 0
 
