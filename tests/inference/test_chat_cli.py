@@ -156,6 +156,10 @@ def test_unusable_audio_and_script_files_are_one_line(world, tmp_path, capsys):
     assert "turn 0 must be" in _error(world, capsys, "script", "--script", str(odd), "--out-dir", out)
     assert "prompt too long" in _error(world, capsys, "understand", "--audio", str(world / "tone.wav"),
                                        "--question", "z" * 100_000, "--out-dir", out)
+    assert "context limit of 40" in _error(world, capsys, "understand", "--audio", str(world / "tone.wav"),
+                                           "--question", "what is it?", "--max-context", "40", "--out-dir", out)
+    assert "--max-context 0: must be >= 1" in _error(world, capsys, "chat", "--say", "x", "--max-context", "0",
+                                                     "--out-dir", out)
     assert not Path(out).exists()
 
 
