@@ -23,7 +23,6 @@ scripted one (--say, --script) stops there with what was made kept and exit code
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -72,10 +71,16 @@ def _script(path: str, parser: argparse.ArgumentParser) -> dict:
     if not isinstance(script.get(key), list) or not script[key]:
         parser.error(f"--script {path}: mode {script['mode']!r} needs a non-empty list {key!r}")
     for k, turn in enumerate(script[key] if key == "turns" else []):
-        if not (isinstance(turn, dict) and isinstance(turn.get("text", ""), str)
-                and isinstance(turn.get("audio", []), list) and all(isinstance(a, str) for a in turn.get("audio", []))):
+        if not _is_turn(turn):
             parser.error(f"--script {path}: turn {k} must be {{\"text\": str, \"audio\": [file, ...]}}")
     return script
+
+
+def _is_turn(turn) -> bool:
+    """A script turn as run_dialogue reads it: an object with an optional text and an optional list of files."""
+    audio = turn.get("audio", []) if isinstance(turn, dict) else None
+    return (isinstance(turn, dict) and isinstance(turn.get("text", ""), str) and isinstance(audio, list)
+            and all(isinstance(a, str) for a in audio))
 
 
 def _turns_from(args: argparse.Namespace) -> list[dict]:
@@ -84,19 +89,19 @@ def _turns_from(args: argparse.Namespace) -> list[dict]:
     return [{"text": t, "audio": []} for t in args.say or []]
 
 
-def session_folder(out_dir: str) -> Path:
+def session_folder(out_dir: str, parser: argparse.ArgumentParser) -> Path:
     """A new folder for this run under ``out_dir``, named by its UTC start time (``-2``, ``-3``, ... if taken):
-    runs never overwrite each other's transcripts."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for n in itertools.count(1):
+    runs never overwrite each other's transcripts. A folder that cannot be made ends with one line."""
+    stamp, n = time.strftime("%Y%m%d-%H%M%S", time.gmtime()), 1
+    while True:
         folder = Path(out_dir) / (stamp if n == 1 else f"{stamp}-{n}")
         try:
-            folder.mkdir()
+            folder.mkdir(parents=True)
             return folder
         except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+            n += 1
+        except OSError as err:
+            parser.error(f"--out-dir {out_dir}: cannot make {folder}: {err}")
 
 
 def run_understand(infer, turn: dict, args, parser, cfg) -> Transcript:
@@ -115,7 +120,7 @@ def run_understand(infer, turn: dict, args, parser, cfg) -> Transcript:
     transcript.add(Step("user", "question", turn["text"], audio_paths=[n for n, _ in clips]))
     transcript.add(Step.from_reply("answer", reply))
     print(reply.text)
-    print(f"transcript: {transcript.save(session_folder(args.out_dir))}")
+    print(f"transcript: {transcript.save(session_folder(args.out_dir, parser))}")
     return transcript
 
 
@@ -200,13 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         run_understand(infer, turns[0], args, parser, cfg)
         return 0
     if mode == "chat":
-        return run_dialogue(infer, turns or None, args, cfg, session_folder(args.out_dir))
+        return run_dialogue(infer, turns or None, args, cfg, session_folder(args.out_dir, parser))
     run = reasoning.enrich if mode == "enrich" else reasoning.self_reflect
     try:
         transcripts = run(infer, prompts, [args.seed + k for k in range(len(prompts))], cfg)
     except InputRejected as err:
         parser.error(f"{mode}: {err}")
-    folder = session_folder(args.out_dir)
+    folder = session_folder(args.out_dir, parser)
     for k, transcript in enumerate(transcripts):
         path = transcript.save(folder, "transcript" if len(transcripts) == 1 else f"transcript_{k:03d}")
         for step in transcript.steps:

@@ -30,6 +30,9 @@ from ualm_nemo.inference.jobs import JobError, ManifestConflict, OutputFolder
 from ualm_nemo.inference.shards import refuse_unmerged, shard_job
 
 
+SHOWN = 10  # unanswered items named on the console (report.json names them all)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.benchmark}: {100 * result.accuracy:.2f} % ({result.correct} / {result.total}); "
           f"{len(rejected)} malformed entries not scored, {unreadable} unreadable and "
           f"{len(skipped) - unreadable} refused counted wrong")
-    for item_id, why in skipped.items():
+    for item_id, why in list(skipped.items())[:SHOWN]:
         print(f"  not answered {item_id}: {why}")
+    if len(skipped) > SHOWN:
+        print(f"  ... and {len(skipped) - SHOWN} more (report.json: skipped_items)")
     print(f"report: {json_path} {md_path}")
     return 0
 

@@ -51,7 +51,8 @@ def test_unusable_clips_and_overlong_prompts_are_counted_not_fatal(tiny_export, 
     positions) are recorded with their reasons and scored wrong; the others are answered; a rerun resumes."""
     data, out = write_mmau_set(tmp_path, tiny_export["tone"]), tmp_path / "eval"
     entries = json.loads(data.read_text())
-    entries += [entries[0] | {"id": name, "audio_id": str(path)} for name, path in write_unusable_clips(tmp_path).items()]
+    entries += [entries[0] | {"id": name, "audio_id": str(path)}
+                for name, path in write_unusable_clips(tmp_path).items()]
     entries.append(entries[0] | {"id": "long", "question": "why " * 20000})
     data.write_text(json.dumps(entries))
     argv = ["understanding", "--benchmark", "mmau", "--data", str(data), "--checkpoint", str(tiny_export["hf"]),

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 from ualm_nemo.data.formatting import AudioIn
 from ualm_nemo.eval.audio_qa import QAItem, QAScore, Rejected, score
 from ualm_nemo.inference.engine import GenerationConfig, Request
-from ualm_nemo.inference.pipeline import InputRejected
 from ualm_nemo.inference.jobs import Item, OutputFolder
+from ualm_nemo.inference.pipeline import InputRejected
 
 
 def job_items(items: Sequence[QAItem]) -> list[Item]:

@@ -141,7 +141,7 @@ class UALMInference:
         if prompt_positions + budget > self.max_context:
             raise InputRejected("prompt", f"prompt too long: {prompt_positions} positions + a reply budget of "
                                           f"{budget} exceed the context limit of {self.max_context} (shorten the "
-                                          "input or start over)")
+                                          "input or start a new conversation)")
 
     def _reply(self, result: Result) -> Reply:
         parts: list[str | ReplyAudio] = []
@@ -166,8 +166,8 @@ def check_clip(waveform: torch.Tensor, name: str) -> None:
     if waveform.dim() != 1:
         raise InputRejected("audio", f"{name}: expected a mono waveform, got shape {tuple(waveform.shape)}")
     if waveform.shape[0] < MIN_CLIP_SAMPLES:
-        raise InputRejected("audio", f"{name}: too short ({waveform.shape[0]} samples at 16 kHz; at least "
-                                     f"{MIN_CLIP_SAMPLES}, {1000 * MIN_CLIP_SAMPLES / 16000:g} ms, for one encoder frame)")
+        raise InputRejected("audio", f"{name}: too short ({waveform.shape[0]} samples at 16 kHz; one encoder "
+                                     f"frame needs {MIN_CLIP_SAMPLES}, {1000 * MIN_CLIP_SAMPLES / 16000:g} ms)")
     if not bool(torch.isfinite(waveform).all()):
         raise InputRejected("audio", f"{name}: holds NaN or infinite samples")
 
