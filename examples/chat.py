@@ -12,7 +12,12 @@
   python examples/chat.py script --checkpoint ckpt/ --codec xcodec/ --script session.json
 
 Interactive chat: type a line to send it; ``/audio PATH`` attaches a file to your next turn; ``/quit`` ends.
-Everything produced goes to ``--out-dir``: ``transcript*.json`` (every step, text and audio) and its wav files.
+Each run writes into a folder of its own, ``--out-dir/<UTC start time>/`` (``-2``, ``-3``, ... when two runs
+start in the same second): ``transcript*.json`` (every step, text and audio) and its wav files. A chat's
+transcript is saved after every turn, so nothing made is lost when a session stops. A turn the model cannot
+take (unreadable, NaN or too-short audio, an empty turn, a prompt over the context limit: see --max-context)
+is refused with one line and recorded in the transcript's "refused" list; interactive chat then goes on, a
+scripted one (--say, --script) stops there with what was made kept and exit code 1.
 """
 
 from __future__ import annotations
@@ -20,41 +25,62 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from ualm_nemo.data.formatting import AudioIn
 from ualm_nemo.inference import reasoning
 from ualm_nemo.inference.cli import add_generation_args, add_model_args, check_paths, generation_config, \
     load_inference
+from ualm_nemo.inference.pipeline import InputRejected, check_clip
 from ualm_nemo.inference.transcript import Step, Transcript
 
 MODES = ("understand", "chat", "enrich", "reflect")
 
 
-def read_audio(path: str, parser: argparse.ArgumentParser) -> tuple[str, AudioIn]:
-    """A file -> (its name, 16 kHz mono clip); unreadable or empty audio ends with one line naming it."""
+def load_clip(path: str) -> tuple[str, AudioIn]:
+    """A file -> (its name, 16 kHz mono clip); InputRejected (one line naming the file) when the model cannot
+    listen to it: unreadable, NaN / infinite samples, shorter than one encoder frame."""
     from ualm_nemo.data.raw import load_audio
 
     try:
         wav = load_audio(path)
     except Exception as err:  # soundfile raises several types for unreadable files
-        parser.error(f"cannot read audio {path}: {err}")
-    if wav.numel() == 0:
-        parser.error(f"audio {path} is empty")
+        raise InputRejected("audio", f"cannot read audio {path}: {err}") from err
+    check_clip(wav, f"audio {path}")
     return path, AudioIn(wav)
+
+
+def read_audio(path: str, parser: argparse.ArgumentParser) -> tuple[str, AudioIn]:
+    """``load_clip``, a refusal ending the command with one line (before a session has started)."""
+    try:
+        return load_clip(path)
+    except InputRejected as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
 
 
 def _script(path: str, parser: argparse.ArgumentParser) -> dict:
     try:
-        script = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        script = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         parser.error(f"--script {path}: {err}")
     if not isinstance(script, dict) or script.get("mode") not in MODES:
         parser.error(f"--script {path}: needs a json object with \"mode\" in {MODES}")
     key = "prompts" if script["mode"] in ("enrich", "reflect") else "turns"
     if not isinstance(script.get(key), list) or not script[key]:
         parser.error(f"--script {path}: mode {script['mode']!r} needs a non-empty list {key!r}")
+    for k, turn in enumerate(script[key] if key == "turns" else []):
+        if not _is_turn(turn):
+            parser.error(f"--script {path}: turn {k} must be {{\"text\": str, \"audio\": [file, ...]}}")
     return script
+
+
+def _is_turn(turn) -> bool:
+    """A script turn as run_dialogue reads it: an object with an optional text and an optional list of files."""
+    audio = turn.get("audio", []) if isinstance(turn, dict) else None
+    return (isinstance(turn, dict) and isinstance(turn.get("text", ""), str) and isinstance(audio, list)
+            and all(isinstance(a, str) for a in audio))
 
 
 def _turns_from(args: argparse.Namespace) -> list[dict]:
@@ -63,31 +89,63 @@ def _turns_from(args: argparse.Namespace) -> list[dict]:
     return [{"text": t, "audio": []} for t in args.say or []]
 
 
-def run_chat(infer, turns: list[dict] | None, args, parser, cfg, understand: bool) -> Transcript:
+def session_folder(out_dir: str, parser: argparse.ArgumentParser) -> Path:
+    """A new folder for this run under ``out_dir``, named by its UTC start time (``-2``, ``-3``, ... if taken):
+    runs never overwrite each other's transcripts. A folder that cannot be made ends with one line."""
+    stamp, n = time.strftime("%Y%m%d-%H%M%S", time.gmtime()), 1
+    while True:
+        folder = Path(out_dir) / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            n += 1
+        except OSError as err:
+            parser.error(f"--out-dir {out_dir}: cannot make {folder}: {err}")
+
+
+def run_understand(infer, turn: dict, args, parser, cfg) -> Transcript:
+    """One question about the audio, answered in text (a refused question ends the command, nothing written)."""
+    clips = [read_audio(p, parser) for p in turn.get("audio", [])]
+    if not clips:
+        parser.error("understand: give at least one --audio file")
+    if not turn.get("text", "").strip():
+        parser.error("understand: give a --question")
+    try:
+        request = infer.prepare([("user", [c for _, c in clips] + ["\n" + turn["text"]])], "text", args.seed, cfg)
+    except InputRejected as err:
+        parser.error(f"understand: {err}")
+    reply = infer.decode([request], cfg)[0]
+    transcript = Transcript("understand")
+    transcript.add(Step("user", "question", turn["text"], audio_paths=[n for n, _ in clips]))
+    transcript.add(Step.from_reply("answer", reply))
+    print(reply.text)
+    print(f"transcript: {transcript.save(session_folder(args.out_dir, parser))}")
+    return transcript
+
+
+def run_dialogue(infer, turns: list[dict] | None, args, cfg, folder: Path) -> int:
+    """Turns from a list (scripted: stops at a refused turn, exit code 1) or the terminal (``turns=None``: a
+    refused turn is reported and the session goes on); the transcript is saved after every turn."""
     dialogue = reasoning.Dialogue(infer, seed=args.seed, cfg=cfg)
-    if understand:  # one question, answered in text
-        turn = turns[0]
-        clips = [read_audio(p, parser) for p in turn.get("audio", [])]
-        if not clips:
-            parser.error("understand: give at least one --audio file")
-        if not infer.listens:
-            parser.error("understand: this checkpoint has no audio input (model.audio_in.enabled=false)")
-        if not turn.get("text", "").strip():
-            parser.error("understand: give a --question")
-        reply = infer.reply([[("user", [c for _, c in clips] + ["\n" + turn["text"]])]], "text", [args.seed], cfg)[0]
-        transcript = Transcript("understand")
-        transcript.add(Step("user", "question", turn["text"], audio_paths=[n for n, _ in clips]))
-        transcript.add(Step.from_reply("answer", reply))
-        print(reply.text)
-        return transcript
-    for turn in turns if turns is not None else _interactive(parser):
-        clips = [read_audio(p, parser) for p in turn.get("audio", [])]
-        reply = dialogue.say(turn.get("text", ""), clips)
-        _show(reply)
-    return dialogue.transcript
+    transcript, code = dialogue.transcript, 0
+    for n, turn in enumerate(turns if turns is not None else _interactive(), 1):
+        try:
+            reply = dialogue.say(turn.get("text", ""), [load_clip(p) for p in turn.get("audio", [])])
+        except InputRejected as err:
+            print(f"chat: turn {n} refused: {err}", file=sys.stderr)
+            transcript.meta.setdefault("refused", []).append({"turn": n, "reason": str(err)})
+            code = 1 if turns is not None else 0
+        else:
+            _show(reply)
+        transcript.save(folder)
+        if code:
+            break
+    print(f"transcript: {transcript.save(folder)}")
+    return code
 
 
-def _interactive(parser):
+def _interactive():
     """Turns typed in the terminal."""
     pending: list[str] = []
     print("chat: type a message; /audio PATH attaches a file; /quit ends", file=sys.stderr)
@@ -119,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--say", action="append", help="chat: a user turn (repeatable); none = interactive")
     parser.add_argument("--prompt", action="append", help="enrich / reflect: a prompt (repeatable)")
     parser.add_argument("--script", help="script mode: a json file (see above)")
-    parser.add_argument("--out-dir", default="chat_out")
+    parser.add_argument("--out-dir", default="chat_out", help="each run writes into a new folder under it "
+                                                               "(its UTC start time)")
     args = parser.parse_args(argv)
     cfg = generation_config(args, parser)
     check_paths(args, parser)
@@ -136,23 +195,28 @@ def main(argv: list[str] | None = None) -> int:
         read_audio(path, parser)  # unreadable files end the command before the model loads
     if mode in ("enrich", "reflect") and args.codec is None:
         parser.error(f"{mode} writes audio: give --codec")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        parser.error(f"--out-dir {args.out_dir}: not a folder")
     infer = load_inference(args, parser)
-    if mode == "reflect" and not infer.listens:
-        parser.error("reflect listens to its own audio: this checkpoint has no audio input")
-    if mode in ("enrich", "reflect"):
-        run = reasoning.enrich if mode == "enrich" else reasoning.self_reflect
-        seeds = [args.seed + k for k in range(len(prompts))]
-        transcripts = run(infer, prompts, seeds, cfg)
-    else:
-        turns = script["turns"] if script else (_turns_from(args) or None)
-        transcripts = [run_chat(infer, turns, args, parser, cfg, understand=mode == "understand")]
+    if mode in ("understand", "reflect") and not infer.listens:
+        parser.error(f"{mode}: this checkpoint has no audio input (model.audio_in.enabled=false)")
+    turns = script["turns"] if script and mode in ("understand", "chat") else _turns_from(args)
+    if mode == "understand":
+        run_understand(infer, turns[0], args, parser, cfg)
+        return 0
+    if mode == "chat":
+        return run_dialogue(infer, turns or None, args, cfg, session_folder(args.out_dir, parser))
+    run = reasoning.enrich if mode == "enrich" else reasoning.self_reflect
+    try:
+        transcripts = run(infer, prompts, [args.seed + k for k in range(len(prompts))], cfg)
+    except InputRejected as err:
+        parser.error(f"{mode}: {err}")
+    folder = session_folder(args.out_dir, parser)
     for k, transcript in enumerate(transcripts):
-        stem = "transcript" if len(transcripts) == 1 else f"transcript_{k:03d}"
-        path = transcript.save(args.out_dir, stem)
-        if mode in ("enrich", "reflect"):
-            for step in transcript.steps:
-                if step.role == "assistant":
-                    print(f"[{k}] {step.name}: {step.text or ''}{' [audio]' if step.audio else ''}")
+        path = transcript.save(folder, "transcript" if len(transcripts) == 1 else f"transcript_{k:03d}")
+        for step in transcript.steps:
+            if step.role == "assistant":
+                print(f"[{k}] {step.name}: {step.text or ''}{' [audio]' if step.audio else ''}")
         print(f"transcript: {path}")
     return 0
 

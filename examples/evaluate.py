@@ -10,7 +10,9 @@ Every question is answered with the batched engine (greedy text; the prompt asks
 answer recorded as it comes (``manifest.jsonl``: rerun the same command to resume a killed run), then scored
 with the official matching rule: ``report.json`` (accuracy, per task / difficulty / category / modality, every
 item with its prediction and verdict) and ``report.md``. Malformed benchmark entries are listed and not scored;
-an item whose audio cannot be read is counted as wrong, never dropped.
+an item that cannot be answered is counted as wrong, never dropped, and named with its reason in report.json:
+unreadable audio (a missing or broken file, NaN / infinite samples, a clip shorter than one encoder frame) or a
+refused prompt (longer than the context rule allows: see --max-context).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from ualm_nemo.inference.cli import (add_generation_args, add_model_args, add_sh
 from ualm_nemo.inference.engine import GenerationConfig
 from ualm_nemo.inference.jobs import JobError, ManifestConflict, OutputFolder
 from ualm_nemo.inference.shards import refuse_unmerged, shard_job
+
+
+SHOWN = 10  # unanswered items named on the console (report.json names them all)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     result = understanding.score(items, {k: v for k, v in answered.items() if k in ids})
     meta = {"benchmark": args.benchmark, "data": str(args.data), **settings, "limit": args.limit}
     json_path, md_path = understanding.report(result, rejected, skipped, meta, Path(args.out_dir))
+    unreadable = sum(why.startswith("audio unreadable") for why in skipped.values())
     print(f"{args.benchmark}: {100 * result.accuracy:.2f} % ({result.correct} / {result.total}); "
-          f"{len(rejected)} malformed entries not scored, {len(skipped)} unreadable counted wrong")
+          f"{len(rejected)} malformed entries not scored, {unreadable} unreadable and "
+          f"{len(skipped) - unreadable} refused counted wrong")
+    for item_id, why in list(skipped.items())[:SHOWN]:
+        print(f"  not answered {item_id}: {why}")
+    if len(skipped) > SHOWN:
+        print(f"  ... and {len(skipped) - SHOWN} more (report.json: skipped_items)")
     print(f"report: {json_path} {md_path}")
     return 0
 

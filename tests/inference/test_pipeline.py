@@ -69,3 +69,31 @@ def test_rich_caption_round_trip():
     partial = RichCaption.parse("Description: rain on a roof")
     assert partial == RichCaption((), "", "rain on a roof") and partial.as_caption() == "rain on a roof"
     assert RichCaption.parse("no fields here") is None
+
+
+def test_the_context_rule_is_exact_and_checked_before_decoding(infer_parts):
+    """prompt positions + reply budget == limit is taken, one more is refused; the model's own limit caps
+    max_context; bad clips are refused by name; prompt_length is the prompt's real length."""
+    from ualm_nemo.data.formatting import AudioIn, AudioOut
+    from ualm_nemo.inference.engine import GenerationConfig
+    from ualm_nemo.inference.pipeline import MIN_CLIP_SAMPLES, InputRejected, UALMInference
+
+    model, tok, codec = infer_parts
+    cfg = GenerationConfig(min_frames=2, max_frames=4, max_text_tokens=3)
+    conversation = [("user", [AudioIn(torch.zeros(8000)), "\nwhat?"]),
+                    ("assistant", [AudioOut(torch.zeros(3, 8, dtype=torch.long)), "ok"]), ("user", ["again"])]
+    infer = UALMInference(model, tok, codec)
+    positions = infer.formatter.prompt_length(conversation)
+    assert positions == infer.prepare(conversation, "text", 0, cfg).prompt.shape[0]
+    for mode, budget in (("text", 3), ("auto", 3 + 4 + 8 + 1)):
+        assert UALMInference(model, tok, codec, max_context=positions + budget).prepare(conversation, mode, 0, cfg)
+        with pytest.raises(InputRejected, match=f"{positions} positions \\+ a reply budget of {budget} exceed the "
+                                                f"context limit of {positions + budget - 1}"):
+            UALMInference(model, tok, codec, max_context=positions + budget - 1).prepare(conversation, mode, 0, cfg)
+    assert UALMInference(model, tok, codec, max_context=10**9).max_context == 4096  # the tiny backbone's
+    for clip, words in ((torch.full((MIN_CLIP_SAMPLES,), float("nan")), "NaN"),
+                        (torch.zeros(MIN_CLIP_SAMPLES - 1), f"too short ({MIN_CLIP_SAMPLES - 1} samples")):
+        with pytest.raises(InputRejected, match=words.replace("(", "\\(")) as err:
+            infer.prepare([("user", ["hi", AudioIn(torch.zeros(800)), AudioIn(clip)])], "text", 0, cfg)
+        assert err.value.what == "audio" and "audio input 2" in str(err.value)
+    assert infer.prepare([("user", [AudioIn(torch.zeros(MIN_CLIP_SAMPLES))])], "text", 0, cfg)

@@ -335,6 +335,13 @@ class SampleFormatter:
         self._open(rows.builder, "assistant")
         return rows.builder.build(self.text_weight, self.audio_stream_weight)[0], rows.clips
 
+    def prompt_length(self, turns: Sequence[ChatTurn]) -> int:
+        """Positions of ``conversation_prompt(turns)`` without log-mel: what a context limit is checked on before
+        anything is computed for the clips or allocated for decoding."""
+        rows = self._conversation_rows(turns, [False] * len(turns), listen=False)
+        self._open(rows.builder, "assistant")
+        return rows.builder.length
+
     def _conversation_rows(self, turns: Sequence[ChatTurn], learn: Sequence[bool], listen: bool = True) -> _Rows:
         """The one layout of a conversation's turns (see the module docstring); ``listen=False`` skips log-mel
         (lengths only). AudioInLength / AudioOutLength stand for clips known by their length alone."""

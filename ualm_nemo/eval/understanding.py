@@ -2,8 +2,10 @@
 
 Answers are decoded greedily in text mode from ``[audio] + "\\n" + prompt`` (the prompt asks for the option
 text: audio_qa.QAItem.prompt). The run writes one manifest line per answered item (inference/jobs.py), so a
-killed run resumes where it stopped. An item whose audio cannot be read is not dropped: it is recorded with
-``prediction=None`` and its reason, and scores as wrong.
+killed run resumes where it stopped. An item that cannot be answered is not dropped and does not stop the run:
+its audio cannot be read (missing or broken file), the clip is unusable (NaN / infinite samples, shorter than
+one encoder frame) or the prompt breaks the context rule (inference/pipeline.py). It is recorded with
+``prediction=None`` and its reason (so a rerun does not try it again), and scores as wrong.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any, Sequence
 
 from ualm_nemo.data.formatting import AudioIn
 from ualm_nemo.eval.audio_qa import QAItem, QAScore, Rejected, score
-from ualm_nemo.inference.engine import GenerationConfig
+from ualm_nemo.inference.engine import GenerationConfig, Request
 from ualm_nemo.inference.jobs import Item, OutputFolder
+from ualm_nemo.inference.pipeline import InputRejected
 
 
 def job_items(items: Sequence[QAItem]) -> list[Item]:
@@ -33,23 +36,34 @@ def answer(infer, items: Sequence[QAItem], folder: OutputFolder, todo: Sequence[
     """Answer the ``todo`` items, batch by batch; each answer is in the manifest as soon as its batch is done."""
     from tqdm import tqdm
 
-    from ualm_nemo.data.raw import load_audio
-
     by_id = {i.id: i for i in items}
     with tqdm(total=len(todo), desc="answering", unit="question", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
-            chunk, conversations, readable = todo[start:start + batch_size], [], []
+            chunk, requests, answerable = todo[start:start + batch_size], [], []
             for job in chunk:
-                item = by_id[job.id]
-                try:
-                    wav = load_audio(item.audio)
-                    conversations.append(conversation(item, wav))
-                    readable.append(job)
-                except Exception as err:  # unreadable audio: recorded, scored as wrong, never dropped
-                    folder.add(job, prediction=None, skipped=f"audio unreadable: {err}"[:300])
-            for job, reply in zip(readable, infer.reply(conversations, "text", [0] * len(readable), cfg)):
+                request, why = _request(infer, by_id[job.id], cfg)
+                if request is None:  # recorded, scored as wrong, never dropped
+                    folder.add(job, prediction=None, skipped=why[:300])
+                else:
+                    requests.append(request)
+                    answerable.append(job)
+            for job, reply in zip(answerable, infer.decode(requests, cfg)):
                 folder.add(job, prediction=reply.text, stop=reply.stop)
             bar.update(len(chunk))
+
+
+def _request(infer, item: QAItem, cfg: GenerationConfig) -> tuple[Request | None, str]:
+    """(the item's request, "") or (None, why it cannot be answered: unreadable audio, or the input refused)."""
+    from ualm_nemo.data.raw import load_audio
+
+    try:
+        wav = load_audio(item.audio)
+    except Exception as err:  # soundfile raises several types for missing or broken files
+        return None, f"audio unreadable: {err}"
+    try:
+        return infer.prepare(conversation(item, wav), "text", 0, cfg), ""
+    except InputRejected as err:  # an unusable clip is unreadable audio too; anything else is refused
+        return None, f"{'audio unreadable' if err.what == 'audio' else 'refused'}: {err}"
 
 
 def predictions(folder: OutputFolder) -> tuple[dict[str, str], dict[str, str]]:
@@ -71,7 +85,8 @@ def report(result: QAScore, rejected: Sequence[Rejected], skipped: dict[str, str
     lines = [f"# {meta.get('benchmark', 'benchmark').upper()}: {100 * result.accuracy:.2f} % "
              f"({result.correct} / {result.total})", "",
              f"checkpoint `{meta.get('checkpoint')}`; {len(rejected)} malformed entries not scored (listed in "
-             f"report.json); {len(skipped)} items without an answer (unreadable audio) counted as wrong.", ""]
+             f"report.json); {len(skipped)} items without an answer (unreadable audio or input refused, each with "
+             "its reason in report.json) counted as wrong.", ""]
     for key, groups in result.by_group.items():
         lines += [f"| {key} | accuracy | correct / total |", "|---|---|---|"]
         lines += [f"| {value} | {100 * g['accuracy']:.2f} % | {g['correct']} / {g['total']} |"

@@ -29,6 +29,9 @@ def add_model_args(parser: argparse.ArgumentParser, codec_required: bool = False
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=8, help="conversations decoded together (default 8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-context", type=int, metavar="N",
+                        help="context limit in positions (default and at most: the model's max_position_embeddings): "
+                             "an input whose prompt plus reply budget exceeds it is refused, never truncated")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +77,8 @@ def check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         parser.error(f"--batch-size {args.batch_size}: must be >= 1")
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: must be >= 0")
+    if args.max_context is not None and args.max_context < 1:
+        parser.error(f"--max-context {args.max_context}: must be >= 1")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -106,6 +111,7 @@ def load_inference(args: argparse.Namespace, parser: argparse.ArgumentParser, po
         flag = "--checkpoint"
         model = load_model(args.checkpoint, args.device, dtype)
         flag = "--checkpoint/--tokenizer"  # vocabularies that do not fit together
-        return UALMInference(model, tokenizer, codec, postprocess, batch_size=args.batch_size)
+        return UALMInference(model, tokenizer, codec, postprocess, batch_size=args.batch_size,
+                             max_context=args.max_context)
     except (FileNotFoundError, ValueError, OSError) as err:
         parser.error(f"{flag}: cannot load: {err}")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ualm_nemo.data.formatting import AudioIn, ChatTurn
 from ualm_nemo.inference.engine import GenerationConfig
-from ualm_nemo.inference.pipeline import Reply, UALMInference
+from ualm_nemo.inference.pipeline import InputRejected, Reply, UALMInference
 from ualm_nemo.inference.transcript import Step, Transcript
 
 ENRICH = ("Turn this request into a rich caption of the audio to make, with Keywords, Layout and Description:\n"
@@ -98,15 +98,18 @@ class Dialogue:
         self.transcript = Transcript("dialogue")
 
     def say(self, text: str, audio: Sequence[tuple[str, AudioIn]] = ()) -> Reply:
-        """``audio``: (file name, clip) pairs the user attaches to this turn."""
+        """``audio``: (file name, clip) pairs the user attaches to this turn. A turn the model cannot take (empty,
+        a bad clip, over the context limit) raises InputRejected and leaves the dialogue as it was."""
         if not text.strip() and not audio:
-            raise ValueError("an empty turn: say something or attach audio")
+            raise InputRejected("prompt", "an empty turn: say something or attach audio")
         parts = [clip for _, clip in audio] + ([("\n" if audio else "") + text] if text else [])
-        self.conversation.append(("user", parts))
+        conversation = [*self.conversation, ("user", parts)]
+        seed = self.seed + len(self.transcript.steps) + 1
+        request = self.infer.prepare(conversation, "auto", seed, self.cfg)
+        self.conversation = conversation
         self.transcript.add(Step("user", f"turn {len(self.transcript.steps) // 2 + 1}", text,
                                  audio_paths=[name for name, _ in audio]))
-        seed = self.seed + len(self.transcript.steps)
-        reply = self.infer.reply([self.conversation], "auto", [seed], self.cfg)[0]
+        reply = self.infer.decode([request], self.cfg)[0]
         self.conversation.append(reply.as_turn())
         self.transcript.add(Step.from_reply(self.transcript.steps[-1].name, reply))
         return reply

@@ -39,9 +39,12 @@ class Transcript:
         self.steps.append(step)
         return step
 
+    _written: set[Path] = field(default_factory=set, init=False, repr=False)  # wavs this object already saved
+
     def save(self, folder: str | Path, stem: str = "transcript") -> Path:
         """Write ``{stem}.json`` and one wav per generated clip (``{stem}_{step}_{k}.wav``) into ``folder``; the
-        json is written last and atomically, so a json on disk always has its audio."""
+        json is written last and atomically, so a json on disk always has its audio. Saving again after more
+        steps (a session saved as it goes) writes only the new wavs."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         steps = []
@@ -56,7 +59,9 @@ class Transcript:
                 clip: dict[str, Any] = {"frames": int(audio.codes.shape[0]), "seconds": audio.seconds}
                 if audio.wav is not None:
                     name = f"{stem}_{i:02d}_{k}.wav"
-                    soundfile.write(folder / name, audio.wav.T.numpy(), audio.sample_rate)
+                    if folder / name not in self._written:
+                        _write_wav(folder / name, audio.wav, audio.sample_rate)
+                        self._written.add(folder / name)
                     clip.update(file=name, sample_rate=audio.sample_rate)
                 clips.append(clip)
             if clips:
@@ -67,3 +72,10 @@ class Transcript:
         tmp.write_text(json.dumps({"mode": self.mode, **self.meta, "steps": steps}, indent=2, ensure_ascii=False))
         os.replace(tmp, path)
         return path
+
+
+def _write_wav(path: Path, wav, sample_rate: int) -> None:
+    """wav [channels, samples] under a temporary name, then renamed into place (never a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    soundfile.write(tmp, wav.T.numpy(), sample_rate, format="WAV")
+    os.replace(tmp, path)

@@ -31,3 +31,15 @@ def write_clip(path: Path, seconds: float, rate: int = 16000, channels: int = 1,
     data = np.stack([wav, 0.5 * wav[::-1]], axis=1) if channels == 2 else wav
     soundfile.write(path, data.astype(np.float32), rate)
     return path
+
+
+def write_unusable_clips(folder: Path) -> dict[str, Path]:
+    """Readable wav files the model cannot listen to: {"nan": 1 s with a NaN sample, "short": 10 ms (less than one
+    encoder frame), "empty": 0 samples}, 16 kHz float wavs."""
+    wav = (0.2 * np.sin(np.arange(16000) * 2 * np.pi * 440 / 16000)).astype(np.float32)
+    wav[100] = np.nan
+    clips = {"nan": wav, "short": wav[200:360], "empty": wav[:0]}
+    paths = {name: folder / f"{name}.wav" for name in clips}
+    for name, data in clips.items():
+        soundfile.write(paths[name], data, 16000, subtype="FLOAT")
+    return paths
