@@ -10,7 +10,8 @@ Every question is answered with the batched engine (greedy text; the prompt asks
 answer recorded as it comes (``manifest.jsonl``: rerun the same command to resume a killed run), then scored
 with the official matching rule: ``report.json`` (accuracy, per task / difficulty / category / modality, every
 item with its prediction and verdict) and ``report.md``. Malformed benchmark entries are listed and not scored;
-an item whose audio cannot be read is counted as wrong, never dropped.
+an item whose audio cannot be read is counted as wrong, never dropped; the accuracy over answered items only
+(the official scripts' convention, for comparing with published figures) is printed and reported beside it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("suite", choices=["understanding", "tta"])
     add_model_args(parser)
     parser.add_argument("--benchmark", choices=sorted(BREAKDOWNS), required=True)
-    parser.add_argument("--data", required=True, help="the benchmark's json list")
+    parser.add_argument("--data", required=True,
+                        help="the benchmark as published: a json list (MMAU) or JSON lines (MMAR-meta.jsonl)")
     parser.add_argument("--audio-root", help="folder the entries' audio paths are relative to (default: --data's)")
     parser.add_argument("--max-answer-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="the first N items only (a quick look; not a benchmark score)")
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = understanding.report(result, rejected, skipped, meta, Path(args.out_dir))
     print(f"{args.benchmark}: {100 * result.accuracy:.2f} % ({result.correct} / {result.total}); "
           f"{len(rejected)} malformed entries not scored, {len(skipped)} unreadable counted wrong")
+    print(f"over answered items only (the official scripts' convention): {understanding.over_answered(result)}")
     print(f"report: {json_path} {md_path}")
     return 0
 
