@@ -227,3 +227,22 @@ def test_a_shard_whose_every_cut_was_rejected_stays_readable_by_lhotse(prepared)
         assert [caption for caption, _, _ in loaded] == ["tone 0", "tone 1", "tone 4"]
     fields = {f: sorted(str(p) for p in shards.glob(f"{f}.*")) for f in ("cuts", "recording", "codec_tokens")}
     assert len(CutSet.from_shar(fields=fields).to_eager()) == 3
+
+
+def test_a_raw_manifest_given_as_cuts_is_one_line(prepared, monkeypatch, capsys):
+    """The raw jsonl (plain or gzipped) or an empty file where prepared cuts belong: one line saying what was
+    expected, before anything is written."""
+    import gzip
+
+    raw = (prepared / "tta.jsonl").read_bytes()
+    (prepared / "raw.jsonl.gz").write_bytes(gzip.compress(raw))
+    (prepared / "empty.jsonl.gz").write_bytes(gzip.compress(b""))
+    for name, why in (("tta.jsonl", "not gzip-compressed"), ("raw.jsonl.gz", "first line is not a Lhotse cut"),
+                      ("empty.jsonl.gz", "holds no cut")):
+        monkeypatch.setattr("sys.argv", ["tokenize_audio.py", "--cuts", str(prepared / name), "--out",
+                                         str(prepared / "shar"), "--no-progress"])
+        err = _refused(load_example("tokenize_audio").main, capsys)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("tokenize_audio.py: error: --cuts ") and "expected a prepared cuts.jsonl.gz" in line
+        assert why in line and "Traceback" not in err
+    assert not (prepared / "shar").exists()
