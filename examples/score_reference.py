@@ -8,13 +8,13 @@ processes). Writes the sidecar dpo.reference_logps with a fingerprint that the D
 import logging
 import sys
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ualm_nemo.model.config import ConfigError
+from ualm_nemo.training.hydra_entry import hydra_main
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base=None)
+@hydra_main("train", prog="score_reference.py")
 def main(cfg: DictConfig) -> None:
     from ualm_nemo.distributed.parallel import init_distributed, teardown
     from ualm_nemo.posttrain.score_reference import score_reference

@@ -12,15 +12,15 @@ early_signals.install()  # first: a Slurm signal during the imports below must r
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from ualm_nemo.enhance.config import EnhancerRun  # noqa: E402
 from ualm_nemo.enhance.training import train_enhancer  # noqa: E402
 from ualm_nemo.model.config import ConfigError  # noqa: E402
+from ualm_nemo.training.hydra_entry import hydra_main  # noqa: E402
 
 
-@hydra.main(config_path="../conf", config_name="enhancer", version_base=None)
+@hydra_main("enhancer", prog="train_enhancer.py")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     values = OmegaConf.to_container(cfg, resolve=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -271,11 +272,14 @@ def check_local_paths(run: RunConfig) -> None:
     with problems.check():
         check_data_paths(run)
     with problems.check():
-        _check_output_dir(run.output_dir)
+        check_output_dir(run.output_dir)
     problems.raise_all()
 
 
-def _check_output_dir(output_dir: str) -> None:
+def check_output_dir(output_dir: str) -> None:
+    """ConfigError unless ``output_dir`` exists as a folder or can be created, and can be written. The nearest
+    existing folder gets a real probe (a temporary folder made and removed): root passes ``os.access`` anywhere,
+    also in /proc, where nothing can be created."""
     path = Path(output_dir).absolute()
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
@@ -287,6 +291,11 @@ def _check_output_dir(output_dir: str) -> None:
         raise ConfigError(f"output_dir={output_dir!r} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir={output_dir!r} cannot be written: no write permission on {existing}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ualm-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"output_dir={output_dir!r} cannot be created: {existing} accepts no new folder "
+                          f"({e.strerror})") from None
 
 
 def _check_shar_sources(run: RunConfig, to_host: Callable[[str], str]) -> None:
