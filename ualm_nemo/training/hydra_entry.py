@@ -8,8 +8,10 @@ Hydra's own traceback. ``hydra_main`` checks that override first and refuses it 
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import hydra
@@ -39,10 +41,12 @@ def refuse_bad_output_dir(argv: Sequence[str], prog: str) -> None:
 
 
 def hydra_main(config_name: str, prog: str) -> Callable[[Callable], Callable[[], None]]:
-    """``hydra.main(config_path="../conf", config_name=...)`` (relative to the task's file, as Hydra resolves
-    it) that refuses a bad ``output_dir=`` override before Hydra creates anything."""
+    """``hydra.main`` on the repository's conf/ (``../conf`` from the task's file, as an absolute path: Hydra
+    resolves a relative one against the module name, which fails when a test loads the script as a module) that
+    refuses a bad ``output_dir=`` override before Hydra creates anything."""
     def wrap(task: Callable) -> Callable[[], None]:
-        run = hydra.main(config_path="../conf", config_name=config_name, version_base=None)(task)
+        conf = Path(inspect.getfile(task)).resolve().parent.parent / "conf"
+        run = hydra.main(config_path=str(conf), config_name=config_name, version_base=None)(task)
 
         @functools.wraps(task)
         def entry() -> None:

@@ -265,10 +265,39 @@ def check_data_paths(run: RunConfig, to_host: Callable[[str], str] = str) -> Non
     problems.raise_all()
 
 
-def check_local_paths(run: RunConfig) -> None:
-    """On the machine that trains: the data (check_data_paths), and output_dir can be created and written; all
-    problems at once."""
+# (config key, what it is) of every input folder besides the data (check_data_paths) that must exist
+INPUT_FOLDERS = (("data.tokenizer", "tokenizer folder"), ("data.codec_path", "X-Codec folder"),
+                 ("model.audio_in.encoder_path", "audio encoder folder"), ("train.init_from", "initial weights folder"),
+                 ("dpo.reference_checkpoint", "reference checkpoint folder"))
+# folders that hold a model's files: an empty one fails only once the model is built
+_FILLED = ("data.tokenizer", "model.audio_in.encoder_path", "train.init_from", "dpo.reference_checkpoint")
+
+
+def check_input_folders(run: RunConfig, to_host: Callable[[str], str] = str, where: str = "") -> None:
+    """Each folder of ``INPUT_FOLDERS`` the run names exists (and is not empty where a model's files must be),
+    said with its key; ``where`` ends each message (the launcher: its container mounts). The launcher and the
+    commands that train or score (check_local_paths) run the same check. Every problem in one ConfigErrors."""
     problems = Problems()
+    for key, what in INPUT_FOLDERS:
+        value: Any = run
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if not value or (key == "data.tokenizer" and value == "byte"):
+            continue
+        host = Path(to_host(str(value)))
+        if not host.exists():
+            problems.add(f"{key}={value!r}: no such {what} on this host{where}")
+        elif key in _FILLED and host.is_dir() and next(host.iterdir(), None) is None:
+            problems.add(f"{key}={value!r}: the {what} is empty{where} (a copy or download that did not finish?)")
+    problems.raise_all()
+
+
+def check_local_paths(run: RunConfig) -> None:
+    """On the machine that trains (or scores): the input folders (check_input_folders), the data
+    (check_data_paths), and output_dir can be created and written; all problems at once."""
+    problems = Problems()
+    with problems.check():
+        check_input_folders(run)
     with problems.check():
         check_data_paths(run)
     with problems.check():
