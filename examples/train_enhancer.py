@@ -30,7 +30,11 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    result = train_enhancer(run)
+    try:
+        result = train_enhancer(run)
+    except ConfigError as err:  # train.data missing, empty or without a usable clip: one line naming the key
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     logging.info("enhancer %s at step %d: %s; skipped crops %s", result.state, result.step,
                  {k: round(v, 4) for k, v in result.losses.items()}, result.skipped or "none")
 
