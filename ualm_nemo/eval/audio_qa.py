@@ -9,8 +9,8 @@ Every item is scored: an item without a prediction counts as wrong. The upstream
 of the total instead, which inflates accuracy; that figure is reported beside ours
 (``QAScore.accuracy_over_answered``) so results compare with published ones. Choices that are empty strings (4
 items of the published ``MMAR-meta.jsonl``) hold no words, so the official rule ignores them: they are dropped,
-and those items are scored (MMAR's total is 1000). Breakdowns: MMAU by task, difficulty, category, sub-category; MMAR by modality,
-category, sub-category.
+and those items are scored (MMAR's total is 1000). Breakdowns: MMAU by task, difficulty, category,
+sub-category; MMAR by modality, category, sub-category.
 """
 
 from __future__ import annotations

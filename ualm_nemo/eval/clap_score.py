@@ -5,8 +5,9 @@ feature fusion (``aff_2d``), RoBERTa text branch. Audio: mono (channel mean) res
 ``librosa.load(sr=48000)`` does (soxr HQ, then ceil(n * 48000 / rate) samples: 5 s at 44.1 kHz gives 240001,
 which moves laion_clap's repeat padding), peak-normalised to -1 dBFS, int16 round trip; clips over 10 s take
 the fusion input (the whole clip shrunk + three random 10 s crops: their draws are seeded per clip with ``seed``,
-so a score is reproducible), shorter ones are repeat-padded to 10 s. Text: the prompt, RoBERTa-tokenised to 77 tokens. Score per clip: cosine similarity of the
-two (normalised) embeddings; the set's CLAP score is the mean over clips.
+so a score is reproducible), shorter ones are repeat-padded to 10 s. Text: the prompt, RoBERTa-tokenised to 77
+tokens. Score per clip: cosine similarity of the two (normalised) embeddings; the set's CLAP score is the mean
+over clips.
 
 Offline: laion_clap builds its RoBERTa with ``from_pretrained('roberta-base')`` and its tokenizer likewise (hub
 fetches). Here the RoBERTa is built from a config read off the checkpoint's own tensors (layers, width, vocab:
