@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -20,10 +20,13 @@ from megatron.core import parallel_state
 from ualm_nemo.model.config import ConfigError
 from ualm_nemo.training.dpo_reference import fingerprint, pair_table, reference_step, write_sidecar
 
+if TYPE_CHECKING:
+    from ualm_nemo.training.run_config import RunConfig
+
 log = logging.getLogger(__name__)
 
 
-def scoring_run(cfg: Mapping[str, Any]):
+def scoring_run(cfg: Mapping[str, Any]) -> RunConfig:
     """The run config, refused (ConfigError naming the key) unless it is a DPO run whose reference can be scored
     here: the dpo keys set, and every input folder and file present (check_local_paths). Needs no process group,
     so the command says a missing ``dpo.reference_checkpoint`` or ``train.init_from`` before starting one."""
