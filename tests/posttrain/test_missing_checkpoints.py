@@ -4,6 +4,7 @@ launcher runs, run_config.check_input_folders). The commands run in-process (``m
 
 from __future__ import annotations
 
+import logging
 import signal
 
 import pytest
@@ -12,23 +13,28 @@ from ualm_nemo.testing.examples import load_example
 
 
 @pytest.fixture()
-def keep_signal_handlers():
-    """train.py installs Slurm signal handlers on import: give pytest its own back."""
+def keep_process_state():
+    """train.py installs Slurm signal handlers on import and its main configures the root logger: give pytest
+    its own back."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    handlers, level = logging.root.handlers[:], logging.root.level
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+    logging.root.handlers[:], logging.root.level = handlers, level
 
 
 def _refused(command: str, overrides: list[str], monkeypatch, capsys) -> str:
-    monkeypatch.setattr("sys.argv", [f"{command}.py", *overrides])
+    # Hydra runs in this process: its logging set-up would stay on the root logger for later tests
+    monkeypatch.setattr("sys.argv", [f"{command}.py", *overrides, "hydra/job_logging=none",
+                                     "hydra/hydra_logging=none"])
     with pytest.raises(SystemExit) as refused:
         load_example(command).main()
     assert "Traceback" not in capsys.readouterr().err
     return str(refused.value.code)
 
 
-def test_missing_or_empty_checkpoints_are_one_line(tmp_path, monkeypatch, capsys, keep_signal_handlers):
+def test_missing_or_empty_checkpoints_are_one_line(tmp_path, monkeypatch, capsys, keep_process_state):
     pairs, convs, full, empty = tmp_path / "pairs.jsonl", tmp_path / "convs.jsonl", tmp_path / "sft", tmp_path / "empty"
     pairs.write_text("{}\n")
     convs.write_text("{}\n")
