@@ -13,6 +13,8 @@ item with its prediction and verdict) and ``report.md``. Malformed benchmark ent
 an item that cannot be answered is counted as wrong, never dropped, and named with its reason in report.json:
 unreadable audio (a missing or broken file, NaN / infinite samples, a clip shorter than one encoder frame) or a
 refused prompt (longer than the context rule allows: see --max-context).
+The accuracy over answered items only (the official scripts' convention, for comparing with published
+figures) is printed and reported beside it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("suite", choices=["understanding", "tta"])
     add_model_args(parser)
     parser.add_argument("--benchmark", choices=sorted(BREAKDOWNS), required=True)
-    parser.add_argument("--data", required=True, help="the benchmark's json list")
+    parser.add_argument("--data", required=True,
+                        help="the benchmark as published: a json list (MMAU) or JSON lines (MMAR-meta.jsonl)")
     parser.add_argument("--audio-root", help="folder the entries' audio paths are relative to (default: --data's)")
     parser.add_argument("--max-answer-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="the first N items only (a quick look; not a benchmark score)")
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  not answered {item_id}: {why}")
     if len(skipped) > SHOWN:
         print(f"  ... and {len(skipped) - SHOWN} more (report.json: skipped_items)")
+    print(f"over answered items only (the official scripts' convention): {understanding.over_answered(result)}")
     print(f"report: {json_path} {md_path}")
     return 0
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ualm_nemo.cli_numbers import non_negative_int, positive_int
 from ualm_nemo.data.stage_settings import StageSettings, StageSettingsError, check_or_record
-from ualm_nemo.data.tokenize_stage import count_cuts, num_shards, pick_device, select_shards, tokenize_source
+from ualm_nemo.data.tokenize_stage import (check_cuts_manifest, count_cuts, num_shards, pick_device, select_shards,
+                                          tokenize_source)
 from ualm_nemo.codec.xcodec import CodecTokenizer, build_tiny_xcodec
 
 
@@ -66,6 +67,10 @@ def main() -> None:
 
     if not Path(args.cuts).is_file():
         parser.error(f"--cuts {args.cuts}: no such file (examples/prepare_data.py writes it)")
+    try:
+        check_cuts_manifest(args.cuts)
+    except ValueError as e:
+        parser.error(f"--cuts {e}")
     num_cuts = count_cuts(args.cuts)
     total = num_shards(num_cuts, args.shard_size)
     try:

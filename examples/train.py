@@ -11,14 +11,14 @@ early_signals.install()  # first: a Slurm signal during the imports below must r
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from ualm_nemo.model.config import ConfigError  # noqa: E402
+from ualm_nemo.training.hydra_entry import hydra_main  # noqa: E402
 from ualm_nemo.training.train import train  # noqa: E402
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base=None)
+@hydra_main("train", prog="train.py")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

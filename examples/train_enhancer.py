@@ -12,15 +12,15 @@ early_signals.install()  # first: a Slurm signal during the imports below must r
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from ualm_nemo.enhance.config import EnhancerRun  # noqa: E402
 from ualm_nemo.enhance.training import train_enhancer  # noqa: E402
 from ualm_nemo.model.config import ConfigError  # noqa: E402
+from ualm_nemo.training.hydra_entry import hydra_main  # noqa: E402
 
 
-@hydra.main(config_path="../conf", config_name="enhancer", version_base=None)
+@hydra_main("enhancer", prog="train_enhancer.py")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     values = OmegaConf.to_container(cfg, resolve=True)
@@ -30,7 +30,11 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    result = train_enhancer(run)
+    try:
+        result = train_enhancer(run)
+    except ConfigError as err:  # train.data missing, empty or without a usable clip: one line naming the key
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     logging.info("enhancer %s at step %d: %s; skipped crops %s", result.state, result.step,
                  {k: round(v, 4) for k, v in result.losses.items()}, result.skipped or "none")
 

@@ -17,16 +17,9 @@ from launcher.cluster import REPO, ClusterConfig
 from ualm_nemo.model.builder import check_buildable
 from ualm_nemo.config_types import Problems
 from ualm_nemo.model.config import ConfigError
-from ualm_nemo.training.run_config import RunConfig, check_data_paths, run_config_from_dict
+from ualm_nemo.training.run_config import RunConfig, check_data_paths, check_input_folders, run_config_from_dict
 
 log = logging.getLogger(__name__)
-
-# (config key, what it is) for every input besides the data (run_config.check_data_paths) that must exist
-_PATHS = (("data.tokenizer", "tokenizer folder"), ("data.codec_path", "X-Codec folder"),
-          ("model.audio_in.encoder_path", "audio encoder folder"), ("train.init_from", "initial weights folder"))
-# folders that hold a model's files: an empty one fails only once the job has its GPUs
-_FILLED = ("data.tokenizer", "model.audio_in.encoder_path", "train.init_from")
-
 
 def hydra_value(key: str, value: str) -> str:
     """``key='value'`` that Hydra parses back to exactly ``value`` (else a ConfigError naming the key)."""
@@ -89,24 +82,14 @@ def check_layout(run: RunConfig, cluster: ClusterConfig) -> None:
              run.train.global_batch_size // (run.train.micro_batch_size * dp), run.train.micro_batch_size)
 
 
-def check_paths(cfg: dict[str, Any], run: RunConfig, cluster: ClusterConfig) -> None:
-    """Every input through the container mounts: the folders of ``_PATHS`` (present, and not empty where a
-    model's files must be), the manifests and each Shar source (its shards/ folder and task, as training checks
-    them). Every problem is listed in one ConfigErrors."""
+def check_paths(run: RunConfig, cluster: ClusterConfig) -> None:
+    """Every input through the container mounts: the input folders (run_config.check_input_folders: present, and
+    not empty where a model's files must be), the manifests and each Shar source (its shards/ folder and task, as
+    training checks them). Every problem is listed in one ConfigErrors."""
     where = " (container mounts mapped)" if cluster.container_mounts else ""
     problems = Problems()
-    for key, what in _PATHS:
-        section, *rest = key.split(".")
-        value: Any = cfg.get(section) or {}
-        for part in rest:
-            value = (value or {}).get(part) if isinstance(value, dict) else None
-        if not value or (key == "data.tokenizer" and value == "byte"):
-            continue
-        host = Path(cluster.mount_to_host(str(value)))
-        if not host.exists():
-            problems.add(f"{key}={value!r}: no such {what} on this host{where}")
-        elif key in _FILLED and host.is_dir() and next(host.iterdir(), None) is None:
-            problems.add(f"{key}={value!r}: the {what} is empty{where} (a copy or download that did not finish?)")
+    with problems.check():
+        check_input_folders(run, cluster.mount_to_host, where)
     with problems.check(suffix=where):
         check_data_paths(run, cluster.mount_to_host)
     problems.raise_all()
@@ -139,7 +122,7 @@ def validate_stage(overrides: list[str], cluster: ClusterConfig) -> tuple[RunCon
     with problems.check():
         check_buildable(run.model, check_imports=not cluster.container_image)
     with problems.check():
-        check_paths(cfg, run, cluster)
+        check_paths(run, cluster)
     problems.raise_all()
     return run, check_progress(run, cluster)
 

@@ -90,3 +90,26 @@ def test_a_broken_audio_safetensors_of_an_export_is_named(tiny_export, tmp_path)
     audio.write_bytes(audio.read_bytes()[:200])
     with pytest.raises(ValueError, match=r"audio\.safetensors: not a valid safetensors file .* truncated or corrupt"):
         UALMForConditionalGeneration.from_pretrained(hf)
+
+
+def test_a_truncated_model_safetensors_of_an_export_is_one_line(tiny_export, tmp_path, capsys):
+    """Cut inside the data (an interrupted copy) or inside the header: the import command and the loader behind
+    generate / chat / evaluate each say which file, in one line."""
+    from ualm_nemo.inference.hf_model import UALMForConditionalGeneration
+
+    hf = shutil.copytree(tiny_export["hf"], tmp_path / "hf")
+    model = hf / "model.safetensors"
+    whole = model.read_bytes()
+    for cut in (whole[:-50], whole[:100]):
+        model.write_bytes(cut)
+        with pytest.raises(ValueError, match=r"model\.safetensors: not a valid safetensors file .* truncated"):
+            UALMForConditionalGeneration.from_pretrained(hf)
+        argv = ["--checkpoint", str(hf), "--codec", str(tiny_export["codec"]), "--caption", "rain", "--out-dir",
+                str(tmp_path / "gen"), "--no-progress"]
+        with pytest.raises(SystemExit) as refused:
+            load_example("generate").main(argv)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and "Traceback" not in err
+        assert f"--checkpoint: cannot load: {model}: not a valid safetensors file" in err.strip().splitlines()[-1]
+        assert load_example("convert_hf_to_ualm").main([str(hf), str(tmp_path / "ckpt"), "--no-progress"]) == 2
+        assert f"{model}: not a valid safetensors file" in capsys.readouterr().err

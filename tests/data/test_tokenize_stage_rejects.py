@@ -204,3 +204,45 @@ def test_prepare_refuses_a_repeated_source_name(prepared, monkeypatch, capsys):
     err = _refused(prepare.main, capsys)
     assert "--source name(s) a given more than once" in err
     assert not (prepared / "p2").exists()
+
+
+def test_a_shard_whose_every_cut_was_rejected_stays_readable_by_lhotse(prepared):
+    """Shard 1 (c2, c3) loses both clips: it keeps one (empty) file per field, as the other shards have, so
+    Lhotse's own reader (``CutSet.from_shar``, by folder and by field lists) and ``read_shar`` read the folder."""
+    from lhotse import CutSet
+
+    for name in ("c2.wav", "c3.wav"):
+        wav = _tone(0.5 + 0.1 * int(name[1]))
+        wav[100] = np.nan
+        sf.write(str(prepared / name), wav, 16000, subtype="FLOAT")
+    report = tokenize_source(prepared / "prep" / "cuts.jsonl.gz", prepared / "shar", HashCodec(), shard_size=2,
+                             progress=False)
+    assert (report.num_cuts, report.num_rejects, report.shards_written) == (3, 2, [0, 1, 2])
+    shards = prepared / "shar" / "shards"
+    names = sorted(p.name for p in shards.iterdir())
+    assert [n for n in names if ".000001." in n] == ["codec_tokens.000001.tar", "cuts.000001.jsonl.gz",
+                                                      "recording.000001.tar"]
+    for cuts in (CutSet.from_shar(in_dir=str(shards)), read_shar(prepared / "shar")):
+        loaded = [(c.custom["caption"], c.load_audio().shape, c.load_codec_tokens().shape) for c in cuts]
+        assert [caption for caption, _, _ in loaded] == ["tone 0", "tone 1", "tone 4"]
+    fields = {f: sorted(str(p) for p in shards.glob(f"{f}.*")) for f in ("cuts", "recording", "codec_tokens")}
+    assert len(CutSet.from_shar(fields=fields).to_eager()) == 3
+
+
+def test_a_raw_manifest_given_as_cuts_is_one_line(prepared, monkeypatch, capsys):
+    """The raw jsonl (plain or gzipped) or an empty file where prepared cuts belong: one line saying what was
+    expected, before anything is written."""
+    import gzip
+
+    raw = (prepared / "tta.jsonl").read_bytes()
+    (prepared / "raw.jsonl.gz").write_bytes(gzip.compress(raw))
+    (prepared / "empty.jsonl.gz").write_bytes(gzip.compress(b""))
+    for name, why in (("tta.jsonl", "not gzip-compressed"), ("raw.jsonl.gz", "first line is not a Lhotse cut"),
+                      ("empty.jsonl.gz", "holds no cut")):
+        monkeypatch.setattr("sys.argv", ["tokenize_audio.py", "--cuts", str(prepared / name), "--out",
+                                         str(prepared / "shar"), "--no-progress"])
+        err = _refused(load_example("tokenize_audio").main, capsys)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("tokenize_audio.py: error: --cuts ") and "expected a prepared cuts.jsonl.gz" in line
+        assert why in line and "Traceback" not in err
+    assert not (prepared / "shar").exists()

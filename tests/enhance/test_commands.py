@@ -85,3 +85,36 @@ def test_codec_round_trip_degrades_the_input_like_generated_audio(tiny_export):
     assert torch.equal(out, codec(wav))  # deterministic: the same input gives the same degraded input
     with pytest.raises(FileNotFoundError, match="codec_round_trip"):
         CodecRoundTrip.from_pretrained(tiny_export["root"] / "nowhere")
+
+
+def test_train_enhancer_on_missing_empty_or_all_bad_data_is_one_line(tmp_path, monkeypatch, capsys):
+    """train.data missing, an empty folder, or a folder whose every clip is rejected (unreadable, too short, 3
+    channels): one line naming train.data, before any model or checkpoint folder exists."""
+    import logging
+    import signal
+
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "garbage.wav").write_bytes(b"not audio at all")
+    soundfile.write(bad / "short.wav", torch.zeros(480, 2).numpy(), 48000)
+    soundfile.write(bad / "three.wav", torch.zeros(48000, 3).numpy(), 48000)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    handlers, level = logging.root.handlers[:], logging.root.level  # main configures the root logger
+    try:
+        main = load_example("train_enhancer").main  # installs Slurm signal handlers: restored below
+        for data, why in ((tmp_path / "nope", "no such file or folder"), (tmp_path / "empty", "holds no audio"),
+                          (bad, "no usable clip, all 3 rejected")):
+            monkeypatch.setattr("sys.argv", ["train_enhancer.py", f"train.data={data}", "model.preset=tiny",
+                                             f"output_dir={tmp_path / 'run'}", "hydra/job_logging=none",
+                                             "hydra/hydra_logging=none"])  # Hydra's logging set-up stays out
+            with pytest.raises(SystemExit) as refused:
+                main()
+            err = capsys.readouterr().err
+            assert refused.value.code == 2 and "Traceback" not in err
+            assert err.strip().splitlines()[-1].startswith(f"error: train.data={str(data)!r}: {why}"), err
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        logging.root.handlers[:], logging.root.level = handlers, level
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -70,3 +71,42 @@ def test_mmar_fields_and_bad_files(tmp_path):
         read_benchmark(tmp_path / "broken.json", "mmau")
     with pytest.raises(ValueError, match="kind"):
         read_benchmark(path, "mmlu")
+
+
+def _official_string_match(answer, prediction, choices):
+    """MMAR's code/evaluation.py ``string_match``, written out."""
+    tokens = lambda text: set(re.findall(r"\b\w+\b", text.lower()))  # noqa: E731
+    said, wanted = tokens(prediction), tokens(answer)
+    if not said:
+        return False
+    wrong = set().union(*(tokens(c) - wanted for c in choices if tokens(c) != wanted))
+    return wanted <= said and said.isdisjoint(wrong)
+
+
+def test_mmar_meta_jsonl_as_published(tmp_path):
+    """MMAR-meta.jsonl is JSON lines; its 4 items with a trailing "" choice are scored (total 1000), as the official
+    script does; a line that is not JSON is rejected with its line number; the official figure leaves
+    unanswered items out."""
+    rows = [{"id": "a", "audio_path": "./audio/a.wav", "question": "q", "choices": ["Entered", "Did not enter", ""],
+             "answer": "Entered", "modality": "mix-sound-speech", "category": "Semantic Layer",
+             "sub-category": "s", "language": None, "rubric": [{"choices": [0, 1]}]},
+            {"id": "b", "audio_path": "./audio/b.wav", "question": "q", "choices": ["Yes", "No, there is distortion"],
+             "answer": "No, there is distortion", "modality": "music", "category": "Signal Layer"},
+            {"id": "c", "audio_path": "./audio/c.wav", "question": "q", "choices": ["x", "y"], "answer": "y",
+             "modality": "sound", "category": "Signal Layer"}]
+    path = tmp_path / "MMAR-meta.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n{broken\n" + json.dumps(rows[2]) + "\n")
+    items, rejected = read_benchmark(path, "mmar")
+    assert [i.id for i in items] == ["a", "b", "c"] and items[0].audio == tmp_path / "audio" / "a.wav"
+    assert items[0].choices == ("Entered", "Did not enter") and "(C)" not in items[0].prompt()
+    assert [(r.where, r.reason.split(":")[0]) for r in rejected] == [(f"{path}:3", "not a JSON line")]
+    for prediction in ("Entered", "Did not enter", "entered, not", ""):
+        assert is_correct(prediction, "Entered", items[0].choices) == _official_string_match(
+            "Entered", prediction, rows[0]["choices"])
+    result = score(items, {"a": "Entered", "b": "Yes"})  # c unanswered
+    assert (result.correct, result.total, result.answered) == (1, 3, 2)
+    assert result.accuracy == pytest.approx(1 / 3) and result.accuracy_over_answered == pytest.approx(1 / 2)
+    assert score(items, {}).accuracy_over_answered is None
+    (tmp_path / "junk.jsonl").write_text("{broken\n")
+    with pytest.raises(ValueError, match="JSON lines.*junk.jsonl:1: not a JSON line"):
+        read_benchmark(tmp_path / "junk.jsonl", "mmar")

@@ -37,3 +37,20 @@ def test_bad_probabilities_are_refused():
         paired_kl(np.full((2, 2), 0.5), np.full((3, 2), 0.5))
     with pytest.raises(ValueError, match="splits"):
         inception_score(np.full((3, 2), 0.5), splits=5)
+
+
+def test_inception_score_splits_at_audioldm_eval_boundaries():
+    """957 clips: audioldm_eval's splits are rows i*N//10 : (i+1)*N//10 of the seeded shuffle (np.array_split
+    puts the 7 spare rows in the first splits instead, which moves the score)."""
+    logits = np.random.default_rng(3).standard_normal((957, 527)) * 4
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    n = len(p)
+    shuffled = p[np.random.RandomState(2020).permutation(n)]
+    scores = []
+    for i in range(10):  # audioldm_eval metrics/isc.py, written out
+        chunk = shuffled[i * n // 10: (i + 1) * n // 10]
+        kl = (chunk * (np.log(chunk) - np.log(chunk.mean(0, keepdims=True)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    mean, std = inception_score(p)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-9) and std == pytest.approx(np.std(scores), rel=1e-9)

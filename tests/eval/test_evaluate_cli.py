@@ -25,6 +25,8 @@ def test_understanding_suite_end_to_end(tiny_export, tmp_path, capsys):
     assert {i["id"] for i in report["items"]} == {"q0", "q1", "q2", "gone"}
     assert all(isinstance(i["prediction"], str) for i in report["items"] if i["id"] != "gone")
     assert report["by_group"]["task"]["sound"]["total"] == 4
+    assert report["answered"] == 3 and report["accuracy_over_answered"] == report["correct"] / 3  # official figure
+    assert f"official scripts' convention): {100 * report['correct'] / 3:.2f} % ({report['correct']} / 3)" in printed
     assert "| sound |" in (out / "report.md").read_text()
     first = (out / "manifest.jsonl").read_text()
     assert load_example("evaluate").main(argv) == 0  # resumed: nothing answered again, the same report

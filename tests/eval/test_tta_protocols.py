@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from ualm_nemo.eval import audio_prep
@@ -156,3 +157,23 @@ def test_aesthetics_chunks_and_missing_checkpoint(tmp_path, metric_models):
     head, tail = scorer.scores(mono[:, :160000], 16000), scorer.scores(mono[:, 160000:], 16000)
     for axis in AXES:
         assert scores[axis] == pytest.approx((head[axis] + 0.2 * tail[axis]) / 1.2, rel=1e-4)
+
+
+@pytest.mark.parametrize("rate, samples", [(44100, 220500), (22050, 110250), (22050, 12345)])
+def test_clap_and_passt_take_librosa_load_lengths(tmp_path, rate, samples):
+    """SAM loads with ``librosa.load(sr=...)``: ceil(n * (48000 / rate)) in float arithmetic, one sample more than
+    soxr gives at these lengths (5 s at 44.1 kHz: 240001), which moves laion_clap's repeat padding."""
+    from ualm_nemo.eval.clap_score import ClapScorer
+    from ualm_nemo.eval.passt_kl import PasstClassifier
+
+    wav = (np.random.default_rng(0).standard_normal((2, samples)) * 0.1).astype(np.float32)
+    assert audio_prep.resample(wav, rate, 48000, "soxr_hq").shape[-1] == round(samples * 48000 / rate)
+    assert ClapScorer.prepare(wav, rate).shape == (int(np.ceil(samples * (48000 / rate))),)
+    assert ClapScorer.prepare(wav, rate).shape[0] == round(samples * 48000 / rate) + 1
+    assert PasstClassifier.prepare(wav, rate).shape == (int(np.ceil(samples * (32000 / rate))),)
+    librosa = pytest.importorskip("librosa")
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, wav.T, rate, subtype="FLOAT")
+    expected = librosa.load(path, sr=48000, mono=True)[0]
+    resampled = audio_prep.resample(audio_prep.mono(audio_prep.read_audio(path)[0]), rate, 48000, "librosa")[0]
+    assert resampled.shape == expected.shape and np.allclose(resampled, expected, atol=1e-6)

@@ -139,6 +139,13 @@ class HFFolder:
     def keys(self) -> list[str]:
         return list(self._file_of)
 
+    def check_files(self) -> None:
+        """Open every weight file's header (safetensors checks that the data covers it): a truncated or corrupt
+        file is a ValueError naming it, before a loader (transformers) fails on it without saying which."""
+        for name in sorted(set(self._file_of.values())):
+            with open_safetensors(self.path / name):
+                pass
+
     def _handle(self, key: str):
         if key not in self._file_of:
             raise KeyError(f"{self.path}: no tensor {key!r} in its safetensors")

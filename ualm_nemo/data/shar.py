@@ -66,11 +66,9 @@ def write_shard(cuts: Sequence[Cut], source_dir: str | Path, shard: int, fields:
                     warn_unused_fields=False) as writer:
         for cut in cuts:
             writer.write(cut)
+    if not cuts:  # every cut rejected: SharWriter opens no file, but Lhotse wants each field in every shard
+        _write_empty_shard(tmp, shard, fields)
     names = sorted(os.listdir(tmp), key=lambda n: n.startswith("cuts."))  # the cuts file lands last
-    if not names:  # an empty shard (every cut rejected): SharWriter opens no file
-        with gzip.open(tmp / f"cuts.{shard:06d}.jsonl.gz", "wt"):
-            pass
-        names = [f"cuts.{shard:06d}.jsonl.gz"]
     for name in names:
         os.replace(tmp / name, final / name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -86,6 +84,19 @@ def write_shard(cuts: Sequence[Cut], source_dir: str | Path, shard: int, fields:
     part.write_text(json.dumps(meta) + "\n", encoding="utf-8")
     os.replace(part, meta_path(source_dir, shard))
     return meta
+
+
+def _write_empty_shard(folder: Path, shard: int, fields: dict[str, str]) -> None:
+    """An empty cuts file and one empty file per field: Lhotse's readers (``CutSet.from_shar``) count the shards
+    of every field and refuse a folder where one field has fewer ("Expected 3 shards ... but found 2")."""
+    with gzip.open(folder / f"cuts.{shard:06d}.jsonl.gz", "wt"):
+        pass
+    for name, kind in fields.items():
+        if kind == "jsonl":  # Lhotse's JsonlShardWriter
+            with gzip.open(folder / f"{name}.{shard:06d}.jsonl.gz", "wt"):
+                pass
+        else:  # every other format is a TarWriter
+            tarfile.open(folder / f"{name}.{shard:06d}.tar", "w").close()
 
 
 def remove_leftovers(source_dir: str | Path, shards: Iterable[int]) -> int:

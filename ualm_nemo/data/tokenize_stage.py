@@ -55,6 +55,27 @@ from ualm_nemo.model.audio_frames import SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 
+def check_cuts_manifest(cuts_path: str | Path) -> None:
+    """Refuse, in one line, a file that is not a prepared cuts manifest (gzipped Lhotse cuts): a raw jsonl given
+    by mistake would otherwise fail deep inside gzip or Lhotse with a traceback. Reads the first line only."""
+    hint = "expected a prepared cuts.jsonl.gz (Lhotse cuts written by examples/prepare_data.py)"
+    try:
+        with gzip.open(cuts_path, "rt", encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), None)
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cuts_path}: {hint}; it is not gzip-compressed cuts ({err}; a raw manifest? run "
+                         "examples/prepare_data.py on it first)") from None
+    if first is None:
+        raise ValueError(f"{cuts_path}: {hint}; it holds no cut")
+    try:
+        item = deserialize_item(decode_json_line(first))
+    except Exception as err:  # Lhotse raises KeyError / ValueError / TypeError for a non-cut record
+        raise ValueError(f"{cuts_path}: {hint}; its first line is not a Lhotse cut ({type(err).__name__}: "
+                         f"{err}; a raw manifest? run examples/prepare_data.py on it first)") from None
+    if not isinstance(item, Cut):
+        raise ValueError(f"{cuts_path}: {hint}; its first line is a {type(item).__name__}, not a cut")
+
+
 def count_cuts(cuts_path: str | Path) -> int:
     with gzip.open(cuts_path, "rt", encoding="utf-8") as f:
         return sum(1 for line in f if line.strip())

@@ -48,7 +48,8 @@ def read_clips(source: str | Path, min_seconds: float = 0.1) -> ClipSet:
             try:
                 recordings.append(Recording.from_file(path, recording_id=str(path.relative_to(source))))
             except Exception as err:  # any unreadable header: a counted reject, never a crash mid-run
-                rejected.append((str(path), f"unreadable audio ({type(err).__name__}: {err})"))
+                detail = " ".join(str(err).split())[:300]  # lhotse's message spans lines: one line, bounded
+                rejected.append((str(path), f"unreadable audio ({type(err).__name__}: {detail})"))
         cuts = [c.with_id(c.recording_id) for c in CutSet.from_manifests(
             recordings=RecordingSet.from_recordings(recordings))] if recordings else []
     else:

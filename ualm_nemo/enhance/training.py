@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from ualm_nemo.enhance import checkpoints
 from ualm_nemo.enhance.config import EnhancerRun
-from ualm_nemo.enhance.data import PairBatches, read_clips
+from ualm_nemo.enhance.data import AUDIO_SUFFIXES, ClipSet, PairBatches, read_clips
 from ualm_nemo.enhance.discriminator import MultiScaleSTFTDiscriminator
 from ualm_nemo.enhance.losses import GeneratorLoss, discriminator_hinge
 from ualm_nemo.enhance.model import EnhancementVAE
 from ualm_nemo.distributed.parallel import launch_layout
 from ualm_nemo.enhance.tensorboard import log_examples
+from ualm_nemo.model.config import ConfigError
 from ualm_nemo.training import early_signals
 
 log = logging.getLogger(__name__)
@@ -78,17 +79,37 @@ def build_fabric(run: EnhancerRun, size: int, per_node: int, nodes: int) -> Fabr
                   loggers=TensorBoardLogger(run.output_dir, name="tensorboard", version=""))
 
 
+def training_clips(data: str) -> ClipSet:
+    """The usable clips of ``train.data``, every reject logged; a ConfigError naming the key when there are none
+    (missing, empty, unreadable as a manifest, or every clip rejected), before any model or process exists."""
+    try:
+        clips = read_clips(data)
+    except FileNotFoundError:
+        raise ConfigError(f"train.data={data!r}: no such file or folder") from None
+    except Exception as err:  # lhotse's load_manifest: an unknown suffix, bad JSON, not a manifest
+        raise ConfigError(f"train.data={data!r}: not a folder of audio files nor a Lhotse recordings / cuts "
+                          f"manifest ({type(err).__name__}: {err})") from None
+    for where, reason in clips.rejected:
+        log.warning("enhancer data: rejected %s: %s", where, reason)
+    if not clips.cuts and not clips.rejected:
+        raise ConfigError(f"train.data={data!r}: holds no audio ({', '.join(AUDIO_SUFFIXES)} files or manifest "
+                          "entries)")
+    if not clips.cuts:
+        where, reason = clips.rejected[0]
+        raise ConfigError(f"train.data={data!r}: no usable clip, all {len(clips.rejected)} rejected (e.g. "
+                          f"{where}: {reason})")
+    return clips
+
+
 def train_enhancer(run: EnhancerRun, progress: bool = True) -> TrainResult:
     """Train (or resume from ``<output_dir>/checkpoints``) until ``train.max_steps``."""
     cfg = run.train
     rank, size, per_node, nodes = launch_layout()
+    clips = training_clips(cfg.data)  # a signal meanwhile is recorded (early_signals.install) and acted on below
     early_signals.arm(run.output_dir, cfg.max_steps, rank)
     if cfg.global_batch_size % size:
         raise ValueError(f"enhancer.train.global_batch_size={cfg.global_batch_size} is not divisible by "
                          f"{size} processes")
-    clips = read_clips(cfg.data)
-    for where, reason in clips.rejected:
-        log.warning("enhancer data: rejected %s: %s", where, reason)
     codec = None
     if cfg.codec_round_trip:
         from ualm_nemo.enhance.codec_round_trip import CodecRoundTrip

@@ -46,21 +46,35 @@ def stereo(wav: np.ndarray) -> np.ndarray:
     return np.repeat(wav, 2, axis=0) if wav.shape[0] == 1 else wav[:2]
 
 
+def librosa_length(samples: int, rate: int, target: int) -> int:
+    """Samples librosa.resample (hence ``librosa.load(sr=target)``) returns: ``ceil(samples * (target / rate))``
+    in float arithmetic, so 5 s at 44.1 kHz -> 48 kHz gives 240001 (soxr itself gives 240000)."""
+    return int(np.ceil(samples * (float(target) / rate)))
+
+
 def resample(wav: np.ndarray, rate: int, target: int, method: str = "soxr_hq") -> np.ndarray:
-    """Resample along the last axis. ``soxr_hq``: librosa.load's default and stable-audio-metrics'
-    ``soxr.resample``; ``torchaudio``: ``torchaudio.functional.resample`` defaults (audioldm_eval, AES)."""
+    """Resample along the last axis. ``soxr_hq``: ``soxr.resample`` (stable-audio-metrics' FD OpenL3);
+    ``librosa``: what ``librosa.load(sr=target)`` returns (SAM's CLAP and PaSST): soxr HQ, then zero-padded or cut
+    to ``librosa_length`` (laion_clap's repeat padding and PaSST's windows see that length);
+    ``torchaudio``: ``torchaudio.functional.resample`` defaults (audioldm_eval, AES)."""
     if rate == target:
         return wav
-    if method == "soxr_hq":
+    if method in ("soxr_hq", "librosa"):
         import soxr
 
-        return np.ascontiguousarray(soxr.resample(wav.T, rate, target, quality="HQ").T.astype(np.float32))
+        out = np.ascontiguousarray(soxr.resample(wav.T, rate, target, quality="HQ").T.astype(np.float32))
+        return out if method == "soxr_hq" else fix_length(out, librosa_length(wav.shape[-1], rate, target))
     if method == "torchaudio":
         import torch
         import torchaudio
 
         return torchaudio.functional.resample(torch.from_numpy(wav), rate, target).numpy()
-    raise ValueError(f"resample method {method!r}: 'soxr_hq' or 'torchaudio'")
+    raise ValueError(f"resample method {method!r}: 'soxr_hq', 'librosa' or 'torchaudio'")
+
+
+def fix_length(wav: np.ndarray, samples: int) -> np.ndarray:
+    """Zero-pad or cut the end to exactly ``samples`` (librosa.util.fix_length)."""
+    return pad_to(wav, samples)[..., :samples]
 
 
 def peak_normalise(wav: np.ndarray, dbfs: float = -1.0) -> np.ndarray:

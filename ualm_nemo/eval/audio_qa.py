@@ -5,9 +5,12 @@ every word of the answer is in it and no word of another choice is (words the ot
 answer excepted). So "(A) Man" and "man's voice" match "Man"; "A" and "It is a man, not a woman" do not. The
 prompt therefore asks for the option text, not its letter.
 
-Every item is scored: an item without a prediction counts as wrong (the upstream scripts drop it from the
-total, which inflates accuracy). Breakdowns: MMAU by task, difficulty, category, sub-category; MMAR by modality,
-category, sub-category.
+Every item is scored: an item without a prediction counts as wrong. The upstream scripts leave such an item out
+of the total instead, which inflates accuracy; that figure is reported beside ours
+(``QAScore.accuracy_over_answered``) so results compare with published ones. Choices that are empty strings (4
+items of the published ``MMAR-meta.jsonl``) hold no words, so the official rule ignores them: they are dropped,
+and those items are scored (MMAR's total is 1000). Breakdowns: MMAU by task, difficulty, category,
+sub-category; MMAR by modality, category, sub-category.
 """
 
 from __future__ import annotations
@@ -62,21 +65,17 @@ class Rejected:
 
 def read_benchmark(path: str | Path, kind: str, audio_root: str | Path | None = None) -> tuple[list[QAItem],
                                                                                            list[Rejected]]:
-    """An MMAU or MMAR json list -> (items, rejected entries with their reasons). Relative audio paths resolve
-    against ``audio_root`` (default: the json's folder). A file that is not a json list is an error."""
+    """An MMAU or MMAR file -> (items, rejected entries with their reasons). The file is a json list (MMAU's
+    test-mini) or JSON lines (MMAR's ``MMAR-meta.jsonl`` as published; a line that is not JSON is rejected, not
+    fatal). Relative audio paths resolve against ``audio_root`` (default: the file's folder). A file that is
+    neither is an error."""
     if kind not in BREAKDOWNS:
         raise ValueError(f"benchmark kind {kind!r}: expected one of {sorted(BREAKDOWNS)}")
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the benchmark json: {err}") from err
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a non-empty json list of questions")
+    entries, rejected = _entries(path)
     root = Path(audio_root) if audio_root is not None else path.parent
-    items, rejected, seen = [], [], set()
-    for index, entry in enumerate(entries):
-        where = f"{path}[{index}]"
+    items, seen = [], set()
+    for where, entry in entries:
         try:
             item = _item(entry, kind, root)
         except ValueError as err:
@@ -90,6 +89,34 @@ def read_benchmark(path: str | Path, kind: str, audio_root: str | Path | None = 
     return items, rejected
 
 
+def _entries(path: Path) -> tuple[list[tuple[str, Any]], list[Rejected]]:
+    """The file's entries with where each stands (``file[index]`` or ``file:line``), and the lines that are not
+    JSON. A json list is read whole; anything else as JSON lines."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the benchmark file: {err}") from err
+    if text.lstrip().startswith("["):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: cannot read the benchmark json: {err}") from err
+        if not entries:
+            raise ValueError(f"{path}: expected a non-empty json list (or JSON lines) of questions")
+        return [(f"{path}[{k}]", e) for k, e in enumerate(entries)], []
+    entries, rejected = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                rejected.append(Rejected(f"{path}:{number}", f"not a JSON line: {err}"))
+    if not entries:
+        first = f" ({rejected[0].where}: {rejected[0].reason})" if rejected else ""
+        raise ValueError(f"{path}: expected a non-empty json list (or JSON lines) of questions{first}")
+    return entries, rejected
+
+
 def _item(entry: Any, kind: str, root: Path) -> QAItem:
     if not isinstance(entry, dict):
         raise ValueError(f"expected an object, got {type(entry).__name__}")
@@ -97,9 +124,11 @@ def _item(entry: Any, kind: str, root: Path) -> QAItem:
     if missing:
         raise ValueError(f"missing field(s) {missing}")
     choices = entry["choices"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip()
-                                                                    for c in choices):
-        raise ValueError("choices must be a list of at least 2 non-empty strings")
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise ValueError("choices must be a list of strings")
+    choices = [c for c in choices if c.strip()]  # MMAR lists 4 items with a trailing "": no words, no effect
+    if len(choices) < 2:
+        raise ValueError("choices must hold at least 2 non-empty strings")
     answer = entry["answer"]
     if not isinstance(answer, str) or answer.strip().lower() not in [c.strip().lower() for c in choices]:
         raise ValueError(f"answer {answer!r} is not one of the choices")
@@ -120,6 +149,16 @@ class QAScore:
     unanswered: int
     by_group: dict[str, dict[str, dict[str, float]]]  # key -> value -> {"accuracy", "correct", "total"}
     items: list[dict[str, Any]]  # every item with its prediction and verdict
+
+    @property
+    def answered(self) -> int:
+        return self.total - self.unanswered
+
+    @property
+    def accuracy_over_answered(self) -> float | None:
+        """The official scripts' figure: items without a prediction left out of the total (None: none answered).
+        Published MMAU / MMAR numbers use it; ``accuracy`` (every item) is never higher."""
+        return self.correct / self.answered if self.answered else None
 
 
 def score(items: Sequence[QAItem], predictions: Mapping[str, str]) -> QAScore:

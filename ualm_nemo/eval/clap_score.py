@@ -1,11 +1,13 @@
 """CLAP score: cosine of LAION-CLAP text and audio embeddings (stable-audio-metrics' protocol).
 
 Protocol (SAM ``clap_score``, laion_clap 1.1.5, ``630k-audioset-fusion-best.pt``): HTSAT-tiny audio branch with
-feature fusion (``aff_2d``), RoBERTa text branch. Audio: mono (channel mean) resampled (soxr HQ) to 48 kHz,
-peak-normalised to -1 dBFS, int16 round trip; clips over 10 s take the fusion input (the whole clip shrunk + three
-random 10 s crops: their draws are seeded per clip with ``seed``, so a score is reproducible), shorter ones are
-repeat-padded to 10 s. Text: the prompt, RoBERTa-tokenised to 77 tokens. Score per clip: cosine similarity of the
-two (normalised) embeddings; the set's CLAP score is the mean over clips.
+feature fusion (``aff_2d``), RoBERTa text branch. Audio: mono (channel mean) resampled to 48 kHz as
+``librosa.load(sr=48000)`` does (soxr HQ, then ceil(n * 48000 / rate) samples: 5 s at 44.1 kHz gives 240001,
+which moves laion_clap's repeat padding), peak-normalised to -1 dBFS, int16 round trip; clips over 10 s take
+the fusion input (the whole clip shrunk + three random 10 s crops: their draws are seeded per clip with ``seed``,
+so a score is reproducible), shorter ones are repeat-padded to 10 s. Text: the prompt, RoBERTa-tokenised to 77
+tokens. Score per clip: cosine similarity of the two (normalised) embeddings; the set's CLAP score is the mean
+over clips.
 
 Offline: laion_clap builds its RoBERTa with ``from_pretrained('roberta-base')`` and its tokenizer likewise (hub
 fetches). Here the RoBERTa is built from a config read off the checkpoint's own tensors (layers, width, vocab:
@@ -125,7 +127,7 @@ class ClapScorer:
     @staticmethod
     def prepare(wav: np.ndarray, rate: int) -> np.ndarray:
         """File samples -> [samples] at 48 kHz: mono, peak-normalised, int16 round trip."""
-        wav = audio_prep.peak_normalise(audio_prep.resample(audio_prep.mono(wav), rate, RATE, "soxr_hq"))
+        wav = audio_prep.peak_normalise(audio_prep.resample(audio_prep.mono(wav), rate, RATE, "librosa"))
         return audio_prep.int16_round_trip(wav)[0]
 
     def features(self, wav: np.ndarray, rate: int) -> dict[str, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Protocols (audioldm_eval / stable-audio-metrics, see ../shared/notes/evaluation.md):
 * IS: softmax over the classifier's 527 AudioSet classes per clip; the clips shuffled with
-  ``numpy.random.RandomState(2020)`` and cut into 10 splits; per split exp(mean_i KL(p_i || mean_j p_j));
+  ``numpy.random.RandomState(2020)`` and cut into 10 splits at audioldm_eval's boundaries (split i holds
+  rows ``i*N//10 : (i+1)*N//10``, not ``np.array_split``'s, which differ when N is not a multiple of 10);
+  per split exp(mean_i KL(p_i || mean_j p_j));
   reported as the mean and the population standard deviation over splits.
 * KL: per clip pair (generated, reference), the softmax of each clip's window-averaged logits.
   stable-audio-metrics computes torch's ``kl_div(log(p_ref + 1e-6), p_gen, reduction="sum")``, i.e.
@@ -35,7 +37,9 @@ def inception_score(probs: np.ndarray, splits: int = 10, seed: int = 2020) -> tu
         raise ValueError(f"splits={splits} must lie in [1, number of clips={p.shape[0]}]")
     p = p[np.random.RandomState(seed).permutation(p.shape[0])]
     scores = []
-    for part in np.array_split(p, splits):
+    n = p.shape[0]
+    for i in range(splits):
+        part = p[i * n // splits: (i + 1) * n // splits]  # audioldm_eval's split boundaries
         marginal = part.mean(axis=0, keepdims=True)
         kl = (part * (np.log(part + 1e-12) - np.log(marginal + 1e-12))).sum(axis=1)
         scores.append(float(np.exp(kl.mean())))

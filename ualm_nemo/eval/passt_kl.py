@@ -1,8 +1,8 @@
 """KL PaSST: per-pair KL divergence of AudioSet class distributions (stable-audio-metrics' protocol).
 
 Protocol (SAM ``passt_kld``):
-* each file to mono (channel mean), resampled (soxr HQ, librosa.load's default) to 32 kHz, peak-normalised
-  to -1 dBFS;
+* each file to mono (channel mean), resampled to 32 kHz as ``librosa.load(sr=32000)`` does (soxr HQ, then
+  ceil(n * 32000 / rate) samples), peak-normalised to -1 dBFS;
 * PaSST ``passt_s_swa_p16_128_ap476`` (hear21passt 0.0.26, 527 logits) on 10 s windows every 5 s: starts
   0, 5 s, ... below ``max(5 s, length - 5 s)``; a window shorter than 10 s is zero-padded to 10 s when it is
   longer than 1.5 s, else (a clip under 1.5 s) fed as it is, as SAM does;
@@ -94,7 +94,7 @@ class PasstClassifier:
     @staticmethod
     def prepare(wav: np.ndarray, rate: int) -> np.ndarray:
         """File samples -> mono 32 kHz peak-normalised [samples]."""
-        return audio_prep.peak_normalise(audio_prep.resample(audio_prep.mono(wav), rate, RATE, "soxr_hq"))[0]
+        return audio_prep.peak_normalise(audio_prep.resample(audio_prep.mono(wav), rate, RATE, "librosa"))[0]
 
     @torch.no_grad()
     def logits(self, wav: np.ndarray, rate: int) -> np.ndarray:

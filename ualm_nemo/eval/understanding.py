@@ -78,7 +78,8 @@ def report(result: QAScore, rejected: Sequence[Rejected], skipped: dict[str, str
            out_dir: Path) -> tuple[Path, Path]:
     """``report.json`` (every figure, every item with its prediction) and ``report.md`` (the table)."""
     data = {**meta, "accuracy": result.accuracy, "correct": result.correct, "total": result.total,
-            "unanswered": result.unanswered, "rejected_entries": [vars(r) for r in rejected],
+            "unanswered": result.unanswered, "accuracy_over_answered": result.accuracy_over_answered,
+            "answered": result.answered, "rejected_entries": [vars(r) for r in rejected],
             "skipped_items": skipped, "by_group": result.by_group, "items": result.items}
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
     json_path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
@@ -86,7 +87,9 @@ def report(result: QAScore, rejected: Sequence[Rejected], skipped: dict[str, str
              f"({result.correct} / {result.total})", "",
              f"checkpoint `{meta.get('checkpoint')}`; {len(rejected)} malformed entries not scored (listed in "
              f"report.json); {len(skipped)} items without an answer (unreadable audio or input refused, each with "
-             "its reason in report.json) counted as wrong.", ""]
+             "its reason in report.json) counted as wrong.", "",
+             f"Over answered items only (the official scripts leave unanswered ones out): {over_answered(result)}.",
+             ""]
     for key, groups in result.by_group.items():
         lines += [f"| {key} | accuracy | correct / total |", "|---|---|---|"]
         lines += [f"| {value} | {100 * g['accuracy']:.2f} % | {g['correct']} / {g['total']} |"
@@ -96,4 +99,11 @@ def report(result: QAScore, rejected: Sequence[Rejected], skipped: dict[str, str
     return json_path, md_path
 
 
-__all__ = ["answer", "conversation", "job_items", "predictions", "report", "score"]
+def over_answered(result: QAScore) -> str:
+    """The official scripts' figure as text: accuracy over the items that have a prediction."""
+    if result.accuracy_over_answered is None:
+        return "no item answered"
+    return f"{100 * result.accuracy_over_answered:.2f} % ({result.correct} / {result.answered})"
+
+
+__all__ = ["answer", "conversation", "job_items", "over_answered", "predictions", "report", "score"]

@@ -51,7 +51,7 @@ class UALMForConditionalGeneration(nn.Module):
                         attn_implementation: str = "sdpa") -> "UALMForConditionalGeneration":
         from transformers import AutoModelForCausalLM
 
-        from ualm_nemo.convert.hf_folder import load_safetensors
+        from ualm_nemo.convert.hf_folder import HFFolder, load_safetensors
 
         from ualm_nemo.model.config import UALMConfig
         from ualm_nemo.convert.qwen2_keymap import check_compatible
@@ -64,6 +64,7 @@ class UALMForConditionalGeneration(nn.Module):
         cfg = UALMConfig.from_dict(json.loads(config_file.read_text()))
         if not (folder / AUDIO_FILE).is_file():
             raise FileNotFoundError(f"{folder} has no {AUDIO_FILE} (the audio rows, heads and adapter)")
+        HFFolder(folder).check_files()  # a truncated model.safetensors is named (transformers' error does not)
         lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
         check_compatible(lm.config, cfg)
         parts = load_safetensors(folder / AUDIO_FILE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,28 @@ from megatron.core import parallel_state
 from ualm_nemo.model.config import ConfigError
 from ualm_nemo.training.dpo_reference import fingerprint, pair_table, reference_step, write_sidecar
 
+if TYPE_CHECKING:
+    from ualm_nemo.training.run_config import RunConfig
+
 log = logging.getLogger(__name__)
+
+
+def scoring_run(cfg: Mapping[str, Any]) -> RunConfig:
+    """The run config, refused (ConfigError naming the key) unless it is a DPO run whose reference can be scored
+    here: the dpo keys set, and every input folder and file present (check_local_paths). Needs no process group,
+    so the command says a missing ``dpo.reference_checkpoint`` or ``train.init_from`` before starting one."""
+    from ualm_nemo.training.run_config import check_local_paths, run_config_from_dict
+
+    run = run_config_from_dict(dict(cfg))
+    dpo = run.dpo
+    if run.train.stage != "dpo" or dpo is None:
+        raise ConfigError("score_reference scores a DPO run's pairs: give stage=dpo and its data / dpo keys")
+    if not dpo.reference_checkpoint:
+        raise ConfigError("dpo.reference_checkpoint: the checkpoint to score (usually the SFT result)")
+    if not dpo.reference_logps:
+        raise ConfigError("dpo.reference_logps: where to write the sidecar")
+    check_local_paths(run)
+    return run
 
 
 def score_reference(cfg: Mapping[str, Any]) -> Path:
@@ -33,17 +54,9 @@ def score_reference(cfg: Mapping[str, Any]) -> Path:
     from ualm_nemo.training.dpo_reference import load_reference_model
     from ualm_nemo.training.data_setup import build_train_dataset
     from ualm_nemo.training.engine import row_log_probs
-    from ualm_nemo.training.run_config import check_local_paths, run_config_from_dict
 
-    run = run_config_from_dict(dict(cfg))
-    check_local_paths(run)
+    run = scoring_run(cfg)
     dpo = run.dpo
-    if run.train.stage != "dpo" or dpo is None:
-        raise ConfigError("score_reference scores a DPO run's pairs: give stage=dpo and its data / dpo keys")
-    if not dpo.reference_checkpoint:
-        raise ConfigError("dpo.reference_checkpoint: the checkpoint to score (usually the SFT result)")
-    if not dpo.reference_logps:
-        raise ConfigError("dpo.reference_logps: where to write the sidecar")
     run.validate(dist.get_world_size())
     # one batch per call: interleaved stages (a training-throughput layout) would need PP micro-batches per call;
     # scoring without them reads the same weights and gives the same log-probs

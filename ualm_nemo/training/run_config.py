@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -264,18 +265,50 @@ def check_data_paths(run: RunConfig, to_host: Callable[[str], str] = str) -> Non
     problems.raise_all()
 
 
-def check_local_paths(run: RunConfig) -> None:
-    """On the machine that trains: the data (check_data_paths), and output_dir can be created and written; all
-    problems at once."""
+# (config key, what it is) of every input folder besides the data (check_data_paths) that must exist
+INPUT_FOLDERS = (("data.tokenizer", "tokenizer folder"), ("data.codec_path", "X-Codec folder"),
+                 ("model.audio_in.encoder_path", "audio encoder folder"), ("train.init_from", "initial weights folder"),
+                 ("dpo.reference_checkpoint", "reference checkpoint folder"))
+# folders that hold a model's files: an empty one fails only once the model is built
+_FILLED = ("data.tokenizer", "model.audio_in.encoder_path", "train.init_from", "dpo.reference_checkpoint")
+
+
+def check_input_folders(run: RunConfig, to_host: Callable[[str], str] = str, where: str = "") -> None:
+    """Each folder of ``INPUT_FOLDERS`` the run names exists (and is not empty where a model's files must be),
+    said with its key; ``where`` ends each message (the launcher: its container mounts). The launcher and the
+    commands that train or score (check_local_paths) run the same check. Every problem in one ConfigErrors."""
     problems = Problems()
-    with problems.check():
-        check_data_paths(run)
-    with problems.check():
-        _check_output_dir(run.output_dir)
+    for key, what in INPUT_FOLDERS:
+        value: Any = run
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if not value or (key == "data.tokenizer" and value == "byte"):
+            continue
+        host = Path(to_host(str(value)))
+        if not host.exists():
+            problems.add(f"{key}={value!r}: no such {what} on this host{where}")
+        elif key in _FILLED and host.is_dir() and next(host.iterdir(), None) is None:
+            problems.add(f"{key}={value!r}: the {what} is empty{where} (a copy or download that did not finish?)")
     problems.raise_all()
 
 
-def _check_output_dir(output_dir: str) -> None:
+def check_local_paths(run: RunConfig) -> None:
+    """On the machine that trains (or scores): the input folders (check_input_folders), the data
+    (check_data_paths), and output_dir can be created and written; all problems at once."""
+    problems = Problems()
+    with problems.check():
+        check_input_folders(run)
+    with problems.check():
+        check_data_paths(run)
+    with problems.check():
+        check_output_dir(run.output_dir)
+    problems.raise_all()
+
+
+def check_output_dir(output_dir: str) -> None:
+    """ConfigError unless ``output_dir`` exists as a folder or can be created, and can be written. The nearest
+    existing folder gets a real probe (a temporary folder made and removed): root passes ``os.access`` anywhere,
+    also in /proc, where nothing can be created."""
     path = Path(output_dir).absolute()
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
@@ -287,6 +320,11 @@ def _check_output_dir(output_dir: str) -> None:
         raise ConfigError(f"output_dir={output_dir!r} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir={output_dir!r} cannot be written: no write permission on {existing}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ualm-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"output_dir={output_dir!r} cannot be created: {existing} accepts no new folder "
+                          f"({e.strerror})") from None
 
 
 def _check_shar_sources(run: RunConfig, to_host: Callable[[str], str]) -> None:
