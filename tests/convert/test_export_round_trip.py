@@ -35,21 +35,35 @@ def _checkpoint_tensors_differ(first: Path, second: Path) -> list[str]:
 
 
 def _round_trip(root: str, ckpt: str, hf: str) -> dict:
+    """Import the export and export that again; export a run that recorded ``data.tokenizer=byte``."""
     r = Path(root)
-    rcs = (load_example("convert_hf_to_ualm").main([hf, str(r / "ckpt2"), "--no-progress"]),
-           load_example("convert_ualm_to_hf").main([str(r / "ckpt2"), str(r / "hf2"), "--no-progress"]))
-    return {"rc": rcs, "differ": _checkpoint_tensors_differ(Path(ckpt), r / "ckpt2")}
+    hf2u, u2hf = load_example("convert_hf_to_ualm"), load_example("convert_ualm_to_hf")
+    rcs = (hf2u.main([hf, str(r / "ckpt2"), "--no-progress"]),
+           u2hf.main([str(r / "ckpt2"), str(r / "hf2"), "--no-progress"]))
+    shutil.copytree(ckpt, r / "byte_run")  # what training now records beside the weights
+    common_file = next((r / "byte_run").glob("iter_*/ualm_common.pt"))
+    common = torch.load(common_file, weights_only=False)
+    del common["imported_from"]
+    torch.save({**common, "tokenizer": "byte"}, common_file)
+    rc_byte = u2hf.main([str(r / "byte_run"), str(r / "hf_byte"), "--no-progress"])
+    return {"rc": rcs, "rc_byte": rc_byte, "differ": _checkpoint_tensors_differ(Path(ckpt), r / "ckpt2")}
+
+
+@pytest.fixture(scope="module")
+def round_trip(tiny_export, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("round_trip")
+    out = run_distributed(1, _round_trip, str(root), str(tiny_export["ckpt"]), str(tiny_export["hf"]))[0]
+    return {**out, "root": root}
 
 
 def _files(folder: Path, pattern: str) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(pattern))
 
 
-def test_export_round_trip_is_bit_exact_with_audio(tiny_export, tmp_path):
-    out = run_distributed(1, _round_trip, str(tmp_path), str(tiny_export["ckpt"]), str(tiny_export["hf"]))[0]
-    assert out["rc"] == (0, 0)
-    assert out["differ"] == []  # every tensor of the re-imported checkpoint, audio rows / heads / adapter / tower
-    first, second = tiny_export["hf"], tmp_path / "hf2"
+def test_export_round_trip_is_bit_exact_with_audio(tiny_export, round_trip):
+    assert round_trip["rc"] == (0, 0)
+    assert round_trip["differ"] == []  # every tensor of the re-imported checkpoint: audio rows, heads, adapter, tower
+    first, second = tiny_export["hf"], round_trip["root"] / "hf2"
     names = _files(first, "*.safetensors")
     assert "audio.safetensors" in names and "audio_encoder/model.safetensors" in names
     assert _files(second, "*.safetensors") == names
@@ -93,3 +107,27 @@ def test_export_with_unusable_audio_parts_is_refused(tiny_export, tmp_path, caps
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_export_carries_the_run_tokenizer_and_evaluate_text_loads_it(round_trip, tmp_path):
+    """A data.tokenizer=byte run (the demo's): the export holds a transformers tokenizer with the byte ids."""
+    from transformers import AutoTokenizer
+
+    from ualm_nemo.data.tokenizer import ByteChatTokenizer, HFTokenizer
+
+    folder = round_trip["root"] / "hf_byte"
+    assert round_trip["rc_byte"] == 0
+    text = "Héllo, wörld 42!\n\t~"
+    assert AutoTokenizer.from_pretrained(folder).encode(text, add_special_tokens=False) == \
+        ByteChatTokenizer().encode(text)
+    hf_tok = HFTokenizer(folder)
+    assert (hf_tok.im_start_id, hf_tok.im_end_id, hf_tok.eos_ids) == (257, 258, ByteChatTokenizer().eos_ids)
+    # evaluate.py text's loading path with no --tokenizer (the folder's own): its check, then lm_eval's HFLM
+    from ualm_nemo.eval import text_bench, text_suite
+
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
+    text_suite.prepare(text_suite.TextSuiteArgs(hf=str(folder), gsm8k=str(gsm), gsm8k_shots=0,
+                                                out_dir=str(tmp_path / "out")))
+    lm = text_bench.build_lm(folder, folder, "float32", 1, "cpu")
+    assert lm.tok_encode(text) == ByteChatTokenizer().encode(text) and lm.eot_token_id == 256

@@ -328,7 +328,8 @@ class UALMModel(ModelPT):
     # --- checkpoint extras ----------------------------------------------------------------------
     def checkpoint_extra(self) -> dict[str, Any]:
         extra = {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps,
-                 "validation": self.last_validation, "evaluation": self.last_evaluation}
+                 "validation": self.last_validation, "evaluation": self.last_evaluation,
+                 "tokenizer": str(self.run.data.tokenizer)}  # the export copies it into the HF folder
         if self.run.data.shar is not None:  # one loader position per DP rank, all saved by rank 0
             states = [None] * parallel_state.get_data_parallel_world_size()
             torch.distributed.all_gather_object(states, self.data_state,
