@@ -7,7 +7,7 @@ downloaded elsewhere: the scores they give mean nothing).
 
 Writes OpenL3, PaSST, PANNs, CLAP (+ its tokenizer folder) and AudioBox-Aesthetics checkpoints at their real
 sizes, in their release formats and file names, plus RANDOM_WEIGHTS.txt saying they are random and listing the
-evaluate.py tta flags (also printed). Offline; about 400 MB.
+evaluate.py tta flags (also printed). Offline; about 1.2 GB.
 """
 
 import argparse
