@@ -4,7 +4,10 @@
         --audio-encoder /models/Qwen2.5-Omni-7B --tensor-parallel 4 --pipeline-parallel 2
 
 Without --model the backbone is read from the HF config.json (audio parts at their defaults). --set takes
-model-config overrides (``audio_out.head=per_codebook``). --tensor/--pipeline-parallel only check that the
+model-config overrides (``audio_out.head=per_codebook``). A UALM export (examples/convert_ualm_to_hf.py) imports
+whole: its ualm_config.json is the model config when --model is left out, its audio.safetensors gives the audio
+rows, heads and adapter, and its audio_encoder/ the tower (unless --audio-encoder names another); an
+audio.safetensors that does not fit the config is refused with the entries that are wrong. --tensor/--pipeline-parallel only check that the
 layout you will train at divides the model: the checkpoint itself reshards on load to any layout.
 Memory: one tensor in flight (at most the text embedding table), never the model; see ualm_nemo/convert/importer.py.
 """
@@ -38,10 +41,12 @@ def model_config(args):
     import json
     from pathlib import Path
 
+    from ualm_nemo.convert.audio_parts import export_config, with_export_encoder
     from ualm_nemo.convert.configs import backbone_from_hf_config, load_model_config
     from ualm_nemo.convert.importer import with_encoder
     from ualm_nemo.model.config import AudioInputConfig, UALMConfig
 
+    exported = export_config(args.hf_dir)  # a UALM export records its whole model config
     if args.model:
         cfg = load_model_config(args.model, args.set)
     else:
@@ -49,7 +54,7 @@ def model_config(args):
         if not config_file.is_file():
             raise FileNotFoundError(f"HF folder {args.hf_dir} has no config.json")
         backbone = backbone_from_hf_config(json.loads(config_file.read_text()))
-        cfg = UALMConfig(backbone=backbone, audio_in=AudioInputConfig(enabled=False))
+        cfg = exported or UALMConfig(backbone=backbone, audio_in=AudioInputConfig(enabled=False))
         if args.set:
             from omegaconf import OmegaConf
 
@@ -57,7 +62,7 @@ def model_config(args):
 
             merged = OmegaConf.merge(OmegaConf.create(config_to_dict(cfg)), OmegaConf.from_dotlist(args.set))
             cfg = UALMConfig.from_dict(OmegaConf.to_container(merged))
-    cfg = with_encoder(cfg, args.audio_encoder)
+    cfg = with_encoder(cfg, args.audio_encoder) if args.audio_encoder else with_export_encoder(cfg, args.hf_dir)
     if args.no_audio_input:
         cfg = replace(cfg, audio_in=replace(cfg.audio_in, enabled=False))
     if args.params_dtype:

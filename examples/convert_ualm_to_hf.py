@@ -21,7 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("out", help="HF folder to create")
     p.add_argument("--model", help="conf/model name, a model YAML or a ualm_config.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model-config override")
-    p.add_argument("--tokenizer", help="folder whose tokenizer files are copied (default: the import's HF source)")
+    p.add_argument("--tokenizer", help="folder whose tokenizer files are copied, or 'byte' (default: the run's "
+                   "data.tokenizer, which training records; for an import, its HF source)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights (default: the model's params_dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--overwrite", action="store_true")

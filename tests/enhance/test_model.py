@@ -108,3 +108,26 @@ def test_full_size_is_the_documented_architecture():
 def test_config_errors_name_the_key(values, match):
     with pytest.raises(ConfigError, match=match):
         EnhancerRun.from_dict(values)
+
+
+# what the enhancer tests train with (tests/enhance/test_training.py and the command tests): the tiny preset
+TEST_DISCRIMINATOR = {"discriminator_filters": 4, "discriminator_ffts": (512, 128)}
+
+
+def test_tiny_preset_carries_the_test_settings_through_the_yaml():
+    """``model.preset=tiny`` on conf/enhancer.yaml as train_enhancer.py composes it: the tests' discriminator, a
+    short segment and batch (no timing here: the sizes that make a step take well under a second on CPU)."""
+    from launcher.validate import compose_run
+
+    tiny = EnhancerRun.from_dict(compose_run(["model.preset=tiny", "train.data=x"], "enhancer"))
+    assert {k: getattr(tiny.loss, k) for k in TEST_DISCRIMINATOR} == TEST_DISCRIMINATOR
+    assert (tiny.train.segment_seconds, tiny.train.global_batch_size) == (0.16, 2)
+    disc = MultiScaleSTFTDiscriminator(2, tiny.loss.discriminator_ffts, tiny.loss.discriminator_filters)
+    assert (parameter_count(EnhancementVAE(tiny.model)), parameter_count(disc)) == (17372, 3900)
+    full = EnhancerRun.from_dict(compose_run(["train.data=x"], "enhancer"))
+    assert (full.loss.discriminator_filters, full.loss.discriminator_ffts) == (32, (2048, 1024, 512, 256, 128))
+    assert (full.train.segment_seconds, full.train.global_batch_size) == (1.28, 32)
+    assert full.loss == LossWeights()  # the yaml's full preset is the dataclass defaults
+    given = EnhancerRun.from_dict(compose_run(["model.preset=tiny", "train.data=x", "loss.discriminator_filters=8",
+                                               "train.global_batch_size=4"], "enhancer"))
+    assert (given.loss.discriminator_filters, given.train.global_batch_size) == (8, 4)  # a given key wins

@@ -135,3 +135,20 @@ def test_cfg_sweep_generated_with_the_tiny_model_and_resumed(tiny_export, tmp_pa
     assert "resuming" in capsys.readouterr().out
     assert [(out / f"cfg{c}" / "manifest.jsonl").read_text() for c in (1, 2)] == manifests
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+
+
+def test_random_metric_checkpoints_command_is_documented_and_scores(tmp_path, metric_models, capsys):
+    """The session's metric models come from examples/make_random_metric_checkpoints.py: its note says they are
+    random, and evaluate.py tta runs with the flags the note lists (as the README shows)."""
+    note = (metric_models["aes"].parent / "RANDOM_WEIGHTS.txt").read_text()
+    assert "RANDOM weights" in note and "meaningless" in note
+    flags = note.strip().splitlines()[-1].split()
+    assert flags == _model_args(metric_models)
+    data, lines = _eval_set(tmp_path, reference=False)
+    argv = ["tta", "--generated", str(_generated(tmp_path, lines)), "--data", str(data), "--metrics", "clap",
+            "--device", "cpu", "--out-dir", str(tmp_path / "out"), "--no-progress", *flags]
+    assert load_example("evaluate").main(argv) == 0
+    metrics = json.loads((tmp_path / "out" / "report.json").read_text())["rows"][0]["metrics"]
+    assert isinstance(metrics["clap"], float)
+    refused = load_example("make_random_metric_checkpoints").main([str(metric_models["aes"].parent)])
+    assert refused == 2 and "not empty" in capsys.readouterr().err  # never written over without --overwrite

@@ -99,6 +99,7 @@ def test_validation_series_survives_a_resume(tmp_path, demo_shar):
     common = torch.load(tmp_path / "resumed" / "checkpoints" / "iter_0000003" / "ualm_common.pt",
                         weights_only=False)
     assert common["validation"] == out["first_last"] == straight[0]
+    assert common["tokenizer"] == "byte"  # data.tokenizer: the HF export writes it into the folder
 
     last = straight[-1]
     assert last["loss"] == out["eval_loss"]  # the held-out loss is the training loss on the same batches

@@ -118,10 +118,38 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
             exported = replace(exported, audio_in=replace(cfg.audio_in, encoder_path=ENCODER_DIR, random_encoder=False))
         (tmp / UALM_CONFIG_FILE).write_text(json.dumps(config_to_dict(exported), indent=2) + "\n")
         if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
+            write_tokenizer(tokenizer_dir, tmp)
         else:
             log.warning("no tokenizer folder given: %s has no tokenizer files", out)
     return out
+
+
+def write_tokenizer(spec: str | Path, dst: Path) -> None:
+    """The run's tokenizer into the export: ``byte`` (the demo's, no files) written as a transformers tokenizer
+    with the same ids, a folder's tokenizer files copied."""
+    if str(spec) == "byte":
+        from ualm_nemo.data.tokenizer import save_byte_tokenizer
+
+        save_byte_tokenizer(dst)
+    else:
+        copy_tokenizer_files(spec, dst)
+
+
+def recorded_tokenizer(iteration: Path) -> str | None:
+    """The tokenizer a checkpoint was made with: the run's ``data.tokenizer`` (training records it), else the
+    HF folder an import came from when it holds tokenizer files; None when neither is known or still there."""
+    common = torch.load(iteration / "ualm_common.pt", weights_only=False)
+    run_tokenizer = common.get("tokenizer")
+    if run_tokenizer == "byte":
+        return run_tokenizer
+    if run_tokenizer:
+        if any((Path(run_tokenizer) / name).is_file() for name in TOKENIZER_FILES):
+            return run_tokenizer
+        log.warning("%s was trained with data.tokenizer=%s, which holds no tokenizer files here: pass --tokenizer",
+                    iteration, run_tokenizer)
+        return None
+    source = (common.get("imported_from") or {}).get("hf")
+    return source if source and any((Path(source) / name).is_file() for name in TOKENIZER_FILES) else None
 
 
 def check_checkpoint_shapes(model: torch.nn.Module, iteration: Path) -> None:
@@ -160,12 +188,9 @@ def prepare_export(ckpt: str | Path, out: str | Path, cfg: UALMConfig | None, to
         raise ConfigError(f"{iteration} records no model config: give one (--model NAME|YAML|ualm_config.json)")
     if cfg is not None and stored is not None:
         check_same_model(stored, cfg)
-    if tokenizer_dir is None:  # an import records its HF source, which holds the tokenizer
-        common = torch.load(iteration / "ualm_common.pt", weights_only=False)
-        source = (common.get("imported_from") or {}).get("hf")
-        has_files = source and any((Path(source) / name).is_file() for name in TOKENIZER_FILES)
-        tokenizer_dir = source if has_files else None
-    elif not Path(tokenizer_dir).is_dir():
+    if tokenizer_dir is None:  # training records data.tokenizer; an import its HF source
+        tokenizer_dir = recorded_tokenizer(iteration)
+    elif str(tokenizer_dir) != "byte" and not Path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
     return iteration, cfg or stored, tokenizer_dir
 

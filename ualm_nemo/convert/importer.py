@@ -14,6 +14,11 @@ Qwen2.5-Omni or Audio Flamingo 3 folder, the audio tower (read whole by the mode
 
 New vocabulary rows (UALM specials, every audio row): ``mean`` of the HF text rows of their table, or
 ``normal`` N(0, init_std) drawn from a generator seeded by (seed, table): deterministic in any write order.
+
+A UALM export (examples/convert_ualm_to_hf.py: ``ualm_config.json`` + ``audio.safetensors`` + ``audio_encoder/``)
+imports whole: the specials and audio rows, the stream heads and the adapter come from ``audio.safetensors``
+(checked against the model config first: a file that does not fit is refused, never dropped) and the tower
+from ``audio_encoder/``, so UALM -> HF -> UALM -> HF is bit-exact. A plain Qwen2 folder gets the new rows above.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Literal, Mapping
 
 import torch
 
+from ualm_nemo.convert.audio_parts import (ADAPTER_PREFIX, ExportAudioFile, fill_from_export, is_ualm_export,
+                                          part_of)
 from ualm_nemo.convert.configs import config_to_dict
 from ualm_nemo.convert.hf_folder import HFFolder
 from ualm_nemo.convert.qwen2_keymap import check_compatible, map_one, megatron_sources, resolve_hf_sources
@@ -62,6 +69,8 @@ def check_import(hf_dir: str | Path, cfg: UALMConfig, target_layout: tuple[int, 
         resolve_hf_sources(folder.shapes(), cfg)
     except ValueError as err:
         raise ValueError(f"{folder.path}: {err}") from err
+    if is_ualm_export(folder.path):
+        ExportAudioFile(folder.path, cfg)  # its entries against the config, before any model is built
     return folder
 
 
@@ -137,6 +146,9 @@ class ImportSource:
         self.hf_key_of = resolve_hf_sources(folder.shapes(), cfg)  # expected HF key -> key to read it from
         self.backbone = megatron_sources(cfg)
         self._means: dict[str, torch.Tensor] = {}
+        self.audio = ExportAudioFile(folder.path, cfg) if is_ualm_export(folder.path) else None
+        if self.audio is not None and cfg.audio_in.enabled:  # the adapter's input width is the built tower's
+            self.audio.check(cfg, encoder_dim=own[ADAPTER_PREFIX + "fc1.weight"].shape[1])
 
     def check_covers(self, must_be_made: set[str]) -> None:
         """Every tensor the model left uninitialised must be made here (no random memory in the checkpoint)."""
@@ -166,6 +178,9 @@ class ImportSource:
             else:
                 hf_rows.copy_(self._read(hf_key, table.dtype))
             mean_from = hf_rows
+        if self.audio is not None:  # an export's own rows; padding rows stay zero
+            fill_from_export(key, table, self.audio, self.cfg)
+            return table
         mean = self._text_mean(hf_key, table.dtype, mean_from) if self.how == "mean" else None
         fill_new_rows(key, table, self.cfg, self.how, mean, table_generator(self.seed, key))
         return table
@@ -177,6 +192,9 @@ class ImportSource:
             rule, hf_keys = self.backbone[key]
             dtype = self.own[key].dtype
             return map_one(rule, tuple(self._read(k, dtype) for k in hf_keys), self.cfg)
+        name = part_of(key) if self.audio is not None else None
+        if name is not None:
+            return self.audio.get(name).to(self.own[key].dtype)
         return self.own[key]  # built and initialised by the model itself (see check_covers)
 
 

@@ -10,6 +10,7 @@ constraint a tokenizer places on the model is ``vocab_size <= text_vocab_size`` 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -90,6 +91,37 @@ class ByteChatTokenizer:
                 raise ValueError(f"id {i} is outside the byte tokenizer's {self.vocab_size} ids")
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the symbols of a byte-level BPE vocabulary)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+def save_byte_tokenizer(folder: str | Path) -> Path:
+    """Write ``ByteChatTokenizer`` as a transformers tokenizer folder with the same ids (byte b -> b, then
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` -> 256, 257, 258) and a ChatML chat template: what an export
+    of a ``data.tokenizer=byte`` run carries, so ``AutoTokenizer`` (lm_eval, ``evaluate.py text``) reads it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in _bytes_to_unicode().items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ByteChatTokenizer._SPECIALS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
+                                   additional_special_tokens=[IM_START, IM_END])
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(str(folder))
+    # beside a Qwen2 config.json AutoTokenizer picks Qwen2's class, whose default unk is <|endoftext|>: none, as
+    # Qwen2.5's own tokenizer_config says
+    config_file = Path(folder) / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "unk_token": None}, indent=2) + "\n")
+    return Path(folder)
 
 
 class HFTokenizer:

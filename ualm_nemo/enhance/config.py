@@ -1,4 +1,4 @@
-"""Sizes of the enhancement VAE and its loss weights; ``tiny`` for tests, ``full`` for real training.
+"""Sizes of the enhancement VAE and its loss weights; ``tiny`` for tests and CPU trials, ``full`` for real training.
 
 The latent runs at the codec's 50 Hz frame rate: the encoder downsamples 16 kHz by 320, the decoder upsamples by
 960 to 48 kHz, so latent frame ``i`` covers exactly codec frame ``i``.
@@ -61,6 +61,24 @@ def tiny_config() -> EnhancerConfig:
     """A few thousand parameters: for tests on CPU."""
     return EnhancerConfig(channels=4, encoder_mults=[1, 2, 2, 2, 2], decoder_mults=[2, 2, 2, 2, 1, 1],
                           latent_dim=4)
+
+
+# What ``model.preset`` sets beyond the model's sizes: the discriminator and the batch, which cost more than the
+# tiny VAE itself (full's 32 filters x 5 FFTs at 32 x 1.28 s made a "tiny" step take 30-40 s on CPU; tiny's take
+# well under a second). A key given explicitly (not null) wins over its preset.
+PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {"loss": {"discriminator_filters": 32, "discriminator_ffts": [2048, 1024, 512, 256, 128]},
+             "train": {"segment_seconds": 1.28, "global_batch_size": 32}},
+    "tiny": {"loss": {"discriminator_filters": 4, "discriminator_ffts": [512, 128]},
+             "train": {"segment_seconds": 0.16, "global_batch_size": 2}},
+}
+
+
+def with_preset(section: str, values: Mapping[str, Any] | None, preset: str) -> dict[str, Any]:
+    """``values`` of ``loss`` or ``train`` with the preset's entries where a key is absent or null."""
+    given = dict(values or {})
+    defaults = PRESET_DEFAULTS[preset][section]
+    return {**defaults, **{k: v for k, v in given.items() if not (k in defaults and v is None)}}
 
 
 @dataclass
@@ -138,5 +156,5 @@ class EnhancerRun:
             raise ConfigError(f"enhancer: model.preset={preset!r}: full or tiny")
         base = (tiny_config() if preset == "tiny" else EnhancerConfig()).to_dict()
         return cls(str(cfg.get("output_dir") or "outputs/enhancer"), EnhancerConfig.from_dict({**base, **model}),
-                   build_section(LossWeights, cfg.get("loss"), "loss"),
-                   build_section(TrainSettings, cfg.get("train"), "train"))
+                   build_section(LossWeights, with_preset("loss", cfg.get("loss"), preset), "loss"),
+                   build_section(TrainSettings, with_preset("train", cfg.get("train"), preset), "train"))

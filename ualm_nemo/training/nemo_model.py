@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,12 @@ class GlobalBatchSteps(torch.utils.data.IterableDataset):
     def __iter__(self):
         for batch in self.stream:
             yield StepBatch(batch.split(self.n, self.audio_in_id), self.samples)
+
+
+def _recorded_tokenizer(spec: str) -> str:
+    """``data.tokenizer`` as the checkpoint records it: ``byte``, or the folder made absolute (an export run from
+    another directory still finds it)."""
+    return "byte" if str(spec) == "byte" else os.path.abspath(str(spec))
 
 
 class UALMModel(ModelPT):
@@ -328,7 +335,8 @@ class UALMModel(ModelPT):
     # --- checkpoint extras ----------------------------------------------------------------------
     def checkpoint_extra(self) -> dict[str, Any]:
         extra = {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps,
-                 "validation": self.last_validation, "evaluation": self.last_evaluation}
+                 "validation": self.last_validation, "evaluation": self.last_evaluation,
+                 "tokenizer": _recorded_tokenizer(self.run.data.tokenizer)}  # what the HF export carries
         if self.run.data.shar is not None:  # one loader position per DP rank, all saved by rank 0
             states = [None] * parallel_state.get_data_parallel_world_size()
             torch.distributed.all_gather_object(states, self.data_state,
