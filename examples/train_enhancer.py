@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from ualm_nemo.enhance.config import EnhancerRun  # noqa: E402
 from ualm_nemo.enhance.training import train_enhancer  # noqa: E402
 from ualm_nemo.model.config import ConfigError  # noqa: E402
+from ualm_nemo.training.hydra_run import discard_run_folder  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="enhancer", version_base=None)
@@ -28,6 +29,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run = EnhancerRun.from_dict(values)
     except (ConfigError, TypeError) as err:
+        discard_run_folder()  # nothing ran: no Hydra run folder left behind
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     result = train_enhancer(run)
