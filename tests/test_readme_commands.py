@@ -218,11 +218,14 @@ def test_command_runs_as_written(command, monkeypatch, capsys):
 
 def _compose(command: Command, config_name: str, overrides: list[str]) -> None:
     """A Hydra script's overrides compose (keys exist, no ??? left) into a run config that validates."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from launcher.plan import compose_for_plan
     from launcher.validate import compose_run
     from ualm_nemo.enhance.config import EnhancerRun
     from ualm_nemo.training.run_config import run_config_from_dict
 
+    OverridesParser.create().parse_overrides(overrides)  # the command line's grammar (compose() is laxer)
     if config_name == "enhancer":
         EnhancerRun.from_dict(compose_run(overrides, "enhancer"))
         return
