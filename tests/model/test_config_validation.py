@@ -77,12 +77,17 @@ def test_shar_section_is_typed_once_with_its_keys_named():
             ({"shar": {"sources": [source], "pak": True}}, r"unknown key\(s\) data.shar.pak"),
             ({"shar": {"sources": [source | {"wieght": 2}]}}, r"unknown key\(s\) data.shar.sources.0.wieght"),
             ({"shar": {"sources": [source | {"weight": -1}]}}, r"data.shar.sources.0 \(tta\): weight=-1.0 must be"),
-            ({"shar": {"sources": [source, source]}}, "data.shar: data.sources names must be unique"),
+            ({"shar": {"sources": [source, source]}}, "^data.shar.sources names must be unique"),
             ({"shar": {"sources": "tta"}}, "data.shar.sources must be a list"),
-            ({"shar": {"sources": [source], "pack": True, "max_tokens": 8}}, "data.shar: data.max_tokens=8 must hold"),
+            ({"shar": {"sources": [source], "pack": True, "max_tokens": 8}},  # the real key, not data.max_tokens
+             r"^data.shar.max_tokens=8 must hold at least one packed row of data.shar.seq_len=4096 \(data.seq_len"),
+            ({"shar": {"sources": [source], "weighting": "even"}}, "^data.shar.weighting='even'"),
             ({"val_sources": [{"name": "v"}]}, "data.val_sources.0.shar_dir must be set")):
         with pytest.raises(ConfigError, match=message):
             run_config_from_dict({"data": data})
+    with pytest.raises(ConfigError, match="^data.val_sources names must be unique"):
+        run_config_from_dict({"model": {"audio_in": {"random_encoder": True}}, "data": {
+            "shar": {"sources": [source]}, "val_sources": [source, source]}}).validate()
 
 
 def test_backbone_overrides_from_a_base():
