@@ -251,3 +251,24 @@ def _run_module(command: Command, module: str, args: list[str], capsys) -> None:
         assert code in (0, 2) and not others, f"{command.where}: {err}"
     else:
         pytest.fail(f"{command.where}: no check for -m {module}")
+
+
+MISSING_DOCS = re.compile(r"DESIGN\.md|shared/notes|\bnotes/[\w-]+\.md")
+
+
+def test_no_reference_to_files_outside_the_repository():
+    """What a user reads (READMEs, conf/, docstrings and help of examples/, launcher/, ualm_nemo/) names no file
+    that the repository does not hold (DESIGN.md and the notes/ folder were a session's, never committed)."""
+    found = []
+    for path in [*READMES, *ROOT.glob("conf/**/*.yaml"), *ROOT.glob("examples/*.py"), *ROOT.glob("launcher/*.py"),
+                 *ROOT.glob("ualm_nemo/**/*.py")]:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if MISSING_DOCS.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    for readme in READMES:
+        text = readme.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)#\s]+)\)|`([\w.-]+/[\w./-]+\.md)`", text):
+            name = next(t for t in target if t)
+            if not name.startswith("http") and not (readme.parent / name).exists() and not (ROOT / name).exists():
+                found.append(f"{readme.relative_to(ROOT)}: {name}")
+    assert not found, "\n".join(found)

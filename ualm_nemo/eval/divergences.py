@@ -1,6 +1,6 @@
 """Class-probability statistics of the TTA metrics: Inception Score (PANNs) and paired KL (PaSST).
 
-Protocols (audioldm_eval / stable-audio-metrics, see ../shared/notes/evaluation.md):
+Protocols (audioldm_eval / stable-audio-metrics):
 * IS: softmax over the classifier's 527 AudioSet classes per clip; the clips shuffled with
   ``numpy.random.RandomState(2020)`` and cut into 10 splits; per split exp(mean_i KL(p_i || mean_j p_j));
   reported as the mean and the population standard deviation over splits.
