@@ -201,7 +201,7 @@ def test_command_runs_as_written(command, monkeypatch, capsys):
     call = _python_call(command.argv)
     if call[0] == "-m":
         return _run_module(command, call[1], call[2:], capsys)
-    script, args = Path(call[0]).name, [w.strip("[]") for w in call[1:]]
+    script, args = Path(call[0]).name, [_unbracket(w) for w in call[1:]]
     if script in HYDRA_SCRIPTS:
         return _compose(command, HYDRA_SCRIPTS[script], args)
     module = load_example(Path(script).stem)
@@ -214,6 +214,13 @@ def test_command_runs_as_written(command, monkeypatch, capsys):
         out = capsys.readouterr()
         assert outcome.value.code == 0 and "--help" in args, f"{command.where}: refused: {out.err}"
         assert "usage:" in out.out
+
+
+def _unbracket(word: str) -> str:
+    """``[--codec``, ``/models/xcodec]``, ``[key=value]``: an optional part of a command, given here."""
+    if word.startswith("[") and not word.startswith("[{"):
+        word = word[1:]
+    return word[:-1] if word.endswith("]") and "[" not in word else word
 
 
 def _compose(command: Command, config_name: str, overrides: list[str]) -> None:
