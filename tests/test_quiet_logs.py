@@ -31,6 +31,21 @@ def test_bucket_list_is_debug_detail(caplog):
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("DEBUG", message)]
 
 
+def test_nemo_telemetry_notes_are_debug_detail(caplog):
+    """NeMo's disabled OneLogger telemetry says so twice at WARNING on every start: DEBUG now."""
+    import nemo.lightning  # noqa: F401  (imports nv_one_logger, whose loggers these are)
+
+    import importlib
+
+    for name, prefix in list(quiet_logs.TO_DEBUG.items())[1:]:
+        assert prefix in inspect.getsource(importlib.import_module(name))  # the guard: still said there
+        with caplog.at_level(logging.INFO, logger=name):
+            logging.getLogger(name).warning(f"{prefix} for rank (rank=0) ...")
+            logging.getLogger(name).warning("a real warning")
+        assert [r.getMessage() for r in caplog.records] == ["a real warning"]
+        caplog.clear()
+
+
 def test_fallback_notes_become_one_line(monkeypatch, capsys):
     """Megatron's four "Transformer Engine and Apex are not installed" warnings and torch's "No CUDA runtime"
     log line -> FALLBACK_NOTE once; other warnings pass through."""

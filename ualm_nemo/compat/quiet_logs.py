@@ -5,8 +5,9 @@ four times that "Transformer Engine and Apex are not installed" (one per module 
 ``cpp_extension`` logs "No CUDA runtime is found, using CUDA_HOME=...". All mean one thing: megatron's torch
 fallbacks run. ``install()`` turns them into one line, ``FALLBACK_NOTE``, written once per process.
 
-Megatron's DDP logs its whole bucket list (every parameter name) at INFO when a model is wrapped; that is
-debugging detail, so ``install()`` demotes it to DEBUG (shown under ``logging.DEBUG`` only).
+Megatron's DDP logs its whole bucket list (every parameter name) at INFO when a model is wrapped, and NeMo's
+telemetry (OneLogger, disabled) warns twice that it is disabled: debugging detail, so ``install()`` demotes
+those records to DEBUG (shown under ``logging.DEBUG`` only; ``TO_DEBUG`` lists them by logger and message).
 
 ``install()`` runs when ``ualm_nemo`` is imported (before megatron-core is), and again is a no-op.
 """
@@ -23,6 +24,11 @@ FALLBACK_MESSAGES = ("Transformer Engine and Apex are not installed", "Apex is n
                      "No CUDA runtime is found")
 BUCKET_LOGGER = "megatron.core.distributed.param_and_grad_buffer"
 CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
+TO_DEBUG = {  # logger -> the start of the messages demoted to DEBUG
+    BUCKET_LOGGER: "Number of buckets",
+    "nv_one_logger.api.config": "OneLogger: Setting error_handling_strategy",
+    "nv_one_logger.training_telemetry.api.training_telemetry_provider": "No exporters were provided",
+}
 
 _noted = False
 
@@ -49,11 +55,12 @@ class _FallbackFilter(logging.Filter):
         return True
 
 
-class _BucketsToDebug(logging.Filter):
-    """Megatron DDP's bucket list (INFO) -> DEBUG: kept only where DEBUG is enabled."""
+class _ToDebug(logging.Filter):
+    """A record of TO_DEBUG (INFO or WARNING) -> DEBUG: kept only where DEBUG is enabled."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO and str(record.msg).startswith("Number of buckets"):
+        prefix = TO_DEBUG.get(record.name)
+        if prefix and record.levelno in (logging.INFO, logging.WARNING) and str(record.msg).startswith(prefix):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
@@ -71,10 +78,10 @@ def _showwarning(original):
 
 
 def install() -> None:
-    """Collapse the fallback warnings into one line and demote the bucket list (module docstring)."""
+    """Collapse the fallback warnings into one line and demote TO_DEBUG (module docstring)."""
     if not getattr(warnings.showwarning, "ualm_quiet", False):
         warnings.showwarning = _showwarning(warnings.showwarning)
-    for name, flt in ((CPP_EXTENSION_LOGGER, _FallbackFilter), (BUCKET_LOGGER, _BucketsToDebug)):
+    for name, flt in ((CPP_EXTENSION_LOGGER, _FallbackFilter), *((name, _ToDebug) for name in TO_DEBUG)):
         logger = logging.getLogger(name)
         if not any(isinstance(f, flt) for f in logger.filters):
             logger.addFilter(flt())
