@@ -24,8 +24,6 @@ from ualm_nemo.training.train import checkpoint_dir, train
 log = logging.getLogger(__name__)
 
 DEMO_CAPTION = "a high beep"
-
-
 VAL_DATA = "val_data"  # under the output dir: the held-out set (synthetic, another seed than the training set)
 VAL_SAMPLES_PER_TASK = 4  # 12 held-out samples: 3 micro-batches of 4, scored 6 times per run (~1 % of its time)
 
