@@ -1,4 +1,4 @@
-"""Import a Qwen2.5 HF folder into a UALM distributed checkpoint (model weights, step 0), loadable at any TP/PP.
+r"""Import a Qwen2.5 HF folder into a UALM distributed checkpoint (model weights, step 0), loadable at any TP/PP.
 
     python examples/convert_hf_to_ualm.py /models/Qwen2.5-7B-Instruct /ckpts/ualm-7b-init --model qwen2.5-7b \
         --audio-encoder /models/Qwen2.5-Omni-7B --tensor-parallel 4 --pipeline-parallel 2

@@ -1,4 +1,4 @@
-"""Export a UALM checkpoint (saved at any TP/PP) to a Hugging Face folder.
+r"""Export a UALM checkpoint (saved at any TP/PP) to a Hugging Face folder.
 
     python examples/convert_ualm_to_hf.py /results/ualm/checkpoints /models/ualm-7b-hf --model qwen2.5-7b \
         --set audio_in.encoder_path=/models/Qwen2.5-Omni-7B --tokenizer /models/Qwen2.5-7B-Instruct --dtype bf16

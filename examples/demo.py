@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"checkpoints        {result['checkpoints']}  (final loss {result['final_loss']:.3f})")
     print(f"tensorboard logs   {result['tensorboard']}")
+    print(f"validation         {result['validation']}  (plots: .venv/bin/python examples/plot_steps.py "
+          f"{args.output_dir})")
     print(f"generated audio    {result['wav']}  ({result['frames']} codec frames, {result['seconds']:.2f} s) "
           f"for the caption {result['caption']!r}")
     if result["answer"]:

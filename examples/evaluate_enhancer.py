@@ -1,4 +1,4 @@
-"""Score the enhancer on a held-out set against plain sinc resampling (the channel duplicated):
+r"""Score the enhancer on a held-out set against plain sinc resampling (the channel duplicated):
 
   python examples/evaluate_enhancer.py --enhancer /ckpt/ualm-7b-hf/enhancer --data /data/heldout48k \
       [--codec /models/xcodec] --out-dir eval/enhancer

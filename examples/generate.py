@@ -1,4 +1,4 @@
-"""Text-to-audio: captions in, one wav per caption and a manifest out (one GPU, or the CPU).
+r"""Text-to-audio: captions in, one wav per caption and a manifest out (one GPU, or the CPU).
 
     python examples/generate.py --checkpoint demo_out/checkpoints --codec demo_out/codec \
         --caption "a high beep" --caption "white noise" --out-dir generated/

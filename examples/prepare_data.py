@@ -1,4 +1,4 @@
-"""Raw manifests -> prepared Lhotse cuts, one folder per source, every rejected entry written with its reason.
+r"""Raw manifests -> prepared Lhotse cuts, one folder per source, every rejected entry written with its reason.
 
   python examples/prepare_data.py --out /data/prepared \
       --source audiocaps=tta:/raw/etta.jsonl --source af3=understanding:/raw/af3.json \

@@ -1,4 +1,4 @@
-"""Score a DPO run's reference once: python examples/score_reference.py stage=dpo train.init_from=SFT_RUN/checkpoints \
+r"""Score a DPO run's reference once: python examples/score_reference.py stage=dpo train.init_from=SFT_RUN/checkpoints \
     data.dpo_manifest=PAIRS dpo.reference_checkpoint=SFT_RUN/checkpoints dpo.reference_logps=OUT.json [key=value ...]
 
 Same config (conf/train.yaml + overrides) as the DPO run it serves; any layout (torchrun / srun for several

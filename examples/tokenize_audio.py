@@ -1,4 +1,4 @@
-"""Codec stage: prepared cuts -> Lhotse Shar shards with 16 kHz audio and X-Codec tokens (int16 [T, 8], 50 Hz).
+r"""Codec stage: prepared cuts -> Lhotse Shar shards with 16 kHz audio and X-Codec tokens (int16 [T, 8], 50 Hz).
 
   # one process, all shards (GPU when present)
   python examples/tokenize_audio.py --cuts /data/prepared/audiocaps/cuts.jsonl.gz --out /data/shar/audiocaps \

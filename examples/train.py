@@ -14,7 +14,7 @@ import sys  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from ualm_nemo.model.config import ConfigError  # noqa: E402
-from ualm_nemo.training.hydra_entry import hydra_main  # noqa: E402
+from ualm_nemo.training.hydra_entry import discard_run_folder, hydra_main  # noqa: E402
 from ualm_nemo.training.train import train  # noqa: E402
 
 
@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> None:
     try:
         model = train(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except ConfigError as e:  # a bad key or value: one line naming it, not a traceback
+        discard_run_folder()  # nothing ran: no Hydra run folder left behind
         sys.exit(f"train.py: error: {e}")
     if model.last_result is None:
         logging.info("nothing to train: the run had already reached step %d (train.max_steps)", model.engine.step)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from ualm_nemo.enhance.config import EnhancerRun  # noqa: E402
 from ualm_nemo.enhance.training import train_enhancer  # noqa: E402
 from ualm_nemo.model.config import ConfigError  # noqa: E402
-from ualm_nemo.training.hydra_entry import hydra_main  # noqa: E402
+from ualm_nemo.training.hydra_entry import discard_run_folder, hydra_main  # noqa: E402
 
 
 @hydra_main("enhancer", prog="train_enhancer.py")
@@ -28,11 +28,13 @@ def main(cfg: DictConfig) -> None:
     try:
         run = EnhancerRun.from_dict(values)
     except (ConfigError, TypeError) as err:
+        discard_run_folder()  # nothing ran: no Hydra run folder left behind
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     try:
         result = train_enhancer(run)
     except ConfigError as err:  # train.data missing, empty or without a usable clip: one line naming the key
+        discard_run_folder()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     logging.info("enhancer %s at step %d: %s; skipped crops %s", result.state, result.step,

@@ -3,7 +3,7 @@
     python -m launcher.local_slurm start   # install (apt, root only) if missing, configure, start; idempotent
     python -m launcher.local_slurm stop    # stop only the daemons a `start` of this machine's session started
 
-Facts this relies on are in /work/shared/notes/local-slurm.md: Debian's slurmctld/slurmd/munge 22.05, no systemd
+Facts this relies on: Debian's slurmctld/slurmd/munge 22.05, no systemd
 (daemons started by hand), ``slurmd -N localhost`` because the host name is not ``localhost``, loopback-only
 ports. A daemon already running is reused and never stopped; ``stop`` ends only PIDs recorded by ``start``.
 """
@@ -25,7 +25,7 @@ MUNGE_PID = Path("/run/munge/munged.pid")
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 SLURM_CONF = """\
-# Written by ualm_nemo launcher/local_slurm.py: a single-node Slurm for tests (see notes/local-slurm.md).
+# Written by ualm_nemo launcher/local_slurm.py: a single-node Slurm for tests.
 ClusterName=local
 SlurmctldHost=localhost
 SlurmUser=root

@@ -3,7 +3,7 @@
     python -m launcher.sim_cluster start [--nodes 3]   # build it; prints the SLURM_CONF to export
     python -m launcher.sim_cluster stop                 # remove everything it made
 
-Layout (facts in notes/multinode.md): a bridge ``<prefix>br`` holding ``<subnet>.1`` in the root namespace (where
+Layout: a bridge ``<prefix>br`` holding ``<subnet>.1`` in the root namespace (where
 slurmctld and munged run), and per node ``<prefix>-nodeK``: a veth pair (``<prefix>vK`` on the bridge, ``eth0``
 inside, address ``<subnet>.(K+1)``), its own hostname (a UTS namespace) and a hosts file naming every node (bind-
 mounted over /etc/hosts in a private mount namespace), one slurmd. Jobs started by a slurmd inherit all three, so a

@@ -15,6 +15,7 @@ import soundfile
 from ualm_nemo.codec.xcodec import CodecTokenizer
 from ualm_nemo.data.formatting import AudioIn, tagged_parts
 from ualm_nemo.data.raw import AUDIO_TAG, UnderstandingRecord, load_audio
+from ualm_nemo.data.synthetic import synthesize_demo_data
 from ualm_nemo.data.tokenizer import build_tokenizer
 from ualm_nemo.inference.engine import GenerationConfig
 from ualm_nemo.inference.pipeline import UALMInference
@@ -23,17 +24,34 @@ from ualm_nemo.training.train import checkpoint_dir, train
 log = logging.getLogger(__name__)
 
 DEMO_CAPTION = "a high beep"
+VAL_DATA = "val_data"  # under the output dir: the held-out set (synthetic, another seed than the training set)
+VAL_SAMPLES_PER_TASK = 4  # 12 held-out samples: 3 micro-batches of 4, scored 6 times per run (~1 % of its time)
 
 
 def demo_config(output_dir: str, max_steps: int = 300) -> dict[str, Any]:
+    """The demo's run; it validates ``max_steps // 6`` steps apart (at least every 2) on the held-out set that
+    ``write_val_data`` writes, so ``<output_dir>/validation.jsonl`` is there for examples/plot_steps.py."""
+    val = Path(output_dir) / VAL_DATA
     return {
         "model": {"backbone": "tiny", "audio_in": {"random_encoder": True}},
         "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 20, "weight_decay": 0.01},
         "train": {"stage": "pretrain", "max_steps": max_steps, "global_batch_size": 8, "micro_batch_size": 4,
-                  "checkpoint_every_n_steps": 100, "log_every_n_steps": 10},
-        "data": {"synthesize": True, "tokenizer": "byte"},
+                  "checkpoint_every_n_steps": 100, "log_every_n_steps": 10,
+                  "val_every_n_steps": max(2, max_steps // 6), "val_batches": 3},
+        "data": {"synthesize": True, "tokenizer": "byte", "val_tta_manifest": str(val / "tta.jsonl"),
+                 "val_understanding_manifest": str(val / "understanding.json"),
+                 "val_text_manifest": str(val / "text.jsonl")},
         "output_dir": output_dir,
     }
+
+
+def write_val_data(output_dir: str) -> None:
+    """The held-out set of ``demo_config`` (the same files at every call: a rerun rewrites them unchanged)."""
+    from ualm_nemo.training.run_config import _check_output_dir
+
+    _check_output_dir(output_dir)  # the run's own check (one line, ConfigError), before anything is written
+    n = VAL_SAMPLES_PER_TASK
+    synthesize_demo_data(Path(output_dir) / VAL_DATA, num_tta=n, num_understanding=n, num_text=n, seed=1)
 
 
 def generate_demo_outputs(model, run_output_dir: Path, caption: str = DEMO_CAPTION,
@@ -70,9 +88,11 @@ def _answer_demo_question(infer: UALMInference, records) -> dict[str, str] | Non
 def run_demo(output_dir: str = "demo_out", max_steps: int = 300) -> dict[str, Any]:
     """Train (or, when ``output_dir`` holds a finished run, just load it: ``final_loss`` is then None) and
     generate."""
+    write_val_data(output_dir)
     model = train(demo_config(output_dir, max_steps))
     result = generate_demo_outputs(model, Path(output_dir))
     final_loss = model.last_result.loss if model.last_result is not None else None
     result.update(checkpoints=checkpoint_dir(model.run), tensorboard=Path(output_dir) / "tensorboard",
+                  validation=Path(output_dir) / "validation.jsonl",
                   data=Path(output_dir) / "data", final_loss=final_loss, step=model.engine.step, model=model)
     return result

@@ -259,7 +259,7 @@ def test_dpo_sources_are_loaded_alone_and_never_packed(data, shar_sources):
     with pytest.raises(ValueError, match="mixes DPO preference sources"):
         SharBatchLoader(mixed, _fmt())
     packed = SharLoaderConfig(sources=[{"name": "dpo", "shar_dir": data["dpo"]}], pack=True)
-    with pytest.raises(ValueError, match="never packed; set data.pack: false"):
+    with pytest.raises(ValueError, match="never packed; set data.shar.pack: false"):
         SharBatchLoader(packed, _fmt())
     with pytest.raises(ValueError, match="at least 2 rows"):
         SharBatchLoader(SharLoaderConfig(sources=[{"name": "dpo", "shar_dir": data["dpo"]}], max_rows=1), _fmt())

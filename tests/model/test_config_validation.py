@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from ualm_nemo.model.config import AudioInputConfig, BACKBONES, ConfigError, UALMConfig
 from ualm_nemo.training.run_config import run_config_from_dict
@@ -76,12 +77,17 @@ def test_shar_section_is_typed_once_with_its_keys_named():
             ({"shar": {"sources": [source], "pak": True}}, r"unknown key\(s\) data.shar.pak"),
             ({"shar": {"sources": [source | {"wieght": 2}]}}, r"unknown key\(s\) data.shar.sources.0.wieght"),
             ({"shar": {"sources": [source | {"weight": -1}]}}, r"data.shar.sources.0 \(tta\): weight=-1.0 must be"),
-            ({"shar": {"sources": [source, source]}}, "data.shar: data.sources names must be unique"),
+            ({"shar": {"sources": [source, source]}}, "^data.shar.sources names must be unique"),
             ({"shar": {"sources": "tta"}}, "data.shar.sources must be a list"),
-            ({"shar": {"sources": [source], "pack": True, "max_tokens": 8}}, "data.shar: data.max_tokens=8 must hold"),
+            ({"shar": {"sources": [source], "pack": True, "max_tokens": 8}},  # the real key, not data.max_tokens
+             r"^data.shar.max_tokens=8 must hold at least one packed row of data.shar.seq_len=4096 \(data.seq_len"),
+            ({"shar": {"sources": [source], "weighting": "even"}}, "^data.shar.weighting='even'"),
             ({"val_sources": [{"name": "v"}]}, "data.val_sources.0.shar_dir must be set")):
         with pytest.raises(ConfigError, match=message):
             run_config_from_dict({"data": data})
+    with pytest.raises(ConfigError, match="^data.val_sources names must be unique"):
+        run_config_from_dict({"model": {"audio_in": {"random_encoder": True}}, "data": {
+            "shar": {"sources": [source]}, "val_sources": [source, source]}}).validate()
 
 
 def test_backbone_overrides_from_a_base():
@@ -179,6 +185,8 @@ def test_whole_floats_are_accepted_as_ints():
 
 
 def test_train_command_prints_one_line_for_a_bad_number(tmp_path):
+    """One line names the key; the refused launch leaves no Hydra run folder (nor the output_dir Hydra made for
+    it); megatron's and torch's notes about the missing TE / Apex / CUDA are one line, not ten."""
     import os
     import subprocess
     import sys
@@ -192,8 +200,14 @@ def test_train_command_prints_one_line_for_a_bad_number(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == "train.py: error: train.max_steps='abc' must be a whole number"
     assert "Traceback" not in done.stderr
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["hydra"]  # the attempt's log, no run state
+    assert not (tmp_path / "run").exists()  # the refused launch's Hydra run folder is removed, and its parents
     assert not any((tmp_path / "cwd").iterdir())  # nothing written where the command was started
+    from ualm_nemo.compat.quiet_logs import FALLBACK_NOTE
+
+    if not torch.cuda.is_available():
+        assert done.stderr.count(FALLBACK_NOTE) == 1, done.stderr
+    assert "Transformer Engine and Apex are not installed" not in done.stderr
+    assert "CUDA_HOME" not in done.stderr
 
 
 def test_missing_manifest_and_unwritable_output_dir_are_named(tmp_path):

@@ -99,7 +99,7 @@ def test_post_training_refuses_the_wrong_shar_source_before_building_a_model(cha
     assert "dpo.reference=online" in _refused(_dpo(root, f"{root}/x", reference="offline"))
     packed = _dpo(root, f"{root}/x")
     packed["data"]["shar"]["pack"] = True
-    assert "data.shar: data.pack: true with preference sources (pairs)" in _refused(packed)
+    assert "data.shar.pack: true with preference sources (pairs)" in _refused(packed)
     missing = tiny_run(f"{root}/x", "sft", 2, init, _shar("convs", f"{root}/nowhere", True))
     assert "has no shards/ folder" in _refused(missing)
     no_data = tiny_run(f"{root}/x", "sft", 2, init, {})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import soundfile
 
@@ -30,6 +32,9 @@ def _demo(output_dir: str) -> dict:
     with contextlib.redirect_stdout(printed):
         load_example("demo").main(["--output-dir", output_dir, "--max-steps", "4"])
     result["rerun"] = {"printed": printed.getvalue(), "wav": Path(result["wav"]).is_file()}
+    with contextlib.redirect_stdout(io.StringIO()):  # the README's `examples/plot_steps.py demo_out`
+        assert load_example("plot_steps").main([output_dir]) == 0
+    result["plots"] = {"names": sorted(p.name for p in (Path(output_dir) / "plots").iterdir())}
     tokens = torch.tensor([trained.ualm.vocab.text_position_streams(i) for i in (257, 65, 66, 67)])[None]
     with torch.no_grad():
         expected = trained(tokens)
@@ -67,6 +72,13 @@ def test_demo_writes_audio_and_checkpoints(tmp_path):
     assert rate == 16000 and wav.ndim == 1 and len(wav) == out["frames"] * 320 > 0
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
     assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    # the demo validates (every 2 steps of 4 here, every 50 of 300 in `make demo`): plot_steps has its series
+    from ualm_nemo.training.validation import ValidationLog
+
+    lines = ValidationLog(tmp_path).read()
+    assert [line["step"] for line in lines] == [2, 4]
+    assert all(line["tokens_tta"] and line["tokens_understanding"] and line["tokens_text"] for line in lines)
+    assert {"val_loss.png", "val_loss_text.png"} <= set(out["plots"]["names"])
     assert out["answer"] is not None and out["answer"]["question"]
     # the checkpoint alone (config included) rebuilds the trained model for generation
     assert out["reload"] == {"step": 4, "same_config": True, "max_diff": 0.0}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -27,9 +29,26 @@ def _train(output_dir: str, max_steps: int, tp: int = 1, lr: float = 2e-3, stop_
 
     cfg = _config(output_dir, max_steps, tp, lr, stop_at, parallel)
     cfg["train"]["init_from"] = init_from
+    engine_log = _EngineLog()
     model = train(cfg)
+    logging.getLogger("ualm_nemo.training.engine").removeHandler(engine_log)
     return {"history": model.loss_history, "step": model.engine.step, "consumed": model.trained_samples,
-            "rejects": len(model.rejects), "chunks": len(model.engine.chunks), "rng": torch.get_rng_state()}
+            "rejects": len(model.rejects), "chunks": len(model.engine.chunks), "rng": torch.get_rng_state(),
+            "engine_log": engine_log.lines}
+
+
+class _EngineLog(logging.Handler):
+    """The engine's INFO lines of one run (what a user reads in the job log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        logger = logging.getLogger("ualm_nemo.training.engine")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def test_interleaved_pipeline_run_resumes_at_pp1(tmp_path):
@@ -83,6 +102,9 @@ def test_new_run_starts_from_given_weights(tmp_path):
     fresh = run_distributed(1, _train, str(tmp_path / "fresh"), 1)[0]
     started = run_distributed(1, _train, str(tmp_path / "b"), 1, 1, 2e-3, None, str(tmp_path / "a" / "checkpoints"))[0]
     assert [s for s, _ in started["history"]] == [1]  # a new run: its own step count
+    loaded = [line for line in started["engine_log"] if line.startswith("train.init_from: loaded")]
+    assert len(loaded) == 1 and "/a/checkpoints/iter_0000020 (step 20 of that run)" in loaded[0], started["engine_log"]
+    assert not any("train.init_from" in line for line in trained["engine_log"])
     assert started["history"][0][1] < fresh["history"][0][1] - 1.0  # same first batch, trained weights
     assert abs(started["history"][0][1] - trained["history"][-1][1]) < 1.5
 

@@ -2,7 +2,7 @@
 
 megatron-core 0.16.1 calls ``torch.cuda.current_device()`` at ~175 sites and feeds it to ``device=``, keeps its
 RNG tracker in CUDA generators, and hard-codes ``device="cuda"`` / ``Tensor.type()`` checks in the optimizer and
-schedules (measured: ../shared/notes/megatron-cpu.md). ``install()`` points those at the CPU:
+schedules. ``install()`` points those at the CPU:
 
 1. torch.cuda stand-ins: current_device -> cpu, synchronize/streams/events/nvtx -> no-ops, RNG state -> the CPU
    generator (also megatron's private ``_get/_set_cuda_rng_state``).

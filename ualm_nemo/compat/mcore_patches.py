@@ -1,5 +1,4 @@
-"""Fixes for megatron-core 0.16.1's DistributedOptimizer (checkpoints, one speed patch; measured:
-../shared/notes/megatron-cpu.md).
+"""Fixes for megatron-core 0.16.1's DistributedOptimizer (checkpoints, one speed patch).
 
 Each fix is one function, applied once by ``apply()``, and each has a test (tests/distributed) that fails if
 upstream behaviour changes under it:

@@ -42,7 +42,7 @@ WEIGHTINGS = ("size", "fixed")
 def blend_probabilities(weights: Sequence[float], sizes: Sequence[int], weighting: str = "size") -> np.ndarray:
     """[num_sources] sampling probabilities (sum 1)."""
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"data.weighting={weighting!r}: choose one of {WEIGHTINGS}")
+        raise ValueError(f"data.shar.weighting={weighting!r}: choose one of {WEIGHTINGS}")
     w = np.asarray(weights, dtype=np.float64)
     if weighting == "size":
         w = w * np.asarray(sizes, dtype=np.float64)

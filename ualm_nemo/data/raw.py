@@ -1,4 +1,4 @@
-"""Readers of the three raw formats (DESIGN.md "Data inputs (raw)") into small typed records.
+"""Readers of the three raw formats (ETTA jsonl, Audio Flamingo 3 json, text jsonl) into small typed records.
 
 Every entry is validated when read. A bad one (malformed JSON, missing or mistyped field, missing/unreadable
 audio, sample-rate mismatch, empty audio or segment) becomes a ``Reject`` with its source (``file:line`` or

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ualm_nemo.config_types import ConfigError, build_section
-from ualm_nemo.data.blend import SourceSpec
+from ualm_nemo.data.blend import WEIGHTINGS, SourceSpec
 
 
 @dataclass(kw_only=True)
@@ -31,15 +31,18 @@ class SharLoaderConfig:
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in self.sources]
         if not self.sources:
-            raise ValueError("data.sources is empty: list at least one {name, shar_dir, weight}")
+            raise ValueError("data.shar.sources is empty: list at least one {name, shar_dir, weight}")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"data.sources names must be unique, got {names}")
+            raise ValueError(f"data.shar.sources names must be unique, got {names}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"data.shar.weighting={self.weighting!r}: choose one of {WEIGHTINGS}")
         if self.window_size < 1 or self.max_tokens < 1 or self.seq_len < 1:
-            raise ValueError("data.window_size, data.max_tokens and data.seq_len must be positive")
+            raise ValueError("data.shar.window_size, data.shar.max_tokens and data.shar.seq_len must be positive")
         if self.pack and self.max_tokens < self.seq_len:
-            raise ValueError(f"data.max_tokens={self.max_tokens} must hold at least one packed row of "
-                             f"data.seq_len={self.seq_len}")
+            raise ValueError(f"data.shar.max_tokens={self.max_tokens} must hold at least one packed row of "
+                             f"data.shar.seq_len={self.seq_len} (data.seq_len unless set): raise it, or lower "
+                             "data.seq_len")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "data.shar") -> "SharLoaderConfig":
@@ -50,8 +53,8 @@ class SharLoaderConfig:
             return build_section(cls, values, where)
         except ConfigError:
             raise
-        except ValueError as err:  # the loader's own rules (__post_init__)
-            raise ConfigError(f"{where}: {err}") from err
+        except ValueError as err:  # the loader's own rules (__post_init__): their messages name data.shar.<key>
+            raise ConfigError(str(err).replace("data.shar.", f"{where}.")) from err
 
 
 def source_specs(sources: Any, where: str) -> list[SourceSpec]:

@@ -271,15 +271,15 @@ def check_pair_sources(cfg: SharLoaderConfig, tasks: dict[str, str | None]) -> b
         return False
     others = sorted(f"{name} ({task})" for name, task in tasks.items() if task != "preference")
     if others:
-        raise ValueError(f"data.sources mixes DPO preference sources ({', '.join(dpo)}) with other tasks "
+        raise ValueError(f"data.shar.sources mixes DPO preference sources ({', '.join(dpo)}) with other tasks "
                          f"({', '.join(others)}): a DPO run loads preference sources alone")
     if cfg.pack:
-        raise ValueError(f"data.pack: true with preference sources ({', '.join(dpo)}): DPO batches are pairs "
-                         "(chosen, rejected rows), never packed; set data.pack: false")
+        raise ValueError(f"data.shar.pack: true with preference sources ({', '.join(dpo)}): DPO batches are pairs "
+                         "(chosen, rejected rows), never packed; set data.shar.pack: false")
     if cfg.max_rows is not None and cfg.max_rows < 2:
-        raise ValueError(f"data.max_rows={cfg.max_rows}: a DPO micro-batch needs at least 2 rows (one pair)")
+        raise ValueError(f"data.shar.max_rows={cfg.max_rows}: a DPO micro-batch needs at least 2 rows (one pair)")
     if cfg.max_tokens // 2 < 1:
-        raise ValueError(f"data.max_tokens={cfg.max_tokens} cannot hold a pair")
+        raise ValueError(f"data.shar.max_tokens={cfg.max_tokens} cannot hold a pair")
     return True
 
 

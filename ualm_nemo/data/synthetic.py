@@ -1,4 +1,4 @@
-"""A small, real, on-disk dataset in the three raw formats of DESIGN.md, for the demo and for tests.
+"""A small, real, on-disk dataset in the three raw formats of data/raw.py, for the demo and for tests.
 
 Five sound classes whose waveforms differ by caption (so a tiny model has something learnable), each clip
 1-3 s with random pitch / rate / level. Everything is a pure function of ``seed``.

@@ -1,6 +1,6 @@
 """Class-probability statistics of the TTA metrics: Inception Score (PANNs) and paired KL (PaSST).
 
-Protocols (audioldm_eval / stable-audio-metrics, see ../shared/notes/evaluation.md):
+Protocols (audioldm_eval / stable-audio-metrics):
 * IS: softmax over the classifier's 527 AudioSet classes per clip; the clips shuffled with
   ``numpy.random.RandomState(2020)`` and cut into 10 splits at audioldm_eval's boundaries (split i holds
   rows ``i*N//10 : (i+1)*N//10``, not ``np.array_split``'s, which differ when N is not a multiple of 10);

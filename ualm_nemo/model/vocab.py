@@ -7,8 +7,7 @@ Layout (ids ascending)::
     audio_offset + n*(codebook_size+1) + c     code c of codebook n; c == codebook_size is codebook n's pad
 
 Text keeps its ids so a Qwen2.5 checkpoint's embedding rows import without a permutation; the specials
-and audio rows are appended (DESIGN.md lists them as "specials + text + audio": the order here is chosen for
-that import; the content is the same). The embedding of every codebook pad is held at zero, so a text
+and audio rows are appended (text first, so that the import needs no permutation). The embedding of every codebook pad is held at zero, so a text
 position carrying pads on streams 1..7 embeds as its text token alone.
 """
 

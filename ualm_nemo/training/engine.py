@@ -7,6 +7,7 @@ test harness both drive it, so the same code path is tested on CPU (gloo) and ru
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +27,8 @@ from ualm_nemo.model.builder import build_model_chunks
 from ualm_nemo.model.config import UALMConfig, check_same_model
 from ualm_nemo.training.objectives import REPORT, LMObjective, RowLogProbs
 from ualm_nemo.training.stages import apply_stage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -229,5 +232,8 @@ class MegatronEngine:
         if self.optimizer is not None:
             self.optimizer.reload_model_params()
         self.weights_pending = False
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.info("train.init_from: loaded the model weights of %s (step %s of that run); optimizer, scheduler "
+                     "and step start fresh", iteration, state.get("step", "?"))
         return state
 

@@ -3,13 +3,19 @@
 Hydra creates its run folder under ``output_dir`` (conf/*.yaml: ``hydra.run.dir``) before the task function
 runs, so an ``output_dir=`` override that cannot be created (``/proc/x``, a path under a regular file) ended in
 Hydra's own traceback. ``hydra_main`` checks that override first and refuses it in one line naming the key.
+
+A config that training's own checks refuse would leave an empty-looking run folder behind (and, for a mistyped
+``output_dir``, the mistyped folder itself): ``discard_run_folder`` removes it, and the folders above it that it
+leaves empty (at most two: ``hydra/`` and ``output_dir``, or the date folder).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,3 +60,24 @@ def hydra_main(config_name: str, prog: str) -> Callable[[Callable], Callable[[],
             run()
         return entry
     return wrap
+
+
+def discard_run_folder() -> Path | None:
+    """Remove this launch's Hydra run folder (see the module docstring); returns it (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    for handler in logging.getLogger().handlers[:]:  # Hydra's <task>.log file handler writes into it
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in (run_dir.parent, run_dir.parent.parent):
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+    return run_dir
+

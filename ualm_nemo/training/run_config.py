@@ -198,7 +198,7 @@ class RunConfig:
             try:
                 SharLoaderConfig(sources=d.val_sources)  # the loader's rules: some sources, unique names
             except ValueError as err:
-                raise ConfigError(f"data.val_sources: {str(err).replace('data.sources', 'data.val_sources')}") from err
+                raise ConfigError(str(err).replace("data.shar.sources", "data.val_sources")) from err
         if t.val_every_n_steps is None:
             return
         if d.val_sources is None and not manifests:
@@ -337,7 +337,7 @@ def _check_shar_sources(run: RunConfig, to_host: Callable[[str], str]) -> None:
     try:  # the loader's own rules for pair batches (never packed, room for two rows)
         check_pair_sources(run.data.shar, tasks)
     except ValueError as err:
-        raise ConfigError(f"data.shar: {err}") from err
+        raise ConfigError(str(err)) from err  # the message names data.shar.<key>
 
 
 def _source_tasks(sources: list[SourceSpec], key: str, pairs: bool, reader: str, to_host: Callable[[str], str]
