@@ -137,7 +137,8 @@ def _local_shards(opt, gbuf_idx: int, bucket_idx: int, bucket_map: dict,
     # zeros once: the padding between params is in no param's range (never written); kept equal to megatron's
     key = (id(opt), gbuf_idx, bucket_idx)
     if key not in buffers:
-        buffers[key] = {name: torch.zeros(numel, dtype=torch.float32) for name in _KEYS}
+        pinned = torch.cuda.is_available()  # page-locked: the device-to-host copies at the step run at full speed
+        buffers[key] = {name: torch.zeros(numel, dtype=torch.float32, pin_memory=pinned) for name in _KEYS}
     shards = buffers[key]
     for model_param, ranges in bucket_map["param_map"].items():
         tensors = opt._get_main_param_and_optimizer_states(model_param)
