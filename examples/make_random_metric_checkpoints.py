@@ -1,9 +1,9 @@
-"""Write RANDOM-weight metric checkpoints for ``evaluate.py tta`` (to try the command before the real ones are
+r"""Write RANDOM-weight metric checkpoints for ``evaluate.py tta`` (to try the command before the real ones are
 downloaded elsewhere: the scores they give mean nothing).
 
     .venv/bin/python examples/make_random_metric_checkpoints.py metric_models_random
     .venv/bin/python examples/evaluate.py tta --generated gen/ --data set.jsonl --out-dir eval/try \
-        $(tail -n 1 metric_models_random/RANDOM_WEIGHTS.txt)
+        <the flags it prints, also the last line of metric_models_random/RANDOM_WEIGHTS.txt>
 
 Writes OpenL3, PaSST, PANNs, CLAP (+ its tokenizer folder) and AudioBox-Aesthetics checkpoints at their real
 sizes, in their release formats and file names, plus RANDOM_WEIGHTS.txt saying they are random and listing the

@@ -47,9 +47,9 @@ def demo_config(output_dir: str, max_steps: int = 300) -> dict[str, Any]:
 
 def write_val_data(output_dir: str) -> None:
     """The held-out set of ``demo_config`` (the same files at every call: a rerun rewrites them unchanged)."""
-    from ualm_nemo.training.run_config import _check_output_dir
+    from ualm_nemo.training.run_config import check_output_dir
 
-    _check_output_dir(output_dir)  # the run's own check (one line, ConfigError), before anything is written
+    check_output_dir(output_dir)  # the run's own check (one line, ConfigError), before anything is written
     n = VAL_SAMPLES_PER_TASK
     synthesize_demo_data(Path(output_dir) / VAL_DATA, num_tta=n, num_understanding=n, num_text=n, seed=1)
 
