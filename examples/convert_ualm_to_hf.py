@@ -6,18 +6,21 @@ r"""Export a UALM checkpoint (saved at any TP/PP) to a Hugging Face folder.
 The folder holds a Qwen2ForCausalLM (config.json + safetensors: transformers.AutoModelForCausalLM loads it and
 generates text), audio.safetensors, audio_encoder/, ualm_config.json and the tokenizer files;
 ualm_nemo.inference.hf_model.UALMForConditionalGeneration loads all of it. The checkpoint argument is a run's
-checkpoint folder (its ``latest`` is used) or one iter_* folder. --model may be left out for checkpoints that
-record their config (imports do). The folder is written as <out>.tmp-<pid> and renamed when complete.
+checkpoint folder (its ``latest`` is used), one iter_* folder, or a ``.nemo`` archive written by
+``UALMModel.save_to`` (its ``model_weights/`` folder is such an iteration folder). --model may be left out for
+checkpoints that record their config (imports and archives do). The folder is written as <out>.tmp-<pid> and renamed when complete.
 """
 
 import argparse
+import contextlib
 import logging
 import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="checkpoint root (with 'latest') or an iter_* folder")
+    p.add_argument("checkpoint", help="checkpoint root (with 'latest'), an iter_* folder, or a .nemo archive "
+                   "(UALMModel.save_to)")
     p.add_argument("out", help="HF folder to create")
     p.add_argument("--model", help="conf/model name, a model YAML or a ualm_config.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model-config override")
@@ -37,16 +40,22 @@ def main(argv=None) -> int:
     from ualm_nemo.convert.exporter import export_hf_checkpoint, parse_size, prepare_export
     from ualm_nemo.model.config import ConfigError
 
+    from ualm_nemo.training.nemo_archive import archive_weights, is_nemo_archive
+
     try:
         cfg = load_model_config(args.model, args.set) if args.model else None
         max_shard = parse_size(args.max_shard_size)
-        prepare_export(args.checkpoint, args.out, cfg, args.tokenizer, args.dtype, args.overwrite)  # fail early
-        from ualm_nemo.distributed.parallel import init_distributed
+        with contextlib.ExitStack() as stack:
+            # a .nemo holds an iteration folder (model_weights/): unpacked, it exports as any checkpoint
+            ckpt = stack.enter_context(archive_weights(args.checkpoint)) if is_nemo_archive(args.checkpoint) \
+                else args.checkpoint
+            prepare_export(ckpt, args.out, cfg, args.tokenizer, args.dtype, args.overwrite)  # fail early
+            from ualm_nemo.distributed.parallel import init_distributed
 
-        init_distributed()
-        out = export_hf_checkpoint(args.checkpoint, args.out, cfg, tokenizer_dir=args.tokenizer, dtype=args.dtype,
-                                   max_shard_bytes=max_shard, overwrite=args.overwrite,
-                                   progress=not args.no_progress)
+            init_distributed()
+            out = export_hf_checkpoint(ckpt, args.out, cfg, tokenizer_dir=args.tokenizer, dtype=args.dtype,
+                                       max_shard_bytes=max_shard, overwrite=args.overwrite,
+                                       progress=not args.no_progress)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

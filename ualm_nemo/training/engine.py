@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,6 +202,14 @@ class MegatronEngine:
             return self.saver.start(root, self.step, self.chunks, self.optimizer, common, per_rank, keep_last)
         self.finish_save()  # a synchronous save never overtakes an asynchronous one
         return checkpoint.save_checkpoint(root, self.step, self.chunks, self.optimizer, common, per_rank, keep_last)
+
+    def save_weights(self, root: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """The model weights alone (no optimizer, no scheduler) as ``root/iter_N`` (collective): what a
+        ``.nemo`` archive holds (training/nemo_archive.py); loads at any layout like every checkpoint."""
+        self.finish_save()  # never overtake an asynchronous save in flight
+        self._gather_params()
+        common = {"ualm_config": dataclasses.asdict(self.cfg), **(extra or {})}
+        return checkpoint.save_checkpoint(root, self.step, self.chunks, None, common)
 
     def poll_save(self):
         """Publish a finished asynchronous save (collective: one all_reduce while one is pending)."""

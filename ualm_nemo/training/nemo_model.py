@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from megatron.core import parallel_state
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from nemo.core.classes import ModelPT
 from ualm_nemo.data.microbatch import MicroBatch
@@ -21,6 +21,7 @@ from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.training import watchdog
 from ualm_nemo.training.engine import MegatronEngine
+from ualm_nemo.training.nemo_archive import UALMSaveRestoreConnector
 from ualm_nemo.training.run_config import RunConfig
 
 
@@ -112,16 +113,41 @@ def _recorded_tokenizer(spec: str) -> str:
     return "byte" if str(spec) == "byte" else os.path.abspath(str(spec))
 
 
+_NEMO_KEYS = ("target", "nemo_version")  # what ModelPT adds to a cfg: no part of the run
+
+
+def run_to_cfg(run: RunConfig) -> DictConfig:
+    """The run as NeMo's ``cfg``: plain data, the model section under ``ualm`` (NeMo forbids a key ``model``)."""
+    record = dataclasses.asdict(run)
+    record["ualm"] = record.pop("model")
+    return OmegaConf.create(record)
+
+
+def run_from_cfg(cfg: DictConfig) -> RunConfig:
+    """The inverse of :func:`run_to_cfg` (a restored ``.nemo``'s ``model_config.yaml``), validated as every run."""
+    from ualm_nemo.training.run_config import run_config_from_dict
+
+    record = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _NEMO_KEYS}
+    if "ualm" not in record:
+        raise ValueError("this NeMo config has no 'ualm' section: it was not written by UALMModel")
+    record["model"] = record.pop("ualm")
+    return run_config_from_dict(record)
+
+
 class UALMModel(ModelPT):
     """The NeMo model of one run, built from its parsed RunConfig (training/run_config.py parses the YAML once).
 
-    NeMo's own ``cfg`` is the run as plain data, the model section under ``ualm`` (NeMo forbids a key named
-    ``model``): a record for NeMo, never read back here."""
+    NeMo's own ``cfg`` is the run as plain data (:func:`run_to_cfg`); NeMo's restore path builds the model from
+    it (``UALMModel(cfg=...)``). ``save_to`` / ``restore_from`` write and read ``.nemo`` archives whose weights
+    are a sharded Megatron checkpoint (training/nemo_archive.py)."""
 
-    def __init__(self, run: RunConfig, trainer: Trainer | None = None) -> None:
-        record = dataclasses.asdict(run)
-        record["ualm"] = record.pop("model")
-        super().__init__(cfg=OmegaConf.create(record), trainer=trainer)
+    def __init__(self, run: RunConfig | None = None, trainer: Trainer | None = None,
+                 cfg: DictConfig | None = None) -> None:
+        if (run is None) == (cfg is None):
+            raise TypeError("UALMModel takes a RunConfig (run=) or NeMo's cfg (cfg=), exactly one of them")
+        run = run if run is not None else run_from_cfg(cfg)
+        super().__init__(cfg=run_to_cfg(run), trainer=trainer)
+        self._save_restore_connector = UALMSaveRestoreConnector()
         self.run = run
         self.automatic_optimization = False
         self.engine: MegatronEngine | None = None
@@ -168,16 +194,66 @@ class UALMModel(ModelPT):
             # every weight comes from a checkpoint when resuming or starting from train.init_from: skip the random
             # initialisation (the engine refuses to train if no load happened after all)
             resuming = find_resumable(Path(self.run.output_dir) / "checkpoints") is not None
-            self.engine = MegatronEngine(self.run.model, self.run.optim, self.run.train.max_steps,
-                                         stage=self.run.train.stage,
-                                         initialize=not (resuming or self.run.train.init_from),
-                                         objective=self._objective())
-            self.chunks = torch.nn.ModuleList(self.engine.chunks)  # visible to Lightning (summary, device moves)
+            self._build_engine(initialize=not (resuming or self.run.train.init_from), train=True)
             self._maybe_init_weights(resuming)
-            if self.run.dpo is not None and self.run.dpo.reference == "online":
-                from ualm_nemo.training.dpo_reference import load_reference_model
 
-                self.engine.set_reference(load_reference_model(self.run.model, self.run.dpo.reference_checkpoint))
+    def _build_engine(self, initialize: bool, train: bool) -> None:
+        self.engine = MegatronEngine(self.run.model, self.run.optim, self.run.train.max_steps,
+                                     stage=self.run.train.stage, train=train, initialize=initialize,
+                                     objective=self._objective())
+        self.chunks = torch.nn.ModuleList(self.engine.chunks)  # visible to Lightning (summary, device moves)
+        if train and self.run.dpo is not None and self.run.dpo.reference == "online":
+            from ualm_nemo.training.dpo_reference import load_reference_model
+
+            self.engine.set_reference(load_reference_model(self.run.model, self.run.dpo.reference_checkpoint))
+
+    # --- .nemo archives (training/nemo_archive.py) --------------------------------------------------
+    def save_to(self, save_path: str) -> str | None:
+        """Write ``save_path`` (a ``.nemo``): collective, every rank calls it (each writes its own shards).
+        NeMo's ModelPT.save_to calls the connector on rank 0 only, which cannot save a sharded model."""
+        return self._save_restore_connector.save_to(self, save_path)
+
+    @classmethod
+    def restore_from(cls, restore_path: str, override_config_path=None, map_location=None, strict: bool = True,
+                     return_config: bool = False, save_restore_connector=None, trainer: Trainer | None = None,
+                     validate_access_integrity: bool = True):
+        """NeMo's restore with the UALM connector. With a ``trainer`` the model comes back ready to train on
+        (optimizer built, fresh; step 0, as train.init_from); without, for inference (no optimizer)."""
+        return super().restore_from(restore_path, override_config_path, map_location, strict, return_config,
+                                    save_restore_connector or UALMSaveRestoreConnector(), trainer,
+                                    validate_access_integrity)
+
+    def archive_extra(self) -> dict[str, Any]:
+        """What an archive records beside the weights (the exporter reads the tokenizer from it)."""
+        return {"tokenizer": _recorded_tokenizer(self.run.data.tokenizer), "consumed_samples": self.trained_samples}
+
+    def load_archive_weights(self, weights: Path) -> None:
+        """Build the engine at this process's layout (set up here on a bare process) and load ``weights``."""
+        self._set_up_restore_layout()
+        self._build_engine(initialize=False, train=self._trainer is not None)
+        self.engine.load_initial_weights(str(weights))
+
+    def _set_up_restore_layout(self) -> None:
+        """A process that already set up Megatron (a job, a test) restores at its layout, which must be the
+        config's; a bare process sets it up: TP1/PP1 on one process (any archive opens there), else the config's."""
+        from ualm_nemo.distributed.parallel import init_distributed, init_model_parallel
+
+        wanted = self.run.model.parallel
+        if parallel_state.model_parallel_is_initialized():
+            have = (parallel_state.get_tensor_model_parallel_world_size(),
+                    parallel_state.get_pipeline_model_parallel_world_size())
+            if have != (wanted.tensor_model_parallel_size, wanted.pipeline_model_parallel_size):
+                raise ValueError(f"this process is set up for TP{have[0]}/PP{have[1]}, the archive's config says "
+                                 f"TP{wanted.tensor_model_parallel_size}/PP{wanted.pipeline_model_parallel_size}: "
+                                 "pass override_config_path with ualm.parallel set to this layout (the weights "
+                                 "load at any layout)")
+            return
+        init_distributed()
+        if torch.distributed.get_world_size() == 1:
+            model = self.run.model.without_training_features().with_parallel(
+                tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False)
+            self.run = dataclasses.replace(self.run, model=model)
+        init_model_parallel(self.run.model.parallel, seed=self.run.model.seed)
 
     def _objective(self):
         if self.run.dpo is None:
@@ -193,6 +269,9 @@ class UALMModel(ModelPT):
             self.engine.load_initial_weights(init_from)
 
     def configure_optimizers(self):
+        if self.engine is not None and self.engine.optimizer is None:
+            raise RuntimeError("this UALMModel was restored for inference (no optimizer): pass trainer= to "
+                               "UALMModel.restore_from to train it")
         return _SteppedByEngine(self.engine)
 
     def train_dataloader(self):
