@@ -8,7 +8,8 @@ generates text), audio.safetensors, audio_encoder/, ualm_config.json and the tok
 ualm_nemo.inference.hf_model.UALMForConditionalGeneration loads all of it. The checkpoint argument is a run's
 checkpoint folder (its ``latest`` is used), one iter_* folder, or a ``.nemo`` archive written by
 ``UALMModel.save_to`` (its ``model_weights/`` folder is such an iteration folder). --model may be left out for
-checkpoints that record their config (imports and archives do). The folder is written as <out>.tmp-<pid> and renamed when complete.
+checkpoints that record their config (imports and archives do). The folder is written as <out>.tmp-<pid> and
+renamed when complete.
 """
 
 import argparse

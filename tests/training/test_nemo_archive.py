@@ -60,13 +60,21 @@ def _save_restore(root: str) -> dict:
     restored = UALMModel.restore_from(str(root / "ualm.nemo"))
     after = _logits(restored.engine.chunks[0], batch)
     config_only = UALMModel.restore_from(str(root / "ualm.nemo"), return_config=True)
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainable = UALMModel.restore_from(str(root / "ualm.nemo"), trainer=trainer)
+    # with a trainer: an optimizer over the loaded weights, whose first step starts from the archive's weights
+    losses = [restored.engine.eval_loss([batch]), trainable.engine.train_step([batch]).loss,
+              trainable.engine.eval_loss([batch])]
     # both exports from this process (the converter sets up its own TP1/PP1 state)
     convert = load_example("convert_ualm_to_hf").main
     rcs = [convert([str(root / "ualm.nemo"), str(root / "from_nemo"), "--no-progress"]),
            convert([str(root / "ckpt"), str(root / "from_ckpt"), "--no-progress"])]
     return {"before": before, "after": after, "restored_type": type(restored).__name__,
             "backbone": config_only.ualm.backbone.hidden_size, "optimizer": restored.engine.optimizer is None,
-            "rcs": rcs}
+            "rcs": rcs, "losses": losses}
 
 
 def _save_at_tp2(root: str) -> float:
@@ -101,6 +109,12 @@ def test_save_to_restore_from_gives_the_same_logits(archived):
     assert archived["backbone"] > 0  # return_config: the NeMo cfg alone, the run under 'ualm'
 
 
+def test_restored_with_a_trainer_trains_on(archived):
+    restored, first_step, after_step = archived["losses"]
+    assert first_step == pytest.approx(restored, rel=1e-6)  # the step's forward ran on the archive's weights
+    assert after_step < first_step  # and the optimizer (built over them, lr 1e-2) moved them
+
+
 def test_archive_is_nemo_layout(archived):
     with tarfile.open(archived["root"] / "ualm.nemo") as tar:
         names = {Path(n).as_posix().removeprefix("./") for n in tar.getnames()}
@@ -128,21 +142,37 @@ def test_tp2_archive_restores_in_one_process(tmp_path):
     assert restored == pytest.approx(saved, rel=1e-5)  # TP2 sums partial products in another order
 
 
-def test_bad_archives_are_refused_in_one_line(tmp_path, capsys):
-    not_tar = tmp_path / "broken.nemo"
-    not_tar.write_bytes(b"not a tar")
-    other = tmp_path / "other.nemo"
-    with tarfile.open(other, "w") as tar:
-        (tmp_path / "model_config.yaml").write_text("foo: 1\n")
-        tar.add(tmp_path / "model_config.yaml", arcname="model_config.yaml")
-    convert = load_example("convert_ualm_to_hf").main
-    assert convert([str(not_tar), str(tmp_path / "out1"), "--no-progress"]) == 2
-    assert "not a readable .nemo archive" in capsys.readouterr().err
-    assert convert([str(other), str(tmp_path / "out2"), "--no-progress"]) == 2
-    assert "not a UALM .nemo archive" in capsys.readouterr().err
+def _refusals(root: str) -> dict:
+    """convert_ualm_to_hf's exit code and stderr, and restore_from's error, for each bad archive."""
+    import contextlib
+    import io
+
     from ualm_nemo.training.nemo_model import UALMModel
 
-    with pytest.raises(ValueError, match="not a UALM .nemo archive"):
-        UALMModel.restore_from(str(other))
-    with pytest.raises(ValueError, match="strict=False"):
-        UALMModel.restore_from(str(other), strict=False)
+    root = Path(root)
+    (root / "broken.nemo").write_bytes(b"not a tar")
+    (root / "model_config.yaml").write_text("foo: 1\n")
+    with tarfile.open(root / "other.nemo", "w") as tar:
+        tar.add(root / "model_config.yaml", arcname="model_config.yaml")
+    convert, out = load_example("convert_ualm_to_hf").main, {}
+    for name in ("broken", "other"):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = convert([str(root / f"{name}.nemo"), str(root / f"out_{name}"), "--no-progress"])
+        out[name] = (rc, err.getvalue())
+    for name, kwargs in (("restore_other", {}), ("restore_loose", {"strict": False})):
+        try:
+            UALMModel.restore_from(str(root / "other.nemo"), **kwargs)
+            out[name] = "no error"
+        except ValueError as error:
+            out[name] = str(error)
+    return out
+
+
+def test_bad_archives_are_refused_in_one_line(tmp_path):
+    got = run_distributed(1, _refusals, str(tmp_path))[0]
+    assert got["broken"][0] == 2 and "not a readable .nemo archive" in got["broken"][1]
+    assert got["other"][0] == 2 and "not a UALM .nemo archive" in got["other"][1]
+    assert all(len(got[k][1].strip().splitlines()) == 1 for k in ("broken", "other"))  # no traceback
+    assert "not a UALM .nemo archive" in got["restore_other"]
+    assert "strict=False" in got["restore_loose"]
