@@ -124,7 +124,8 @@ def run_to_cfg(run: RunConfig) -> DictConfig:
 
 
 def run_from_cfg(cfg: DictConfig) -> RunConfig:
-    """The inverse of :func:`run_to_cfg` (a restored ``.nemo``'s ``model_config.yaml``), validated as every run."""
+    """The inverse of :func:`run_to_cfg` (a restored ``.nemo``'s ``model_config.yaml``), parsed as every run is
+    (ConfigError naming the key)."""
     from ualm_nemo.training.run_config import run_config_from_dict
 
     record = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _NEMO_KEYS}
