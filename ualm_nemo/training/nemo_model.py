@@ -336,7 +336,9 @@ class UALMModel(ModelPT):
     def checkpoint_extra(self) -> dict[str, Any]:
         extra = {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps,
                  "validation": self.last_validation, "evaluation": self.last_evaluation,
-                 "tokenizer": _recorded_tokenizer(self.run.data.tokenizer)}  # what the HF export carries
+                 "tokenizer": _recorded_tokenizer(self.run.data.tokenizer),  # what the HF export carries
+                 # the export's model card shows them (provenance); model.* is ualm_config already
+                 "run_config": {k: dataclasses.asdict(getattr(self.run, k)) for k in ("data", "train", "optim")}}
         if self.run.data.shar is not None:  # one loader position per DP rank, all saved by rank 0
             states = [None] * parallel_state.get_data_parallel_world_size()
             torch.distributed.all_gather_object(states, self.data_state,
