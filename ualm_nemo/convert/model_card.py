@@ -238,7 +238,7 @@ def _provenance_lines(cfg: UALMConfig, provenance: Provenance) -> list[str]:
 
 def model_card(folder: Path, out: str | Path, cfg: UALMConfig, provenance: Provenance) -> str:
     """The card's text for the files in ``folder`` (being written; ``out`` is where it will be)."""
-    files = folder_files(folder)
+    files = sorted({*folder_files(folder), (CARD_FILE, FILE_ROLES[CARD_FILE])})  # the card is written after
     has_tokenizer = any(name in TOKENIZER_FILES for name, _ in files)
     b = cfg.backbone
     lines = ["---", yaml.safe_dump(front_matter(cfg, provenance), sort_keys=False).rstrip(), "---", "",
