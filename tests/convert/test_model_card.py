@@ -48,6 +48,7 @@ def test_the_export_carries_a_card_with_the_models_numbers(tiny_export):
     card = _card(hf)
     meta = _front_matter(card)
     assert meta["library_name"] == "transformers" and "ualm" in meta["tags"] and meta["license"]
+    assert "written as `float32`" in card  # the tiny export keeps its fp32 weights
     cfg = UALMConfig.from_dict(json.loads((hf / "ualm_config.json").read_text()))
     # the numbers against the written files, not only against the config the card was made from
     text_rows = json.loads((hf / "config.json").read_text())["vocab_size"]

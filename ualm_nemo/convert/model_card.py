@@ -201,8 +201,10 @@ def _yaml_block(data: Any) -> list[str]:
     return ["```yaml", yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip(), "```"]
 
 
-def _describe(cfg: UALMConfig, counts: dict[str, int]) -> list[str]:
-    b, v = cfg.backbone, cfg.vocab
+def _describe(cfg: UALMConfig, folder: Path) -> list[str]:
+    b, v, counts = cfg.backbone, cfg.vocab, parameter_counts(folder)
+    hf_config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    written = hf_config.get("dtype") or hf_config.get("torch_dtype") or "?"
     audio_in = ("audio in through the frozen audio encoder and a "
                 f"{cfg.audio_in.adapter} adapter ({cfg.audio_in.num_mel_bins} mel bins)" if cfg.audio_in.enabled
                 else "no audio input (model.audio_in.enabled=false)")
@@ -211,7 +213,7 @@ def _describe(cfg: UALMConfig, counts: dict[str, int]) -> list[str]:
             f"sequence; {audio_in}; audio out through a `{cfg.audio_out.head}` stream head.", "",
             f"Backbone (Qwen2-shaped): {b.num_layers} layers, hidden {b.hidden_size}, FFN {b.ffn_hidden_size}, "
             f"{b.num_attention_heads} attention heads, {b.num_query_groups} KV groups, RoPE base {b.rope_base:g}, "
-            f"{b.max_position_embeddings} positions, weights `{cfg.params_dtype}` in training.", "",
+            f"{b.max_position_embeddings} positions; weights `{cfg.params_dtype}` in training, written as `{written}`.", "",
             "Parameters (from the files): " + ", ".join(f"{k} {n:,}" for k, n in counts.items())
             + f"; total {sum(counts.values()):,}."]
 
@@ -243,7 +245,7 @@ def model_card(folder: Path, out: str | Path, cfg: UALMConfig, provenance: Prove
     b = cfg.backbone
     lines = ["---", yaml.safe_dump(front_matter(cfg, provenance), sort_keys=False).rstrip(), "---", "",
              f"# UALM ({b.num_layers} layers, hidden {b.hidden_size}), exported by ualm_nemo", ""]
-    lines += _describe(cfg, parameter_counts(folder))
+    lines += _describe(cfg, folder)
     lines += ["", "## Vocabulary", "",
               f"One id space of {cfg.vocab.size} ids: the text tokenizer's ids unchanged, then the UALM specials, then "
               f"{cfg.vocab.num_codebooks} codec streams of {cfg.vocab.codebook_span} ids (codes, then the stream's "
