@@ -109,3 +109,18 @@ def test_a_trained_runs_card_names_its_step_run_config_and_origin(tiny_export, t
     assert recorded["data"]["seq_len"] == 1024 and recorded["train"]["init_from"] == str(tiny_export["ckpt"])
     assert all("--codec /models/my-xcodec" in shlex.join(argv) for argv in _commands(card) if "--codec" in argv)
     assert re.search(r"exported: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ with ualm_nemo \d", card)
+
+
+def test_an_unreadable_earlier_checkpoint_leaves_its_provenance_out(tiny_export, tmp_path):
+    """train.init_from names a checkpoint whose record is truncated: the card says so, the export goes on."""
+    earlier = shutil.copytree(tiny_export["ckpt"] / "iter_0000000", tmp_path / "earlier" / "iter_0000005")
+    (earlier / "ualm_common.pt").write_bytes((earlier / "ualm_common.pt").read_bytes()[:40])
+    iteration = shutil.copytree(tiny_export["ckpt"] / "iter_0000000", tmp_path / "run" / "iter_0000009")
+    common = torch.load(iteration / "ualm_common.pt", weights_only=False)
+    common.pop("imported_from")
+    run = run_config_from_dict({"model": {"backbone": "tiny"}, "train": {"init_from": str(earlier)}})
+    torch.save({**common, "step": 9, "run_config": recorded_run_config(run)}, iteration / "ualm_common.pt")
+
+    provenance = read_provenance(iteration, None)
+    assert provenance.chain == [f"{earlier} (not readable here: DamagedCheckpointError)"]
+    assert provenance.imported_from is None and provenance.step == 9

@@ -9,6 +9,7 @@ data/train/optim sections, the import source, the tokenizer).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 import subprocess
@@ -25,6 +26,7 @@ from ualm_nemo.convert.hf_folder import INDEX_FILE, TOKENIZER_FILES, read_header
 from ualm_nemo.model.config import UALMConfig
 from ualm_nemo.model.vocab import SPECIALS
 
+log = logging.getLogger(__name__)
 CARD_FILE = "README.md"
 CODEC_PLACEHOLDER = "/models/xcodec-hubert-general"  # when the run recorded no data.codec_path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -61,8 +63,14 @@ def ualm_nemo_version() -> tuple[str, str | None]:
 
 
 def _common(iteration: Path) -> dict[str, Any]:
+    """An iteration's record; {} (and a warning) when it is missing or unreadable: a card detail never stops an
+    export (the exported iteration's own record was read before, by prepare_export)."""
     path = iteration / "ualm_common.pt"
-    return torch.load(path, weights_only=False) if path.is_file() else {}
+    try:
+        return torch.load(path, weights_only=False) if path.is_file() else {}
+    except Exception as err:  # noqa: BLE001 - a truncated pickle raises anything from EOFError to RuntimeError
+        log.warning("model card: %s is unreadable (%s): its provenance is left out", path, type(err).__name__)
+        return {}
 
 
 def read_provenance(iteration: str | Path, tokenizer: str | Path | None) -> Provenance:
@@ -77,8 +85,8 @@ def read_provenance(iteration: str | Path, tokenizer: str | Path | None) -> Prov
     while imported is None and init_from and len(chain) < _MAX_INIT_CHAIN:
         try:
             earlier = resolve_checkpoint(init_from).resolve()
-        except (FileNotFoundError, OSError):
-            chain.append(f"{init_from} (no longer here)")
+        except (OSError, ValueError) as err:  # gone, or damaged since (DamagedCheckpointError): named, not fatal
+            chain.append(f"{init_from} (not readable here: {type(err).__name__})")
             break
         if earlier in seen:
             break
@@ -107,8 +115,10 @@ def _source_front_matter(provenance: Provenance) -> dict[str, Any]:
             meta = None
         if isinstance(meta, dict) and isinstance(meta.get("license"), str):
             found["license"] = meta["license"]
-    config = source / "config.json"
-    name = json.loads(config.read_text()).get("_name_or_path", "") if config.is_file() else ""
+    try:
+        name = json.loads((source / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError, AttributeError):
+        name = ""
     if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).exists():
         found["base_model"] = name
     return found
