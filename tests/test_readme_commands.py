@@ -17,7 +17,6 @@ Commands holding a ``...`` placeholder get the first two checks only.
 
 from __future__ import annotations
 
-import argparse
 import re
 import shlex
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ualm_nemo.testing.examples import load_example
+from ualm_nemo.testing.examples import Parsed as _Parsed, load_example, parse_only as _parse_only
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = (ROOT / "README.md", ROOT / "launcher" / "README.md")
@@ -179,21 +178,6 @@ def _python_call(argv: list[str]) -> list[str] | None:
 
 RUNNABLE = [c for c in COMMANDS if (call := _python_call(c.argv)) and not any("..." in w for w in call)
             and not any(w.startswith("[") for w in call[:1])]
-
-
-class _Parsed(Exception):
-    """Raised right after a command's parser accepted its arguments: nothing after parsing runs."""
-
-
-def _parse_only(monkeypatch) -> None:
-    """Every ArgumentParser stops right after parsing (raising _Parsed)."""
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_args(self, args=None, namespace=None):
-        original(self, args, namespace)
-        raise _Parsed
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
 
 
 @pytest.mark.parametrize("command", RUNNABLE, ids=lambda c: c.where)

@@ -338,6 +338,9 @@ def test_trained_export_text_logits_match_megatron(world):
     assert tp2["losses"][2] < tp2["losses"][0]
     folder = world["root"] / "hf_trained"
     assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1 and (folder / "tokenizer.json").is_file()
+    card = (folder / "README.md").read_text()  # the model card: the TP2 checkpoint's step, its shards listed
+    assert f"- checkpoint: `{(world['root'] / 'trained' / 'iter_0000003').resolve()}`\n- step: 3\n" in card
+    assert all(f"| `{p.name}` | a shard of the Qwen2 weights |" in card for p in folder.glob("model-*.safetensors"))
     hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     with torch.no_grad():
         logits = hf(input_ids=world["ids"]).logits

@@ -100,6 +100,9 @@ def test_validation_series_survives_a_resume(tmp_path, demo_shar):
                         weights_only=False)
     assert common["validation"] == out["first_last"] == straight[0]
     assert common["tokenizer"] == "byte"  # data.tokenizer: the HF export writes it into the folder
+    assert common["run_config"]["data"]["tokenizer"] == "byte"  # the run's sections, for the export's model card
+    assert common["run_config"]["train"]["stop_at_step"] == 3
+    assert set(common["run_config"]) == {"data", "train", "optim"}
 
     last = straight[-1]
     assert last["loss"] == out["eval_loss"]  # the held-out loss is the training loss on the same batches

@@ -7,6 +7,7 @@ An exported HF folder::
     audio_encoder/                             the frozen audio tower, an encoder-only HF folder (if audio_in.enabled)
     ualm_config.json                           dataclasses.asdict(UALMConfig), layout reset to TP1/PP1
     tokenizer files
+    README.md                                  the model card (model_card.py)
 
 ``audio.safetensors`` (V = text vocab, S = 4 specials, A = 8 x 1025 audio rows; vocabulary padding dropped)::
 

@@ -25,6 +25,7 @@ from ualm_nemo.convert.audio_parts import (ADAPTER_PREFIX, AUDIO_FILE, ENCODER_D
                                           expected_audio_shapes, iter_audio_parts)
 from ualm_nemo.convert.configs import config_to_dict
 from ualm_nemo.convert.hf_folder import TOKENIZER_FILES, ShardedWriter, atomic_folder, copy_tokenizer_files
+from ualm_nemo.convert.model_card import Provenance, read_provenance, write_model_card
 from ualm_nemo.distributed.checkpoint import error_cause, resolve_checkpoint, stored_model_config
 from ualm_nemo.convert.qwen2_keymap import expected_hf_shapes, iter_ualm_to_hf, qwen2_config_for
 from ualm_nemo.distributed.streaming import StreamedCheckpointReader
@@ -74,12 +75,13 @@ def num_export_tensors(state: Mapping[str, Any], cfg: UALMConfig) -> int:
 def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, *,
                     encoder_config: Any | None = None, tokenizer_dir: str | Path | None = None,
                     dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, provenance: Provenance | None = None) -> Path:
     """Write the HF folder from a full TP1/PP1 UALM state (pure: no process groups needed unless ``state``
     loads collectively).
 
     ``encoder_config``: the audio tower's HF config (needed when ``cfg.audio_in.enabled``); ``dtype``: cast
-    every tensor (default: keep each tensor's dtype).
+    every tensor (default: keep each tensor's dtype); ``provenance``: what the model card says the folder came
+    from (checkpoint, step, run config).
     """
     from tqdm import tqdm
 
@@ -121,6 +123,7 @@ def write_hf_folder(state: Mapping[str, Any], cfg: UALMConfig, out: str | Path, 
             write_tokenizer(tokenizer_dir, tmp)
         else:
             log.warning("no tokenizer folder given: %s has no tokenizer files", out)
+        write_model_card(tmp, out.resolve(), exported, provenance)  # last: it lists the files written
     return out
 
 
@@ -241,7 +244,8 @@ def export_hf_checkpoint(ckpt: str | Path, out: str | Path, cfg: UALMConfig | No
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         write_hf_folder(reader, cfg1, out, encoder_config=encoder_config, tokenizer_dir=tokenizer_dir,
                         dtype=DTYPES[dtype or cfg.params_dtype], max_shard_bytes=max_shard_bytes,
-                        overwrite=overwrite, progress=progress)
+                        overwrite=overwrite, progress=progress,
+                        provenance=read_provenance(iteration, tokenizer_dir))
     else:  # checkpoint loads are collective: follow rank 0's reads, write nothing
         for _ in iter_export(reader, cfg1):
             pass

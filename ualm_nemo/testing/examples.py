@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -34,3 +35,19 @@ def run_refused(main: Callable[[list[str]], int], argv: list[str], capsys) -> st
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err
+
+
+class Parsed(Exception):
+    """Raised right after a command's parser accepted its arguments: nothing after parsing runs."""
+
+
+def parse_only(monkeypatch) -> None:
+    """Every ArgumentParser stops right after parsing (raising Parsed): a command's real parser checks its
+    arguments, and nothing else of the command runs."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)

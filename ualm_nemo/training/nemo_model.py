@@ -22,7 +22,7 @@ from ualm_nemo.distributed.parallel import comm_device
 from ualm_nemo.training import watchdog
 from ualm_nemo.training.engine import MegatronEngine
 from ualm_nemo.training.nemo_archive import UALMSaveRestoreConnector
-from ualm_nemo.training.run_config import RunConfig
+from ualm_nemo.training.run_config import RunConfig, recorded_run_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -416,7 +416,8 @@ class UALMModel(ModelPT):
     def checkpoint_extra(self) -> dict[str, Any]:
         extra = {"consumed_samples": self.trained_samples, "skipped_steps": self.skipped_steps,
                  "validation": self.last_validation, "evaluation": self.last_evaluation,
-                 "tokenizer": _recorded_tokenizer(self.run.data.tokenizer)}  # what the HF export carries
+                 "tokenizer": _recorded_tokenizer(self.run.data.tokenizer),  # what the HF export carries
+                 "run_config": recorded_run_config(self.run)}  # the export's model card shows it
         if self.run.data.shar is not None:  # one loader position per DP rank, all saved by rank 0
             states = [None] * parallel_state.get_data_parallel_world_size()
             torch.distributed.all_gather_object(states, self.data_state,

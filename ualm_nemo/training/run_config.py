@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -240,6 +240,14 @@ class RunConfig:
                 raise ConfigError(f"data.dpo_manifest is read by train.stage=dpo, not {stage!r}")
             if self.dpo is not None:
                 raise ConfigError(f"the dpo section is read by train.stage=dpo, not {stage!r}")
+
+
+RECORDED_SECTIONS = ("data", "train", "optim")  # model.* is recorded whole as ualm_config
+
+
+def recorded_run_config(run: RunConfig) -> dict[str, Any]:
+    """The run's sections a checkpoint keeps (plain dicts): the HF export's model card shows where it came from."""
+    return {key: asdict(getattr(run, key)) for key in RECORDED_SECTIONS}
 
 
 def check_data_paths(run: RunConfig, to_host: Callable[[str], str] = str) -> None:
