@@ -31,7 +31,11 @@ def load_postprocessor(path: str | Path, device: str | torch.device = "cpu") -> 
     FileNotFoundError / ValueError (one line) when it cannot be loaded."""
     from ualm_nemo.enhance.inference import Enhancer
 
-    return Enhancer.from_pretrained(path, device=device)
+    try:
+        return Enhancer.from_pretrained(path, device=device)
+    except RuntimeError as err:  # load_state_dict: weights of another shape than the config says
+        first = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+        raise ValueError(f"enhancer {path}: its weights do not fit its config ({first[0][:200]})") from None
 
 
 def check_postprocessor(path: str | Path) -> None:
