@@ -232,8 +232,7 @@ class OutputFolder:
             entry = entries.get(item.id)
             if entry is not None:
                 want = {"caption": item.caption, "seed": item.seed, **self.settings}
-                # .get: a line written before a setting existed (e.g. "enhancer") reads as None, not a crash
-                diff = [f"{k} {entry.get(k)!r} -> {want[k]!r}" for k in self.keys if entry.get(k) != want[k]]
+                diff = [f"{k} {entry[k]!r} -> {want[k]!r}" for k in self.keys if entry[k] != want[k]]
                 if diff:
                     conflicts.append(f"{item.id}: " + ", ".join(diff))
         if conflicts:
