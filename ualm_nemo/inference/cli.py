@@ -130,7 +130,7 @@ def load_inference(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 def audio_format(infer, enhancer: str | None = None) -> dict:
-    """What the written audio is, for manifests, reports and transcripts: {"sample_rate", "channels", "enhancer"}
+    """What the written audio is, for chat transcripts: {"sample_rate", "channels", "enhancer"}
     (the enhancer's resolved path or None; rate and channels None without a codec: codes only)."""
     post, codec = infer.postprocess, infer.codec
     rate = post.sample_rate if post is not None else codec.sample_rate if codec is not None else None
