@@ -13,8 +13,9 @@
 
 Interactive chat: type a line to send it; ``/audio PATH`` attaches a file to your next turn; ``/quit`` ends.
 Each run writes into a folder of its own, ``--out-dir/<UTC start time>/`` (``-2``, ``-3``, ... when two runs
-start in the same second): ``transcript*.json`` (every step, text and audio) and its wav files. A chat's
-transcript is saved after every turn, so nothing made is lost when a session stops. A turn the model cannot
+start in the same second): ``transcript*.json`` (every step, text and audio) and its wav files: 16 kHz mono as
+the codec decodes them, or 48 kHz stereo through --enhancer (the transcript's "audio_format" says which, and each
+clip its sample_rate). A chat's transcript is saved after every turn, so nothing made is lost when a session stops. A turn the model cannot
 take (unreadable, NaN or too-short audio, an empty turn, a prompt over the context limit: see --max-context)
 is refused with one line and recorded in the transcript's "refused" list; interactive chat then goes on, a
 scripted one (--say, --script) stops there with what was made kept and exit code 1.
@@ -30,8 +31,8 @@ from pathlib import Path
 
 from ualm_nemo.data.formatting import AudioIn
 from ualm_nemo.inference import reasoning
-from ualm_nemo.inference.cli import add_generation_args, add_model_args, check_paths, generation_config, \
-    load_inference
+from ualm_nemo.inference.cli import add_enhancer_arg, add_generation_args, add_model_args, audio_format, \
+    check_paths, generation_config, load_inference
 from ualm_nemo.inference.pipeline import InputRejected, check_clip
 from ualm_nemo.inference.transcript import Step, Transcript
 
@@ -129,6 +130,7 @@ def run_dialogue(infer, turns: list[dict] | None, args, cfg, folder: Path) -> in
     refused turn is reported and the session goes on); the transcript is saved after every turn."""
     dialogue = reasoning.Dialogue(infer, seed=args.seed, cfg=cfg)
     transcript, code = dialogue.transcript, 0
+    transcript.meta["audio_format"] = audio_format(infer, args.enhancer)
     for n, turn in enumerate(turns if turns is not None else _interactive(), 1):
         try:
             reply = dialogue.say(turn.get("text", ""), [load_clip(p) for p in turn.get("audio", [])])
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=(*MODES, "script"))
     add_model_args(parser)
     add_generation_args(parser)
+    add_enhancer_arg(parser)
     parser.add_argument("--audio", action="append", help="understand: an audio file (repeatable)")
     parser.add_argument("--question", help="understand: the question about the audio")
     parser.add_argument("--say", action="append", help="chat: a user turn (repeatable); none = interactive")
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{mode}: {err}")
     folder = session_folder(args.out_dir, parser)
     for k, transcript in enumerate(transcripts):
+        transcript.meta["audio_format"] = audio_format(infer, args.enhancer)
         path = transcript.save(folder, "transcript" if len(transcripts) == 1 else f"transcript_{k:03d}")
         for step in transcript.steps:
             if step.role == "assistant":

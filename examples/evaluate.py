@@ -25,8 +25,8 @@ from pathlib import Path
 
 from ualm_nemo.eval import understanding
 from ualm_nemo.eval.audio_qa import BREAKDOWNS, read_benchmark
-from ualm_nemo.inference.cli import (add_generation_args, add_model_args, add_shard_arg, check_paths, load_inference,
-                                     shard_of)
+from ualm_nemo.inference.cli import (add_enhancer_arg, add_generation_args, add_model_args, add_shard_arg,
+                                     check_paths, load_inference, shard_of)
 from ualm_nemo.inference.engine import GenerationConfig
 from ualm_nemo.inference.jobs import JobError, ManifestConflict, OutputFolder
 from ualm_nemo.inference.shards import refuse_unmerged, shard_job
@@ -130,7 +130,9 @@ TTA_DOC = """Text-to-audio suite: generate (or take generated clips), then score
 
 --data: JSON lines {"id": ..., "caption": ..., "audio": reference clip (relative to --audio-root, default the
 file's folder)}. --generated: a generate.py output folder (manifest.jsonl). With --checkpoint each --cfg scale is
-generated into OUT/cfg{scale}/ (resumable: rerun the same command). --reference adds the ground-truth row (the
+generated into OUT/cfg{scale}/ (resumable: rerun the same command), at the codec's 16 kHz mono, or at 48 kHz
+stereo through --enhancer (the paper's 48 kHz rows); each metric resamples the clips to its own rate, and the
+report states the rate and channels of the clips each row scored. --reference adds the ground-truth row (the
 reference clips scored as if generated; FD and KL are not applicable there). Every metric model is a local file
 (never downloaded). Reports: OUT/report.json, OUT/report.md, OUT/metric_vs_cfg.png (with matplotlib)."""
 
@@ -142,6 +144,7 @@ def build_tta_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, checkpoint_required=False)  # only to generate (not with --generated)
     add_generation_args(parser)
+    add_enhancer_arg(parser)
     parser.add_argument("--data", help="eval set, JSON lines: id, caption, audio (the reference clip)")
     parser.add_argument("--audio-root", help="folder the reference paths are relative to (default: --data's)")
     parser.add_argument("--generated", help="score this generate.py folder (manifest.jsonl) instead of generating")
@@ -194,6 +197,9 @@ def tta_main(argv: list[str]) -> int:
         parser.error(f"--cfg {args.cfg}: comma-separated numbers, e.g. 1,2,3")
     if args.cfg and not generating:
         parser.error("--cfg sweeps generate: give --checkpoint (a --generated folder has one scale)")
+    if args.enhancer and not generating:
+        parser.error("--enhancer enhances the clips it generates: give --checkpoint (a --generated folder is "
+                     "scored as it was written)")
     shard = shard_of(args, parser)
     if shard is not None and not generating:
         parser.error("--shard splits the generation: give --checkpoint")
@@ -217,7 +223,8 @@ def tta_main(argv: list[str]) -> int:
     meta = {"suite": "tta", "data": args.data, "items": len(items) if items is not None else None,
             "metrics": metrics, "metric_models": models.checksums(),
             "protocols": tta.protocols(args.openl3_content, args.openl3_channels, args.kl_direction, args.clap_seed),
-            "checkpoint": str(Path(args.checkpoint).resolve()) if generating else None}
+            "checkpoint": str(Path(args.checkpoint).resolve()) if generating else None,
+            "enhancer": str(Path(args.enhancer).resolve()) if args.enhancer else None}
     for path in tta_report.write(rows, meta, out_dir):
         print(f"report: {path}")
     print(tta_report.markdown(rows, meta))
@@ -255,7 +262,8 @@ def _tta_generate(args, parser, items, cfgs: list[float], out_dir: Path, shard=N
         args.cfg_scale = scale
         cfg = generation_config(args, parser)
         settings = tta_settings(cfg) | {"checkpoint": str(Path(args.checkpoint).resolve()),
-                                        "dtype": args.dtype or "stored"}
+                                        "dtype": args.dtype or "stored",
+                                        "enhancer": args.enhancer and str(Path(args.enhancer).resolve())}
         scale_dir = out_dir / f"cfg{scale:g}"
         try:
             folder_path, mine, notes = shard_job(scale_dir, items, settings, shard, args.overwrite)
@@ -290,7 +298,7 @@ def _tta_clips(folder: Path):
 def _tta_score(args, metrics, models, items, references, runs) -> list[dict]:
     from tqdm import tqdm
 
-    from ualm_nemo.eval import tta
+    from ualm_nemo.eval import tta, tta_report
 
     def progress(desc):
         return lambda clips: tqdm(clips, desc=desc, unit="clip", disable=args.no_progress)
@@ -319,10 +327,12 @@ def _tta_score(args, metrics, models, items, references, runs) -> list[dict]:
         features = tta.extract(models, clips, tta.model_keys(metrics, False), progress(f"scoring {name}"))
         row = tta.score_row(metrics, features, {c.id: c.caption for c in clips}, reference, models,
                             args.kl_direction)
-        rows.append({"name": name, "cfg": scale, "folder": str(folder), **row})
+        rows.append({"name": name, "cfg": scale, "folder": str(folder), **row,
+                     "audio": tta_report.clip_format(c.audio for c in clips)})
     if args.reference:
         row = tta.score_row(metrics, reference, captions, None, models, args.kl_direction)
-        rows.append({"name": "ground truth", "cfg": None, "folder": args.data, **row})
+        rows.append({"name": "ground truth", "cfg": None, "folder": args.data, **row,
+                     "audio": tta_report.clip_format(references.values())})
     return rows
 
 

@@ -39,8 +39,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ualm_nemo.inference.cli import add_generation_args, add_model_args, add_shard_arg, check_paths, \
-    generation_config, load_inference, shard_of
+from ualm_nemo.inference.cli import add_enhancer_arg, add_generation_args, add_model_args, add_shard_arg, \
+    check_paths, generation_config, load_inference, shard_of
 from ualm_nemo.inference.audio_job import generate_clips, tta_settings
 from ualm_nemo.inference.jobs import MANIFEST, JobError, ManifestConflict, OutputFolder, read_items
 from ualm_nemo.inference.shards import shard_job
@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--captions", metavar="FILE.jsonl",
                         help='JSON lines: {"caption": ..., "id": ..., "seed": ...}')
     parser.add_argument("--max-caption-chars", type=int, default=2000, help="longer captions are an error")
-    parser.add_argument("--enhancer", help="enhancement VAE (exported folder, e.g. <hf>/enhancer, or an enhancer "
-                        "run): wavs are written at 48 kHz stereo instead of the codec's 16 kHz mono")
+    add_enhancer_arg(parser)
     parser.add_argument("--out-dir", default="generated")
     parser.add_argument("--overwrite", action="store_true", help="discard the out dir's manifest and wavs first")
     add_shard_arg(parser)
@@ -76,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out-dir {args.out_dir}: exists and is not a folder")
     if not (args.caption or args.captions):
         parser.error("no captions: give --caption (repeatable) and/or --captions FILE.jsonl")
-    if args.enhancer and not args.codec:
-        parser.error("--enhancer needs --codec: it enhances the decoded 16 kHz audio")
     try:
         items = read_items(args.captions, [(f"--caption #{k}", {"caption": c}) for k, c in enumerate(args.caption, 1)],
                            first_seed=args.seed, max_chars=args.max_caption_chars,
@@ -94,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             if plan.done:
                 print(f"resuming {folder.path}: {plan.done} of {len(items)} items already done (skipped), "
                       f"{len(plan.todo)} to generate")
-            enhancer = load_enhancer(args, parser) if plan.todo and args.enhancer else None
-            infer = load_inference(args, parser, enhancer) if plan.todo else None  # folder untouched until loaded
+            infer = load_inference(args, parser) if plan.todo else None  # folder untouched until loaded
             folder.prepare(plan)
             counts = generate_clips(infer, cfg, folder, plan.todo, args.batch_size, not args.no_progress)
     except ManifestConflict as err:
@@ -106,16 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {counts.written} written{no_audio}, {plan.done} skipped (already done), in {folder.path} "
           f"({MANIFEST})")
     return 0
-
-
-def load_enhancer(args, parser):
-    """The 48 kHz stereo post-processor; a bad --enhancer ends with one line, before the language model loads."""
-    from ualm_nemo.enhance.inference import Enhancer
-
-    try:
-        return Enhancer.from_pretrained(args.enhancer, device=args.device)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(f"--enhancer: cannot load: {err}")
 
 
 if __name__ == "__main__":

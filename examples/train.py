@@ -4,7 +4,7 @@ Single process: run it directly. Several processes: torchrun --nproc_per_node=N 
 under Slurm (one task per GPU; ranks come from SLURM_*). A run resumes from <output_dir>/checkpoints/latest.
 """
 
-from ualm_nemo.training import early_signals
+from ualm_nemo import early_signals
 
 early_signals.install()  # first: a Slurm signal during the imports below must requeue the job, not kill it
 

@@ -5,7 +5,7 @@ GPU), or python -m launcher.submit --entry enhancer ... A run resumes from <outp
 Export the EMA weights for generation: python examples/export_enhancer.py --checkpoint <output_dir> --out DIR.
 """
 
-from ualm_nemo.training import early_signals
+from ualm_nemo import early_signals
 
 early_signals.install()  # first: a Slurm signal during the imports below must requeue the job, not kill it
 

@@ -44,6 +44,17 @@ def tiny_export(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_enhancer(tmp_path_factory) -> Path:
+    """An exported tiny enhancement VAE (random weights, 16 kHz mono -> 48 kHz stereo): the --enhancer folder."""
+    from ualm_nemo.enhance.config import tiny_config
+    from ualm_nemo.enhance.export import save_enhancer
+    from ualm_nemo.enhance.model import EnhancementVAE
+
+    torch.manual_seed(0)
+    return save_enhancer(EnhancementVAE(tiny_config()), tmp_path_factory.mktemp("enh") / "enhancer")
+
+
+@pytest.fixture(scope="session")
 def demo_shar(tmp_path_factory) -> dict[str, str]:
     """{task: shar_dir}: the synthetic demo set (tta / understanding / text) as real Shar sources on disk."""
     from ualm_nemo.testing.shar_sources import write_demo_shar

@@ -9,9 +9,7 @@ import pytest
 import soundfile
 import torch
 
-from ualm_nemo.enhance.config import tiny_config
-from ualm_nemo.enhance.export import load_enhancer, save_enhancer
-from ualm_nemo.enhance.model import EnhancementVAE
+from ualm_nemo.enhance.export import load_enhancer
 from ualm_nemo.testing.enhancer_clips import write_clips
 from ualm_nemo.testing.examples import load_example
 
@@ -20,13 +18,8 @@ export_cli = load_example("export_enhancer")
 evaluate_cli = load_example("evaluate_enhancer")
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_enhancer(EnhancementVAE(tiny_config()), tmp_path_factory.mktemp("enh") / "enhancer")
-
-
-def test_generate_writes_48k_stereo_with_the_enhancer(tiny_export, exported, tmp_path, capsys):
+def test_generate_writes_48k_stereo_with_the_enhancer(tiny_export, tiny_enhancer, tmp_path, capsys):
+    exported = tiny_enhancer
     out = tmp_path / "gen"
     argv = ["--checkpoint", str(tiny_export["hf"]), "--codec", str(tiny_export["codec"]), "--out-dir", str(out),
             "--max-frames", "8", "--min-frames", "4", "--no-progress", "--caption", "a high beep"]

@@ -72,3 +72,31 @@ def test_lsd_known_answers():
     assert mrstft_distance(ref, ref) == pytest.approx(0.0, abs=1e-6)
     consistency = low_band_consistency(to_input(ref), ref)
     assert consistency["low_band_lsd"] == pytest.approx(0.0, abs=1e-9) and consistency["low_band_snr_db"] > 100
+
+
+def test_postprocessor_loader_and_launch_check_say_what_is_wrong(tiny_enhancer, tmp_path):
+    """inference.postprocess: the one loader of --enhancer / eval.enhancer, and its weight-free launch check."""
+    import json
+    import shutil
+
+    from ualm_nemo.inference.postprocess import check_postprocessor, load_postprocessor
+
+    check_postprocessor(tiny_enhancer)
+    post = load_postprocessor(tiny_enhancer)
+    assert (post.sample_rate, post.channels) == (48000, 2) and post(torch.zeros(3200)).shape == (2, 9600)
+    other = shutil.copytree(tiny_enhancer, tmp_path / "other")
+    meta = json.loads((other / "config.json").read_text())
+    meta["model"]["channels"] *= 2
+    (other / "config.json").write_text(json.dumps(meta))
+    check_postprocessor(other)  # files and format only: the launch check reads no weights
+    with pytest.raises(ValueError, match="weights do not fit its config \\(size mismatch"):
+        load_postprocessor(other)
+    (other / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="without model.safetensors"):
+        check_postprocessor(other)
+    (other / "config.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not an enhancer config"):
+        check_postprocessor(other)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither an exported enhancer"):
+        check_postprocessor(tmp_path / "empty")

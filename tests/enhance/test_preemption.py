@@ -17,7 +17,7 @@ import pytest
 
 from launcher.submit import main as submit
 from ualm_nemo.testing.enhancer_clips import write_clips
-from ualm_nemo.training.early_signals import read_run_state
+from ualm_nemo.early_signals import read_run_state
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)

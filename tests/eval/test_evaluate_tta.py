@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import soundfile
 
 from ualm_nemo.eval.checkpoints import sha256
 from ualm_nemo.testing.eval_sets import write_clip
@@ -152,3 +153,44 @@ def test_random_metric_checkpoints_command_is_documented_and_scores(tmp_path, me
     assert isinstance(metrics["clap"], float)
     refused = load_example("make_random_metric_checkpoints").main([str(metric_models["aes"].parent)])
     assert refused == 2 and "not empty" in capsys.readouterr().err  # never written over without --overwrite
+
+
+def test_generation_through_the_enhancer_is_scored_and_reported_at_48k(tiny_export, tiny_enhancer, tmp_path,
+                                                                       metric_models, capsys):
+    """--checkpoint --enhancer: the clips are written at 48 kHz stereo (the PANNs metric resamples them), the
+    report states the rate and channels each row scored; --enhancer without generating, or unloadable, is
+    one line naming the flag."""
+    lines = [{"id": f"t{k}", "caption": f"tone {k}", "audio": str(tiny_export["tone"])} for k in range(2)]
+    data, out = tmp_path / "set.jsonl", tmp_path / "out"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ["--data", str(data), "--metrics", "is_panns", "--device", "cpu", "--no-progress",
+              *_model_args(metric_models, ["panns"])]
+    argv = ["tta", "--checkpoint", str(tiny_export["hf"]), "--codec", str(tiny_export["codec"]), "--cfg", "2",
+            "--max-frames", "6", "--reference", "--batch-size", "2", "--out-dir", str(out), *common]
+    evaluate = load_example("evaluate")
+    assert evaluate.main([*argv, "--enhancer", str(tiny_enhancer)]) == 0
+    entries = [json.loads(line) for line in (out / "cfg2" / "manifest.jsonl").read_text().splitlines()]
+    assert [e["sample_rate"] for e in entries] == [48000, 48000]
+    assert all(e["enhancer"] == str(tiny_enhancer.resolve()) for e in entries)
+    info = soundfile.info(str(out / "cfg2" / entries[0]["audio"]))
+    assert (info.samplerate, info.channels) == (48000, 2)
+    report = json.loads((out / "report.json").read_text())
+    generated, truth = report["rows"]
+    assert generated["audio"] == {"sample_rate": 48000, "channels": 2} and report["enhancer"] == entries[0]["enhancer"]
+    assert truth["audio"] == {"sample_rate": 16000, "channels": 1}  # the reference tone as it is on disk
+    assert isinstance(generated["metrics"]["is_panns"], float) and generated["used"]["is_panns"]["clips"] == 2
+    table = (out / "report.md").read_text()
+    assert "| cfg=2 | 48 kHz, 2 ch |" in table and "| ground truth | 16 kHz, 1 ch |" in table
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the folder holds 48 kHz clips: generating it again without is refused
+        evaluate.main(argv)
+    assert "enhancer" in capsys.readouterr().err
+    for bad, words in (([*argv, "--out-dir", str(tmp_path / "x"), "--enhancer", str(tmp_path / "nope")],
+                        "--enhancer: cannot load"),
+                       (["tta", "--generated", str(out / "cfg2"), "--enhancer", str(tiny_enhancer), *common],
+                        "--enhancer enhances the clips it generates")):
+        with pytest.raises(SystemExit):
+            evaluate.main(bad)
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "cfg2" / "manifest.jsonl").exists()

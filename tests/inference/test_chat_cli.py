@@ -182,3 +182,28 @@ def test_a_transcript_saved_as_it_goes_writes_each_clip_once(tmp_path):
     files = [s["audio"][0]["file"] for s in json.loads(transcript.save(tmp_path).read_text())["steps"]]
     assert first.read_bytes() == b"kept" and soundfile.read(tmp_path / files[1])[0][0] == pytest.approx(0.2, abs=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, *files])  # no temporary files left
+
+
+def test_the_enhancer_writes_48k_stereo_and_the_transcript_says_so(world, tiny_enhancer, tmp_path, capsys,
+                                                                    monkeypatch):
+    """--enhancer: every clip of a mode that writes audio is 48 kHz stereo, the transcript records the format;
+    a bad --enhancer (or one without --codec) is one line, before any folder is made."""
+    code, _ = _run(world, "enrich", "--codec", str(world / "codec"), "--enhancer", str(tiny_enhancer), "--prompt",
+                   "calm sea", "--out-dir", str(tmp_path / "enrich"), capsys=capsys)
+    transcript = json.loads((_session(tmp_path / "enrich") / "transcript.json").read_text())
+    assert code == 0 and transcript["audio_format"] == {"sample_rate": 48000, "channels": 2,
+                                                        "enhancer": str(tiny_enhancer.resolve())}
+    [clip] = [a for s in transcript["steps"] for a in s.get("audio", [])]
+    wav, rate = soundfile.read(_session(tmp_path / "enrich") / clip["file"], always_2d=True)
+    assert rate == clip["sample_rate"] == 48000 and wav.shape == (3 * 320 * clip["frames"], 2)
+    monkeypatch.setattr("sys.stdin", io.StringIO("/quit\n"))  # a chat session records it from the start
+    code, _ = _run(world, "chat", "--codec", str(world / "codec"), "--enhancer", str(tiny_enhancer),
+                   "--out-dir", str(tmp_path / "chat"), capsys=capsys)
+    chat = json.loads((_session(tmp_path / "chat") / "transcript.json").read_text())
+    assert code == 0 and chat["audio_format"]["sample_rate"] == 48000
+    out = str(tmp_path / "never")
+    assert "--enhancer: cannot load" in _error(world, capsys, "enrich", "--codec", str(world / "codec"),
+                                               "--enhancer", str(tmp_path / "nope"), "--prompt", "x", "--out-dir", out)
+    assert "--enhancer needs --codec" in _error(world, capsys, "chat", "--enhancer", str(tiny_enhancer), "--say", "x",
+                                                "--out-dir", out)
+    assert not Path(out).exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ualm_nemo.training.early_signals import read_run_state
+from ualm_nemo.early_signals import read_run_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def out(tmp_path) -> Path:
 def test_signal_before_arming_is_kept_then_requeues(out):
     run = _python("""
         import os, signal, sys
-        from ualm_nemo.training import early_signals
+        from ualm_nemo import early_signals
         early_signals.install()
         os.kill(os.getpid(), signal.SIGUSR1)  # lands "during the imports": recorded, not fatal
         print("alive", flush=True)
@@ -51,7 +51,7 @@ def test_signal_before_arming_is_kept_then_requeues(out):
 def test_signal_after_arming_requeues_at_once_and_every_rank_records_it(out):
     run = _python("""
         import os, signal, sys, time
-        from ualm_nemo.training import early_signals
+        from ualm_nemo import early_signals
         early_signals.install()
         early_signals.arm(sys.argv[1], max_steps=10, rank=1)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -68,7 +68,7 @@ def test_signal_during_model_build_requeues_through_the_callback(out):
     still nothing trained, so the callback hands the signal on and the task requeues at once."""
     run = _python("""
         import os, signal, sys, time
-        from ualm_nemo.training import early_signals
+        from ualm_nemo import early_signals
         from ualm_nemo.training.preemption import PreemptionCheckpoint
         early_signals.install()
         early_signals.arm(sys.argv[1], max_steps=10, rank=0)
@@ -85,7 +85,7 @@ def test_signal_during_model_build_requeues_through_the_callback(out):
 def test_once_training_starts_signals_are_the_callbacks(out):
     run = _python("""
         import os, signal, sys
-        from ualm_nemo.training import early_signals
+        from ualm_nemo import early_signals
         early_signals.install()
         early_signals.arm(sys.argv[1], max_steps=10, rank=0)
         early_signals.disarm()  # what PreemptionCheckpoint.on_train_start does

@@ -260,6 +260,38 @@ def test_bad_evaluation_keys_are_named(tmp_path, eval_set):
     check_data_paths(run_config_from_dict(cfg).validate())
 
 
+def test_eval_enhancer_is_checked_at_launch_and_writes_the_step_clips_at_48k(tmp_path, eval_set, tiny_enhancer):
+    """eval.enhancer: a path that is not an enhancer stops the launch with one line naming the key; a good one is
+    what the step's clips go through (48 kHz stereo in the step folder, its manifest and scores' format)."""
+    import torch
+
+    from ualm_nemo.training.evaluation import TrainingEvaluator, step_folder
+
+    for bad, words in ((tmp_path / "nope", "no such file or folder"), (Path(eval_set["tta_set"]).parent,
+                                                                       "neither an exported enhancer")):
+        message = _bad(tmp_path, eval_set, evaluation={"enhancer": str(bad)})
+        assert message.startswith(f"eval.enhancer={str(bad)!r}: ") and words in message and "\n" not in message
+    assert "set eval.tta_set too" in _bad(tmp_path, eval_set, evaluation={"enhancer": str(tiny_enhancer),
+                                                                          "tta_set": None})
+    cfg = _config(str(tmp_path / "run"), eval_set)
+    cfg["eval"]["enhancer"] = str(tiny_enhancer)
+    run = run_config_from_dict(cfg).validate()
+    check_data_paths(run)
+    evaluator = TrainingEvaluator(run)
+    evaluator._load_audio("cpu")  # what the first evaluation loads on rank 0 (with the metric models)
+    torch.manual_seed(0)
+    codec = evaluator.codec
+    codes = {i.id: torch.randint(0, codec.codebook_size, (5, codec.num_codebooks)) for i in evaluator.tta_items}
+    codes["cap1"] = None  # a reply without audio stays a counted skip
+    clips = evaluator._write_clips(2, step_folder(run.output_dir, 2), codes)
+    assert [c.audio is None for c in clips] == [False, True, False]
+    for clip in (clips[0], clips[2]):
+        info = soundfile.info(str(clip.audio))
+        assert (info.samplerate, info.channels, info.frames) == (48000, 2, 3 * 320 * 5)
+    entry = json.loads((step_folder(run.output_dir, 2) / "manifest.jsonl").read_text().splitlines()[0])
+    assert entry["sample_rate"] == 48000 and entry["enhancer"] == str(tiny_enhancer)
+
+
 def test_training_state_kept_restores_flags_and_generators():
     """What the evaluation draws or switches inside is undone: train/eval flags, torch, numpy and random."""
     import random

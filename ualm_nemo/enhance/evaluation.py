@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ualm_nemo.enhance.config import OUTPUT_RATE
 from ualm_nemo.enhance.data import ClipSet, content_problem, to_input, to_target
 from ualm_nemo.enhance.metrics import all_metrics
-from ualm_nemo.inference.postprocess import SincResampler
+from ualm_nemo.enhance.baseline import SincResampler
 
 METRICS = ("lsd", "lsd_high", "mrstft", "low_band_lsd", "low_band_snr_db")
 

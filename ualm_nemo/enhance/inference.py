@@ -9,9 +9,13 @@ than one chunk is enhanced in one piece (exactly the unchunked result).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ualm_nemo.enhance.config import INPUT_RATE, OUTPUT_RATE
+from ualm_nemo.enhance.export import CONFIG, FORMAT, WEIGHTS, _checkpoint_file  # same package: its run lookup
 from ualm_nemo.enhance.model import UPSAMPLE, EnhancementVAE
 
 
@@ -84,3 +88,23 @@ class Enhancer:
     def from_pretrained(cls, path, **kw) -> "Enhancer":
         from ualm_nemo.enhance.export import load_enhancer
         return cls(load_enhancer(path), **kw)
+
+
+def check_enhancer(path: str | Path) -> None:
+    """Whether ``path`` looks loadable by ``Enhancer.from_pretrained`` without reading any weights (a launch-time
+    check: the launcher runs it on the login node): FileNotFoundError / ValueError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"enhancer {path}: no such file or folder")
+    if not (path / CONFIG).is_file():
+        _checkpoint_file(path)  # an enhancer run, its checkpoints/ or one iter_*.ckpt
+        return
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path / CONFIG}: unreadable ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path / CONFIG}: not an enhancer config (format {meta.get('format')!r})"
+                         if isinstance(meta, dict) else f"{path / CONFIG}: not an enhancer config")
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"enhancer {path}: {CONFIG} without {WEIGHTS} (export it again)")

@@ -31,7 +31,7 @@ from ualm_nemo.enhance.model import EnhancementVAE
 from ualm_nemo.distributed.parallel import launch_layout
 from ualm_nemo.enhance.tensorboard import log_examples
 from ualm_nemo.model.config import ConfigError
-from ualm_nemo.training import early_signals
+from ualm_nemo import early_signals
 
 log = logging.getLogger(__name__)
 

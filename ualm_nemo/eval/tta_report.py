@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+import soundfile
 
 COLUMNS = (("fd_openl3", "FD_openl3 ↓"), ("kl_passt", "KL_passt ↓"), ("is_panns", "IS_panns ↑"),
            ("fd_panns", "FD_panns ↓"), ("clap", "CLAP ↑"), ("aes_CE", "CE ↑"), ("aes_CU", "CU ↑"),
@@ -17,16 +19,47 @@ def _cell(value: Any, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def clip_format(paths: Iterable[Path | str | None]) -> dict[str, Any]:
+    """The sample rate(s) and channel count(s) of the readable clips among ``paths`` (what a row scored: the
+    metrics resample each clip to their own rate): {"sample_rate": int or sorted list, "channels": ...}."""
+    rates, channels = set(), set()
+    for path in paths:
+        try:
+            info = soundfile.info(str(path)) if path is not None else None
+        except (OSError, RuntimeError):  # soundfile.LibsndfileError is a RuntimeError
+            info = None  # an unreadable clip is counted by the scoring (row["unreadable"])
+        if info is not None:
+            rates.add(info.samplerate)
+            channels.add(info.channels)
+
+    def one_or_all(values: set[int]) -> int | list[int] | None:
+        return next(iter(values)) if len(values) == 1 else sorted(values) or None
+
+    return {"sample_rate": one_or_all(rates), "channels": one_or_all(channels)}
+
+
+def _audio_cell(audio: dict[str, Any] | None) -> str:
+    """'48 kHz, 2 ch' (mixed values listed)."""
+    if not audio or audio.get("sample_rate") is None:
+        return "–"
+    rate, ch = audio["sample_rate"], audio["channels"]
+    rates = "/".join(f"{r / 1000:g}" for r in (rate if isinstance(rate, list) else [rate]))
+    return f"{rates} kHz, {'/'.join(map(str, ch if isinstance(ch, list) else [ch]))} ch"
+
+
 def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     present = [(k, title) for k, title in COLUMNS if any(k in r["metrics"] for r in rows)]
+    enhanced = f" Generated through the enhancer `{meta['enhancer']}`." if meta.get("enhancer") else ""
     lines = ["# Text-to-audio evaluation", "",
-             f"eval set `{meta.get('data')}`; {meta.get('items')} items; metrics {', '.join(meta['metrics'])}.", "",
-             "| " + " | ".join(["row"] + [t for _, t in present] + ["clips scored / total"]) + " |",
-             "|" + "---|" * (len(present) + 2)]
+             f"eval set `{meta.get('data')}`; {meta.get('items')} items; metrics {', '.join(meta['metrics'])}."
+             f"{enhanced} Audio: the clips' rate and channels as scored (each metric resamples to its own).", "",
+             "| " + " | ".join(["row", "audio"] + [t for _, t in present] + ["clips scored / total"]) + " |",
+             "|" + "---|" * (len(present) + 3)]
     for row in rows:
         scored = row["clips"] - len(row["unreadable"])
         cells = [_cell(row["metrics"].get(k)) for k, _ in present]
-        lines.append("| " + " | ".join([row["name"]] + cells + [f"{scored} / {row['clips']}"]) + " |")
+        lines.append("| " + " | ".join([row["name"], _audio_cell(row.get("audio"))] + cells
+                                       + [f"{scored} / {row['clips']}"]) + " |")
     lines.append("")
     for row in rows:
         if row["unreadable"] or row["reference_unreadable"]:

@@ -34,6 +34,12 @@ def add_model_args(parser: argparse.ArgumentParser, codec_required: bool = False
                              "an input whose prompt plus reply budget exceeds it is refused, never truncated")
 
 
+def add_enhancer_arg(parser: argparse.ArgumentParser) -> None:
+    """``--enhancer``, for the commands that write audio (generate, evaluate tta, chat): load_inference reads it."""
+    parser.add_argument("--enhancer", help="enhancement VAE (exported folder, e.g. <hf>/enhancer, or an enhancer "
+                        "run): audio is written at 48 kHz stereo instead of the codec's 16 kHz mono")
+
+
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     d = GenerationConfig()
     parser.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help=f"CFG scale (default {d.cfg_scale})")
@@ -93,18 +99,24 @@ def check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         parser.error(f"--codec {args.codec}: not an X-Codec folder (no config.json)")
     if args.tokenizer != "byte" and not Path(args.tokenizer).is_dir():
         parser.error(f"--tokenizer {args.tokenizer}: not a tokenizer folder (or 'byte')")
+    if getattr(args, "enhancer", None) and args.codec is None:
+        parser.error("--enhancer needs --codec: it enhances the decoded 16 kHz audio")
 
 
-def load_inference(args: argparse.Namespace, parser: argparse.ArgumentParser, postprocess=None):
-    """-> UALMInference over the model of ``--checkpoint``; a load failure ends with one line naming the flag.
-    The small parts load first, so a bad --tokenizer or --codec does not wait for the model."""
+def load_inference(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """-> UALMInference over the model of ``--checkpoint`` (its audio through ``--enhancer`` when the command
+    has that flag and it is given); a load failure ends with one line naming the flag. The small parts load
+    first, so a bad --enhancer, --tokenizer or --codec does not wait for the model."""
     from ualm_nemo.codec.xcodec import CodecTokenizer
     from ualm_nemo.data.tokenizer import build_tokenizer
     from ualm_nemo.inference.pipeline import UALMInference, load_model
+    from ualm_nemo.inference.postprocess import load_postprocessor
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype or "")
-    flag = "--tokenizer"
+    flag = "--enhancer"
     try:
+        postprocess = load_postprocessor(args.enhancer, args.device) if getattr(args, "enhancer", None) else None
+        flag = "--tokenizer"
         tokenizer = build_tokenizer(args.tokenizer)
         flag = "--codec"
         codec = CodecTokenizer.from_pretrained(args.codec).to(args.device) if args.codec else None
@@ -115,3 +127,12 @@ def load_inference(args: argparse.Namespace, parser: argparse.ArgumentParser, po
                              max_context=args.max_context)
     except (FileNotFoundError, ValueError, OSError) as err:
         parser.error(f"{flag}: cannot load: {err}")
+
+
+def audio_format(infer, enhancer: str | None = None) -> dict:
+    """What the written audio is, for chat transcripts: {"sample_rate", "channels", "enhancer"}
+    (the enhancer's resolved path or None; rate and channels None without a codec: codes only)."""
+    post, codec = infer.postprocess, infer.codec
+    rate = post.sample_rate if post is not None else codec.sample_rate if codec is not None else None
+    channels = post.channels if post is not None else 1 if codec is not None else None
+    return {"sample_rate": rate, "channels": channels, "enhancer": enhancer and str(Path(enhancer).resolve())}

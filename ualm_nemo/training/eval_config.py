@@ -7,6 +7,9 @@
   ``seed``, else ``eval.seed`` + its position): the same draws at every evaluation.
 * ``qa_set``: an MMAU (``qa_kind=mmau``: ``audio_id``) or MMAR (``mmar``: ``audio_path``) json list, its audio
   relative to ``qa_audio_root`` (default the file's folder); scored with the official matching rule.
+* ``enhancer``: the 48 kHz stereo enhancement VAE (an exported folder, an enhancer run or one iter_*.ckpt, as
+  ``generate.py --enhancer``): the TTA clips are written through it (the metrics resample as they do for any
+  clip), like the paper's 48 kHz rows; unset, they are the codec's 16 kHz mono.
 * Metric models (local files, never downloaded): ``clap`` + ``clap_tokenizer`` for ``eval/clap``; ``openl3`` and/or
   ``panns`` for ``eval/fd_openl3`` / ``eval/fd_panns`` against the set's reference clips.
 
@@ -39,6 +42,7 @@ class EvalConfig:
     openl3: str | None = None  # torchopenl3 mel256 env 512-d weights: eval/fd_openl3
     openl3_content: str = "env"
     panns: str | None = None  # PANNs Cnn14_16k_mAP=0.438.pth: eval/fd_panns
+    enhancer: str | None = None  # enhancement VAE: TTA clips written at 48 kHz stereo
     cfg_scale: float = 3.0
     temperature: float = 0.8
     top_k: int = 20
@@ -81,6 +85,8 @@ class EvalConfig:
             raise ConfigError("eval.clap needs eval.clap_tokenizer (a local roberta-base tokenizer folder)")
         if not self.tta_set and (self.clap or self.openl3 or self.panns):
             raise ConfigError("eval.clap / eval.openl3 / eval.panns score generated audio: set eval.tta_set too")
+        if self.enhancer and not self.tta_set:
+            raise ConfigError("eval.enhancer enhances the generated TTA clips: set eval.tta_set too")
 
     def check_paths(self, to_host: Callable[[str], str] = str) -> None:
         """Every file exists and the sets are well formed (read once, here), each problem naming its key."""
@@ -90,10 +96,20 @@ class EvalConfig:
                 raise ConfigError(f"eval.{key}={value!r}: no such checkpoint file (metric models are local files)")
         if self.clap_tokenizer and not (Path(to_host(self.clap_tokenizer)) / "vocab.json").is_file():
             raise ConfigError(f"eval.clap_tokenizer={self.clap_tokenizer!r}: not a tokenizer folder (no vocab.json)")
+        if self.enhancer:
+            self._check_enhancer(to_host)
         if self.tta_set:
             self._check_tta(to_host)
         if self.qa_set:
             self._check_qa(to_host)
+
+    def _check_enhancer(self, to_host: Callable[[str], str]) -> None:
+        from ualm_nemo.inference.postprocess import check_postprocessor
+
+        try:
+            check_postprocessor(to_host(self.enhancer))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"eval.enhancer={self.enhancer!r}: {err}") from None
 
     def _check_tta(self, to_host: Callable[[str], str]) -> None:
         from ualm_nemo.inference.jobs import JobError

@@ -8,7 +8,8 @@ The pieces are the offline ones (one model math): the Megatron model decodes thr
 MMAR matching rule) score it. Each data-parallel rank decodes every DP-size-th item (every TP rank of a replica
 the same ones, in step), global rank 0 gathers the codes and answers, writes the clips to
 ``<output_dir>/evaluation/step_XXXXXXX/`` (a generate.py output folder: ``evaluate.py tta --generated`` scores it
-again) with ``qa.json``, scores them and shares the figures with every rank.
+again; at 48 kHz stereo through ``eval.enhancer`` when set) with ``qa.json``, scores them and shares the figures
+with every rank.
 
 Training is untouched: the model's train/eval flags and every RNG (torch, CUDA, Megatron's tracker, numpy,
 random) are restored afterwards, so the steps after an evaluation are bit-identical to a run without it.
@@ -94,7 +95,7 @@ class TrainingEvaluator:
         self.qa_items = read_qa_set(self.cfg) if self.cfg.qa_set else []
         self.qa_audio: dict[str, torch.Tensor] | None = None
         self.tokenizer = None
-        self.codec = self.models = self.reference = None  # rank 0 only
+        self.codec = self.postprocess = self.models = self.reference = None  # rank 0 only
 
     # --- every rank ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -148,12 +149,20 @@ class TrainingEvaluator:
             figures.update(self._score_qa(folder, answers))
         return figures
 
-    def _load(self) -> None:
-        from ualm_nemo.eval import tta
+    def _load_audio(self, device: str) -> None:
+        """The run's codec and, with eval.enhancer, the 48 kHz post-processor (the one --enhancer loads)."""
+        from ualm_nemo.inference.postprocess import load_postprocessor
         from ualm_nemo.training.data_setup import build_codec
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         self.codec = build_codec(self.run.data, Path(self.run.output_dir)).to(device)
+        if self.cfg.enhancer:  # checked at launch (eval_config): a failure here is a real fault, raised
+            self.postprocess = load_postprocessor(self.cfg.enhancer, device)
+
+    def _load(self) -> None:
+        from ualm_nemo.eval import tta
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._load_audio(device)
         metrics = self.cfg.tta_metrics
         self.models = tta.load_models(metrics, {k: getattr(self.cfg, k) for k in ("clap", "openl3", "panns")},
                                       device, self.cfg.openl3_content, clap_tokenizer=self.cfg.clap_tokenizer,
@@ -164,31 +173,41 @@ class TrainingEvaluator:
             self.reference = tta.extract(self.models, clips, keys)
 
     def _score_tta(self, step: int, folder: Path, codes: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        from ualm_nemo.eval import tta, tta_report
+
+        if self.codec is None:
+            self._load()
+        clips = self._write_clips(step, folder, codes)
+        metrics = self.cfg.tta_metrics
+        features = tta.extract(self.models, clips, tta.model_keys(metrics, reference_side=False))
+        row = tta.score_row(metrics, features, {i.id: i.caption for i in self.tta_items}, self.reference,
+                            self.models)
+        row["audio"] = tta_report.clip_format(c.audio for c in clips)  # the rate and channels scored
+        (folder / "scores.json").write_text(json.dumps(row, indent=1, default=float))
+        figures = {m: row["metrics"][m] for m in metrics}
+        return {**figures, "tta_clips": len(clips), "tta_scored": len(clips) - len(row["unreadable"])}
+
+    def _write_clips(self, step: int, folder: Path, codes: dict[str, torch.Tensor | None]) -> list:
+        """The step's clips decoded by the codec (then through eval.enhancer) into ``folder``, a generate.py
+        output folder -> one eval.tta Clip per item (no path: no audio)."""
         from ualm_nemo.eval import tta
         from ualm_nemo.inference.audio_job import tta_settings
         from ualm_nemo.inference.jobs import OutputFolder
 
-        if self.codec is None:
-            self._load()
-        gen = tta_generation(self.cfg)
-        clips = []
-        with OutputFolder(folder, {**tta_settings(gen), "step": step}) as out:
+        settings = {**tta_settings(tta_generation(self.cfg)), "step": step, "enhancer": self.cfg.enhancer}
+        post, clips = self.postprocess, []
+        with OutputFolder(folder, settings) as out:
             out.prepare(out.plan(self.tta_items, overwrite=True))  # a resumed job redoes the step whole
             for item in self.tta_items:
                 if codes[item.id] is None:
                     out.add(item, frames=0, skipped="no audio")
                     clips.append(tta.Clip(item.id, item.caption, None))
                     continue
-                wav = self.codec.decode(codes[item.id].to(self.codec.device)).float().cpu()[None]
-                entry = out.add(item, wav, self.codec.sample_rate, frames=int(codes[item.id].shape[0]))
+                wav = self.codec.decode(codes[item.id].to(self.codec.device)).float().cpu()  # [samples] 16 kHz
+                wav, rate = (post(wav), post.sample_rate) if post is not None else (wav[None], self.codec.sample_rate)
+                entry = out.add(item, wav, rate, frames=int(codes[item.id].shape[0]))
                 clips.append(tta.Clip(item.id, item.caption, folder / entry["audio"]))
-        metrics = self.cfg.tta_metrics
-        features = tta.extract(self.models, clips, tta.model_keys(metrics, reference_side=False))
-        row = tta.score_row(metrics, features, {i.id: i.caption for i in self.tta_items}, self.reference,
-                            self.models)
-        (folder / "scores.json").write_text(json.dumps(row, indent=1, default=float))
-        figures = {m: row["metrics"][m] for m in metrics}
-        return {**figures, "tta_clips": len(clips), "tta_scored": len(clips) - len(row["unreadable"])}
+        return clips
 
     def _score_qa(self, folder: Path, answers: dict[str, str]) -> dict[str, Any]:
         from ualm_nemo.eval.audio_qa import BREAKDOWNS, score

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ualm_nemo.training import early_signals
+from ualm_nemo import early_signals
 from ualm_nemo.training.callbacks import PeriodicCheckpoint, finish_checkpoint
-from ualm_nemo.training.early_signals import SIGNALS, STATE_FILE, read_run_state, write_run_state  # noqa: F401
+from ualm_nemo.early_signals import SIGNALS, STATE_FILE, read_run_state, write_run_state  # noqa: F401
 
 log = logging.getLogger(__name__)
 

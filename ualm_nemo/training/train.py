@@ -13,10 +13,10 @@ from lightning.pytorch import Trainer
 from ualm_nemo.distributed.checkpoint import remove_partial
 from ualm_nemo.distributed.checkpoint_check import find_resumable
 from ualm_nemo.distributed.parallel import launch_layout
-from ualm_nemo.training import early_signals
+from ualm_nemo import early_signals
 from ualm_nemo.training.callbacks import PeriodicCheckpoint, StepProgressBar
 from ualm_nemo.model.config import ConfigError
-from ualm_nemo.training.early_signals import write_run_state
+from ualm_nemo.early_signals import write_run_state
 from ualm_nemo.training.nemo_model import NonFiniteLossError, UALMModel
 from ualm_nemo.training.preemption import PreemptionCheckpoint
 from ualm_nemo.training.run_config import RunConfig, check_local_paths, run_config_from_dict
