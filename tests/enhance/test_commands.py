@@ -76,13 +76,14 @@ def test_codec_round_trip_degrades_the_input_like_generated_audio(tiny_export):
     assert out.shape == wav.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, wav)  # the real (tiny, random) codec changes the audio
     assert torch.equal(out, codec(wav))  # deterministic: the same input gives the same degraded input
-    with pytest.raises(FileNotFoundError, match="codec_round_trip"):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
         CodecRoundTrip.from_pretrained(tiny_export["root"] / "nowhere")
 
 
 def test_train_enhancer_on_missing_empty_or_all_bad_data_is_one_line(tmp_path, monkeypatch, capsys):
     """train.data missing, an empty folder, or a folder whose every clip is rejected (unreadable, too short, 3
-    channels): one line naming train.data, before any model or checkpoint folder exists."""
+    channels), or a missing train.codec_round_trip: one line naming the key, before any model or checkpoint
+    folder exists."""
     import logging
     import signal
 
@@ -92,20 +93,27 @@ def test_train_enhancer_on_missing_empty_or_all_bad_data_is_one_line(tmp_path, m
     (bad / "garbage.wav").write_bytes(b"not audio at all")
     soundfile.write(bad / "short.wav", torch.zeros(480, 2).numpy(), 48000)
     soundfile.write(bad / "three.wav", torch.zeros(48000, 3).numpy(), 48000)
+    good = tmp_path / "good"
+    good.mkdir()
+    soundfile.write(good / "a.wav", (0.1 * torch.randn(48000, 1)).numpy(), 48000)
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     handlers, level = logging.root.handlers[:], logging.root.level  # main configures the root logger
     try:
         main = load_example("train_enhancer").main  # installs Slurm signal handlers: restored below
-        for data, why in ((tmp_path / "nope", "no such file or folder"), (tmp_path / "empty", "holds no audio"),
-                          (bad, "no usable clip, all 3 rejected")):
-            monkeypatch.setattr("sys.argv", ["train_enhancer.py", f"train.data={data}", "model.preset=tiny",
+        nope = tmp_path / "nope"
+        for data, extra, why in (
+                (nope, [], f"train.data={str(nope)!r}: no such file or folder"),
+                (tmp_path / "empty", [], f"train.data={str(tmp_path / 'empty')!r}: holds no audio"),
+                (bad, [], f"train.data={str(bad)!r}: no usable clip, all 3 rejected"),
+                (good, [f"train.codec_round_trip={nope}"], f"train.codec_round_trip={str(nope)!r}: cannot load")):
+            monkeypatch.setattr("sys.argv", ["train_enhancer.py", f"train.data={data}", *extra, "model.preset=tiny",
                                              f"output_dir={tmp_path / 'run'}", "hydra/job_logging=none",
                                              "hydra/hydra_logging=none"])  # Hydra's logging set-up stays out
             with pytest.raises(SystemExit) as refused:
                 main()
             err = capsys.readouterr().err
             assert refused.value.code == 2 and "Traceback" not in err
-            assert err.strip().splitlines()[-1].startswith(f"error: train.data={str(data)!r}: {why}"), err
+            assert err.strip().splitlines()[-1].startswith(f"error: {why}"), err
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)

@@ -16,7 +16,7 @@ class CodecRoundTrip:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "CodecRoundTrip":
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"enhancer.train.codec_round_trip={path}: not an X-Codec folder")
+            raise FileNotFoundError(f"{path}: no such folder")
         return cls(CodecTokenizer.from_pretrained(path))
 
     @torch.no_grad()

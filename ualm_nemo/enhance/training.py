@@ -124,7 +124,11 @@ def train_enhancer(run: EnhancerRun, progress: bool = True) -> TrainResult:
     codec = None
     if cfg.codec_round_trip:
         from ualm_nemo.enhance.codec_round_trip import CodecRoundTrip
-        codec = CodecRoundTrip.from_pretrained(cfg.codec_round_trip)
+        try:
+            codec = CodecRoundTrip.from_pretrained(cfg.codec_round_trip)
+        except (OSError, ValueError, KeyError) as err:  # no folder, or no / other weights in it: one line
+            raise ConfigError(f"train.codec_round_trip={cfg.codec_round_trip!r}: cannot load an X-Codec folder "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
     fabric = build_fabric(run, size, per_node, nodes)
     fabric.launch()
