@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as err:
         parser.error(str(err))
     no_audio = f", {counts.no_audio} without audio (recorded as skipped)" if counts.no_audio else ""
+    if counts.refused:  # the manifest's skipped lines give each reason
+        no_audio += f", {counts.refused} refused by the input checks (recorded as skipped, reason in {MANIFEST})"
     print(f"done: {counts.written} written{no_audio}, {plan.done} skipped (already done), in {folder.path} "
           f"({MANIFEST})")
     return 0

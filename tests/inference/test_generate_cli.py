@@ -243,3 +243,17 @@ def test_a_second_run_on_the_same_out_dir_is_refused(parts, tmp_path, capsys):
     finally:
         os.close(fd)
     assert f"another run is writing to {out}" in err and not list(out.iterdir())
+
+
+def test_a_caption_over_the_context_rule_is_a_counted_skip(parts, tmp_path, capsys):
+    """The context rule (pipeline.UALMInference.prepare) refuses one caption of a batch: that item is a skipped
+    manifest line with the reason, the rest of the batch is written, the run ends normally."""
+    out = tmp_path / "out"
+    captions = _write_jsonl(tmp_path / "captions.jsonl", [{"caption": "rain", "id": "short"},
+                                                          {"caption": "a long " * 200, "id": "long"}])
+    printed = run_ok(cli.main, _argv(parts, out, "--captions", str(captions), "--batch-size", "2",
+                                     "--max-context", "600"), capsys)
+    assert "1 written" in printed and "1 refused by the input checks" in printed
+    entries = {e["id"]: e for e in _manifest(out)}
+    assert entries["short"]["audio"] == "short.wav" and (out / "short.wav").is_file()
+    assert entries["long"]["frames"] == 0 and "prompt too long" in entries["long"]["skipped"]

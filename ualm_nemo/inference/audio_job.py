@@ -26,20 +26,30 @@ def tta_settings(cfg: GenerationConfig) -> dict[str, Any]:
 class ClipCounts:
     written: int = 0
     no_audio: int = 0  # replies without an audio segment, recorded as skipped lines
+    refused: int = 0  # captions the input checks refused (pipeline.InputRejected: the context rule), skipped lines
 
 
 def generate_clips(infer, cfg: GenerationConfig, folder: OutputFolder, todo: Sequence[Item], batch_size: int,
                    progress: bool = True, desc: str = "generating") -> ClipCounts:
     """Decode ``todo`` ``batch_size`` items at a time (an item gives the same audio alone or in any batch); each
-    item's wav and manifest line are written as soon as its batch is done."""
+    item's wav and manifest line are written as soon as its batch is done. A caption the input checks refuse is
+    recorded as a skipped line with the reason (the rest of the batch goes on)."""
     from tqdm import tqdm
+
+    from ualm_nemo.inference.pipeline import InputRejected
 
     counts = ClipCounts()
     with tqdm(total=len(todo), desc=desc, unit="clip", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
-            chunk = list(todo[start:start + batch_size])
-            for item, reply in zip(chunk, infer.text_to_audio([i.caption for i in chunk], [i.seed for i in chunk],
-                                                              cfg)):
+            kept, requests = [], []
+            for item in todo[start:start + batch_size]:
+                try:
+                    requests.append(infer.prepare([("user", [item.caption])], "audio", item.seed, cfg))
+                    kept.append(item)
+                except InputRejected as err:
+                    folder.add(item, frames=0, skipped=f"refused: {err}")
+                    counts.refused += 1
+            for item, reply in zip(kept, infer.decode(requests, cfg) if requests else []):
                 if not reply.audio:
                     folder.add(item, frames=0, skipped=f"no audio (stop={reply.stop!r})")
                     counts.no_audio += 1
@@ -47,5 +57,5 @@ def generate_clips(infer, cfg: GenerationConfig, folder: OutputFolder, todo: Seq
                 audio = reply.audio[0]
                 folder.add(item, audio.wav, audio.sample_rate, frames=int(audio.codes.shape[0]))
                 counts.written += 1
-            bar.update(len(chunk))
+            bar.update(len(todo[start:start + batch_size]))
     return counts
