@@ -28,6 +28,12 @@ chosen = best, rejected = worst; a prompt whose margin (best - worst) is 0 or un
 or with fewer than two scored candidates, gives no pair and is counted in report.json. Every score of every given
 metric model is kept (candidates.jsonl), weighted or not. Metric models are local files, never downloaded.
 
+Targeted pairs (DPO-2): --select-worst N scores the whole pool as above, then pairs only the N prompts where the
+model does worst: --select-by best (default) = the lowest best-candidate combined score, spread = the largest
+best - worst; only prompts with two or more scored candidates are ranked, ties keep file order. N over the pool
+keeps them all (said so). The selection is computed once every prompt is scored, from the recorded scores (so a
+rerun selects the same prompts) and stated in report.json ("selection": rule, N, pool size, threshold, ids).
+
 --output receives candidates/<id>/<k>.npy (the codes, int16 [F, 8]) and <k>.wav, candidates.jsonl, pairs.jsonl,
 report.json and settings.json (see ualm_nemo/posttrain/preference_pairs.py). Rerunning the same command resumes
 (finished prompts are skipped; with nothing left, no model is loaded); other settings over the same folder are
@@ -50,7 +56,8 @@ FLAGS = {"checkpoint": "--checkpoint", "codec": "--codec", "tokenizer": "--token
          **{f"generation.{k}": "--" + k.replace("_", "-") for k in GENERATION},
          "metric_models.clap": "--clap", "metric_models.clap_tokenizer": "--clap-tokenizer",
          "metric_models.clap_seed": "--clap-seed", "metric_models.aes": "--aes",
-         "rule.name": "--rule", "rule.weights": "--metric", "rule.min_margin": "--min-margin"}
+         "rule.name": "--rule", "rule.weights": "--metric", "rule.min_margin": "--min-margin",
+         "selection": "--select-worst", "selection.worst": "--select-worst", "selection.by": "--select-by"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rule", choices=pp.RULES, default=pp.RULES[0])
     parser.add_argument("--min-margin", type=float, default=0.0,
                         help="skip a prompt whose best - worst combined score is below this (default 0)")
+    parser.add_argument("--select-worst", type=int, metavar="N",
+                        help="targeted pairs (DPO-2): pair only the N prompts of the pool where the model does worst")
+    parser.add_argument("--select-by", choices=pp.SELECT_BY, default=None,
+                        help="with --select-worst: best = lowest best-candidate score (default), spread = largest "
+                             "best - worst")
     parser.add_argument("--clap", help="LAION-CLAP 630k-audioset-fusion-best.pt (for clap)")
     parser.add_argument("--clap-tokenizer", help="local roberta-base tokenizer folder (vocab.json, merges.txt)")
     parser.add_argument("--clap-seed", type=int, default=0, help="seed of CLAP's fusion crops (clips > 10 s)")
@@ -123,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     except pp.PairsError as err:
         parser.error(str(err))
     _check_metric_models(args, parser, weights)
+    selection = _selection(args, parser)
     settings = {"checkpoint": _resolved(args.checkpoint), "codec": _resolved(args.codec),
                 "tokenizer": args.tokenizer if args.tokenizer == "byte" else _resolved(args.tokenizer),
                 "dtype": args.dtype or "stored", "num_candidates": args.num_candidates, "seed": args.seed,
                 "mode": args.mode, "generation": {k: getattr(cfg, k) for k in GENERATION},
                 "metric_models": {"clap": _resolved(args.clap), "clap_tokenizer": _resolved(args.clap_tokenizer),
                                   "clap_seed": args.clap_seed, "aes": _resolved(args.aes)},
-                "rule": rule.to_json()}
+                "rule": rule.to_json(), "selection": selection.to_json() if selection else None}
     try:
         prompts = pp.read_prompts(args.prompts, args.max_caption_chars)
         with pp.PairsFolder(args.output, settings, FLAGS) as folder:
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             folder.prepare(plan)
             written = _generate(infer, cfg, folder, plan.todo, scorer, rule, args)
             report = folder.finish(rule, _metric_models(args, scorer),
-                                   {"prompts_generated": written, "prompts_already_done": plan.done})
+                                   {"prompts_generated": written, "prompts_already_done": plan.done}, selection)
     except pp.PairsError as err:
         parser.error(str(err))
     except ValueError as err:  # MetricModelError (a file that is not the model it should be)
@@ -157,10 +170,33 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, MetricModelError):
             raise
         parser.error(str(err))
+    if selection is not None:
+        print(_selection_line(report["selection"]))
     skipped = ", ".join(f"{n} {r}" for r, n in report["skipped"].items() if n) or "none"
     print(f"done: {written} prompts generated, {plan.done} already done; {report['pairs']} pairs of "
           f"{report['prompts']} prompts (skipped: {skipped}), in {folder.path} ({pp.PAIRS})")
     return 0
+
+
+def _selection(args, parser) -> pp.Selection | None:
+    """--select-worst / --select-by -> the Selection (None: every prompt is paired); a bad value is one line."""
+    if args.select_worst is None:
+        if args.select_by is not None:
+            parser.error(f"--select-by {args.select_by}: only with --select-worst N")
+        return None
+    try:
+        return pp.Selection(args.select_worst, args.select_by or pp.SELECT_BY[0])
+    except pp.PairsError as err:
+        parser.error(str(err))
+
+
+def _selection_line(info: dict) -> str:
+    """How the targeted prompts were picked, in one line (report.json has the ids)."""
+    kept = (f"keeping all {info['selected']}" if info["keeps_all"] else
+            f"kept the {info['selected']} worst (threshold {info['threshold']:.4g})")
+    unrankable = f", {info['unrankable']} with fewer than two scored candidates not ranked" if info["unrankable"] else ""
+    return (f"selection: --select-worst {info['worst']} by {info['by']} ({info['rule']}) over a pool of "
+            f"{info['pool']} prompts{unrankable}: {kept}")
 
 
 def _generate(infer, cfg, folder, todo, scorer, rule, args) -> int:

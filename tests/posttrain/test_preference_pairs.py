@@ -223,6 +223,59 @@ def test_min_margin_skips_are_counted_and_a_killed_run_resumes(tiny_export, metr
     assert not list(out.rglob(".*partial"))
 
 
+def _worst(lines: list[dict], by: str, n: int) -> tuple[list[str], float]:
+    """The n worst prompts by the rule, computed here from the recorded scores (and the threshold score)."""
+    combined: dict[str, list[float]] = {}
+    for e in lines:
+        combined.setdefault(e["prompt_id"], []).append(e["combined"])
+    score = {p: max(c) if by == "best" else max(c) - min(c) for p, c in combined.items()}
+    ranked = sorted(score, key=score.get, reverse=by == "spread")[:n]
+    return ranked, score[ranked[-1]]
+
+
+def test_select_worst_pairs_only_the_worst_prompts(tiny_export, metric_files, tmp_path, capsys, monkeypatch):
+    """Targeted DPO-2: 4 prompts x K=2 (CLAP only, one decoding call), --select-worst 2: only the 2 lowest
+    best-candidate scores get pairs, the report and the printout say how; a rerun selects the same; spread and
+    N over the pool on the same recorded lines."""
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [*PROMPTS, *MORE])
+    out = tmp_path / "out"
+    argv = _argv(tiny_export, metric_files, prompts, out, "--num-candidates", "2", "--batch-size", "8",
+                 "--metric", "clap=1", "--select-worst", "2")
+    printed = run_ok(cli.main, argv, capsys)
+    lines = _read(out / pp.CANDIDATES)
+    assert len(lines) == 8 and len({e["combined"] for e in lines}) == 8  # random weights: no ties
+    worst, threshold = _worst(lines, "best", 2)
+    pairs = _read(out / pp.PAIRS)
+    assert sorted(p["id"] for p in pairs) == sorted(worst)
+    report = json.loads((out / pp.REPORT).read_text())
+    sel = report["selection"]
+    assert (sel["by"], sel["worst"], sel["pool"], sel["selected"], sel["keeps_all"]) == ("best", 2, 4, 2, False)
+    assert sel["selected_ids"] == worst and sel["threshold"] == pytest.approx(threshold)
+    assert report["prompts"] == 4 and report["pairs"] == 2
+    assert "selection: --select-worst 2 by best (lowest best-candidate combined score) over a pool of 4 prompts: " \
+           "kept the 2 worst (threshold" in printed
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("nothing is left to generate: no model may be loaded")
+
+    monkeypatch.setattr(cli, "load_inference", no_model)
+    monkeypatch.setattr(pp.Scorer, "load", no_model)
+    before = (out / pp.PAIRS).read_bytes()
+    run_ok(cli.main, argv, capsys)
+    assert (out / pp.PAIRS).read_bytes() == before
+    assert json.loads((out / pp.REPORT).read_text())["selection"] == sel
+    err = run_refused(cli.main, [*argv, "--select-by", "spread"], capsys)
+    assert "--select-by: written with 'best', this run 'spread'" in err
+
+    rule = pp.Rule({"clap": 1.0})
+    worst, threshold = _worst(lines, "spread", 3)
+    pairs, report = pp.build_pairs(lines, rule, pp.Selection(3, "spread"))
+    assert sorted(p["id"] for p in pairs) == sorted(worst) and report["selection"]["selected_ids"] == worst
+    assert report["selection"]["threshold"] == pytest.approx(threshold)
+    pairs, report = pp.build_pairs(lines, rule, pp.Selection(10))
+    assert len(pairs) == 4 and report["selection"]["keeps_all"] and report["selection"]["selected"] == 4
+
+
 def test_rule_selection():
     rule = pp.Rule({"clap": 1.0, "aes_pq": 0.5}, min_margin=0.1)
     cands = [{"k": k, "combined": rule.combined(s), "scores": s} for k, s in
@@ -245,6 +298,8 @@ def test_rule_selection():
     (PROMPTS, ["--metric", "fd=1"], "--metric 'fd=1': expected NAME=WEIGHT with NAME one of clap, aes_ce"),
     (PROMPTS, ["--metric", "clap=0"], "every weight is 0"),
     (PROMPTS, ["--min-margin", "-1"], "--min-margin -1.0: must be a finite number >= 0"),
+    (PROMPTS, ["--metric", "clap=1", "--select-worst", "0"], "--select-worst 0: must be an integer >= 1"),
+    (PROMPTS, ["--metric", "clap=1", "--select-by", "spread"], "--select-by spread: only with --select-worst N"),
     (PROMPTS, [], "--aes: no checkpoint given, and --metric aes_pq needs it"),
     (PROMPTS, ["--aes", "/nonexistent/checkpoint.pt"], "--aes /nonexistent/checkpoint.pt: no such checkpoint file"),
     ([{"id": "a", "caption": "ok"}, {"id": "a", "caption": "x"}, {"id": "c", "caption": " "}, {"caption": "no id"},

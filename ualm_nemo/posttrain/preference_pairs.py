@@ -18,7 +18,8 @@ The output folder (what the DPO data side reads; every path in it is relative to
                                    scored, weighted or not), combined, frames, response (the assistant turn's
                                    parts: {"text"} / {"codes"}), prompt (the turns), caption, stop
     pairs.jsonl                    one DPO record per kept prompt: id, prompt, chosen, rejected, scores
-    report.json                    counts, skip reasons, the rule, the metric models (path + sha256)
+    report.json                    counts, skip reasons, the rule, the metric models (path + sha256), and with
+                                   a ``Selection`` (targeted DPO-2) how the paired prompts were picked
 
 Resume: a prompt is finished when all K of its lines are in candidates.jsonl and their files are whole. Files are
 written under temporary names and renamed into place, and a prompt's K lines are appended (and flushed to disk)
@@ -55,6 +56,7 @@ MODEL_OF = {"clap": "clap", **{f"aes_{a.lower()}": "aes" for a in AES_AXES}}
 # CLAP (a cosine, in [-1, 1]) leads; production quality (a 1-10 scale, so larger steps) at a quarter weight
 DEFAULT_WEIGHTS = {"clap": 1.0, "aes_pq": 0.25}
 RULES = ("best-vs-worst",)
+SELECT_BY = ("best", "spread")  # targeted rounds: lowest best-candidate score / largest spread = worst
 SKIP_REASONS = ("too_few_scored", "tie", "margin_below_min")
 MAX_REPORTED = 100
 
@@ -247,6 +249,49 @@ class Rule:
         if margin < self.min_margin:
             return None, None, margin, "margin_below_min"
         return best[1], worst[1], margin, None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Targeted pairs (DPO-2): of the pool's prompts, keep only the ``worst`` N where the model does worst.
+
+    ``by="best"``: the lowest best-candidate combined score (even its best try is poor); ``by="spread"``: the
+    largest best - worst (the model is unreliable there). Only prompts with two or more scored candidates (those
+    that can give a pair) are ranked; ties keep pool order. A pure function of the recorded scores, so a rerun over
+    the same folder selects the same prompts."""
+
+    worst: int
+    by: str = "best"
+
+    def __post_init__(self) -> None:
+        if self.by not in SELECT_BY:
+            raise PairsError(f"--select-by {self.by!r}: choose one of {', '.join(SELECT_BY)}")
+        if isinstance(self.worst, bool) or not isinstance(self.worst, int) or self.worst < 1:
+            raise PairsError(f"--select-worst {self.worst}: must be an integer >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"worst": self.worst, "by": self.by}
+
+    def score(self, candidates: Sequence[Mapping[str, Any]]) -> float | None:
+        """The prompt's ranking score (lower = worse for "best", higher = worse for "spread"); None: unrankable."""
+        scored = [c["combined"] for c in candidates if c.get("combined") is not None]
+        if len(scored) < 2:
+            return None
+        return max(scored) if self.by == "best" else max(scored) - min(scored)
+
+    def choose(self, by_prompt: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[str], dict[str, Any]]:
+        """(selected ids, worst first; the report's "selection": rule, N, pool size, threshold, selected ids)."""
+        ranked = [(pid, s) for pid, s in ((pid, self.score(c)) for pid, c in by_prompt.items()) if s is not None]
+        ranked.sort(key=lambda item: item[1] if self.by == "best" else -item[1])  # stable: ties keep pool order
+        chosen = ranked[:self.worst]
+        info = {"by": self.by, "worst": self.worst, "pool": len(by_prompt), "rankable": len(ranked),
+                "unrankable": len(by_prompt) - len(ranked), "selected": len(chosen),
+                "keeps_all": self.worst >= len(ranked),
+                "threshold": chosen[-1][1] if chosen else None,  # the last selected prompt's score
+                "rule": ("lowest best-candidate combined score" if self.by == "best" else
+                         "largest combined-score spread (best - worst candidate)"),
+                "selected_ids": [pid for pid, _ in chosen], "scores": {pid: s for pid, s in chosen}}
+        return info["selected_ids"], info
 
 
 # --- scoring -------------------------------------------------------------------------------------------------
@@ -472,9 +517,11 @@ class PairsFolder:
         self._kept += lines
         return lines
 
-    def finish(self, rule: Rule, metric_models: Mapping[str, Any], this_run: Mapping[str, int]) -> dict:
-        """pairs.jsonl and report.json from every finished prompt's lines (written atomically); -> the report."""
-        pairs, report = build_pairs(self._kept, rule)
+    def finish(self, rule: Rule, metric_models: Mapping[str, Any], this_run: Mapping[str, int],
+               selection: Selection | None = None) -> dict:
+        """pairs.jsonl and report.json from every finished prompt's lines (written atomically); -> the report.
+        Called once every prompt of the run is scored, so a ``selection`` ranks the whole pool."""
+        pairs, report = build_pairs(self._kept, rule, selection)
         _write_atomic(self.path / PAIRS, "".join(_line(p) for p in pairs))
         report.update(this_run=dict(this_run), metric_models=dict(metric_models), settings=self.settings)
         _write_atomic(self.path / REPORT, json.dumps(report, indent=1) + "\n")
@@ -493,15 +540,23 @@ class PairsFolder:
         self._lock_fd = fd
 
 
-def build_pairs(lines: Iterable[Mapping[str, Any]], rule: Rule) -> tuple[list[dict], dict]:
-    """Candidate lines (any order) -> (pair records in first-seen prompt order, report counts)."""
+def build_pairs(lines: Iterable[Mapping[str, Any]], rule: Rule, selection: Selection | None = None
+                ) -> tuple[list[dict], dict]:
+    """Candidate lines (any order) -> (pair records in first-seen prompt order, report counts). With a
+    ``selection``, only its prompts are paired (the skip counts are theirs; report["selection"] says how)."""
     by_prompt: dict[str, list[Mapping[str, Any]]] = {}
     for entry in lines:
         by_prompt.setdefault(entry["prompt_id"], []).append(entry)
+    chosen_info = None
+    pool = by_prompt
+    if selection is not None:
+        selected, chosen_info = selection.choose(by_prompt)
+        keep = set(selected)
+        pool = {pid: cands for pid, cands in by_prompt.items() if pid in keep}
     pairs: list[dict] = []
     skipped: dict[str, list[str]] = {reason: [] for reason in SKIP_REASONS}
     margins: list[float] = []
-    for prompt_id, cands in by_prompt.items():
+    for prompt_id, cands in pool.items():
         cands = sorted(cands, key=lambda c: c["k"])
         chosen, rejected, margin, reason = rule.select(cands)
         if reason is not None:
@@ -522,6 +577,7 @@ def build_pairs(lines: Iterable[Mapping[str, Any]], rule: Rule) -> tuple[list[di
         "skipped_ids": {reason: ids[:MAX_REPORTED] for reason, ids in skipped.items() if ids},
         "margin": ({"mean": float(np.mean(margins)), "min": min(margins), "max": max(margins)} if margins else None),
         "rule": rule.to_json(),
+        "selection": chosen_info,
     }
     return pairs, report
 
