@@ -194,7 +194,8 @@ def _selection_line(info: dict) -> str:
     """How the targeted prompts were picked, in one line (report.json has the ids)."""
     kept = (f"keeping all {info['selected']}" if info["keeps_all"] else
             f"kept the {info['selected']} worst (threshold {info['threshold']:.4g})")
-    unrankable = f", {info['unrankable']} with fewer than two scored candidates not ranked" if info["unrankable"] else ""
+    unrankable = (f", {info['unrankable']} with fewer than two scored candidates not ranked"
+                  if info["unrankable"] else "")
     return (f"selection: --select-worst {info['worst']} by {info['by']} ({info['rule']}) over a pool of "
             f"{info['pool']} prompts{unrankable}: {kept}")
 

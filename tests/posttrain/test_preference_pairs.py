@@ -274,6 +274,7 @@ def test_select_worst_pairs_only_the_worst_prompts(tiny_export, metric_files, tm
     assert report["selection"]["threshold"] == pytest.approx(threshold)
     pairs, report = pp.build_pairs(lines, rule, pp.Selection(10))
     assert len(pairs) == 4 and report["selection"]["keeps_all"] and report["selection"]["selected"] == 4
+    assert cli._selection_line(report["selection"]).endswith("over a pool of 4 prompts: keeping all 4")
 
 
 def test_rule_selection():
