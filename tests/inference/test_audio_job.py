@@ -18,12 +18,18 @@ from ualm_nemo.inference.pipeline import Reply, ReplyAudio
 
 
 class ScriptedReplier:
-    """text_to_audio for captions: 'silent' -> a reply without audio, anything else -> a 0.1 s clip."""
+    """UALMInference's prepare / decode for captions: 'silent' -> a reply without audio, anything else -> a 0.1 s
+    clip (the request stands for its caption)."""
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
 
-    def text_to_audio(self, captions, seeds, cfg):
+    def prepare(self, conversation, mode, seed, cfg):
+        ((role, (caption,)),) = conversation
+        assert role == "user" and mode == "audio"
+        return caption
+
+    def decode(self, captions, cfg):
         self.batches.append(list(captions))
         return [Reply([], "length") if c == "silent" else
                 Reply([ReplyAudio(torch.zeros(5, 8, dtype=torch.long), torch.zeros(1, 1600), 16000)])
