@@ -41,8 +41,8 @@ def generate_clips(infer, cfg: GenerationConfig, folder: OutputFolder, todo: Seq
     counts = ClipCounts()
     with tqdm(total=len(todo), desc=desc, unit="clip", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
-            kept, requests = [], []
-            for item in todo[start:start + batch_size]:
+            chunk, kept, requests = todo[start:start + batch_size], [], []
+            for item in chunk:
                 try:
                     requests.append(infer.prepare([("user", [item.caption])], "audio", item.seed, cfg))
                     kept.append(item)
@@ -57,5 +57,5 @@ def generate_clips(infer, cfg: GenerationConfig, folder: OutputFolder, todo: Seq
                 audio = reply.audio[0]
                 folder.add(item, audio.wav, audio.sample_rate, frames=int(audio.codes.shape[0]))
                 counts.written += 1
-            bar.update(len(todo[start:start + batch_size]))
+            bar.update(len(chunk))
     return counts
